@@ -1,0 +1,250 @@
+"""Process-group set-up and the few collectives tensor parallelism needs.
+
+Everything goes through ``deepspeed.comm`` so the same code runs on NCCL (GPU)
+and gloo / shared memory (CPU). The rank layout comes from the environment the
+``deepspeed`` launcher (or ``torchrun``) sets: RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE (or LOCAL_SIZE), MASTER_ADDR, MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger("dstp")
+T = TypeVar("T")
+
+# Dtypes DeepSpeed's CPU shared-memory all-reduce actually reduces; for any
+# other dtype its kernel returns without reducing (FIELD-NOTES).
+_SHM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This process's place in the tensor-parallel group, plus its communicator."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    device: torch.device
+    group: object | None  # deepspeed.comm process group; None when size == 1
+    fast_all_reduce: bool  # DeepSpeed inference_all_reduce is safe to use
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 owns HTTP, the scheduler and sampling."""
+        return self.rank == 0
+
+    # -- collectives ---------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` in place over the group and return it."""
+        if self.size == 1:
+            return tensor
+        import deepspeed.comm as dist
+
+        if self.fast_all_reduce and tensor.dtype in _SHM_DTYPES:
+            dist.inference_all_reduce(tensor, group=self.group)
+        else:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along ``dim`` (same shape on all ranks)."""
+        if self.size == 1:
+            return tensor
+        import deepspeed.comm as dist
+
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor, group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def gather_to_driver(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Concatenate every rank's ``tensor`` on rank 0 only; other ranks get None."""
+        if self.size == 1:
+            return tensor
+        import torch.distributed as tdist
+
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.size)] if self.is_driver else None
+        tdist.gather(tensor, parts, dst=0, group=self.group)
+        return torch.cat(parts, dim=dim) if self.is_driver else None
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.size == 1:
+            return tensor
+        import deepspeed.comm as dist
+
+        dist.broadcast(tensor, src=src, group=self.group)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import deepspeed.comm as dist
+
+            dist.barrier(group=self.group)
+
+    def agree(self, check: Callable[[], T]) -> T:
+        """Run ``check`` on every rank and fail on every rank if it failed on any.
+
+        A check that raises on one rank only (a file missing on one node) would
+        otherwise leave the other ranks waiting forever in the next collective.
+        """
+        error: BaseException | None = None
+        result = None
+        try:
+            result = check()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+        failed = torch.tensor([1.0 if error else 0.0], dtype=torch.float32)
+        if self.size > 1:
+            import deepspeed.comm as dist
+
+            dist.all_reduce(failed, group=self.group)
+        if error is not None:
+            raise error
+        if failed.item() > 0:
+            raise RuntimeError(
+                "another rank failed during start-up (its log names the problem); stopping this one too"
+            )
+        return result
+
+
+_TP: TPGroup | None = None
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def launched_world_size() -> int:
+    """World size the launcher set up (1 when run as a plain script)."""
+    return _env_int("WORLD_SIZE", default=1)
+
+
+def init_tp(timeout_s: float = 1800.0) -> TPGroup:
+    """Initialise ``deepspeed.comm`` once and return the TP group (all ranks).
+
+    Safe to call repeatedly. One TP group spans the whole world: dstp has no
+    pipeline or data parallelism, so the tensor-parallel size is the world size.
+    """
+    global _TP
+    if _TP is not None:
+        return _TP
+
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    world = launched_world_size()
+    rank = _env_int("RANK", default=0)
+    local_rank = _env_int("LOCAL_RANK", default=0)
+    local_size = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world)
+
+    if accel.device_name() == "cpu":
+        _pin_cpu_threads(local_rank, local_size)
+        device = torch.device("cpu")
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+
+    group = None
+    fast = False
+    if world > 1:
+        import deepspeed
+        import deepspeed.comm as dist
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        # DeepSpeed's shm kernel reads LOCAL_SIZE (its launcher sets it, torchrun
+        # does not); unset, the kernel is never initialised and crashes.
+        os.environ.setdefault("LOCAL_SIZE", str(local_size))
+        deepspeed.init_distributed(
+            dist_backend=accel.communication_backend_name(),
+            timeout=timedelta(seconds=timeout_s),
+            verbose=False,
+        )
+        group = dist.get_world_group()
+        atexit.register(_shutdown)
+        fast = _fast_all_reduce_available(accel.device_name(), world, local_size)
+
+    _TP = TPGroup(rank, world, local_rank, local_size, device, group, fast)
+    log.debug("TP group: rank %d/%d on %s, fast all-reduce=%s", rank, world, device, fast)
+    return _TP
+
+
+def _shutdown() -> None:
+    """Tear the process group down before interpreter exit (avoids aborts in C++ destructors)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        with contextlib.suppress(Exception):
+            # Leave together: a rank that tears gloo down while a peer still
+            # talks to it can abort inside gloo's C++ destructors.
+            if tdist.get_backend() == "gloo":
+                tdist.monitored_barrier(timeout=timedelta(seconds=30))
+            tdist.destroy_process_group()
+
+
+def get_tp() -> TPGroup:
+    """The TP group, initialising a single-process one if nobody did yet."""
+    return _TP if _TP is not None else init_tp()
+
+
+def _fast_all_reduce_available(device_name: str, world: int, local_size: int) -> bool:
+    """Whether DeepSpeed's ``inference_all_reduce`` may be used for this group.
+
+    On CPU it is a shared-memory kernel: it ignores its ``group`` argument, so
+    it is correct only when the TP group is the whole world and every rank is
+    on this host. ``DSTP_FAST_ALLREDUCE=0`` turns it off (for measuring).
+    """
+    if os.environ.get("DSTP_FAST_ALLREDUCE", "1") == "0":
+        return False
+    if device_name != "cpu":
+        return True  # NCCL: inference_all_reduce is a plain all_reduce there
+    import torch.distributed as tdist
+
+    if local_size != world:
+        log.warning("ranks span several hosts: using gloo all-reduce (slow), not shared memory")
+        return False
+    backend = tdist.get_backend()
+    if backend != "gloo" and backend != "ccl":
+        return False
+    has_op = hasattr(torch.ops, "deepspeed") and hasattr(
+        torch.ops.deepspeed, "inference_all_reduce_"
+    )
+    if not has_op:
+        log.warning("DeepSpeed shared-memory all-reduce unavailable: falling back to gloo (slow)")
+    return has_op
+
+
+def _pin_cpu_threads(local_rank: int, local_size: int) -> None:
+    """Give each local rank a disjoint set of cores and that many torch threads.
+
+    Oversubscribed ranks (more threads than cores) make every collective wait
+    for the slowest straggler, so threads per rank = cores / local ranks.
+    """
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = list(range(os.cpu_count() or 1))
+    if "DSTP_THREADS" in os.environ:
+        threads = int(os.environ["DSTP_THREADS"])
+    else:
+        threads = max(1, len(cores) // max(1, local_size))
+    if local_size > 1 and len(cores) >= local_size * threads:
+        mine = cores[local_rank * threads : (local_rank + 1) * threads]
+        with contextlib.suppress(AttributeError, OSError):  # not Linux / restricted
+            os.sched_setaffinity(0, mine)
+    torch.set_num_threads(threads)

@@ -1,0 +1,212 @@
+"""The injection-policy type: which modules of an architecture split how.
+
+A policy is data. It names modules by glob (``*`` matches one path component,
+as in transformers' ``base_model_tp_plan``) and says for each how its weight
+splits across the tensor-parallel ranks:
+
+``Col(parts)``
+    column-parallel: the *output* dimension splits; no communication.
+``Row(parts)``
+    row-parallel: the *input* dimension splits; one all-reduce of the output.
+
+``parts`` describe what the split dimension is made of, in order, so fused
+projections split correctly (each rank takes its slice of every component):
+
+``"q"``          the query heads (``num_heads * head_dim``)
+``"kv"``         the key or value heads; replicated when TP > KV heads
+``"q:3"``        query heads whose rows hold 3 head-sized blocks each
+                 (per-head interleaved fused QKV, as in GPT-NeoX)
+``"even"``       whatever the dimension holds, split evenly (MLP width)
+
+``Policy.validate(config, tp_size)`` checks divisibility before any weight is
+read and returns the :class:`HeadLayout` the injector uses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+PART_KINDS = ("q", "kv", "even")
+
+
+class TPConfigError(ValueError):
+    """The model cannot be split at the requested TP size (or the policy is wrong)."""
+
+
+@dataclass(frozen=True)
+class Col:
+    """Column-parallel linear: output features split across ranks."""
+
+    parts: tuple[str, ...] = ("even",)
+    transposed: bool = False  # weight stored (in, out), e.g. GPT-2's Conv1D
+    gather_output: bool = False
+
+    def __post_init__(self) -> None:
+        _check_parts(self.parts)
+
+
+@dataclass(frozen=True)
+class Row:
+    """Row-parallel linear: input features split, partial sums all-reduced."""
+
+    parts: tuple[str, ...] = ("even",)
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        _check_parts(self.parts)
+
+
+Style = Col | Row
+
+
+def _check_parts(parts: tuple[str, ...]) -> None:
+    if isinstance(parts, str) or not parts:
+        raise TPConfigError(f"parts must be a non-empty tuple of strings, got {parts!r}")
+    for part in parts:
+        kind, _, mult = part.partition(":")
+        if kind not in PART_KINDS or (mult and not mult.isdigit()):
+            raise TPConfigError(
+                f"unknown part {part!r}: use one of {PART_KINDS}, optionally with ':N' "
+                "for per-head blocks of N head_dims (e.g. 'q:3' for interleaved QKV)"
+            )
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Head counts of the full model and of one rank, for a TP size."""
+
+    tp_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def local_heads(self) -> int:
+        return self.num_heads // self.tp_size
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads held per rank: a replicated KV head counts once."""
+        return max(1, self.num_kv_heads // self.tp_size)
+
+    @property
+    def kv_replicas(self) -> int:
+        """How many ranks hold each KV head (1 unless TP > KV heads)."""
+        return max(1, self.tp_size // self.num_kv_heads)
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per local KV head (HF's ``num_key_value_groups``)."""
+        return self.local_heads // self.local_kv_heads
+
+    def quantity(self, name: str) -> int:
+        """A local quantity named in ``Policy.attention_attrs``."""
+        values = {
+            "local_heads": self.local_heads,
+            "local_kv_heads": self.local_kv_heads,
+            "kv_groups": self.kv_groups,
+            "local_hidden": self.local_heads * self.head_dim,
+        }
+        if name not in values:
+            raise TPConfigError(f"unknown attention quantity {name!r}; one of {sorted(values)}")
+        return values[name]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How to shard one architecture family. See the module docstring."""
+
+    name: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    layers: Mapping[str, Style]
+    embedding: str | None = None
+    lm_head: str | None = None
+    attention: str | None = None  # glob of the attention modules
+    # module attribute -> local quantity (see HeadLayout.quantity)
+    attention_attrs: Mapping[str, str] = field(default_factory=dict)
+    # config attribute names for head counts
+    heads_attr: str = "num_attention_heads"
+    kv_heads_attr: str | None = "num_key_value_heads"
+    head_dim_attr: str | None = "head_dim"
+    # config attributes (besides heads) whose value must divide by the TP size
+    divisible: tuple[str, ...] = ("intermediate_size",)
+    doc: str = ""
+
+    # -- validation ------------------------------------------------------------
+    def head_layout(self, config: Any, tp_size: int) -> HeadLayout:
+        heads = _config_int(config, self.heads_attr)
+        kv = _config_int(config, self.kv_heads_attr) if self.kv_heads_attr else None
+        kv = kv or heads
+        head_dim = getattr(config, self.head_dim_attr, None) if self.head_dim_attr else None
+        head_dim = head_dim or _config_int(config, "hidden_size") // heads
+        return HeadLayout(tp_size, heads, kv, head_dim)
+
+    def problems(self, config: Any, tp_size: int) -> list[str]:
+        """Why ``tp_size`` cannot shard this model (empty when it can)."""
+        if tp_size < 1:
+            return [f"TP size must be >= 1, got {tp_size}"]
+        layout = self.head_layout(config, tp_size)
+        found = []
+        if layout.num_heads % tp_size:
+            found.append(f"{self.heads_attr}={layout.num_heads} is not divisible by TP={tp_size}")
+        kv = layout.num_kv_heads
+        if kv % tp_size and tp_size % kv:
+            found.append(
+                f"{self.kv_heads_attr}={kv} and TP={tp_size}: one must divide the other "
+                "(KV heads are split, or each replicated on TP/KV ranks)"
+            )
+        for attr in self.divisible:
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value % tp_size:
+                found.append(f"{attr}={value} is not divisible by TP={tp_size}")
+        return found
+
+    def valid_tp_sizes(self, config: Any, limit: int = 64) -> list[int]:
+        return [n for n in range(1, limit + 1) if not self.problems(config, n)]
+
+    def validate(self, config: Any, tp_size: int) -> HeadLayout:
+        """Check ``tp_size`` against ``config``; raise a TPConfigError that lists the fix."""
+        problems = self.problems(config, tp_size)
+        if problems:
+            valid = self.valid_tp_sizes(config)
+            raise TPConfigError(
+                f"cannot split {self.name} model at TP={tp_size}: "
+                + "; ".join(problems)
+                + f". Valid TP sizes for this model: {valid}. "
+                "Start fewer or more ranks (e.g. deepspeed --num_gpus N)."
+            )
+        return self.head_layout(config, tp_size)
+
+    # -- module matching -------------------------------------------------------
+    @cached_property
+    def _compiled(self) -> list[tuple[str, re.Pattern[str], Style]]:
+        return [(glob, glob_to_regex(glob), style) for glob, style in self.layers.items()]
+
+    def style_for(self, module_name: str) -> Style | None:
+        for _, regex, style in self._compiled:
+            if regex.fullmatch(module_name):
+                return style
+        return None
+
+    def unmatched_rules(self, module_names: Iterable[str]) -> list[str]:
+        names = list(module_names)
+        return [
+            glob for glob, regex, _ in self._compiled if not any(regex.fullmatch(n) for n in names)
+        ]
+
+
+def glob_to_regex(glob: str) -> re.Pattern[str]:
+    """``model.layers.*.mlp`` -> regex where ``*`` is exactly one path component."""
+    return re.compile(r"[^.]+".join(re.escape(piece) for piece in glob.split("*")))
+
+
+def _config_int(config: Any, attr: str) -> int:
+    value = getattr(config, attr, None)
+    if not isinstance(value, int):
+        raise TPConfigError(f"config has no integer {attr!r}; the policy expects one")
+    return value

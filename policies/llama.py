@@ -1,0 +1,25 @@
+"""Llama and the families that share its module names (Mistral, Qwen2, ...)."""
+
+from .base import Col, Policy, Row
+
+LLAMA = Policy(
+    name="llama",
+    architectures=("LlamaForCausalLM",),
+    model_types=("llama",),
+    layers={
+        "model.layers.*.self_attn.q_proj": Col(("q",)),
+        "model.layers.*.self_attn.k_proj": Col(("kv",)),
+        "model.layers.*.self_attn.v_proj": Col(("kv",)),
+        "model.layers.*.self_attn.o_proj": Row(("q",)),
+        "model.layers.*.mlp.gate_proj": Col(),
+        "model.layers.*.mlp.up_proj": Col(),
+        "model.layers.*.mlp.down_proj": Row(),
+    },
+    embedding="model.embed_tokens",
+    lm_head="lm_head",
+    attention="model.layers.*.self_attn",
+    # HF repeats each local KV head this many times; under KV replication it
+    # is local query heads (not the full model's heads / kv heads).
+    attention_attrs={"num_key_value_groups": "kv_groups"},
+    doc="Llama 1/2/3: q/k/v and gate/up column-parallel, o/down row-parallel.",
+)
