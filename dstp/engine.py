@@ -1,0 +1,391 @@
+"""The continuous-batching engine: rank 0 drives, every rank executes.
+
+Rank 0 owns the scheduler, the tokenizer-side work and sampling. Each
+:meth:`Engine.step` it schedules, broadcasts a :class:`StepPlan`, runs its own
+shard of the forward, gathers the sampled rows' logits and samples. Other
+ranks sit in :meth:`Engine.run_follower`, executing the plans they receive.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from . import attention
+from .detokenizer import Detokenizer
+from .distributed import init_tp
+from .inject import shard_model
+from .kv_cache import BlockAllocator, CacheShape, PagedKVCache
+from .sampler import SampleState, make_generator, sample
+from .sampling import CompletionOutput, InvalidRequest, RequestOutput, SamplingParams
+from .scheduler import Request, Schedule, Scheduler, Sequence
+from .step_plan import Command, StepPlan, receive, send_command, send_plan
+
+log = logging.getLogger("dstp")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "bfloat16"
+    kv_cache_memory_gib: float = 1.0  # per rank
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    model_name: str | None = None  # name shown to clients; defaults to the path
+    num_blocks: int | None = None  # exact KV blocks per rank, overriding the memory budget
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        if config.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        self.config = config
+        self.tp = init_tp()
+        attention.register()
+        dtype = DTYPES[config.dtype]
+        t0 = time.perf_counter()
+        self.sharded = shard_model(
+            config.model,
+            self.tp,
+            dtype,
+            attn_implementation=attention.ATTN_IMPLEMENTATION,
+            allow_pickle=config.allow_pickle,
+            trust_remote_code=config.trust_remote_code,
+        )
+        self.model = self.sharded.model
+        self.base_model = getattr(self.model, self.model.base_model_prefix)
+        self.lm_head = self.model.get_submodule(self.sharded.policy.lm_head)
+        hf_config = self.sharded.config
+        self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
+
+        heads = self.sharded.heads
+        shape = CacheShape(
+            hf_config.num_hidden_layers,
+            heads.local_kv_heads,
+            heads.head_dim,
+            config.block_size,
+            dtype,
+        )
+        num_blocks = config.num_blocks or shape.blocks_for(int(config.kv_cache_memory_gib * 2**30))
+        self.cache = self.tp.agree(lambda: PagedKVCache(shape, num_blocks, self.tp.device))
+        capacity = num_blocks * config.block_size
+        limit = min(getattr(hf_config, "max_position_embeddings", capacity) or capacity, capacity)
+        if config.max_model_len:
+            limit = min(limit, config.max_model_len)
+        self.max_model_len = limit
+        self.model_name = config.model_name or config.model
+
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                config.model, trust_remote_code=config.trust_remote_code
+            )
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("no tokenizer in %s (%s): token ids only", config.model, exc)
+            self.tokenizer = None
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+
+        self.scheduler: Scheduler | None = None
+        if self.tp.is_driver:
+            allocator = BlockAllocator(num_blocks, config.enable_prefix_caching)
+            self.scheduler = Scheduler(
+                allocator, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+            )
+            log.info(
+                "KV cache per rank: %d blocks x %d tokens = %d tokens, %.1f KiB per token, %.2f GiB "
+                "(%d of %d KV heads per rank); max_model_len=%d; ready in %.1fs",
+                num_blocks,
+                config.block_size,
+                capacity,
+                shape.bytes_per_token / 1024,
+                self.cache.nbytes / 2**30,
+                heads.local_kv_heads,
+                heads.num_kv_heads,
+                limit,
+                time.perf_counter() - t0,
+            )
+        self.num_steps = 0
+        self._aborted: list[Request] = []  # reported (finish_reason "abort") by the next step
+
+    # -- requests (rank 0) ---------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        sched = self._driver_scheduler()
+        if request_id in sched.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt is empty")
+        vocab = self.lm_head.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "
+                f"{self.max_model_len}: shorten it"
+            )
+        params.validate()
+        request = Request(request_id, list(prompt_token_ids), params, time.monotonic())
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_ids
+        )
+        sched.add(
+            request,
+            SampleState(params, request.prompt_ids, [], make_generator(params.seed, 0), stop_ids),
+        )
+
+    def abort(self, request_id: str) -> None:
+        request = self._driver_scheduler().abort(request_id)
+        if request is not None:
+            self._aborted.append(request)
+
+    def has_unfinished(self) -> bool:
+        return self._driver_scheduler().has_unfinished or bool(self._aborted)
+
+    def stats(self) -> dict[str, float]:
+        stats = self._driver_scheduler().stats()
+        stats["num_steps"] = self.num_steps
+        return stats
+
+    def _driver_scheduler(self) -> Scheduler:
+        if self.scheduler is None:
+            raise RuntimeError("requests go to rank 0; other ranks run run_follower()")
+        return self.scheduler
+
+    # -- the step --------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward on every rank, sample; outputs of requests that moved."""
+        sched = self._driver_scheduler()
+        outputs = [self._output(r) for r in self._aborted]
+        for request in self._aborted:
+            sched.pop_finished(request)
+        self._aborted = []
+        schedule = sched.schedule()
+        if schedule.empty:
+            return outputs
+        plan = self._plan(schedule)
+        send_plan(self.tp, plan)
+        logits = self._execute(plan)
+        outputs += self._process(schedule, logits)
+        self.num_steps += 1
+        return outputs
+
+    def heartbeat(self) -> None:
+        """A no-op round over every rank; raises if one is gone."""
+        send_command(self.tp, Command.HEARTBEAT)
+
+    def shutdown(self) -> None:
+        if self.tp.is_driver and self.tp.size > 1:
+            send_command(self.tp, Command.SHUTDOWN)
+
+    def run_follower(self) -> None:
+        """Other ranks: execute rank 0's plans until it says shut down."""
+        while True:
+            command, plan = receive(self.tp)
+            if command == Command.SHUTDOWN:
+                return
+            if command == Command.STEP:
+                self._execute(plan)
+
+    # -- convenience ---------------------------------------------------------------
+    def generate(
+        self, prompts: Seq[str] | Seq[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Run prompts to completion (rank 0); results in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for prompt, p in zip(prompts, params_list, strict=True):
+            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = uuid.uuid4().hex
+            self.add_request(request_id, token_ids, p)
+            ids.append(request_id)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    # -- internals -------------------------------------------------------------------
+    def _plan(self, schedule: Schedule) -> StepPlan:
+        bs = self.config.block_size
+        ids, positions, slots, starts, ctx, rows = [], [], [], [0], [], []
+        tables = []
+        for item in schedule.seqs:
+            seq, n = item.seq, item.num_tokens
+            first = seq.num_computed
+            ids += seq.token_ids[first : first + n]
+            pos = range(first, first + n)
+            positions += pos
+            slots += [seq.blocks[p // bs] * bs + p % bs for p in pos]
+            starts.append(starts[-1] + n)
+            ctx.append(first + n)
+            tables.append(seq.blocks)
+            if item.samples:
+                rows.append(starts[-1] - 1)
+        width = max(len(t) for t in tables)
+        table = torch.zeros((len(tables), width), dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t)
+        lt = torch.long
+        return StepPlan(
+            torch.tensor(ids, dtype=lt),
+            torch.tensor(positions, dtype=lt),
+            torch.tensor(slots, dtype=lt),
+            torch.tensor(starts, dtype=lt),
+            torch.tensor(ctx, dtype=lt),
+            table,
+            torch.tensor(rows, dtype=lt),
+            torch.tensor(schedule.copies, dtype=lt).view(-1, 2),
+        )
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """This rank's share of the forward; returns the sampled rows' logits on rank 0."""
+        device = self.tp.device
+        if plan.copies.numel():
+            self.cache.copy_blocks(plan.copies)
+        layout = attention.StepLayout.build(
+            self.cache,
+            plan.slot_mapping.to(device),
+            plan.query_starts.tolist(),
+            plan.context_lens.tolist(),
+            plan.block_tables.to(device),
+        )
+        with attention.step_context(layout):
+            hidden = self.base_model(
+                input_ids=plan.input_ids.to(device).unsqueeze(0),
+                position_ids=plan.positions.to(device).unsqueeze(0),
+                use_cache=False,
+            ).last_hidden_state
+        rows = hidden[0, plan.sample_rows.to(device)] if plan.sample_rows.numel() else hidden[0, :0]
+        logits = self.lm_head.logits_on_driver(rows)
+        if logits is not None and self.final_logit_softcapping:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _process(self, schedule: Schedule, logits: torch.Tensor | None) -> list[RequestOutput]:
+        sched = self.scheduler
+        sampled = [item for item in schedule.seqs if item.samples]
+        for item in schedule.seqs:
+            sched.advance(item)
+        if not sampled:
+            return []
+        states, draws = [], []
+        for item in sampled:
+            seq = item.seq
+            seq.sample.output_ids = seq.output_ids
+            states.append(seq.sample)
+            fork = seq.request.params.n > 1 and not seq.request.forked
+            draws.append(seq.request.params.n if fork else 1)
+        picks = sample(logits.cpu(), states, draws)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for item, tokens in zip(sampled, picks, strict=True):
+            seq = item.seq
+            request = seq.request
+            targets = [seq]
+            if len(tokens) > 1:
+                p = request.params
+                children = sched.fork(
+                    seq,
+                    [
+                        SampleState(
+                            p,
+                            request.prompt_ids,
+                            [],
+                            make_generator(p.seed, i),
+                            seq.sample.stop_ids,
+                        )
+                        for i in range(1, p.n)
+                    ],
+                )
+                targets += children
+            for target, (token, logprob) in zip(targets, tokens, strict=True):
+                self._append(target, token, logprob)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            out = self._output(request)
+            outputs.append(out)
+            if out.finished:
+                request.finish_time = now
+                out.finish_time = now
+                sched.pop_finished(request)
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob) -> None:
+        sched = self.scheduler
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        params = seq.request.params
+        produced = len(seq.output_ids)
+        seq.text, stop_string = self.detokenizer.update(seq.output_ids, params.stop, len(seq.text))
+        if stop_string is not None:
+            sched.finish(seq, "stop", stop_string)
+        elif token in seq.sample.stop_ids:  # the sampler masks these before min_tokens
+            sched.finish(seq, "stop", token if token in params.stop_token_ids else None)
+        elif produced >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            sched.finish(seq, "length")
+
+    def _output(self, request: Request) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            out_ids = seq.output_ids
+            new_ids = out_ids[seq.sent_tokens :]
+            delta = seq.text[seq.sent_text :]
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    token_ids=list(out_ids),
+                    text=seq.text,
+                    new_token_ids=list(new_ids),
+                    delta_text=delta,
+                    logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+            seq.sent_tokens = len(out_ids)
+            seq.sent_text = len(seq.text)
+        return RequestOutput(
+            request.request_id,
+            request.prompt_ids,
+            completions,
+            request.finished,
+            num_cached_tokens=request.num_cached_tokens,
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+            finish_time=request.finish_time,
+        )
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(e for e in eos if isinstance(e, int))
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
