@@ -1,0 +1,292 @@
+"""Turn the per-rank JSON files of one run into the comparison table (markdown + JSON).
+
+Every ratio is oriented so that > 1 means dstp is better: for latencies and
+memory it is ``other / dstp``, for throughputs ``dstp / other``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+GB = 1e9
+
+
+def load_results(out: Path) -> dict[str, list[dict]]:
+    """config -> per-rank results (rank order)."""
+    by_config: dict[str, list[dict]] = {}
+    for file in sorted(out.glob("*.rank*.json")):
+        data = json.loads(file.read_text())
+        by_config.setdefault(data["config"], []).append(data)
+    for ranks in by_config.values():
+        ranks.sort(key=lambda r: r["rank"])
+    return by_config
+
+
+def _prefill(r: list[dict], n: int) -> float | None:
+    for p in r[0].get("prefill", []):
+        if p["tokens"] == n:
+            return p["median_s"]
+    return None
+
+
+def _decode(r: list[dict], b: int) -> float | None:
+    for d in r[0].get("decode", []):
+        if d["batch"] == b:
+            return d["tok_s"]
+    return None
+
+
+def _peak_rss(r: list[dict]) -> float | None:
+    return max(x["memory"]["peak_rss"] for x in r) / GB if r else None
+
+
+def _workload(r: list[dict], key: str) -> float | None:
+    w = r[0].get("workload") if r else None
+    return w.get(key) if w else None
+
+
+# (label, getter, direction): "lower" = lower is better (latency, memory)
+def rows(results: dict[str, list[dict]], prefill: list[int], batches: list[int]) -> list[tuple]:
+    spec: list[tuple[str, Any, str]] = [("peak RSS per rank (GB)", _peak_rss, "lower")]
+    spec += [(f"prefill {n} tokens (s)", lambda r, n=n: _prefill(r, n), "lower") for n in prefill]
+    spec += [(f"decode batch {b} (tok/s)", lambda r, b=b: _decode(r, b), "higher") for b in batches]
+    spec += [
+        ("64-request workload: output tok/s", lambda r: _workload(r, "output_tok_s"), "higher"),
+        ("workload TTFT p50 (s)", lambda r: _workload(r, "ttft_p50_s"), "lower"),
+        ("workload TTFT p99 (s)", lambda r: _workload(r, "ttft_p99_s"), "lower"),
+        ("workload TPOT p50 (s)", lambda r: _workload(r, "tpot_p50_s"), "lower"),
+        ("workload TPOT p99 (s)", lambda r: _workload(r, "tpot_p99_s"), "lower"),
+    ]
+    return spec
+
+
+def _ratio(ours: float | None, other: float | None, direction: str) -> float | None:
+    if ours is None or other is None or ours == 0 or other == 0:
+        return None
+    return other / ours if direction == "lower" else ours / other
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def _dstp_ranks(results: dict, label: str) -> list[dict]:
+    """The dstp figure for a row: the engine for workload rows, dstp.load otherwise."""
+    if label.startswith("64-request") or label.startswith("workload"):
+        return results.get("dstp_engine") or results.get("dstp", [])
+    return results.get("dstp", [])
+
+
+def comparison(results: dict[str, list[dict]], prefill: list[int], batches: list[int]) -> dict:
+    table = []
+    for label, get, direction in rows(results, prefill, batches):
+        ours = get(_dstp_ranks(results, label)) if _dstp_ranks(results, label) else None
+        hf = get(results["hf"]) if results.get("hf") else None
+        ds = get(results["ds_autotp"]) if results.get("ds_autotp") else None
+        if ours is None and hf is None and ds is None:
+            continue
+        table.append(
+            {
+                "metric": label,
+                "dstp": ours,
+                "hf": hf,
+                "ds_autotp": ds,
+                "vs_hf": _ratio(ours, hf, direction),
+                "vs_ds_autotp": _ratio(ours, ds, direction),
+            }
+        )
+    return {"rows": table}
+
+
+def roofline(results: dict, decode_bytes: int, bandwidth_gbs: float) -> dict:
+    """Batch-1 decode as a fraction of bandwidth / weight bytes read per token."""
+    ceiling = bandwidth_gbs * GB / decode_bytes
+    out = {"bandwidth_gbs": bandwidth_gbs, "bytes_per_step": decode_bytes, "ceiling_tok_s": ceiling}
+    for name in ("dstp", "hf", "ds_autotp", "hf_1thread"):
+        tok_s = _decode(results.get(name, []), 1) if results.get(name) else None
+        if tok_s:
+            out[name] = {"tok_s": tok_s, "fraction": tok_s / ceiling}
+    return out
+
+
+def targets(
+    table: dict, roof: dict, ckpt_bytes: int, results: dict
+) -> list[tuple[str, bool | None]]:
+    """The issues' targets at TP=2, each met / missed / not measured (None)."""
+    by = {r["metric"]: r for r in table["rows"]}
+    rss = _peak_rss(results.get("dstp", []))
+
+    def cmp(metric: str, key: str, need: float) -> bool | None:
+        v = by.get(metric, {}).get(key)
+        return None if v is None else v >= need
+
+    def within_hf(metric: str) -> bool | None:
+        v = by.get(metric, {}).get("vs_hf")
+        return None if v is None else v >= 1 / 1.3
+
+    frac = roof.get("dstp", {}).get("fraction")
+    ckpt = ckpt_bytes / GB
+    return [
+        (
+            f"peak RSS/rank <= 0.6 x ckpt + 0.3 GB = {0.6 * ckpt + 0.3:.2f} GB (issue 2)",
+            None if rss is None else rss <= 0.6 * ckpt + 0.3,
+        ),
+        (
+            f"peak RSS/rank <= 0.6 x ckpt = {0.6 * ckpt:.2f} GB (issue 6)",
+            None if rss is None else rss <= 0.6 * ckpt,
+        ),
+        (
+            "prefill 128 >= 5x faster than DS AutoTP",
+            cmp("prefill 128 tokens (s)", "vs_ds_autotp", 5),
+        ),
+        (
+            "prefill 1024 >= 5x faster than DS AutoTP",
+            cmp("prefill 1024 tokens (s)", "vs_ds_autotp", 5),
+        ),
+        ("prefill 128 within 1.3x of HF", within_hf("prefill 128 tokens (s)")),
+        ("prefill 1024 within 1.3x of HF", within_hf("prefill 1024 tokens (s)")),
+        ("batch-1 decode >= 90% of roofline", None if frac is None else frac >= 0.9),
+        (
+            "workload >= 4x HF static output tok/s",
+            cmp("64-request workload: output tok/s", "vs_hf", 4)
+            if results.get("dstp_engine")
+            else None,
+        ),
+    ]
+
+
+def markdown(summary: dict) -> str:
+    m = summary["machine"]
+    bw = summary["bandwidth"]
+    lines = [
+        f"Machine: {m.get('cpu')} ({m.get('cpus')} cores, {m.get('mem_gib')} GiB, "
+        f"{', '.join(m.get('isa', []))}; {m.get('hypervisor')} guest), torch {m.get('torch')}; "
+        f"load average at start {m.get('load_avg_1m', 0):.2f}.",
+        f"Checkpoint: {summary['checkpoint']} ({summary['checkpoint_bytes'] / GB:.2f} GB, bf16). "
+        f"TP={summary['tp']}; HF is one process with {summary['hf_threads']} threads.",
+        f"Memory bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s "
+        f"({bw['threads']} threads); 1 thread: read {summary['bandwidth_1t']['read_gbs']:.1f} GB/s.",
+        "",
+        "| metric | dstp TP=2 | HF 1 process | DS AutoTP TP=2 | dstp vs HF | dstp vs DS AutoTP |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in summary["table"]["rows"]:
+        ratio = [f"{_fmt(r[k])}x" if r[k] is not None else "–" for k in ("vs_hf", "vs_ds_autotp")]
+        lines.append(
+            f"| {r['metric']} | {_fmt(r['dstp'])} | {_fmt(r['hf'])} | {_fmt(r['ds_autotp'])} "
+            f"| {ratio[0]} | {ratio[1]} |"
+        )
+    lines.append("")
+    lines.append(
+        "Ratios: > 1 means dstp is better (other/dstp for latency and memory, dstp/other for throughput)."
+    )
+    lines.append(
+        "Workload rows: dstp = the continuous-batching engine when measured; HF and DS AutoTP = HF `generate` with static batches."
+    )
+    roof = summary["roofline"]
+    lines += [
+        "",
+        f"Batch-1 decode roofline: {roof['bandwidth_gbs']:.1f} GB/s / {roof['bytes_per_step'] / GB:.2f} GB "
+        f"per token = {roof['ceiling_tok_s']:.2f} tok/s.",
+    ]
+    for name in ("dstp", "hf", "ds_autotp", "hf_1thread"):
+        if name in roof:
+            lines.append(
+                f"- {name}: {roof[name]['tok_s']:.2f} tok/s = {100 * roof[name]['fraction']:.0f}% of roofline"
+            )
+    lines += ["", "Targets:"]
+    for text, ok in summary["targets"]:
+        mark = "not measured" if ok is None else ("met" if ok else "MISSED")
+        lines.append(f"- {text}: {mark}")
+    mem = summary.get("memory_detail", {})
+    if mem:
+        lines += [
+            "",
+            "Peak memory per rank (GB): total RSS = private (anon) + mapped checkpoint pages (file):",
+            "",
+        ]
+        lines += [
+            "| config | rank | RSS before load | peak RSS | peak anon | peak file-backed | RSS after load | load s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, ranks in mem.items():
+            for r in ranks:
+                lines.append(
+                    f"| {name} | {r['rank']} | {r['rss_before_load']:.2f} | {r['peak_rss']:.2f} | {r['peak_anon']:.2f} | "
+                    f"{r['peak_file']:.2f} | {r['rss_after_load']:.2f} | {r['load_s']:.1f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def memory_detail(results: dict) -> dict:
+    out = {}
+    for name, ranks in results.items():
+        out[name] = [
+            {
+                "rank": r["rank"],
+                "peak_rss": r["memory"]["peak_rss"] / GB,
+                "peak_anon": r["memory"]["peak_anon"] / GB,
+                "peak_file": r["memory"]["peak_file"] / GB,
+                "rss_after_load": r["memory"]["rss_after_load"] / GB,
+                "rss_before_load": r["memory"].get("rss_before_load", 0) / GB,
+                "load_s": r["load_s"],
+            }
+            for r in ranks
+        ]
+    return out
+
+
+def breakdown_markdown(results: dict) -> str:
+    """Where dstp's time goes (rank by rank): profiler categories, timers, free-comm runs."""
+    ranks = results.get("dstp", [])
+    if not ranks or "breakdown" not in ranks[0]:
+        return ""
+    lines = ["", "## Where dstp's time goes (TP=2)", ""]
+    cats = ("linear", "attention", "comm", "other_ops", "untracked")
+    lines.append("| phase | rank | wall (s, profiled) | " + " | ".join(cats) + " |")
+    lines.append("|---|---|---|" + "---|" * len(cats))
+    for r in ranks:
+        b = r["breakdown"]
+        for phase in ("prefill", "decode"):
+            p = b[f"{phase}_profile"]
+            fr = p["fraction"]
+            lines.append(
+                f"| {phase} | {r['rank']} | {p['wall_s']:.3f} | "
+                + " | ".join(f"{100 * fr.get(c, 0):.1f}%" for c in cats)
+                + " |"
+            )
+    lines += [
+        "",
+        "| phase | rank | wall (s) | all-reduce (s) | calls | all-reduce share | wall without all-reduce (s) | comm cost share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in ranks:
+        b = r["breakdown"]
+        for phase in ("prefill", "decode"):
+            t = b[f"{phase}_timers"]
+            f = b[f"{phase}_free_comm"]
+            lines.append(
+                f"| {phase} | {r['rank']} | {t['wall_s']:.3f} | {t['all_reduce_s']:.4f} | "
+                f"{t['all_reduce_calls']} | {100 * t['all_reduce_fraction']:.1f}% | "
+                f"{f['wall_no_allreduce_s']:.3f} | {100 * f['comm_cost_fraction']:.1f}% |"
+            )
+    b0 = ranks[0]["breakdown"]
+    d = b0["decode_free_comm"]
+    if "step_s" in d:
+        lines.append("")
+        lines.append(
+            f"Decode step (rank 0): {1000 * d['step_s']:.1f} ms; with all-reduce made free "
+            f"{1000 * d['step_no_allreduce_s']:.1f} ms."
+        )
+    lines += ["", "Top ops by self time, rank 0:", ""]
+    for phase in ("prefill", "decode"):
+        ops = b0[f"{phase}_profile"]["top_ops"][:8]
+        lines.append(
+            f"- {phase}: "
+            + "; ".join(f"{o['op']} {1000 * o['self_s']:.0f} ms ({o['calls']})" for o in ops)
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""The machine a benchmark ran on, and its memory bandwidth (the decode roofline).
+
+Batch-1 decode reads every weight once per token, so on a CPU its ceiling is
+``bandwidth / weight bytes``. Two stream-like tests, each the best of a few
+repeats over buffers far larger than the last-level cache:
+
+* ``read``: ``torch.sum`` of a float32 buffer (what a GEMV does to weights);
+* ``copy``: ``dst.copy_(src)``, counted as read + write bytes (STREAM "copy").
+
+Run in a fresh process per thread count, so the torch thread pool is sized
+as asked and nothing else of the harness is resident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+
+def machine() -> dict[str, object]:
+    """CPU model, core count and memory, as lscpu / /proc report them."""
+    info: dict[str, object] = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["cpu"] = fields.get("Model name", "?")
+        info["cpus"] = int(fields.get("CPU(s)", "0"))
+        flags = fields.get("Flags", "").split()
+        info["isa"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+        info["hypervisor"] = fields.get("Hypervisor vendor", "none")
+    except (OSError, subprocess.CalledProcessError):
+        info["cpu"] = platform.processor()
+        info["cpus"] = os.cpu_count()
+    try:
+        import psutil
+
+        info["mem_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+        info["load_avg_1m"] = os.getloadavg()[0]
+    except ImportError:
+        pass
+    import torch
+
+    info["torch"] = torch.__version__
+    return info
+
+
+def _measure(threads: int, mib: int, repeats: int) -> dict[str, float]:
+    import torch
+
+    torch.set_num_threads(threads)
+    n = mib * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault all pages in before timing
+    read, copy = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        src.sum()
+        read.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        dst.copy_(src)
+        copy.append(time.perf_counter() - t)
+    nbytes = n * 4
+    return {
+        "threads": threads,
+        "read_gbs": nbytes / min(read) / 1e9,
+        "copy_gbs": 2 * nbytes / min(copy) / 1e9,
+    }
+
+
+def bandwidth(threads: int, mib: int = 1024, repeats: int = 6) -> dict[str, float]:
+    """Memory bandwidth with ``threads`` torch threads, measured in a child process."""
+    code = (
+        "import json,sys; sys.path.insert(0, sys.argv[1]);"
+        "from benchmarks.sysinfo import _measure;"
+        f"print(json.dumps(_measure({threads}, {mib}, {repeats})))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code, root], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps({"machine": machine(), "bw": [bandwidth(1), bandwidth(2)]}, indent=1))
