@@ -1,0 +1,391 @@
+"""One thread owns the engine; HTTP threads talk to it through queues.
+
+The engine is not thread-safe and every ``step()`` is a collective over all
+ranks, so exactly one thread (``EngineDriver``'s) calls it. HTTP threads
+submit requests and aborts through a command queue and read each request's
+outputs from its own queue. When idle the driver heartbeats every rank, so a
+dead rank is noticed even without traffic; a watchdog bounds how long any
+engine call may take. On a rank failure the driver fails every in-flight
+request, marks itself unhealthy and calls ``on_fatal`` (the server exits
+non-zero so the launcher stops the job instead of leaving it hanging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from .sampling import InvalidRequest, RequestOutput, SamplingParams
+from .server_metrics import ServerMetrics
+
+log = logging.getLogger("dstp")
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is stopping, failed, or not ready: the request cannot be served (503)."""
+
+
+class QueueFull(RuntimeError):
+    """Too many requests in flight: the client should retry later (429)."""
+
+
+class RequestFailed(RuntimeError):
+    """An admitted request ended without a result (server stopping or a rank died)."""
+
+
+_END = object()
+
+
+@dataclass
+class RequestHandle:
+    """The HTTP side of one request: its outputs arrive on ``_outputs``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    driver: EngineDriver
+    _outputs: queue.Queue = field(default_factory=queue.Queue)
+    _accepted: threading.Event = field(default_factory=threading.Event)
+    _reject: BaseException | None = None
+    submit_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    done: bool = False  # set on the driver thread once the final output (or error) is queued
+
+    def outputs(
+        self, poll_s: float = 0.25, disconnected: Callable[[], bool] | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield outputs until the final one; abort if the client goes away.
+
+        Raises ``RequestFailed`` when the engine failed or is shutting down.
+        """
+        finished = False
+        next_check = time.monotonic() + poll_s
+        try:
+            while True:
+                try:
+                    item = self._outputs.get(timeout=poll_s)
+                except queue.Empty:
+                    item = None
+                if disconnected is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + poll_s
+                    if disconnected():
+                        log.info("client of %s disconnected: aborting", self.request_id)
+                        return
+                if item is None:
+                    continue
+                if item is _END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # consumer stopped early (disconnect, generator closed)
+                self.abort()
+
+    def result(self, disconnected: Callable[[], bool] | None = None) -> RequestOutput | None:
+        """The final output (None if the client went away first)."""
+        last = None
+        for out in self.outputs(disconnected=disconnected):
+            last = out
+        return last if last is not None and last.finished else None
+
+    def abort(self) -> None:
+        self.driver.abort(self.request_id)
+
+
+class EngineDriver:
+    """Runs the engine loop on a dedicated thread; thread-safe front for HTTP handlers."""
+
+    def __init__(
+        self,
+        engine,
+        *,
+        max_queued_requests: int = 256,
+        heartbeat_interval_s: float = 1.0,
+        heartbeat_timeout_s: float = 30.0,
+        step_timeout_s: float = 600.0,
+        metrics: ServerMetrics | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_queued_requests = max_queued_requests
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.step_timeout_s = step_timeout_s
+        self.metrics = metrics or ServerMetrics()
+        self.on_fatal = on_fatal
+        self._commands: queue.Queue = queue.Queue()
+        self._handles: dict[str, RequestHandle] = {}  # owned by the driver thread
+        self._lock = threading.Lock()
+        self._in_flight = 0  # submitted and not yet finished (guarded by _lock)
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self.failure: BaseException | None = None
+        self._call: tuple[str, float, float] | None = None  # (what, started, deadline)
+        self._stats: dict = {}
+        self._thread = threading.Thread(target=self._run, name="dstp-engine", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="dstp-watchdog", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self, ready_timeout_s: float = 120.0) -> None:
+        """Start the loop and wait for a first heartbeat over all ranks."""
+        self._thread.start()
+        self._watchdog.start()
+        if not self._ready.wait(ready_timeout_s) and self.failure is None:
+            raise EngineUnavailable(f"engine not ready after {ready_timeout_s:.0f} s")
+        if self.failure is not None:
+            raise EngineUnavailable(f"engine failed at start: {self.failure}") from self.failure
+
+    def stop(self, reason: str = "server shutting down", timeout_s: float = 30.0) -> None:
+        """Fail in-flight requests with ``reason``, release the followers, join."""
+        self._stopping.set()
+        self._stop_reason = reason
+        self._commands.put(("wake", None))
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    @property
+    def healthy(self) -> bool:
+        return self._ready.is_set() and self.failure is None and not self._stopping.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def stats(self) -> dict:
+        """Last engine stats snapshot (taken on the driver thread after each step)."""
+        return dict(self._stats)
+
+    # -- HTTP side -------------------------------------------------------------
+    def submit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        accept_timeout_s: float = 120.0,
+    ) -> RequestHandle:
+        """Queue a request and wait until the engine admitted it into its queue.
+
+        Raises ``InvalidRequest`` (400), ``QueueFull`` (429), ``EngineUnavailable`` (503).
+        """
+        if not self.healthy:
+            raise EngineUnavailable(self._unavailable_reason())
+        with self._lock:
+            if self._in_flight >= self.max_queued_requests:
+                raise QueueFull(
+                    f"server busy: {self._in_flight} requests in flight "
+                    f"(limit {self.max_queued_requests}); retry later"
+                )
+            self._in_flight += 1
+        rid = request_id or f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
+        handle = RequestHandle(rid, list(prompt_token_ids), params, self)
+        self._commands.put(("add", handle))
+        deadline = time.monotonic() + accept_timeout_s
+        while not handle._accepted.wait(0.25):
+            if self.failure is not None or not self._thread.is_alive():
+                raise EngineUnavailable(self._unavailable_reason())
+            if time.monotonic() > deadline:
+                self.abort(rid)
+                raise EngineUnavailable("engine did not accept the request in time")
+        if handle._reject is not None:
+            raise handle._reject
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def _unavailable_reason(self) -> str:
+        if self.failure is not None:
+            return f"engine failed: {self.failure}"
+        if self._stopping.is_set():
+            return "server is shutting down"
+        return "engine is not ready yet"
+
+    # -- driver thread ---------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._timed("heartbeat", self.heartbeat_timeout_s, self.engine.heartbeat)
+            self._snapshot()
+            self._ready.set()
+            log.info("engine driver ready: every rank answered the first heartbeat")
+            while not self._stopping.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished())
+                if self._stopping.is_set():
+                    break
+                if self.engine.has_unfinished():
+                    outputs = self._timed("step", self.step_timeout_s, self.engine.step)
+                    self._dispatch(outputs)
+                    self._snapshot()
+        except BaseException as exc:  # a rank died or the engine broke: fail fast
+            if self._stopping.is_set():
+                log.info("engine loop ended while stopping: %s", exc)
+            else:
+                self._fail(exc)
+                return
+        self._finish_stop()
+
+    def _drain_commands(self, block: bool) -> None:
+        """Apply queued adds and aborts; when idle wait for one, heartbeating meanwhile."""
+        deadline = time.monotonic() + self.heartbeat_interval_s
+        while True:
+            try:
+                if block:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
+                        self._timed("heartbeat", self.heartbeat_timeout_s, self.engine.heartbeat)
+                        self._snapshot()
+                        deadline = time.monotonic() + self.heartbeat_interval_s
+                        continue
+                    kind, arg = self._commands.get(timeout=timeout)
+                else:
+                    kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                if block:
+                    continue
+                return
+            if kind == "add":
+                self._add(arg)
+            elif kind == "abort":
+                self._abort(arg)
+            elif kind == "wake":
+                return
+            if block:  # got work: go step it, but take whatever else is queued first
+                block = False
+
+    def _add(self, handle: RequestHandle) -> None:
+        try:
+            self.engine.add_request(handle.request_id, handle.prompt_token_ids, handle.params)
+        except InvalidRequest as exc:
+            handle._reject = exc
+        except Exception as exc:  # a bug for this request only: answer 500, keep serving
+            log.exception("add_request failed for %s", handle.request_id)
+            handle._reject = exc
+        else:
+            handle.submit_time = time.monotonic()
+            self._handles[handle.request_id] = handle
+            self.metrics.observe_prompt(len(handle.prompt_token_ids))
+        if handle._reject is not None:
+            self._release()
+        handle._accepted.set()
+
+    def _abort(self, request_id: str) -> None:
+        handle = self._handles.pop(request_id, None)
+        if handle is None:
+            return  # already finished (or never admitted)
+        with contextlib.suppress(KeyError):
+            self.engine.abort(request_id)
+        self._close(handle, _END)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            handle = self._handles.get(out.request_id)
+            if handle is None:
+                continue  # aborted by its client: nobody is listening
+            new = sum(len(c.new_token_ids) for c in out.outputs)
+            if new:
+                if handle.first_token_time is None:
+                    handle.first_token_time = now
+                    self.metrics.observe_ttft(now - handle.submit_time)
+                    self.metrics.observe_tokens(new, None)
+                else:
+                    self.metrics.observe_tokens(new, (now - handle.last_token_time) / new)
+                handle.last_token_time = now
+            handle._outputs.put(out)
+            if out.finished:
+                self.metrics.observe_e2e(now - handle.submit_time)
+                del self._handles[out.request_id]
+                self._close(handle, None)
+
+    def _close(self, handle: RequestHandle, last: object) -> None:
+        if handle.done:
+            return
+        handle.done = True
+        if last is not None:
+            handle._outputs.put(last)
+        self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _snapshot(self) -> None:
+        try:
+            self._stats = dict(self.engine.stats())
+        except Exception:  # stats are best effort; never take the server down
+            log.debug("engine.stats() failed", exc_info=True)
+
+    def _timed(self, what: str, timeout_s: float, fn: Callable):
+        start = time.monotonic()
+        self._call = (what, start, start + timeout_s)
+        try:
+            return fn()
+        finally:
+            self._call = None
+
+    def _watch(self) -> None:
+        """Fail the server if one engine call (a collective) hangs: a rank is stuck."""
+        while not self._stopping.is_set() and self.failure is None:
+            call = self._call
+            if call is not None and time.monotonic() > call[2]:
+                what, started, _ = call
+                self._fail(
+                    TimeoutError(
+                        f"engine {what} did not return within {call[2] - started:.0f} s: "
+                        "a rank is hung or unreachable"
+                    )
+                )
+                return
+            time.sleep(0.5)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is not None:
+            return
+        self.failure = exc
+        log.error("engine failed (a rank died or hung?): %r; failing in-flight requests", exc)
+        self._fail_all(RequestFailed(f"engine failed: {exc}"))
+        self._ready.set()  # wake start() if it is still waiting
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
+    def _fail_all(self, error: RequestFailed) -> None:
+        for handle in list(self._handles.values()):
+            self._close(handle, error)
+        self._handles.clear()
+        while True:  # requests still in the command queue
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                arg._reject = EngineUnavailable(str(error))
+                self._release()
+                arg._accepted.set()
+
+    def _finish_stop(self) -> None:
+        reason = getattr(self, "_stop_reason", "server shutting down")
+        self._fail_all(RequestFailed(reason))
+        try:
+            self.engine.shutdown()
+        except Exception as exc:
+            log.warning("engine.shutdown() failed (a rank already gone?): %s", exc)
+        log.info("engine driver stopped")

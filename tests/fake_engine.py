@@ -1,0 +1,226 @@
+"""A deterministic stand-in for ``dstp.engine.Engine`` for HTTP-layer tests.
+
+It follows the engine's contract (add_request / abort / step / has_unfinished /
+heartbeat / stats / shutdown, one token per running sequence per step, block
+accounting, stop strings, EOS, logprobs, n samples) with a trivial "model":
+the next token is a function of the sequence so far, so tests can compute
+the exact expected text with ``FakeEngine.reference``. The real engine is
+covered end to end in test_server_e2e.py.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from dstp.sampling import (
+    CompletionOutput,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz "
+
+
+@dataclass
+class _Seq:
+    index: int
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    sent_tokens: int = 0
+    sent_text: int = 0
+    finish: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class _Req:
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    seqs: list[_Seq]
+    blocks: int = 0
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        max_model_len: int = 256,
+        block_size: int = 4,
+        num_blocks: int = 4096,
+        step_delay_s: float = 0.0,
+        eos_id: int = 1,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.model_name = "fake-model"
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.free_blocks = num_blocks
+        self.step_delay_s = step_delay_s
+        self.eos_id = eos_id
+        self.tp = SimpleNamespace(rank=0, size=1, is_driver=True)
+        self.lm_head = SimpleNamespace(vocab_size=len(tokenizer))
+        self.letter_ids = [tokenizer.convert_tokens_to_ids(c if c != " " else "Ġ") for c in LETTERS]
+        self.requests: dict[str, _Req] = {}
+        self.aborted: list[str] = []
+        self._pending_final: list[RequestOutput] = []
+        self.dead: str | None = None  # set to make heartbeat/step raise (a rank "died")
+        self.shut_down = False
+        self.thread_ids: set[int] = set()  # which threads called us (must be one)
+        self.num_steps = 0
+
+    # -- the "model" ----------------------------------------------------------------
+    def next_token(self, prompt: list[int], out: list[int], index: int, params) -> int:
+        if (
+            not params.ignore_eos
+            and len(out) >= max(params.min_tokens, 1)
+            and sum(prompt) % 5 == 0
+            and len(out) == 3
+        ):
+            return self.eos_id
+        return self.letter_ids[(sum(prompt) + 3 * len(out) + index) % len(LETTERS)]
+
+    def reference(
+        self, prompt: list[int], params: SamplingParams
+    ) -> list[tuple[str, list[int], str]]:
+        """(text, token_ids, finish_reason) per sample, as step() will produce them."""
+        results = []
+        for index in range(params.n):
+            out: list[int] = []
+            text, finish = "", "length"
+            while True:
+                tok = self.next_token(prompt, out, index, params)
+                out.append(tok)
+                if tok == self.eos_id:
+                    finish = "stop"
+                    break
+                text = self.tokenizer.decode([t for t in out if t != self.eos_id])
+                hit = next((s for s in params.stop if s in text), None)
+                if hit is not None:
+                    text = text[: text.index(hit)]
+                    finish = "stop"
+                    break
+                if len(out) >= params.max_tokens or len(prompt) + len(out) >= self.max_model_len:
+                    break
+            results.append((text, out, finish))
+        return results
+
+    # -- engine API -------------------------------------------------------------------
+    def _touch(self) -> None:
+        self.thread_ids.add(threading.get_ident())
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        self._touch()
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest("prompt too long")
+        params.validate()
+        req = _Req(request_id, list(prompt_token_ids), params, [_Seq(i) for i in range(params.n)])
+        need = math.ceil(len(prompt_token_ids) / self.block_size) * params.n
+        req.blocks = need
+        self.free_blocks -= need
+        self.requests[request_id] = req
+
+    def abort(self, request_id: str) -> None:
+        self._touch()
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.aborted.append(request_id)
+        self.free_blocks += req.blocks
+        for s in req.seqs:
+            s.finish = s.finish or "abort"
+        self._pending_final.append(self._output(req))
+
+    def has_unfinished(self) -> bool:
+        self._touch()
+        return bool(self.requests) or bool(self._pending_final)
+
+    def step(self) -> list[RequestOutput]:
+        self._touch()
+        if self.dead:
+            raise RuntimeError(self.dead)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        outputs, self._pending_final = self._pending_final, []
+        for req in list(self.requests.values()):
+            for s in req.seqs:
+                if s.finish:
+                    continue
+                tok = self.next_token(req.prompt, s.out, s.index, req.params)
+                s.out.append(tok)
+                total = len(req.prompt) + len(s.out)
+                if total % self.block_size == 1:
+                    req.blocks += 1
+                    self.free_blocks -= 1
+                if tok == self.eos_id:
+                    s.finish = "stop"
+                    continue
+                s.text = self.tokenizer.decode(s.out)
+                hit = next((x for x in req.params.stop if x in s.text), None)
+                if hit is not None:
+                    s.text = s.text[: s.text.index(hit)]
+                    s.finish, s.stop_reason = "stop", hit
+                elif len(s.out) >= req.params.max_tokens or total >= self.max_model_len:
+                    s.finish = "length"
+            out = self._output(req)
+            if out.finished:
+                del self.requests[req.rid]
+                self.free_blocks += req.blocks
+            outputs.append(out)
+        self.num_steps += 1
+        return outputs
+
+    def _output(self, req: _Req) -> RequestOutput:
+        comps = []
+        for s in req.seqs:
+            logprobs = None
+            if req.params.logprobs is not None:
+                logprobs = [
+                    TokenLogprob(t, -0.25, {t: -0.25, self.letter_ids[0]: -2.0}) for t in s.out
+                ]
+            comps.append(
+                CompletionOutput(
+                    index=s.index,
+                    token_ids=list(s.out),
+                    text=s.text,
+                    new_token_ids=s.out[s.sent_tokens :],
+                    delta_text=s.text[s.sent_text :],
+                    logprobs=logprobs,
+                    finish_reason=s.finish,
+                    stop_reason=s.stop_reason,
+                )
+            )
+            s.sent_tokens, s.sent_text = len(s.out), len(s.text)
+        return RequestOutput(req.rid, req.prompt, comps, all(s.finish for s in req.seqs))
+
+    def heartbeat(self) -> None:
+        self._touch()
+        if self.dead:
+            raise RuntimeError(self.dead)
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.requests),
+            "num_waiting": 0,
+            "kv_blocks_total": self.num_blocks,
+            "kv_blocks_free": self.free_blocks,
+            "kv_usage": 1 - self.free_blocks / self.num_blocks,
+            "prefix_cache_queries": 10,
+            "prefix_cache_hits": 4,
+            "num_preemptions": 0,
+        }
+
+    def shutdown(self) -> None:
+        self.shut_down = True

@@ -1,0 +1,564 @@
+"""HTTP layer on the production WSGI server, with a deterministic fake engine.
+
+The real EngineDriver, Flask app and waitress server run in-process; only the
+engine is a test double (tests/fake_engine.py) so that validation, error
+shapes, SSE framing, concurrency, limits and disconnect handling are tested
+fast and exactly. The real engine behind the same server is test_server_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+
+from dstp.async_engine import EngineDriver
+from dstp.default_model import build_tokenizer
+from dstp.sampling import SamplingParams
+from dstp.server import ServerConfig, create_app
+from tests.fake_engine import FakeEngine
+from tests.server_helpers import InProcessServer, parse_metrics, sse_events, wait_until
+
+API_KEY = "sk-test-123"
+
+
+def _serve(engine, **config):
+    driver = EngineDriver(engine, heartbeat_interval_s=0.2, **config.pop("driver", {}))
+    driver.start()
+    cfg = ServerConfig(
+        model_name="fake-model",
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.lm_head.vocab_size,
+        **config,
+    )
+    server = InProcessServer.start(
+        create_app(driver, engine.tokenizer, cfg), max_body_bytes=cfg.max_body_bytes
+    )
+    return driver, server
+
+
+@pytest.fixture(scope="module")
+def main():
+    """The main server: fake engine, no API key, default limits."""
+    engine = FakeEngine(build_tokenizer())
+    driver, server = _serve(engine)
+    yield engine, driver, server.url
+    driver.stop()
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def strict():
+    """A server with an API key, a tiny queue and body limit, slow steps, no chat template."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    engine = FakeEngine(tokenizer, step_delay_s=0.05)
+    driver, server = _serve(
+        engine,
+        api_key=API_KEY,
+        max_body_bytes=2048,
+        driver={"max_queued_requests": 2},
+    )
+    yield engine, driver, server.url
+    driver.stop()
+    server.close()
+
+
+def _client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def _encode(engine, text: str) -> list[int]:
+    return engine.tokenizer.encode(text)
+
+
+def _chat_ids(engine, messages) -> list[int]:
+    text = engine.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    return engine.tokenizer.encode(text, add_special_tokens=False)
+
+
+# -- happy paths with the official client ---------------------------------------------
+def test_models_health_metrics(main):
+    engine, driver, url = main
+    models = _client(url).models.list()
+    assert [m.id for m in models.data] == ["fake-model"]
+    assert requests.get(f"{url}/health", timeout=5).json()["status"] == "ok"
+    metrics = parse_metrics(requests.get(f"{url}/metrics", timeout=5).text)
+    assert metrics["dstp_healthy"] == 1
+    assert metrics["dstp_kv_cache_blocks"] == engine.num_blocks
+    assert metrics["dstp_prefix_cache_hit_rate"] == pytest.approx(0.4)
+
+
+def test_completion_matches_engine(main):
+    engine, _, url = main
+    prompt = "The quick brown fox"
+    got = _client(url).completions.create(
+        model="fake-model", prompt=prompt, max_tokens=12, temperature=0
+    )
+    text, ids, finish = engine.reference(_encode(engine, prompt), SamplingParams(max_tokens=12))[0]
+    assert got.choices[0].text == text and got.choices[0].finish_reason == finish
+    assert got.usage.prompt_tokens == len(_encode(engine, prompt))
+    assert got.usage.completion_tokens == len(ids)
+    assert got.object == "text_completion" and got.id.startswith("cmpl-")
+
+
+def test_completion_stream_with_usage(main):
+    engine, _, url = main
+    prompt = [5, 9, 40, 41, 42]
+    chunks = list(
+        _client(url).completions.create(
+            model="fake-model",
+            prompt=prompt,
+            max_tokens=9,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, "min_tokens": 2},  # documented extensions
+        )
+    )
+    text, ids, _ = engine.reference(prompt, SamplingParams(max_tokens=9, ignore_eos=True))[0]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == len(ids) == 9
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_and_chat_stream(main):
+    engine, _, url = main
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello there"},
+    ]
+    client = _client(url)
+    want, _, _ = engine.reference(_chat_ids(engine, messages), SamplingParams(max_tokens=10))[0]
+    got = client.chat.completions.create(model="fake-model", messages=messages, max_tokens=10)
+    assert got.choices[0].message.content == want
+    assert got.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model="fake-model", messages=messages, max_completion_tokens=10, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_logprobs_and_n(main):
+    engine, _, url = main
+    got = _client(url).chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        n=3,
+        logprobs=True,
+        top_logprobs=1,
+        extra_body={"ignore_eos": True},
+    )
+    assert sorted(c.index for c in got.choices) == [0, 1, 2]
+    assert len({c.message.content for c in got.choices}) == 3  # the fake varies by sample index
+    content = got.choices[0].logprobs.content
+    assert len(content) == 4 and content[0].logprob == -0.25
+    assert content[0].top_logprobs[0].token
+
+
+def test_stop_string_and_eos(main):
+    engine, _, url = main
+    prompt = "stop test"
+    full, _, _ = engine.reference(
+        _encode(engine, prompt), SamplingParams(max_tokens=20, ignore_eos=True)
+    )[0]
+    stop = full[5:7]
+    got = requests.post(
+        f"{url}/v1/completions",
+        json={"prompt": prompt, "max_tokens": 20, "stop": stop, "ignore_eos": True},
+        timeout=10,
+    ).json()
+    assert got["choices"][0]["text"] == full[: full.index(stop)]
+    assert got["choices"][0]["finish_reason"] == "stop"
+    # sum(prompt) % 5 == 0 makes the fake emit EOS as its 4th token
+    ids = [5, 10]
+    got = requests.post(
+        f"{url}/generate", json={"prompt_token_ids": ids, "max_tokens": 10}, timeout=10
+    ).json()
+    assert got["outputs"][0]["finish_reason"] == "stop"
+    assert (
+        got["outputs"][0]["token_ids"][-1] == engine.eos_id
+        and len(got["outputs"][0]["token_ids"]) == 4
+    )
+
+
+def test_generate_native(main):
+    engine, _, url = main
+    ids = [7, 8, 9, 10, 11, 12]
+    body = {"prompt_token_ids": ids, "max_tokens": 6, "logprobs": 1, "ignore_eos": True}
+    got = requests.post(f"{url}/generate", json=body, timeout=10).json()
+    _, want_ids, _ = engine.reference(ids, SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert got["outputs"][0]["token_ids"] == want_ids
+    assert got["prompt_token_ids"] == ids
+    assert len(got["outputs"][0]["logprobs"]) == 6
+    resp = requests.post(f"{url}/generate", json={**body, "stream": True}, stream=True, timeout=10)
+    events = sse_events(resp.iter_lines())
+    assert events[-1] == "[DONE]"
+    streamed = [t for e in events[:-2] for o in e["outputs"] for t in o["new_token_ids"]]
+    assert streamed == want_ids
+    assert events[-2]["usage"]["completion_tokens"] == 6
+
+
+def test_sse_wire_format(main):
+    """Raw bytes: 'data: {json}\\n\\n' frames, event-stream type, [DONE] last."""
+    _, _, url = main
+    resp = requests.post(
+        f"{url}/v1/completions",
+        json={"prompt": "abc", "max_tokens": 3, "stream": True, "ignore_eos": True},
+        stream=True,
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    raw = resp.raw.read().decode()
+    frames = raw.split("\n\n")
+    assert frames[-1] == "" and frames[-2] == "data: [DONE]"
+    for frame in frames[:-2]:
+        assert frame.startswith("data: ") and "\n" not in frame
+        assert json.loads(frame[6:])["object"] == "text_completion"
+
+
+# -- bad input -------------------------------------------------------------------------
+BAD_COMPLETIONS = [
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "x", "temperature": 2.5}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "max_token": 5}, "max_token"),
+    ({"prompt": "x", "frobnicate": True}, "frobnicate"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, 2, 10**9]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
+    ({"prompt": "x", "ignore_eos": "true"}, "ignore_eos"),
+    ({"prompt": "x", "min_tokens": 20, "max_tokens": 5}, None),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "x " * 300}, "prompt"),  # longer than the 256-token context
+    ({"prompt": "x", "max_tokens": 1000}, "max_tokens"),  # prompt + completion > context
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"), BAD_COMPLETIONS, ids=[json.dumps(b)[:40] for b, _ in BAD_COMPLETIONS]
+)
+def test_bad_completion_requests_get_400(main, body, param):
+    _, _, url = main
+    resp = requests.post(f"{url}/v1/completions", json=body, timeout=10)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+BAD_CHATS = [
+    {"messages": []},
+    {"messages": "hi"},
+    {"messages": [{"role": "wizard", "content": "x"}]},
+    {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+    {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+    {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+    {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
+    {"messages": [{"role": "user", "content": "x"}], "prompt": "x"},
+]
+
+
+@pytest.mark.parametrize("body", BAD_CHATS, ids=[json.dumps(b)[:40] for b in BAD_CHATS])
+def test_bad_chat_requests_get_400(main, body):
+    _, _, url = main
+    resp = requests.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["message"]
+
+
+def test_malformed_bodies(main):
+    _, _, url = main
+    for data in (b"{not json", b"[1, 2]", b"\xff\xfe", b""):
+        resp = requests.post(
+            f"{url}/v1/completions",
+            data=data,
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert resp.status_code == 400, (data, resp.text)
+        assert "JSON" in resp.json()["error"]["message"]
+    resp = requests.post(
+        f"{url}/v1/completions", json={"prompt": "x", "model": "gpt-4"}, timeout=10
+    )
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+    resp = requests.get(f"{url}/v1/nope", timeout=10)
+    assert resp.status_code == 404 and "error" in resp.json()
+    resp = requests.get(f"{url}/v1/completions", timeout=10)
+    assert resp.status_code == 405 and "error" in resp.json()
+    with pytest.raises(openai.BadRequestError):
+        _client(url).completions.create(model="fake-model", prompt="x", max_tokens=-3)
+
+
+def test_errors_counted_by_status(main):
+    _, _, url = main
+    requests.post(f"{url}/v1/completions", json={"prompt": "x", "n": 99}, timeout=10)
+    metrics = parse_metrics(requests.get(f"{url}/metrics", timeout=5).text)
+    assert metrics['dstp_requests_total{endpoint="/v1/completions",status="400"}'] >= 1
+    assert metrics['dstp_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
+    assert metrics["dstp_time_to_first_token_seconds_count"] >= 1
+    assert metrics["dstp_time_per_output_token_seconds_count"] >= 1
+    assert metrics["dstp_generation_tokens_total"] >= 1
+
+
+# -- disconnects ----------------------------------------------------------------------
+def _raw_post(url: str, path: str, body: dict) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + data)
+    return sock
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_and_frees_blocks(main, stream):
+    engine, driver, url = main
+    engine.step_delay_s = 0.01
+    try:
+        before = len(engine.aborted)
+        body = {"prompt": "long one", "max_tokens": 200, "ignore_eos": True, "stream": stream}
+        sock = _raw_post(url, "/v1/completions", body)
+        if stream:
+            got = b""
+            while b"data: " not in got:  # generation is under way
+                chunk = sock.recv(4096)
+                assert chunk, got
+                got += chunk
+        else:
+            assert wait_until(lambda: engine.requests, 5)
+        sock.close()
+        assert wait_until(lambda: len(engine.aborted) > before, 10), "request not aborted"
+        assert wait_until(lambda: engine.free_blocks == engine.num_blocks, 5)
+        assert wait_until(lambda: driver.num_in_flight == 0, 5)
+        assert engine.num_steps  # and the server still answers
+        assert requests.get(f"{url}/health", timeout=5).status_code == 200
+    finally:
+        engine.step_delay_s = 0.0
+
+
+# -- limits, auth ---------------------------------------------------------------------
+def test_api_key(strict):
+    _, _, url = strict
+    assert requests.get(f"{url}/health", timeout=5).status_code == 200  # no key needed
+    for path in ("/v1/models", "/metrics"):
+        resp = requests.get(f"{url}{path}", timeout=5)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+        resp = requests.get(f"{url}{path}", headers={"Authorization": "Bearer wrong"}, timeout=5)
+        assert resp.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        _client(url, "wrong").completions.create(model="fake-model", prompt="x")
+    got = _client(url, API_KEY).completions.create(model="fake-model", prompt="x", max_tokens=2)
+    assert got.choices[0].text
+
+
+def test_body_too_large_413(strict):
+    _, _, url = strict
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    resp = requests.post(
+        f"{url}/v1/completions", json={"prompt": "x" * 5000}, headers=headers, timeout=10
+    )
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+    # the server is unharmed
+    resp = requests.post(
+        f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers, timeout=10
+    )
+    assert resp.status_code == 200
+
+
+def test_no_chat_template_400(strict):
+    _, _, url = strict
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        _client(url, API_KEY).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}]
+        )
+
+
+def test_full_queue_429_with_retry_after(strict):
+    engine, driver, url = strict
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "slow", "max_tokens": 40, "ignore_eos": True}
+    with ThreadPoolExecutor(2) as pool:
+        slow = [
+            pool.submit(
+                requests.post, f"{url}/v1/completions", json=body, headers=headers, timeout=30
+            )
+            for _ in range(2)
+        ]
+        assert wait_until(lambda: driver.num_in_flight == 2, 10)
+        resp = requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=10)
+        assert resp.status_code == 429, resp.text
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert resp.json()["error"]["code"] == "queue_full"
+        assert all(f.result().status_code == 200 for f in slow)
+    resp = requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+    assert resp.status_code == 200  # room again
+
+
+# -- concurrency ----------------------------------------------------------------------
+def test_many_concurrent_clients_mixed(main):
+    """40 clients at once, a third of them invalid; each valid one answered exactly and once."""
+    engine, driver, url = main
+    engine.step_delay_s = 0.002
+    rng = random.Random(0)
+    jobs = []
+    for i in range(40):
+        kind = i % 3
+        if kind == 2:
+            jobs.append(("bad", rng.choice([b for b, _ in BAD_COMPLETIONS])))
+        else:
+            prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(1, 30))]
+            jobs.append(
+                ("ok", {"prompt": prompt, "max_tokens": rng.randrange(1, 20), "stream": kind == 1})
+            )
+
+    def run(job):
+        kind, body = job
+        resp = requests.post(
+            f"{url}/v1/completions", json=body, stream=body.get("stream", False), timeout=60
+        )
+        if kind == "bad" or not body.get("stream"):
+            return resp.status_code, resp.json()
+        events = sse_events(resp.iter_lines())
+        return resp.status_code, events
+
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            results = list(pool.map(run, jobs))
+    finally:
+        engine.step_delay_s = 0.0
+    ids = set()
+    for (kind, body), (status, payload) in zip(jobs, results, strict=True):
+        if kind == "bad":
+            assert 400 <= status < 500 and "error" in payload
+            continue
+        assert status == 200
+        want, _, finish = engine.reference(
+            body["prompt"], SamplingParams(max_tokens=body["max_tokens"])
+        )[0]
+        if body["stream"]:
+            assert payload[-1] == "[DONE]"
+            chunks = payload[:-1]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == want
+            ids.add(chunks[0]["id"])
+        else:
+            assert payload["choices"][0]["text"] == want
+            assert payload["choices"][0]["finish_reason"] == finish
+            ids.add(payload["id"])
+    assert len(ids) == sum(k == "ok" for k, _ in jobs)  # one answer per request
+    assert wait_until(lambda: driver.num_in_flight == 0, 5)
+    metrics = parse_metrics(requests.get(f"{url}/metrics", timeout=5).text)
+    assert metrics["dstp_kv_cache_free_blocks"] == engine.num_blocks  # no block leaked
+    assert metrics["dstp_num_requests_in_flight"] == 0
+    assert requests.get(f"{url}/health", timeout=5).status_code == 200
+    assert len(engine.thread_ids) == 1  # only the driver thread ever touched the engine
+
+
+# -- failures -------------------------------------------------------------------------
+def test_engine_failure_errors_in_flight_and_health():
+    """A rank 'dies' mid-stream: the stream gets an error event, /health 503, on_fatal runs."""
+    engine = FakeEngine(build_tokenizer(), step_delay_s=0.02)
+    fatal = []
+    driver, server = _serve(engine, driver={"on_fatal": fatal.append})
+    try:
+        resp = requests.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True},
+            stream=True,
+            timeout=10,
+        )
+        lines = resp.iter_lines()
+        assert next(lines).startswith(b"data: ")
+        engine.dead = "rank 1 is gone"
+        events = sse_events(list(lines))
+        assert "error" in events[-1] and "rank 1 is gone" in events[-1]["error"]["message"]
+        assert wait_until(lambda: fatal, 5)
+        health = requests.get(f"{server.url}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        resp = requests.post(f"{server.url}/v1/completions", json={"prompt": "x"}, timeout=5)
+        assert resp.status_code == 503 and resp.headers["Retry-After"]
+    finally:
+        driver.stop()
+        server.close()
+
+
+def test_idle_heartbeat_notices_dead_rank():
+    engine = FakeEngine(build_tokenizer())
+    fatal = []
+    driver, server = _serve(engine, driver={"on_fatal": fatal.append})
+    try:
+        t0 = time.monotonic()
+        engine.dead = "rank 3 is gone"
+        assert wait_until(lambda: fatal, 5)
+        assert time.monotonic() - t0 < 2  # heartbeat interval is 0.2 s
+        assert requests.get(f"{server.url}/health", timeout=5).status_code == 503
+    finally:
+        driver.stop()
+        server.close()
+
+
+def test_hung_rank_watchdog():
+    """A collective that never returns (a hung rank) trips the watchdog."""
+    engine = FakeEngine(build_tokenizer())
+    release = threading.Event()
+    fatal = []
+    driver, server = _serve(engine, driver={"on_fatal": fatal.append, "heartbeat_timeout_s": 1.0})
+    try:
+        engine.heartbeat = lambda: release.wait(30)
+        assert wait_until(lambda: fatal, 5)
+        assert "did not return" in str(fatal[0])
+    finally:
+        release.set()
+        driver.stop()
+        server.close()
+
+
+def test_stop_fails_in_flight_requests():
+    engine = FakeEngine(build_tokenizer(), step_delay_s=0.02)
+    driver, server = _serve(engine)
+    try:
+        body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True}
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                requests.post, f"{server.url}/v1/completions", json=body, timeout=20
+            )
+            assert wait_until(lambda: engine.requests, 5)
+            driver.stop("server shutting down")
+            resp = pending.result()
+        assert resp.status_code == 503 and "shutting down" in resp.json()["error"]["message"]
+        assert engine.shut_down
+        assert requests.get(f"{server.url}/health", timeout=5).json()["status"] == "stopping"
+    finally:
+        server.close()
