@@ -1,0 +1,22 @@
+# One command each: `make serve` runs the server, `make test` runs the tests.
+# Both install what they need first (torch, if missing, then dstp and its extras).
+PY ?= python3
+TP ?= 2
+# A CPU build here; on a GPU machine install your CUDA torch first and this is skipped.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test lint serve bench
+
+install:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	@$(PY) -m pip install -q -e ".[test]"
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install lint
+	$(PY) -m pytest -q
+
+serve: install
+	deepspeed --num_gpus $(TP) launch/serve.py $(ARGS)
