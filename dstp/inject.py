@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dstp.policies import Col, HeadLayout, Policy, Row, TPConfigError, policy_for
+from dstp.policies import Col, Experts, HeadLayout, Policy, Row, TPConfigError, policy_for
+from dstp.policies.base import glob_to_regex
 
 from .distributed import TPGroup
 from .layers import (
@@ -32,8 +33,10 @@ from .layers import (
     VocabParallelEmbedding,
     load_replicated,
     partition_for,
+    shard_experts,
 )
 from .loading import Checkpoint
+from .stacked_source import StackedSource
 
 log = logging.getLogger("dstp")
 
@@ -105,6 +108,66 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     raise TPConfigError(f"cannot shard {type(module).__name__}: only linear layers are supported")
 
 
+class LocalConfigView:
+    """The model config as one attention module must see it: a few attributes local.
+
+    Reads fall through to the shared config (so later changes such as
+    ``_attn_implementation`` stay visible); writes go to the shared config.
+    """
+
+    def __init__(self, base: Any, overrides: dict[str, int]) -> None:
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        overrides = object.__getattribute__(self, "_overrides")
+        if name in overrides:
+            return overrides[name]
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(object.__getattribute__(self, "_base"), name, value)
+
+    def __repr__(self) -> str:
+        return f"LocalConfigView({self._overrides})"
+
+
+def _linear_layer(
+    module: nn.Module, style: Col | Row, heads: HeadLayout, tp: TPGroup, dtype: torch.dtype
+) -> nn.Module:
+    in_f, out_f, bias = _linear_shape(module)
+    if isinstance(style, Col):
+        part = partition_for(style.parts, out_f, heads, tp.rank, tp.size)
+        return ColumnParallelLinear(
+            in_f,
+            part,
+            bias,
+            tp,
+            transposed=style.transposed,
+            gather_output=style.gather_output,
+            dtype=dtype,
+        )
+    part = partition_for(style.parts, in_f, heads, tp.rank, tp.size)
+    return RowParallelLinear(part, out_f, bias, tp, transposed=style.transposed, dtype=dtype)
+
+
+def _shard_experts(
+    name: str,
+    module: nn.Module,
+    style: Experts,
+    heads: HeadLayout,
+    tp: TPGroup,
+    dtype: torch.dtype,
+) -> None:
+    """Cut a fused-experts module and note where unfused checkpoints keep each expert."""
+    experts = getattr(module, style.gate_up).shape[0]
+    shard_experts(module, style.gate_up, style.down, style.gate_up_parts, heads, tp, dtype)
+    for attr, templates in style.unfused.items():
+        getattr(module, attr).unfused_keys = [
+            [f"{name}.{template.format(e=e)}" for template in templates] for e in range(experts)
+        ]
+
+
 def swap_modules(
     model: nn.Module, policy: Policy, heads: HeadLayout, tp: TPGroup, dtype: torch.dtype
 ) -> int:
@@ -122,53 +185,65 @@ def swap_modules(
         if style is None:
             continue
         module = model.get_submodule(name)
-        in_f, out_f, bias = _linear_shape(module)
         try:
-            if isinstance(style, Col):
-                part = partition_for(style.parts, out_f, heads, tp.rank, tp.size)
-                new: nn.Module = ColumnParallelLinear(
-                    in_f,
-                    part,
-                    bias,
-                    tp,
-                    transposed=style.transposed,
-                    gather_output=style.gather_output,
-                    dtype=dtype,
-                )
-            elif isinstance(style, Row):
-                part = partition_for(style.parts, in_f, heads, tp.rank, tp.size)
-                new = RowParallelLinear(
-                    part, out_f, bias, tp, transposed=style.transposed, dtype=dtype
-                )
-            else:  # pragma: no cover - Policy only holds Col/Row
-                raise TPConfigError(f"unknown style {style!r}")
+            if isinstance(style, Experts):
+                _shard_experts(name, module, style, heads, tp, dtype)
+            else:
+                _set_module(model, name, _linear_layer(module, style, heads, tp, dtype))
         except ValueError as exc:
             raise TPConfigError(
                 f"policy {policy.name!r} does not fit module {name}: {exc}"
             ) from exc
-        _set_module(model, name, new)
         swapped += 1
 
     if policy.embedding:
         emb = model.get_submodule(policy.embedding)
+        scale = getattr(emb, policy.embedding_scale) if policy.embedding_scale else None
         _set_module(
             model,
             policy.embedding,
-            VocabParallelEmbedding(emb.num_embeddings, emb.embedding_dim, tp, dtype),
+            VocabParallelEmbedding(
+                emb.num_embeddings, emb.embedding_dim, tp, dtype, scale=_scalar(scale)
+            ),
         )
     if policy.lm_head:
         head = model.get_submodule(policy.lm_head)
         in_f, out_f, bias = _linear_shape(head)
         _set_module(model, policy.lm_head, ParallelLMHead(out_f, in_f, bias, tp, dtype))
     if policy.attention:
-        from dstp.policies.base import glob_to_regex
-
-        regex = glob_to_regex(policy.attention)
-        for name, module in model.named_modules():
-            if regex.fullmatch(name):
-                for attr, quantity in policy.attention_attrs.items():
-                    setattr(module, attr, heads.quantity(quantity))
+        _localise_attention(model, policy, heads)
     return swapped
+
+
+def _scalar(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _localise_attention(model: nn.Module, policy: Policy, heads: HeadLayout) -> None:
+    """Give each attention module its local head counts (attributes and config view)."""
+    regex = glob_to_regex(policy.attention)
+    config_overrides = {
+        attr: heads.quantity(quantity) for attr, quantity in policy.attention_config.items()
+    }
+    matched = 0
+    for name, module in model.named_modules():
+        if not regex.fullmatch(name):
+            continue
+        matched += 1
+        for attr, quantity in policy.attention_attrs.items():
+            if not hasattr(module, attr):
+                raise TPConfigError(
+                    f"policy {policy.name!r}: attention module {name} has no attribute {attr!r}"
+                )
+            setattr(module, attr, heads.quantity(quantity))
+        if config_overrides:
+            module.config = LocalConfigView(module.config, config_overrides)
+    if not matched:
+        raise TPConfigError(
+            f"policy {policy.name!r}: attention glob {policy.attention!r} matches no module"
+        )
 
 
 def _tied(config: Any) -> bool:
@@ -176,13 +251,46 @@ def _tied(config: Any) -> bool:
     return bool(getattr(text_config, "tie_word_embeddings", False))
 
 
-def _checkpoint_name(name: str, ckpt: Checkpoint, prefix: str) -> str | None:
-    """The checkpoint key for a model parameter name (base-model checkpoints lack the prefix)."""
-    if name in ckpt:
-        return name
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in ckpt:
-        return name[len(prefix) + 1 :]
+def _checkpoint_name(name: str, ckpt: Checkpoint, prefix: str, policy: Policy) -> str | None:
+    """The checkpoint key for a model parameter name.
+
+    Tries the name, then the policy's renames; each also without the base-model
+    prefix (base-model checkpoints lack it).
+    """
+    for candidate in policy.checkpoint_names(name):
+        if candidate in ckpt:
+            return candidate
+        if prefix and candidate.startswith(prefix + ".") and candidate[len(prefix) + 1 :] in ckpt:
+            return candidate[len(prefix) + 1 :]
     return None
+
+
+def _checkpoint_source(
+    name: str, param: torch.Tensor, ckpt: Checkpoint, prefix: str, policy: Policy
+) -> Any:
+    """A lazy handle for ``name``: the tensor itself, or a fused view of per-expert tensors."""
+    key = _checkpoint_name(name, ckpt, prefix, policy)
+    if key is not None:
+        return ckpt.get(key)
+    unfused = getattr(param, "unfused_keys", None)
+    if unfused:
+        keys = [[_checkpoint_name(k, ckpt, prefix, policy) for k in row] for row in unfused]
+        missing = [
+            k
+            for row, krow in zip(unfused, keys, strict=True)
+            for k, f in zip(row, krow, strict=True)
+            if f is None
+        ]
+        if not missing:
+            return StackedSource([[ckpt.get(k) for k in row] for row in keys])
+        raise TPConfigError(
+            f"checkpoint at {ckpt.path} has neither {name!r} nor its per-expert tensors "
+            f"(first missing: {policy.checkpoint_names(missing[0])})"
+        )
+    raise TPConfigError(
+        f"checkpoint at {ckpt.path} has no tensor for parameter {name!r} "
+        f"(looked for {policy.checkpoint_names(name)}); is this checkpoint for this architecture?"
+    )
 
 
 def materialize(
@@ -203,12 +311,7 @@ def materialize(
     for name, param in bar:
         if tied and name == head_weight:
             continue  # shares the embedding's shard, set below
-        key = _checkpoint_name(name, ckpt, prefix)
-        if key is None:
-            raise TPConfigError(
-                f"checkpoint at {ckpt.path} has no tensor for parameter {name!r}; "
-                "is this checkpoint for this architecture?"
-            )
+        source = _checkpoint_source(name, param, ckpt, prefix, policy)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         loader = getattr(param, "weight_loader", None)
@@ -218,7 +321,6 @@ def materialize(
         )
         if loader is not None:
             real.weight_loader = loader
-        source = ckpt.get(key)
         with torch.no_grad():
             (loader or load_replicated)(real, source)
         module._parameters[attr] = real
@@ -249,6 +351,14 @@ def shard_model(
     policy = policy or tp.agree(lambda: policy_for(config))
     heads = tp.agree(lambda: policy.validate(config, tp.size))
     ckpt = tp.agree(lambda: Checkpoint(path, allow_pickle=allow_pickle))
+    if policy.attn_implementation and policy.attn_implementation != attn_implementation:
+        log.info(
+            "policy %r requires attn_implementation=%r (asked: %r)",
+            policy.name,
+            policy.attn_implementation,
+            attn_implementation,
+        )
+        attn_implementation = policy.attn_implementation
     model = build_meta_model(config, dtype, attn_implementation)
     tp.agree(lambda: swap_modules(model, policy, heads, tp, dtype))
     tp.agree(lambda: materialize(model, ckpt, policy, tp, dtype, config))

@@ -32,8 +32,9 @@ class Partition:
         return sum(length for _, length in self.ranges)
 
     def take(self, source: Any, dim: int) -> torch.Tensor:
-        """Read this rank's ranges of ``source`` along ``dim`` (0 or 1)."""
-        pieces = [source[a : a + n] if dim == 0 else source[:, a : a + n] for a, n in self.ranges]
+        """Read this rank's ranges of ``source`` along ``dim`` (slices only, so lazy handles work)."""
+        lead = (slice(None),) * dim
+        pieces = [source[(*lead, slice(a, a + n))] for a, n in self.ranges]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
@@ -213,22 +214,36 @@ class _VocabShard(nn.Module):
 
 
 class VocabParallelEmbedding(_VocabShard):
-    """Embedding with the vocabulary split: ids outside this rank's rows look up zeros."""
+    """Embedding with the vocabulary split: ids outside this rank's rows look up zeros.
+
+    ``scale`` reproduces embeddings that multiply their output by a constant
+    (Gemma): applied after the all-reduce, rounded as HF rounds it (an fp32
+    scalar cast to the weight dtype).
+    """
 
     def __init__(
-        self, vocab_size: int, hidden: int, tp: TPGroup, dtype: Any = None, device: Any = "meta"
+        self,
+        vocab_size: int,
+        hidden: int,
+        tp: TPGroup,
+        dtype: Any = None,
+        device: Any = "meta",
+        scale: float | None = None,
     ) -> None:
         super().__init__(vocab_size, hidden, tp, dtype, device)
         self.num_embeddings = vocab_size
         self.embedding_dim = hidden
+        self.scale = None if scale is None else nn.Buffer(torch.tensor(scale), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
-        outside = (ids < self.start) | (ids >= self.start + self.per_rank)
-        local = (ids - self.start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return self.tp.all_reduce(out)
+            out = F.embedding(ids, self.weight)
+        else:
+            outside = (ids < self.start) | (ids >= self.start + self.per_rank)
+            local = (ids - self.start).masked_fill(outside, 0)
+            out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+            out = self.tp.all_reduce(out)
+        return out if self.scale is None else out * self.scale.to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"rows={self.start}..{self.start + self.per_rank} of {self.vocab_size}, tp={self.tp.size}"
@@ -267,3 +282,54 @@ class ParallelLMHead(_VocabShard):
     def logits_on_driver(self, hidden: torch.Tensor) -> torch.Tensor | None:
         full = self.tp.gather_to_driver(self._local_logits(hidden), dim=-1)
         return None if full is None else full[..., : self.vocab_size]
+
+
+class AllReduceOutput:
+    """Forward hook that sums a module's partial output over the TP group."""
+
+    def __init__(self, tp: TPGroup) -> None:
+        self.tp = tp
+
+    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(output)
+
+
+def _sliced_loader(partition: Partition, dim: int):
+    def load(param: torch.Tensor, source: Any) -> None:
+        param.data.copy_(partition.take(source, dim=dim))
+
+    return load
+
+
+def shard_experts(
+    module: nn.Module,
+    gate_up: str,
+    down: str,
+    gate_up_parts: Sequence[str],
+    heads: Any,
+    tp: TPGroup,
+    dtype: torch.dtype | None,
+) -> tuple[Partition, Partition]:
+    """Cut a fused-experts module in place: every expert's MLP split Megatron-style.
+
+    ``gate_up`` is ``(experts, out, hidden)``: its output dimension splits
+    (each rank takes its slice of every part). ``down`` is ``(experts,
+    hidden, inner)``: its input dimension splits the same way, so each rank
+    computes a partial sum of every expert's output; one all-reduce of the
+    module's output (after routing weights, which are linear) completes it.
+    The HF module and its forward stay: only its parameters shrink.
+    """
+    gate_up_param = getattr(module, gate_up)
+    down_param = getattr(module, down)
+    experts, gate_up_out, hidden = gate_up_param.shape
+    column = partition_for(gate_up_parts, gate_up_out, heads, tp.rank, tp.size)
+    row = partition_for(("even",), down_param.shape[2], heads, tp.rank, tp.size)
+    for attr, shape, partition, dim in (
+        (gate_up, (experts, column.local_size, hidden), column, 1),
+        (down, (experts, down_param.shape[1], row.local_size), row, 2),
+    ):
+        param = _empty_param(shape, dtype, "meta")
+        param.weight_loader = _sliced_loader(partition, dim)
+        setattr(module, attr, param)
+    module.register_forward_hook(AllReduceOutput(tp))
+    return column, row

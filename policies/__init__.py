@@ -8,15 +8,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Col, HeadLayout, Policy, Row, TPConfigError
+from .auto import derive_policy
+from .base import Col, Experts, HeadLayout, Policy, Row, TPConfigError
+from .deepspeed_compat import from_injection_policy, to_injection_policy
+from .gemma import GEMMA, GEMMA2
+from .gpt2 import GPT2
+from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
+from .mistral import MISTRAL
+from .mixtral import MIXTRAL
+from .opt import OPT
+from .phi3 import PHI3
+from .qwen import QWEN2, QWEN3
 
 __all__ = [
     "Col",
+    "Experts",
     "HeadLayout",
     "Policy",
     "Row",
     "TPConfigError",
+    "derive_policy",
+    "from_injection_policy",
+    "to_injection_policy",
     "policy_for",
     "register",
     "registered",
@@ -36,7 +50,8 @@ def registered() -> list[Policy]:
 
 
 def policy_for(config: Any) -> Policy:
-    """The policy for a HF config, by ``architectures`` first, then ``model_type``."""
+    """The policy for a HF config: registered (by ``architectures``, then ``model_type``),
+    else one derived from the config's TP plan or module graph (see auto.py)."""
     architectures = list(getattr(config, "architectures", None) or [])
     for arch in architectures:
         for policy in _REGISTRY:
@@ -46,12 +61,17 @@ def policy_for(config: Any) -> Policy:
     for policy in _REGISTRY:
         if model_type in policy.model_types:
             return policy
+    try:
+        return derive_policy(config)
+    except (TPConfigError, ValueError, KeyError, AttributeError) as exc:
+        reason = str(exc)
     known = sorted({a for p in _REGISTRY for a in p.architectures})
     raise TPConfigError(
-        f"no injection policy for architecture {architectures or '?'} (model_type={model_type!r}). "
-        f"Known: {known}. Write one in a few lines: see docs/writing-a-policy.md, "
-        "then dstp.policies.register(policy)."
+        f"no injection policy for architecture {architectures or '?'} (model_type={model_type!r}), "
+        f"and none could be derived: {reason}. Known: {known}. Write one in a few lines: "
+        "see docs/writing-a-policy.md, then dstp.policies.register(policy)."
     )
 
 
-register(LLAMA)
+for _policy in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, PHI3, GPT_NEOX, GPT2, OPT, MIXTRAL):
+    register(_policy)

@@ -18,6 +18,12 @@ projections split correctly (each rank takes its slice of every component):
                  (per-head interleaved fused QKV, as in GPT-NeoX)
 ``"even"``       whatever the dimension holds, split evenly (MLP width)
 
+``Experts(...)``
+    a module of fused MoE experts (3D parameters ``(experts, out, in)``, as in
+    transformers 5): every rank keeps every expert, each cut like a Megatron
+    MLP (``gate_up`` column, ``down`` row), and the module's output is
+    all-reduced. The router stays replicated.
+
 ``Policy.validate(config, tp_size)`` checks divisibility before any weight is
 read and returns the :class:`HeadLayout` the injector uses.
 """
@@ -60,7 +66,31 @@ class Row:
         _check_parts(self.parts)
 
 
-Style = Col | Row
+@dataclass(frozen=True)
+class Experts:
+    """Fused MoE experts module: 3D ``gate_up`` (column) and ``down`` (row) parameters.
+
+    ``unfused`` says how a checkpoint that stores one tensor per expert maps
+    onto a fused parameter: parameter name -> per-expert tensor names relative
+    to the experts module, ``{e}`` standing for the expert index, in the order
+    of ``gate_up_parts`` (Mixtral: ``w1`` then ``w3``).
+    """
+
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    gate_up_parts: tuple[str, ...] = ("even", "even")
+    unfused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_parts(self.gate_up_parts)
+        unknown = set(self.unfused) - {self.gate_up, self.down}
+        if unknown:
+            raise TPConfigError(
+                f"Experts.unfused names {sorted(unknown)}, not {self.gate_up!r} or {self.down!r}"
+            )
+
+
+Style = Col | Row | Experts
 
 
 def _check_parts(parts: tuple[str, ...]) -> None:
@@ -110,6 +140,7 @@ class HeadLayout:
             "local_kv_heads": self.local_kv_heads,
             "kv_groups": self.kv_groups,
             "local_hidden": self.local_heads * self.head_dim,
+            "local_kv_hidden": self.local_kv_heads * self.head_dim,
         }
         if name not in values:
             raise TPConfigError(f"unknown attention quantity {name!r}; one of {sorted(values)}")
@@ -129,6 +160,20 @@ class Policy:
     attention: str | None = None  # glob of the attention modules
     # module attribute -> local quantity (see HeadLayout.quantity)
     attention_attrs: Mapping[str, str] = field(default_factory=dict)
+    # config attribute the attention modules read in forward -> local quantity;
+    # each attention module gets a view of the config with these overridden
+    # (Phi-3 slices its fused qkv with config.num_attention_heads)
+    attention_config: Mapping[str, str] = field(default_factory=dict)
+    # attribute of the HF embedding module holding a constant it multiplies
+    # its output by (Gemma's sqrt(hidden) scale), kept by the parallel embedding
+    embedding_scale: str | None = None
+    # (regex, replacement) from model parameter names to checkpoint names,
+    # tried when a name is not in the checkpoint as is (Mixtral's
+    # ``mlp`` is ``block_sparse_moe`` in its checkpoints)
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # attention implementation the model requires, overriding the caller's
+    # (Gemma 2's logit soft-capping has no sdpa path in transformers)
+    attn_implementation: str | None = None
     # config attribute names for head counts
     heads_attr: str = "num_attention_heads"
     kv_heads_attr: str | None = "num_key_value_heads"
@@ -192,6 +237,15 @@ class Policy:
             if regex.fullmatch(module_name):
                 return style
         return None
+
+    def checkpoint_names(self, name: str) -> list[str]:
+        """``name`` followed by its renamed forms, in the order to look them up."""
+        names = [name]
+        for pattern, replacement in self.checkpoint_renames:
+            renamed = re.sub(pattern, replacement, names[-1])
+            if renamed not in names:
+                names.append(renamed)
+        return names
 
     def unmatched_rules(self, module_names: Iterable[str]) -> list[str]:
         names = list(module_names)

@@ -1,5 +1,7 @@
 """Llama and the families that share its module names (Mistral, Qwen2, ...)."""
 
+from dataclasses import replace
+
 from .base import Col, Policy, Row
 
 LLAMA = Policy(
@@ -23,3 +25,15 @@ LLAMA = Policy(
     attention_attrs={"num_key_value_groups": "kv_groups"},
     doc="Llama 1/2/3: q/k/v and gate/up column-parallel, o/down row-parallel.",
 )
+
+
+def llama_like(name: str, architecture: str, model_type: str, doc: str, **changes) -> Policy:
+    """A policy for a family that keeps Llama's module names (Mistral, Qwen, Gemma...)."""
+    return replace(
+        LLAMA,
+        name=name,
+        architectures=(architecture,),
+        model_types=(model_type,),
+        doc=doc,
+        **changes,
+    )

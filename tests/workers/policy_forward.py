@@ -1,0 +1,64 @@
+"""Rank worker: shard each model with a chosen policy source, record logits and greedy tokens.
+
+Usage: policy_forward.py JOB.json OUT_DIR. Each job entry names a checkpoint
+and where its policy comes from: "registry" (policy_for), "auto" (derived from
+base_model_tp_plan), "graph" (derived from the module graph, TP plan ignored)
+or "deepspeed" (a DeepSpeed injection_policy in the job). Rank 0 writes
+OUT_DIR/<name>.safetensors; every rank writes OUT_DIR/<name>.rank<r>.json.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from dstp.policies import derive_policy, from_injection_policy, policy_for
+from safetensors.torch import save_file
+
+from dstp.distributed import init_tp
+from dstp.inject import load_config, shard_model
+
+argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+job = json.loads(Path(argv[0]).read_text())
+out = argv[1]
+rank = int(os.environ.get("RANK", 0))
+ids = torch.tensor(job["prompt"], dtype=torch.long)
+tp = init_tp()
+
+
+def choose_policy(entry: dict):
+    config = load_config(entry["path"])
+    source = entry.get("policy", "registry")
+    if source == "registry":
+        return policy_for(config)
+    if source == "auto":
+        return derive_policy(config)
+    if source == "graph":
+        config.base_model_tp_plan = {}
+        return derive_policy(config)
+    if source == "deepspeed":
+        return from_injection_policy(config, {k: tuple(v) for k, v in entry["injection"].items()})
+    raise ValueError(f"unknown policy source {source!r}")
+
+
+for name, entry in job["models"].items():
+    sharded = shard_model(entry["path"], tp, torch.float32, policy=choose_policy(entry))
+    model = sharded.model
+    with torch.inference_mode():
+        logits = model(ids).logits.float()
+        greedy = model.generate(
+            ids,
+            max_new_tokens=job["new_tokens"],
+            min_new_tokens=job["new_tokens"],
+            do_sample=False,
+            pad_token_id=0,
+        )
+    info = {"param_bytes": sharded.parameter_bytes(), "policy": sharded.policy.name}
+    Path(f"{out}/{name}.rank{rank}.json").write_text(json.dumps(info))
+    if rank == 0:
+        save_file(
+            {"logits": logits.contiguous(), "greedy": greedy.contiguous()},
+            f"{out}/{name}.safetensors",
+        )
+print("worker done", flush=True)
