@@ -1,0 +1,83 @@
+"""Engine behaviour that needs no extra ranks: stop conditions, limits, request validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from dstp.engine import Engine, EngineConfig
+from dstp.sampling import InvalidRequest, SamplingParams
+from tests.tiny_models import STORIES
+
+pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260k")
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(
+        EngineConfig(model=str(STORIES), dtype="float32", num_blocks=64, max_model_len=64)
+    )
+
+
+def run(engine, params, prompt=PROMPT):
+    return engine.generate([prompt], params)[0].outputs[0]
+
+
+def test_stop_token_id_ends_generation(engine):
+    free = run(engine, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    stop_at = free.token_ids[5]
+    first = free.token_ids.index(stop_at)
+    out = run(engine, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_at]))
+    assert out.token_ids == free.token_ids[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_at)
+
+
+def test_stop_string_cuts_text_before_it(engine):
+    free = run(engine, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    stop = free.text[20:26]
+    out = run(engine, SamplingParams(max_tokens=30, temperature=0, stop=[stop]))
+    assert out.text == free.text[: free.text.index(stop)]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+
+
+def test_eos_stops_unless_ignored(engine):
+    eos = engine.tokenizer.eos_token_id
+    out = run(engine, SamplingParams(max_tokens=60, temperature=0))
+    if out.finish_reason == "stop":
+        assert out.token_ids[-1] == eos
+    out = run(engine, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    assert out.finish_reason == "length" and len(out.token_ids) == 40
+
+
+def test_context_length_finishes_with_length(engine):
+    prompt_ids = engine.tokenizer.encode(PROMPT)
+    out = run(engine, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True), prompt_ids)
+    assert out.finish_reason == "length"
+    assert len(prompt_ids) + len(out.token_ids) == engine.max_model_len == 64
+
+
+def test_streamed_deltas_add_up(engine):
+    engine.add_request(
+        "stream", engine.tokenizer.encode(PROMPT), SamplingParams(max_tokens=15, temperature=0)
+    )
+    text, ids = "", []
+    while engine.has_unfinished():
+        for out in engine.step():
+            text += out.outputs[0].delta_text
+            ids += out.outputs[0].new_token_ids
+    assert ids == out.outputs[0].token_ids and text == out.outputs[0].text
+
+
+def test_bad_requests_are_refused(engine):
+    with pytest.raises(InvalidRequest, match="context is 64"):
+        engine.add_request("long", list(range(3, 70)), SamplingParams())
+    with pytest.raises(InvalidRequest, match="token ids must be in"):
+        engine.add_request("vocab", [1, 10_000], SamplingParams())
+    with pytest.raises(InvalidRequest, match="empty"):
+        engine.add_request("empty", [], SamplingParams())
+    engine.add_request("dup", [1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequest, match="already in use"):
+        engine.add_request("dup", [1, 2], SamplingParams())
+    engine.abort("dup")
+    engine.step()
+    assert engine.scheduler.allocator.all_free()
