@@ -551,6 +551,11 @@ _STAT_METRICS = {
         "counter",
         "Prompt blocks found in the prefix cache.",
     ),
+    "prefix_cache_hit_rate": (
+        "dstp_prefix_cache_hit_rate",
+        "gauge",
+        "Prefix-cache hits / queries since start.",
+    ),
     "num_preemptions": (
         "dstp_num_preemptions_total",
         "counter",
@@ -578,7 +583,7 @@ def _engine_gauges(driver: EngineDriver, config: ServerConfig) -> dict:
         )
         gauges[name] = (kind, help_text, float(value))
     queries = stats.get("prefix_cache_queries")
-    if isinstance(queries, (int, float)):
+    if isinstance(queries, (int, float)) and "dstp_prefix_cache_hit_rate" not in gauges:
         hits = stats.get("prefix_cache_hits", 0) or 0
         rate = hits / queries if queries else 0.0
         gauges["dstp_prefix_cache_hit_rate"] = (

@@ -325,7 +325,7 @@ def _serve(args, engine, server, lazy, model: str, random_model: bool) -> int:
 
     def on_signal(signum, _frame):
         if stop.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            log.warning("%s while stopping: exiting now", signal.Signals(signum).name)
             os._exit(1)
         log.info("%s received: stopping", signal.Signals(signum).name)
         stop.set()

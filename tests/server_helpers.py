@@ -83,3 +83,114 @@ def get_json(url: str, timeout: float = 10.0) -> tuple[int, object]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"null")
+
+
+# -- real server processes -------------------------------------------------------------
+class ServerProcess:
+    """A launcher command (deepspeed / torchrun / python) serving HTTP on ``port``."""
+
+    def __init__(self, cmd: list[str], port: int, log_path, env: dict | None = None) -> None:
+        import os
+        import subprocess
+
+        from tests.launcher import REPO
+
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        full_env = dict(os.environ)
+        full_env.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+        full_env.update(env or {})
+        self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so a cleanup can end the whole tree
+        )
+
+    def log(self, tail: int = 4000) -> str:
+        self._log.flush()
+        return open(self.log_path).read()[-tail:]
+
+    def wait_healthy(self, timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status, _ = get_json(f"{self.url}/health", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"server not healthy after {timeout_s:.0f} s:\n{self.log()}")
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        import subprocess
+
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        """End the launcher's whole process group (only what this test started)."""
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            if self.wait_exit(30) is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        else:
+            import contextlib
+
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of a dead launcher
+        self._log.close()
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{local rank: pid} of serve.py processes under a launcher (from their --local_rank / env)."""
+    import psutil
+
+    ranks = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+            env_rank = child.environ().get("RANK")
+        except psutil.Error:
+            continue
+        if any(part.endswith("serve.py") for part in cmd) and env_rank is not None:
+            ranks[int(env_rank)] = child.pid
+    return ranks
+
+
+def with_chat_template(src, dst, template: str):
+    """A copy of checkpoint ``src`` (weights symlinked) whose tokenizer has ``template``."""
+    import shutil
+    from pathlib import Path
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.name == "tokenizer_config.json":
+            cfg = json.loads(item.read_text())
+            cfg["chat_template"] = template
+            (dst / item.name).write_text(json.dumps(cfg))
+        elif item.suffix in (".safetensors", ".bin"):
+            (dst / item.name).symlink_to(item)
+        else:
+            shutil.copy(item, dst / item.name)
+    return dst
+
+
+SIMPLE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)

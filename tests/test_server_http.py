@@ -409,7 +409,7 @@ def test_no_chat_template_400(strict):
 def test_full_queue_429_with_retry_after(strict):
     engine, driver, url = strict
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    body = {"prompt": "slow", "max_tokens": 40, "ignore_eos": True}
+    body = {"prompt": "slow", "max_tokens": 16, "ignore_eos": True}
     with ThreadPoolExecutor(2) as pool:
         slow = [
             pool.submit(
