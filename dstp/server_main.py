@@ -270,7 +270,9 @@ def main(args: argparse.Namespace) -> int:
         try:
             engine.run_follower()
         except Exception as exc:
-            log.error("rank %d: lost the driver (rank 0 died?): %s", engine.tp.rank, exc)
+            log.error(
+                "rank %d: the group broke (rank 0 or another rank died): %s", engine.tp.rank, exc
+            )
             return 1
         log.info("rank %d: released by rank 0, exiting", engine.tp.rank)
         return 0
