@@ -200,7 +200,7 @@ class Policy:
         if layout.num_heads % tp_size:
             found.append(f"{self.heads_attr}={layout.num_heads} is not divisible by TP={tp_size}")
         kv = layout.num_kv_heads
-        if kv % tp_size and tp_size % kv:
+        if kv != layout.num_heads and kv % tp_size and tp_size % kv:
             found.append(
                 f"{self.kv_heads_attr}={kv} and TP={tp_size}: one must divide the other "
                 "(KV heads are split, or each replicated on TP/KV ranks)"
