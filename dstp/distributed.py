@@ -38,6 +38,9 @@ class TPGroup:
     device: torch.device
     group: object | None  # deepspeed.comm process group; None when size == 1
     fast_all_reduce: bool  # DeepSpeed inference_all_reduce is safe to use
+    comm_device: torch.device = torch.device(
+        "cpu"
+    )  # where collective tensors must live (GPU for NCCL)
 
     @property
     def is_driver(self) -> bool:
@@ -74,18 +77,20 @@ class TPGroup:
             return tensor
         import torch.distributed as tdist
 
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.size)] if self.is_driver else None
-        tdist.gather(tensor, parts, dst=0, group=self.group)
-        return torch.cat(parts, dim=dim) if self.is_driver else None
+        wire = tensor.to(self.comm_device).contiguous()  # gloo gathers CPU tensors only
+        parts = [torch.empty_like(wire) for _ in range(self.size)] if self.is_driver else None
+        tdist.gather(wire, parts, dst=0, group=self.group)
+        return torch.cat(parts, dim=dim).to(tensor.device) if self.is_driver else None
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Broadcast from ``src``; returns the result on ``tensor``'s device."""
         if self.size == 1:
             return tensor
         import deepspeed.comm as dist
 
-        dist.broadcast(tensor, src=src, group=self.group)
-        return tensor
+        wire = tensor.to(self.comm_device)
+        dist.broadcast(wire, src=src, group=self.group)
+        return wire.to(tensor.device)
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -105,7 +110,7 @@ class TPGroup:
             result = check()
         except Exception as exc:  # re-raised below, on every rank
             error = exc
-        failed = torch.tensor([1.0 if error else 0.0], dtype=torch.float32)
+        failed = torch.tensor([1.0 if error else 0.0], dtype=torch.float32, device=self.comm_device)
         if self.size > 1:
             import deepspeed.comm as dist
 
@@ -161,6 +166,7 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
 
     group = None
     fast = False
+    backend = os.environ.get("DSTP_DIST_BACKEND") or accel.communication_backend_name()
     if world > 1:
         import deepspeed
         import deepspeed.comm as dist
@@ -171,7 +177,7 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
         # does not); unset, the kernel is never initialised and crashes.
         os.environ.setdefault("LOCAL_SIZE", str(local_size))
         deepspeed.init_distributed(
-            dist_backend=accel.communication_backend_name(),
+            dist_backend=backend,
             timeout=timedelta(seconds=timeout_s),
             verbose=False,
         )
@@ -179,7 +185,8 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
         atexit.register(_shutdown)
         fast = _fast_all_reduce_available(accel.device_name(), world, local_size)
 
-    _TP = TPGroup(rank, world, local_rank, local_size, device, group, fast)
+    comm_device = device if backend == "nccl" else torch.device("cpu")
+    _TP = TPGroup(rank, world, local_rank, local_size, device, group, fast, comm_device)
     log.debug("TP group: rank %d/%d on %s, fast all-reduce=%s", rank, world, device, fast)
     return _TP
 
