@@ -161,8 +161,11 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
         _pin_cpu_threads(local_rank, local_size)
         device = torch.device("cpu")
     else:
-        accel.set_device(local_rank)
-        device = torch.device(accel.device_name(local_rank))
+        index = local_rank % max(1, accel.device_count())
+        if index != local_rank:
+            log.warning("more local ranks than devices: rank %d shares device %d (gloo only)", rank, index)
+        accel.set_device(index)
+        device = torch.device(accel.device_name(index))
 
     group = None
     fast = False
