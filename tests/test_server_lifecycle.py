@@ -112,3 +112,17 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_default_tokenizer_is_local_and_round_trips():
+    from dstp.default_model import CHAT_TEMPLATE, build_tokenizer
+
+    tok = build_tokenizer()  # built with `tokenizers`, no download
+    text = "héllo wörld 🌍 <tag>\n\ttabs"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.chat_template == CHAT_TEMPLATE
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert chat == "<s><|user|>\nhi<|end|>\n<|assistant|>\n"
