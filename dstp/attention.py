@@ -33,7 +33,7 @@ class StepLayout:
     context_slots: list[torch.Tensor]  # [S] cache slots of each sequence's whole context
     decode_rows: list[int]  # sequences with exactly one new token, batched together
     decode_slots: torch.Tensor | None = None  # [D, max_ctx] padded slots of decode sequences
-    decode_mask: torch.Tensor | None = None  # [D, 1, 1, max_ctx] valid-key mask
+    decode_mask: torch.Tensor | None = None  # [D, max_ctx] valid-key mask
 
     @classmethod
     def build(
@@ -56,8 +56,7 @@ class StepLayout:
             longest = max(context_lens[i] for i in decode)
             layout.decode_slots = slots[decode, :longest]
             lens = torch.tensor([context_lens[i] for i in decode], device=slots.device)
-            mask = torch.arange(longest, device=slots.device) < lens.unsqueeze(1)
-            layout.decode_mask = mask[:, None, None, :]
+            layout.decode_mask = torch.arange(longest, device=slots.device) < lens.unsqueeze(1)
         return layout
 
 
@@ -74,50 +73,65 @@ def step_context(layout: StepLayout) -> Iterator[None]:
         _STEP = None
 
 
-def _attend(
+def _prefill(
     q: torch.Tensor,  # [H, q_len, d]
     k: torch.Tensor,  # [KV, ctx, d]
     v: torch.Tensor,
     scaling: float,
-    causal_offset: int | None,  # None: every key visible; else query i sees keys <= offset + i
-    mask: torch.Tensor | None = None,
+    offset: int,  # query i sees keys <= offset + i
     softcap: float | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens over its whole context."""
+    q_len, ctx = q.shape[-2], k.shape[-2]
+    rows = torch.arange(q_len, device=q.device).unsqueeze(1) + offset
+    keys = torch.arange(ctx, device=q.device).unsqueeze(0)
     if softcap is None and sliding_window is None:
-        if causal_offset is not None and causal_offset > 0:
-            q_len, ctx = q.shape[-2], k.shape[-2]
-            rows = torch.arange(q_len, device=q.device).unsqueeze(1) + causal_offset
-            mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= rows
-        is_causal = causal_offset == 0 and mask is None
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
+        # 4-D inputs reach the fused (flash) CPU kernel; 3-D ones do not (5-10x slower).
+        mask = None if offset == 0 or q_len == 1 else keys <= rows  # one token sees everything
+        out = F.scaled_dot_product_attention(
+            q[None],
+            k[None],
+            v[None],
             attn_mask=mask,
-            is_causal=is_causal,
+            is_causal=offset == 0,
             scale=scaling,
-            enable_gqa=q.shape[-3] != k.shape[-3],
+            enable_gqa=q.shape[0] != k.shape[0],
         )
-    # Explicit path for logit soft-capping and sliding windows (Gemma 2, Mistral).
-    groups = q.shape[-3] // k.shape[-3]
-    k = k.repeat_interleave(groups, dim=-3)
-    v = v.repeat_interleave(groups, dim=-3)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
+        return out[0]
+    allowed = keys <= rows
+    if sliding_window is not None:
+        allowed &= keys > rows - sliding_window
+    groups = q.shape[0] // k.shape[0]
+    scores = torch.matmul(q, k.repeat_interleave(groups, 0).transpose(-1, -2)).float() * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    q_len, ctx = q.shape[-2], k.shape[-2]
-    keys = torch.arange(ctx, device=q.device).unsqueeze(0)
-    allowed = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device)
-    if causal_offset is not None:
-        rows = torch.arange(q_len, device=q.device).unsqueeze(1) + causal_offset
-        allowed = keys <= rows
-        if sliding_window is not None:
-            allowed &= keys > rows - sliding_window
-    if mask is not None:
-        allowed = allowed & mask
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.matmul(probs.to(v.dtype), v.repeat_interleave(groups, 0))
+
+
+def _decode(
+    q: torch.Tensor,  # [D, H, d]: one new token per sequence
+    k: torch.Tensor,  # [D, KV, ctx, d]
+    v: torch.Tensor,
+    valid: torch.Tensor,  # [D, ctx] keys each sequence may see
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Batched single-token attention, grouping query heads per KV head.
+
+    On CPU this is ~10x faster than SDPA with a mask and ``enable_gqa`` for
+    decode shapes, and it never expands K/V to the query head count.
+    """
+    d_seqs, heads, dim = q.shape
+    kv = k.shape[1]
+    grouped = q.view(d_seqs, kv, heads // kv, dim)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scaling  # [D, KV, G, ctx]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(d_seqs, heads, dim)
 
 
 def paged_attention(
@@ -144,11 +158,7 @@ def paged_attention(
 
     q_all = query[0]  # [H, T, d]
     out = torch.empty_like(q_all)
-    extra = {"softcap": softcap, "sliding_window": sliding_window}
-    # decode tokens share one batched call; sliding windows need per-sequence offsets
-    batched = (
-        set(step.decode_rows) if step.decode_slots is not None and sliding_window is None else set()
-    )
+    batched = set(step.decode_rows) if step.decode_slots is not None else set()
     for s, ctx in enumerate(step.context_lens):
         if s in batched:
             continue
@@ -160,14 +170,19 @@ def paged_attention(
             slots = step.context_slots[s]
             k = k_cache[slots].transpose(0, 1)
             v = v_cache[slots].transpose(0, 1)
-        out[:, a:b] = _attend(q_all[:, a:b], k, v, scaling, ctx - q_len, **extra)
+        out[:, a:b] = _prefill(q_all[:, a:b], k, v, scaling, ctx - q_len, softcap, sliding_window)
     if batched:
         rows = [step.query_starts[s] for s in step.decode_rows]
-        q = q_all[:, rows].transpose(0, 1).unsqueeze(2)  # [D, H, 1, d]
+        valid = step.decode_mask
+        if sliding_window is not None:
+            lens = valid.sum(-1, keepdim=True)
+            valid = valid & (
+                torch.arange(valid.shape[-1], device=valid.device) >= lens - sliding_window
+            )
         k = k_cache[step.decode_slots].transpose(1, 2)  # [D, KV, ctx, d]
         v = v_cache[step.decode_slots].transpose(1, 2)
-        o = _attend(q, k, v, scaling, None, mask=step.decode_mask, **extra)  # [D, H, 1, d]
-        out[:, rows] = o.squeeze(2).transpose(0, 1)
+        o = _decode(q_all[:, rows].transpose(0, 1), k, v, valid, scaling, softcap)  # [D, H, d]
+        out[:, rows] = o.transpose(0, 1)
     return out.transpose(0, 1).unsqueeze(0), None  # [1, T, H, d], as HF expects
 
 
