@@ -67,6 +67,7 @@ class Engine:
         self.model = self.sharded.model
         self.base_model = getattr(self.model, self.model.base_model_prefix)
         self.lm_head = self.model.get_submodule(self.sharded.policy.lm_head)
+        self.vocab_size: int = self.lm_head.vocab_size  # token ids a prompt may use
         hf_config = self.sharded.config
         self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
 
@@ -130,9 +131,8 @@ class Engine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty")
-        vocab = self.lm_head.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequest(
                 f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "

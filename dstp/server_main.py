@@ -312,7 +312,7 @@ def _serve(args, engine, server, lazy, model: str, random_model: bool) -> int:
     config = ServerConfig(
         model_name=name,
         max_model_len=engine.max_model_len,
-        vocab_size=_vocab_size(engine),
+        vocab_size=engine.vocab_size,
         api_key=args.api_key or os.environ.get("DSTP_API_KEY") or None,
         max_body_bytes=args.max_body_bytes,
         model_aliases=tuple({model, getattr(engine, "model_name", model)} - {name}),
@@ -355,15 +355,6 @@ def _serve(args, engine, server, lazy, model: str, random_model: bool) -> int:
         logging.shutdown()
         os._exit(code)  # peers are gone: an exit-time barrier would only wait for them
     return code
-
-
-def _vocab_size(engine) -> int:
-    """Token ids a prompt may use: the model's (padded-free) vocabulary."""
-    for owner in (getattr(engine, "lm_head", None), engine):
-        value = getattr(owner, "vocab_size", None)
-        if isinstance(value, int):
-            return value
-    return len(engine.tokenizer)
 
 
 def _pump(server, stop: threading.Event) -> None:

@@ -67,7 +67,7 @@ class FakeEngine:
         self.step_delay_s = step_delay_s
         self.eos_id = eos_id
         self.tp = SimpleNamespace(rank=0, size=1, is_driver=True)
-        self.lm_head = SimpleNamespace(vocab_size=len(tokenizer))
+        self.vocab_size = len(tokenizer)
         self.letter_ids = [tokenizer.convert_tokens_to_ids(c if c != " " else "Ġ") for c in LETTERS]
         self.requests: dict[str, _Req] = {}
         self.aborted: list[str] = []

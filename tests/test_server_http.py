@@ -35,7 +35,7 @@ def _serve(engine, **config):
     cfg = ServerConfig(
         model_name="fake-model",
         max_model_len=engine.max_model_len,
-        vocab_size=engine.lm_head.vocab_size,
+        vocab_size=engine.vocab_size,
         **config,
     )
     server = InProcessServer.start(
