@@ -31,6 +31,15 @@ def status() -> dict[str, int]:
     return out
 
 
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, for per-phase peaks."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakSampler:
     """Samples /proc/self/status every ``interval_s`` while active (a context manager)."""
 

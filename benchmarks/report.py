@@ -39,7 +39,18 @@ def _decode(r: list[dict], b: int) -> float | None:
 
 
 def _peak_rss(r: list[dict]) -> float | None:
+    """Highest per-rank peak RSS while loading."""
     return max(x["memory"]["peak_rss"] for x in r) / GB if r else None
+
+
+def _peak_rss_run(r: list[dict]) -> float | None:
+    """Highest per-rank peak RSS over the whole run (loading and every phase)."""
+    if not r:
+        return None
+    return max(
+        max([x["memory"]["peak_rss"] / GB, *x["memory"].get("phase_peaks_gb", {}).values()])
+        for x in r
+    )
 
 
 def _workload(r: list[dict], key: str) -> float | None:
@@ -49,7 +60,10 @@ def _workload(r: list[dict], key: str) -> float | None:
 
 # (label, getter, direction): "lower" = lower is better (latency, memory)
 def rows(results: dict[str, list[dict]], prefill: list[int], batches: list[int]) -> list[tuple]:
-    spec: list[tuple[str, Any, str]] = [("peak RSS per rank (GB)", _peak_rss, "lower")]
+    spec: list[tuple[str, Any, str]] = [
+        ("peak RSS per rank, loading (GB)", _peak_rss, "lower"),
+        ("peak RSS per rank, whole run (GB)", _peak_rss_run, "lower"),
+    ]
     spec += [(f"prefill {n} tokens (s)", lambda r, n=n: _prefill(r, n), "lower") for n in prefill]
     spec += [(f"decode batch {b} (tok/s)", lambda r, b=b: _decode(r, b), "higher") for b in batches]
     spec += [

@@ -53,7 +53,7 @@ def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[
         "prefill": [128, 1024],
         "prefill_repeats": 5 if small else 3,
         "prefill_budget_s": 20.0,
-        "decode_batches": [1, 8, 32],
+        "decode_batches": args.decode_batches,
         "decode_prompt": 32,
         "decode_tokens": 16 if small else args.decode_tokens,
     }
@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extras", action="store_true", help=f"also run {EXTRA_CONFIGS}")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument(
+        "--decode-batches",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 8, 32],
+        help="comma list of decode batch sizes",
+    )
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--static-batch", type=int, default=16)
     p.add_argument(
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {plan['config']}: {time.perf_counter() - t:.0f}s", flush=True)
 
     results = report.load_results(args.out)
-    table = report.comparison(results, [128, 1024], [1, 8, 32])
+    table = report.comparison(results, [128, 1024], args.decode_batches)
     roof = report.roofline(results, sizes["decode_bytes_per_step"], bw2["read_gbs"])
     summary = {
         "machine": machine,

@@ -126,3 +126,29 @@ def decode(model: Any, batch: int, prompt: int, new_tokens: int, vocab: int) -> 
         "ttft_s": s[0] - start,
         "total_s": end - start,
     }
+
+
+def lm_head_copy_bytes(model: Any) -> int:
+    """Bytes the LM head allocates per batch row for a sliced (non-contiguous) input.
+
+    HF slices ``hidden[:, -1:, :]`` before the LM head. For a 3-D non-contiguous
+    input PyTorch's matmul only folds to one GEMM when the weight requires grad;
+    otherwise it expands the weight to ``[batch, in, out]`` and copies it: a full
+    copy of the head per sequence (8.4 GB at batch 32 for a 1B model's half vocab).
+    HF's own weights require grad and escape; TP layers with frozen weights don't.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    head = model.get_output_embeddings()
+    param = next(head.parameters())
+    hidden = torch.zeros(4, 2, getattr(head, "in_features", param.shape[-1]), dtype=param.dtype)
+    with (
+        torch.inference_mode(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
+        try:
+            head(hidden[:, -1:, :])
+        except Exception:  # a head that needs its collective partner; treat as unknown
+            return 0
+    biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    return biggest // 4 if biggest >= param.numel() * param.element_size() else 0

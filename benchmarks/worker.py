@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 
@@ -42,6 +43,35 @@ def pin_threads(threads: int | None) -> int:
         os.sched_setaffinity(0, cores[local_rank * n : (local_rank + 1) * n])
     torch.set_num_threads(n)
     return n
+
+
+PHASE_PEAKS: dict[str, float] = {}  # phase -> peak RSS (GB) during it
+
+
+def progress(stage: str) -> None:
+    """A log line per stage with this rank's RSS (a run that dies shows where)."""
+    from benchmarks.memory import reset_peak, status
+
+    now = status()
+    rss, peak = now.get("VmRSS", 0) / 1e9, now.get("VmHWM", 0) / 1e9
+    print(
+        f"rank {_rank()}: {stage} (RSS {rss:.2f} GB, peak since last line {peak:.2f} GB)",
+        flush=True,
+    )
+    PHASE_PEAKS[stage.split(":")[0]] = peak
+    reset_peak()
+    if PARTIAL:
+        PARTIAL["memory"]["phase_peaks_gb"] = PHASE_PEAKS
+        _write(PARTIAL)
+
+
+PARTIAL: dict[str, Any] = {}  # this rank's results so far, rewritten after each phase
+
+
+def _write(result: dict) -> None:
+    plan = result["plan"]
+    out = Path(plan["out"]) / f"{plan['config']}.rank{result['rank']}.json"
+    out.write_text(json.dumps(result, indent=1))
 
 
 def load(plan: dict) -> tuple[Any, Any]:
@@ -124,35 +154,52 @@ def main(plan_path: str) -> None:
     result["affinity"] = sorted(os.sched_getaffinity(0))
     if tp is not None:
         result["fast_all_reduce"] = tp.fast_all_reduce
+    PARTIAL.update(result)
+    result = PARTIAL
     vocab = model.config.vocab_size
     timing.barrier()
 
+    progress(f"loaded in {result['load_s']:.1f}s")
     if plan.get("prefill"):
         timing.prefill(model, 16, vocab, 1, 0)  # warm-up
-        result["prefill"] = [
-            timing.prefill(model, n, vocab, plan["prefill_repeats"], plan["prefill_budget_s"])
-            for n in plan["prefill"]
-        ]
-    result["decode"] = [
-        timing.decode(model, b, plan["decode_prompt"], plan["decode_tokens"], vocab)
-        for b in plan.get("decode_batches", [])
-    ]
+        result["prefill"] = []
+        for n in plan["prefill"]:
+            result["prefill"].append(
+                timing.prefill(model, n, vocab, plan["prefill_repeats"], plan["prefill_budget_s"])
+            )
+            progress(f"prefill {n}: {result['prefill'][-1]['median_s']:.3f}s")
+    result["decode"] = []
+    result["lm_head_copy_bytes_per_row"] = copy = timing.lm_head_copy_bytes(model)
+    for b in plan.get("decode_batches", []):
+        need = copy * b * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if timing.agreed(need > 0.5 * psutil.virtual_memory().available):
+            result.setdefault("skipped", []).append(
+                f"decode batch {b}: the LM head would copy its weight per sequence "
+                f"({need / 1e9:.1f} GB over this host's ranks; see timing.lm_head_copy_bytes)"
+            )
+            progress(f"decode batch {b}: skipped, {need / 1e9:.1f} GB LM-head weight copies")
+            continue
+        result["decode"].append(
+            timing.decode(model, b, plan["decode_prompt"], plan["decode_tokens"], vocab)
+        )
+        progress(f"decode batch {b}: {result['decode'][-1]['tok_s']:.2f} tok/s")
+    if plan.get("breakdown") and tp is not None:
+        result["breakdown"] = breakdown.run(model, tp, vocab, **plan["breakdown"])
+        progress("breakdown")
     if plan.get("workload"):
         from benchmarks import workload
 
         result["workload"] = workload.run_static(model, plan["workload"], vocab)
-    if plan.get("breakdown") and tp is not None:
-        result["breakdown"] = breakdown.run(model, tp, vocab, **plan["breakdown"])
+        progress(f"workload: {result['workload']['output_tok_s']:.2f} tok/s")
     _finish(plan, result, rank)
 
 
 def _finish(plan: dict, result: dict, rank: int) -> None:
     from benchmarks import timing
-    from benchmarks.memory import status
 
-    result["memory"]["peak_rss_end"] = status().get("VmHWM", 0)
-    out = Path(plan["out"]) / f"{plan['config']}.rank{rank}.json"
-    out.write_text(json.dumps(result, indent=1))
+    result["memory"]["phase_peaks_gb"] = PHASE_PEAKS
+    result["complete"] = True
+    _write(result)
     timing.barrier()
     print(f"rank {rank}: {plan['config']} done", flush=True)
 
