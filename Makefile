@@ -20,3 +20,8 @@ test: install lint
 
 serve: install
 	deepspeed --num_gpus $(TP) launch/serve.py $(ARGS)
+
+# Benchmarks vs HF and DeepSpeed AutoTP at TP=2 (see benchmarks/README.md).
+# `make bench ARGS=--small` for a quick check; results in runs/bench/latest.
+bench: install
+	$(PY) benchmarks/run.py $(ARGS)
