@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dstp.policies import Col, Experts, HeadLayout, Policy, Row, TPConfigError, policy_for
 from dstp.policies.base import glob_to_regex
 
+from .attention import ATTN_IMPLEMENTATION as PAGED_ATTENTION
 from .distributed import TPGroup
 from .layers import (
     ColumnParallelLinear,
@@ -84,6 +85,17 @@ def parameters_on_meta() -> Iterator[None]:
 
 def build_meta_model(config: Any, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if attn_implementation == PAGED_ATTENTION and not getattr(
+        model_class, "_supports_attention_backend", True
+    ):
+        raise TPConfigError(
+            f"{model_class.__name__} does not route attention through transformers' AttentionInterface, "
+            "so the engine's paged KV cache cannot plug into it. dstp.load() still serves it (with HF "
+            "generate); for the engine, use an architecture whose HF class supports attention backends."
+        )
 
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(
@@ -351,14 +363,17 @@ def shard_model(
     policy = policy or tp.agree(lambda: policy_for(config))
     heads = tp.agree(lambda: policy.validate(config, tp.size))
     ckpt = tp.agree(lambda: Checkpoint(path, allow_pickle=allow_pickle))
-    if policy.attn_implementation and policy.attn_implementation != attn_implementation:
+    # A policy may need one of HF's kernels (Gemma 2: eager, for soft-capping);
+    # dstp's paged kernel does soft-capping and sliding windows itself.
+    needs = policy.attn_implementation
+    if needs and attn_implementation not in (needs, PAGED_ATTENTION):
         log.info(
             "policy %r requires attn_implementation=%r (asked: %r)",
             policy.name,
-            policy.attn_implementation,
+            needs,
             attn_implementation,
         )
-        attn_implementation = policy.attn_implementation
+        attn_implementation = needs
     model = build_meta_model(config, dtype, attn_implementation)
     tp.agree(lambda: swap_modules(model, policy, heads, tp, dtype))
     tp.agree(lambda: materialize(model, ckpt, policy, tp, dtype, config))

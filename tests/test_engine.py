@@ -99,13 +99,13 @@ def hf_greedy(models):
     refs = {}
     for name, path in models.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # as ignore_eos: never stop, never mask EOS
         for label, prompts, n in (("plain", PROMPTS, NEW), ("shared", SHARED_PROMPTS, 8)):
             for prompt in prompts:
                 with torch.inference_mode():
                     out = model.generate(
                         torch.tensor([prompt]),
                         max_new_tokens=n,
-                        min_new_tokens=n,
                         do_sample=False,
                         pad_token_id=0,
                     )
