@@ -304,3 +304,24 @@ def breakdown_markdown(results: dict) -> str:
             + "; ".join(f"{o['op']} {1000 * o['self_s']:.0f} ms ({o['calls']})" for o in ops)
         )
     return "\n".join(lines) + "\n"
+
+
+def all_configs_markdown(results: dict, prefill: list[int], batches: list[int]) -> str:
+    """Every configuration that ran (extras included), raw figures side by side."""
+    head = (
+        ["config", "peak RSS load (GB)", "peak RSS run (GB)"]
+        + [f"prefill {n} (s)" for n in prefill]
+        + [f"decode b{b} (tok/s)" for b in batches]
+        + ["workload tok/s"]
+    )
+    lines = ["", "## Every configuration", "", "| " + " | ".join(head) + " |"]
+    lines.append("|" + "---|" * len(head))
+    for name, ranks in sorted(results.items()):
+        cells = [name, _fmt(_peak_rss(ranks)), _fmt(_peak_rss_run(ranks))]
+        cells += [_fmt(_prefill(ranks, n)) for n in prefill]
+        cells += [_fmt(_decode(ranks, b)) for b in batches]
+        cells.append(_fmt(_workload(ranks, "output_tok_s")))
+        lines.append("| " + " | ".join(cells) + " |")
+        for note in ranks[0].get("skipped", []):
+            lines.append(f"|  ↳ {name}: skipped {note} |" + " |" * (len(head) - 1))
+    return "\n".join(lines) + "\n"

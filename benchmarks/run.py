@@ -15,6 +15,7 @@ configuration alone, one after another (never two models' ranks at once):
     ds_autotp    DeepSpeed init_inference AutoTP at TP=2 + HF generate: same as hf
     hf_1thread   (extra) HF with one thread: a TP=2 rank's compute budget
     dstp_gloo    (extra) dstp with DSTP_FAST_ALLREDUCE=0 (gloo): prefill 128, decode b1
+    dstp_lmfix   (extra) dstp with a contiguous LM-head input (the fix FINDINGS.md proposes)
 
 Results: <out>/results.json and <out>/results.md (default out: runs/bench/latest),
 plus per-rank JSON and logs.
@@ -36,7 +37,7 @@ from benchmarks import checkpoint, report, sysinfo  # noqa: E402
 from benchmarks.launch import REPO, run_config  # noqa: E402
 
 DEFAULT_CONFIGS = ("dstp", "dstp_engine", "hf", "ds_autotp")
-EXTRA_CONFIGS = ("hf_1thread", "dstp_gloo")
+EXTRA_CONFIGS = ("hf_1thread", "dstp_gloo", "dstp_lmfix")
 
 
 def engine_available() -> bool:
@@ -81,6 +82,11 @@ def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[
         "hf": ({**base, "workload": work}, 1, {}),
         "ds_autotp": ({**base, "workload": work}, args.tp, {}),
         "hf_1thread": ({**base, "impl": "hf", "threads": 1, "decode_batches": [1]}, 1, {}),
+        "dstp_lmfix": (
+            {**base, "impl": "dstp", "lm_head_fix": True, "breakdown": breakdown},
+            args.tp,
+            {},
+        ),
         "dstp_gloo": (
             {**base, "impl": "dstp", "prefill": [128], "decode_batches": [1]},
             args.tp,
@@ -196,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         "memory_detail": report.memory_detail(results),
         "failed": failed,
     }
-    md = report.markdown(summary) + report.breakdown_markdown(results)
+    md = (
+        report.markdown(summary)
+        + report.all_configs_markdown(results, [128, 1024], args.decode_batches)
+        + report.breakdown_markdown(results)
+    )
     (args.out / "results.json").write_text(json.dumps({**summary, "raw": results}, indent=1))
     (args.out / "results.md").write_text(md)
     print()

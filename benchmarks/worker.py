@@ -74,6 +74,19 @@ def _write(result: dict) -> None:
     out.write_text(json.dumps(result, indent=1))
 
 
+def contiguous_lm_head_input(model: Any) -> None:
+    """Experiment (``lm_head_fix``): give the LM head a contiguous input.
+
+    HF hands the head ``hidden[:, -1:, :]``, a non-contiguous 3-D view; with a
+    weight that does not require grad PyTorch then copies the (transposed)
+    weight once per sequence instead of running one GEMM (see FINDINGS.md).
+    This measures the one-line fix without editing dstp/layers.py.
+    """
+    head = model.get_output_embeddings()
+    forward = head.forward
+    head.forward = lambda hidden, *a, **k: forward(hidden.contiguous(), *a, **k)
+
+
 def load(plan: dict) -> tuple[Any, Any]:
     """(model to call forward / generate on, dstp TP group or None)."""
     dtype = getattr(torch, plan["dtype"])
@@ -83,6 +96,8 @@ def load(plan: dict) -> tuple[Any, Any]:
         from dstp.distributed import get_tp
 
         model = dstp.load(plan["model"], dtype=dtype)
+        if plan.get("lm_head_fix"):
+            contiguous_lm_head_input(model)
         return model, get_tp()
     from transformers import AutoModelForCausalLM
 
@@ -170,6 +185,7 @@ def main(plan_path: str) -> None:
             progress(f"prefill {n}: {result['prefill'][-1]['median_s']:.3f}s")
     result["decode"] = []
     result["lm_head_copy_bytes_per_row"] = copy = timing.lm_head_copy_bytes(model)
+    progress(f"LM-head probe: {copy / 1e6:.0f} MB weight copy per sequence")  # its own peak
     for b in plan.get("decode_batches", []):
         need = copy * b * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if timing.agreed(need > 0.5 * psutil.virtual_memory().available):
