@@ -2,7 +2,8 @@
 
 Decoding the whole output each step keeps multi-token characters and
 tokenizer-specific spacing right; text that ends in an incomplete UTF-8
-sequence (U+FFFD) is held back until the next token completes it.
+sequence (U+FFFD) is held back until the next token completes it, or until
+the sequence finishes (then it is reported as it decodes).
 """
 
 from __future__ import annotations

@@ -345,6 +345,8 @@ class Engine:
             sched.finish(seq, "stop", token if token in params.stop_token_ids else None)
         elif produced >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             sched.finish(seq, "length")
+        if seq.finished and stop_string is None:
+            seq.text = self.detokenizer.text(seq.output_ids)  # flush held-back partial characters
 
     def _output(self, request: Request) -> RequestOutput:
         completions = []

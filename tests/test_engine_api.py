@@ -81,3 +81,19 @@ def test_bad_requests_are_refused(engine):
     engine.abort("dup")
     engine.step()
     assert engine.scheduler.allocator.all_free()
+
+
+def test_partial_characters_are_flushed_at_the_end(engine):
+    """Text ending in an incomplete UTF-8 sequence is held back while running, reported when finished."""
+    tok = engine.tokenizer
+    byte_tokens = [i for i in range(len(tok)) if tok.convert_ids_to_tokens(i).startswith("<0x")]
+    if not byte_tokens:
+        pytest.skip("tokenizer has no byte-fallback tokens")
+    lead = tok.convert_tokens_to_ids("<0xE2>")  # first byte of a 3-byte character
+    out = engine.generate(
+        [[1, 50, 60]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    )[0].outputs[0]
+    full = engine.detokenizer.text(out.token_ids)
+    assert out.text == full
+    text, _ = engine.detokenizer.update([lead], [], 0)
+    assert text == "" and engine.detokenizer.text([lead]) != ""
