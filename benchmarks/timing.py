@@ -141,7 +141,9 @@ def lm_head_copy_bytes(model: Any) -> int:
 
     head = model.get_output_embeddings()
     param = next(head.parameters())
-    hidden = torch.zeros(4, 2, getattr(head, "in_features", param.shape[-1]), dtype=param.dtype)
+    # the model's hidden size: DeepSpeed's head splits its weight on the hidden dim
+    # and slices the full-width input itself
+    hidden = torch.zeros(4, 2, model.config.hidden_size, dtype=param.dtype)
     with (
         torch.inference_mode(),
         profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
@@ -151,4 +153,5 @@ def lm_head_copy_bytes(model: Any) -> int:
         except Exception:  # a head that needs its collective partner; treat as unknown
             return 0
     biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
-    return biggest // 4 if biggest >= param.numel() * param.element_size() else 0
+    shard = max(p.numel() * p.element_size() for p in head.parameters())
+    return biggest // 4 if biggest >= shard else 0
