@@ -1,8 +1,11 @@
 """Checkpoint access that reads only this rank's bytes.
 
-``Checkpoint`` maps tensor names to lazy handles: a safetensors ``get_slice``
-(``handle[a:b]`` reads just those rows from disk) or, when pickles are
-explicitly allowed, a memory-mapped tensor from ``torch.load(weights_only=True)``.
+``Checkpoint`` maps tensor names to lazy handles: indexing a
+:class:`LazyTensor` (``handle[a:b]``, ``handle[:, a:b]``) reads just those
+bytes, mapping the file only for that read, so pages touched for one slice
+(a row-parallel slice touches every page of its tensor) leave this process's
+memory right after. When pickles are explicitly allowed, handles are
+memory-mapped tensors from ``torch.load(weights_only=True)``.
 Headers and the index are checked up front, so a missing or corrupt file is
 reported before any weight is read.
 """
@@ -24,12 +27,31 @@ class CheckpointError(RuntimeError):
     """The checkpoint folder cannot be read; the message says what to do."""
 
 
+class LazyTensor:
+    """One safetensors tensor, read on indexing; the file is mapped only during the read."""
+
+    def __init__(self, file: Path, name: str, shape: tuple[int, ...]) -> None:
+        self.file = file
+        self.name = name
+        self.shape = shape
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            with safe_open(str(self.file), framework="pt") as handle:
+                return handle.get_slice(self.name)[key]
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read {self.name!r} from {self.file}: {exc}") from exc
+
+
 class Checkpoint:
     """The tensors of one HF checkpoint folder, opened lazily."""
 
     def __init__(self, path: str | Path, allow_pickle: bool = False) -> None:
         self.path = Path(path)
-        self._handles: dict[str, Any] = {}  # file name -> open safe_open / state dict
+        self._tensors: dict[str, Any] = {}  # name -> LazyTensor (or mmapped tensor for pickles)
         self.files_by_tensor: dict[str, str] = {}
         if not self.path.is_dir():
             raise CheckpointError(f"model path {str(self.path)!r} is not a directory")
@@ -60,16 +82,17 @@ class Checkpoint:
         return sorted(p.name for p in self.path.glob("*.safetensors"))
 
     def _open_safetensors(self, name: str) -> None:
+        file = self.path / name
         try:
-            handle = safe_open(str(self.path / name), framework="pt")
-            keys = list(handle.keys())
+            with safe_open(str(file), framework="pt") as handle:
+                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(
-                f"{self.path / name} is not a readable safetensors file ({exc}). "
+                f"{file} is not a readable safetensors file ({exc}). "
                 "The file is truncated or corrupt: re-download or re-save it."
             ) from exc
-        self._handles[name] = handle
-        for key in keys:
+        for key, shape in shapes.items():
+            self._tensors[key] = LazyTensor(file, key, shape)
             self.files_by_tensor[key] = name
         for key, file in self._expected.items():
             if file == name and key not in self.files_by_tensor:
@@ -95,8 +118,8 @@ class Checkpoint:
 
         for name in pickles:
             state = torch.load(self.path / name, map_location="cpu", mmap=True, weights_only=True)
-            self._handles[name] = state
-            for key in state:
+            for key, tensor in state.items():
+                self._tensors[key] = tensor
                 self.files_by_tensor[key] = name
 
     # -- access ----------------------------------------------------------------
@@ -108,19 +131,13 @@ class Checkpoint:
 
     def get(self, name: str) -> Any:
         """A lazy handle for ``name``: index it to read (``h[a:b]``, ``h[:]``)."""
-        if name not in self.files_by_tensor:
+        if name not in self._tensors:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.path}")
-        handle = self._handles[self.files_by_tensor[name]]
-        if isinstance(handle, dict):
-            return handle[name]
-        try:
-            return handle.get_slice(name)
-        except SafetensorError as exc:
-            raise CheckpointError(f"cannot read {name!r} from {self.path}: {exc}") from exc
+        return self._tensors[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         handle = self.get(name)
         return tuple(handle.shape) if hasattr(handle, "shape") else tuple(handle.get_shape())
 
     def nbytes(self) -> int:
-        return sum((self.path / f).stat().st_size for f in self._handles)
+        return sum((self.path / f).stat().st_size for f in set(self.files_by_tensor.values()))
