@@ -10,6 +10,7 @@ outputs; they never touch the engine directly.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -109,6 +110,16 @@ class TokenizerAccess:
             text = self.decode([token_id])
             self._token_cache[token_id] = text
         return text
+
+
+def _envelope(
+    rid: str, kind: str, created: int, model: str, choices: list[dict], usage: dict | None = None
+) -> dict:
+    """The OpenAI response object around ``choices`` (one SSE chunk, or a whole answer)."""
+    obj = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        obj["usage"] = usage
+    return obj
 
 
 def _sse(obj: object) -> str:
@@ -343,17 +354,7 @@ def create_app(driver: EngineDriver, tokenizer, config: ServerConfig) -> Flask:
         rid, ts = f"cmpl-{handle.request_id}", int(time.time())
         echo = tok.decode(parsed.prompt_token_ids) if parsed.echo else ""
 
-        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-            obj = {
-                "id": rid,
-                "object": "text_completion",
-                "created": ts,
-                "model": config.model_name,
-                "choices": choices,
-            }
-            if usage is not None:
-                obj["usage"] = usage
-            return obj
+        chunk = functools.partial(_envelope, rid, "text_completion", ts, config.model_name)
 
         if not parsed.stream:
             out = wait_result(handle, probe)
@@ -403,17 +404,7 @@ def create_app(driver: EngineDriver, tokenizer, config: ServerConfig) -> Flask:
         handle = submit(parsed)
         rid, ts = f"chatcmpl-{handle.request_id}", int(time.time())
 
-        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-            obj = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": ts,
-                "model": config.model_name,
-                "choices": choices,
-            }
-            if usage is not None:
-                obj["usage"] = usage
-            return obj
+        chunk = functools.partial(_envelope, rid, "chat.completion.chunk", ts, config.model_name)
 
         if not parsed.stream:
             out = wait_result(handle, probe)
@@ -426,14 +417,7 @@ def create_app(driver: EngineDriver, tokenizer, config: ServerConfig) -> Flask:
                 }
                 for c in sorted(out.outputs, key=lambda c: c.index)
             ]
-            return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": ts,
-                "model": config.model_name,
-                "choices": choices,
-                "usage": _usage(out),
-            }
+            return _envelope(rid, "chat.completion", ts, config.model_name, choices, _usage(out))
 
         def events() -> Iterator[str]:
             last = None
