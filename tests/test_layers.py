@@ -37,3 +37,15 @@ def test_split_units_replicates_kv_heads_when_ranks_outnumber_them():
         (116, 8),
         (124, 8),
     ]
+
+
+def test_single_row_bf16_linear_uses_aten_and_restores_onednn():
+    from dstp.layers import linear_2d
+
+    weight = torch.randn(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(1, 1, 32, dtype=torch.bfloat16)
+    before = torch._C._get_mkldnn_enabled()
+    out = linear_2d(x, weight)
+    assert torch._C._get_mkldnn_enabled() == before
+    assert out.shape == (1, 1, 64)
+    assert torch.allclose(out.float(), (x.float() @ weight.float().t()), atol=0.1, rtol=0.02)
