@@ -239,8 +239,17 @@ def main(plan_path: str) -> None:
     if plan.get("workload"):
         from benchmarks import workload
 
-        result["workload"] = workload.run_static(model, plan["workload"], vocab)
-        progress(f"workload: {result['workload']['output_tok_s']:.2f} tok/s")
+        batch = plan["workload"].get("static_batch", 16)
+        need = copy * batch * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if timing.agreed(need > 0.5 * psutil.virtual_memory().available):
+            result.setdefault("skipped", []).append(
+                f"workload: static batches of {batch} would make the LM head copy its weight "
+                f"per sequence ({need / 1e9:.1f} GB over this host's ranks)"
+            )
+            progress(f"workload: skipped, {need / 1e9:.1f} GB LM-head weight copies")
+        else:
+            result["workload"] = workload.run_static(model, plan["workload"], vocab)
+            progress(f"workload: {result['workload']['output_tok_s']:.2f} tok/s")
     _finish(plan, result, rank)
 
 
