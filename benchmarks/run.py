@@ -75,7 +75,15 @@ def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[
                 **base,
                 "impl": "dstp_engine",
                 "workload": work,
-                "engine": {"max_num_seqs": 64, "kv_cache_memory_gib": 1.0},
+                "engine": {
+                    "max_num_seqs": 64,
+                    "kv_cache_memory_gib": 1.0,
+                    **(
+                        {"max_num_batched_tokens": args.engine_batched_tokens}
+                        if args.engine_batched_tokens
+                        else {}
+                    ),
+                },
             },
             args.tp,
             {},
@@ -147,6 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=300.0,
         help="seconds after which a static-batch run stops (partial figures)",
+    )
+    p.add_argument(
+        "--engine-batched-tokens",
+        type=int,
+        default=None,
+        help="the engine's max_num_batched_tokens (default: the engine's own)",
     )
     p.add_argument("--no-workload", action="store_true")
     p.add_argument("--no-breakdown", action="store_true")
