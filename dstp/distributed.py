@@ -163,7 +163,9 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
     else:
         index = local_rank % max(1, accel.device_count())
         if index != local_rank:
-            log.warning("more local ranks than devices: rank %d shares device %d (gloo only)", rank, index)
+            log.warning(
+                "more local ranks than devices: rank %d shares device %d (gloo only)", rank, index
+            )
         accel.set_device(index)
         device = torch.device(accel.device_name(index))
 
