@@ -228,9 +228,14 @@ def main(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(args.log_level, rank)
     if rank != 0:
-        # Rank 0 coordinates a Ctrl-C (it releases us through the engine);
-        # SIGTERM keeps its default: die now (we hold no client state).
+        # Rank 0 coordinates a stop: it fails in-flight requests, then releases
+        # us through the engine. Launchers signal every rank at once, and a
+        # follower that died right away would strand rank 0 mid-collective
+        # (a shared-memory all-reduce waits forever), so its clients would get a
+        # cut stream instead of an error. Wait to be released; exit regardless
+        # after a grace period (rank 0 may be gone too).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _follower_sigterm)
 
     from .default_model import DEFAULT_MODEL_ID, ensure_default_model
 
@@ -355,6 +360,16 @@ def _serve(args, engine, server, lazy, model: str, random_model: bool) -> int:
         logging.shutdown()
         os._exit(code)  # peers are gone: an exit-time barrier would only wait for them
     return code
+
+
+FOLLOWER_GRACE_S = 20.0
+
+
+def _follower_sigterm(signum: int, _frame: object) -> None:
+    log.info("SIGTERM: waiting up to %.0f s for rank 0 to release this rank", FOLLOWER_GRACE_S)
+    timer = threading.Timer(FOLLOWER_GRACE_S, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
 
 
 def _pump(server, stop: threading.Event) -> None:
