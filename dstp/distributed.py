@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -187,8 +188,10 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
             verbose=False,
         )
         group = dist.get_world_group()
-        atexit.register(_shutdown)
+        atexit.register(shutdown)
         fast = _fast_all_reduce_available(accel.device_name(), world, local_size)
+        if accel.device_name() == "cpu":
+            _unlink_shm_segment(rank)
 
     comm_device = device if backend == "nccl" else torch.device("cpu")
     _TP = TPGroup(rank, world, local_rank, local_size, device, group, fast, comm_device)
@@ -196,22 +199,54 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
     return _TP
 
 
-def _shutdown() -> None:
-    """Tear the process group down before interpreter exit (avoids aborts in C++ destructors)."""
+def shutdown(exit_code: int | None = None, timeout_s: float = 30.0) -> None:
+    """Leave the process group together, then (with ``exit_code``) exit at once.
+
+    Ranks meet at a barrier (bounded: a dead peer must not hang the exit),
+    then destroy the group while the interpreter is fully alive. Gloo can
+    still abort in C++ destructors during interpreter teardown ("terminate
+    called without an active exception", a known torch/gloo race), so entry
+    points pass ``exit_code`` to skip teardown once logs are flushed. Scripts
+    that just return get the same barrier and destroy from an ``atexit`` hook.
+    """
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized():
         with contextlib.suppress(Exception):
-            # Leave together: a rank that tears gloo down while a peer still
-            # talks to it can abort inside gloo's C++ destructors.
-            if tdist.get_backend() == "gloo":
-                tdist.monitored_barrier(timeout=timedelta(seconds=30))
+            tdist.barrier(async_op=True).wait(timeout=timedelta(seconds=timeout_s))
+        with contextlib.suppress(Exception):
             tdist.destroy_process_group()
+    if exit_code is not None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 def get_tp() -> TPGroup:
     """The TP group, initialising a single-process one if nobody did yet."""
     return _TP if _TP is not None else init_tp()
+
+
+def _unlink_shm_segment(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce segment once every peer mapped it.
+
+    DeepSpeed creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    and never removes it: each process group leaked its segments (tens of MB
+    per rank) until /dev/shm filled the machine's memory. DeepSpeed maps the
+    peers' segments while initialising, so after a barrier the names are no
+    longer needed; the mappings stay valid and the kernel frees the memory when
+    the last rank exits, however it exits.
+    """
+    import deepspeed.comm as dist
+
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank
+    )
+    path = os.path.join("/dev/shm", name)
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _fast_all_reduce_available(device_name: str, world: int, local_size: int) -> bool:

@@ -225,6 +225,14 @@ def _engine_config(args: argparse.Namespace, model: str):
 
 
 def main(args: argparse.Namespace) -> int:
+    """Serve until stopped, then leave the process group together and exit with the code."""
+    from .distributed import shutdown
+
+    shutdown(exit_code=_run(args))
+    return 1  # not reached: shutdown exits
+
+
+def _run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(args.log_level, rank)
     if rank != 0:

@@ -7,6 +7,7 @@ uses the real ``deepspeed`` launcher), so the suite pays three start-ups.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +49,12 @@ def references(models):
     return refs
 
 
+def _shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def _run(tp: int, models, tmp_path):
+    before = _shm_segments()
     job = tmp_path / "job.json"
     job.write_text(
         json.dumps(
@@ -66,6 +72,9 @@ def _run(tp: int, models, tmp_path):
     else:
         for proc in run_ranks(tp, args):
             assert proc.returncode == 0, proc.stdout[-3000:]
+    # DeepSpeed never removes its shared-memory all-reduce segments; dstp must
+    leaked = _shm_segments() - before
+    assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from dstp.distributed import shutdown
 from dstp.engine import Engine, EngineConfig
 from dstp.sampling import SamplingParams
 
@@ -65,3 +66,4 @@ for name, scenario in job["scenarios"].items():
 if results:
     Path(argv[1]).write_text(json.dumps(results))
 print("worker done", flush=True)
+shutdown(exit_code=0)  # leave the group together; skip gloo's racy C++ teardown

@@ -8,6 +8,7 @@ import os
 import sys
 
 import dstp
+from dstp.distributed import shutdown
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 path = argv[0].replace("{rank}", os.environ.get("RANK", "0"))
@@ -17,3 +18,4 @@ except Exception as exc:
     print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
     sys.exit(1)
 print("LOADED", flush=True)
+shutdown(exit_code=0)

@@ -16,7 +16,7 @@ import torch
 from dstp.policies import derive_policy, from_injection_policy, policy_for
 from safetensors.torch import save_file
 
-from dstp.distributed import init_tp
+from dstp.distributed import init_tp, shutdown
 from dstp.inject import load_config, shard_model
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -62,3 +62,4 @@ for name, entry in job["models"].items():
             f"{out}/{name}.safetensors",
         )
 print("worker done", flush=True)
+shutdown(exit_code=0)  # leave the group together; skip gloo's racy C++ teardown

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import dstp
+from dstp.distributed import shutdown
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed adds it
 job = json.loads(Path(argv[0]).read_text())
@@ -41,3 +42,4 @@ for name, path in job["models"].items():
             f"{out}/{name}.safetensors",
         )
 print("worker done", flush=True)
+shutdown(exit_code=0)  # leave the group together; skip gloo's racy C++ teardown
