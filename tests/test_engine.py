@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from tests.hf_reference import greedy_continuations, load_reference
 from tests.launcher import run_deepspeed, run_ranks
 from tests.tiny_models import LLAMA_VARIANTS, STORIES, llama_config, save_random_model
 
@@ -94,22 +94,11 @@ def scenarios(models):
 
 @pytest.fixture(scope="module")
 def hf_greedy(models):
-    from transformers import AutoModelForCausalLM
-
     refs = {}
     for name, path in models.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        model.generation_config.eos_token_id = None  # as ignore_eos: never stop, never mask EOS
-        for label, prompts, n in (("plain", PROMPTS, NEW), ("shared", SHARED_PROMPTS, 8)):
-            for prompt in prompts:
-                with torch.inference_mode():
-                    out = model.generate(
-                        torch.tensor([prompt]),
-                        max_new_tokens=n,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
-                refs.setdefault((name, label), []).append(out[0, len(prompt) :].tolist())
+        model = load_reference(path)
+        refs[(name, "plain")] = greedy_continuations(model, PROMPTS, NEW)
+        refs[(name, "shared")] = greedy_continuations(model, SHARED_PROMPTS, 8)
     return refs
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from tests.hf_reference import greedy_continuations, load_reference
 from tests.launcher import run_ranks
 from tests.policy_models import ARCHITECTURES, build_architectures
 
@@ -35,23 +35,10 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_greedy(checkpoints):
-    from transformers import AutoModelForCausalLM
-
-    refs = {}
-    for name, path in checkpoints.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        model.generation_config.eos_token_id = None  # as ignore_eos: never stop, never mask EOS
-        refs[name] = []
-        for prompt in PROMPTS:
-            with torch.inference_mode():
-                out = model.generate(
-                    torch.tensor([prompt]),
-                    max_new_tokens=NEW,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-            refs[name].append(out[0, len(prompt) :].tolist())
-    return refs
+    return {
+        name: greedy_continuations(load_reference(path), PROMPTS, NEW)
+        for name, path in checkpoints.items()
+    }
 
 
 @pytest.mark.parametrize("tp", [2, 4])

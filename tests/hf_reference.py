@@ -1,0 +1,32 @@
+"""The unsharded Hugging Face model as the oracle for engine outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_reference(path: Path):
+    """HF model at fp32 with EOS switched off, as the engine's ``ignore_eos``.
+
+    ``ignore_eos`` keeps EOS samplable; HF's ``min_new_tokens`` would mask it,
+    so references built that way diverge whenever EOS is the true argmax.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def greedy_continuations(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Each prompt alone through HF ``generate``: its ``new_tokens`` greedy tokens."""
+    outs = []
+    for prompt in prompts:
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            )
+        outs.append(out[0, len(prompt) :].tolist())
+    return outs
