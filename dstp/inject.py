@@ -36,7 +36,7 @@ from .layers import (
     partition_for,
     shard_experts,
 )
-from .loading import Checkpoint
+from .loading import Checkpoint, release_free_heap
 from .stacked_source import StackedSource
 
 log = logging.getLogger("dstp")
@@ -377,6 +377,7 @@ def shard_model(
     model = build_meta_model(config, dtype, attn_implementation)
     tp.agree(lambda: swap_modules(model, policy, heads, tp, dtype))
     tp.agree(lambda: materialize(model, ckpt, policy, tp, dtype, config))
+    release_free_heap()
     sharded = ShardedModel(model, policy, heads, config, ckpt.nbytes())
     if tp.is_driver:
         log.info(

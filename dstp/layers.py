@@ -38,6 +38,22 @@ class Partition:
         pieces = [source[(*lead, slice(a, a + n))] for a, n in self.ranges]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
+    def read_into(self, dest: torch.Tensor, source: Any, dim: int) -> None:
+        """``dest.copy_(self.take(source, dim))``, straight from the file for lazy handles."""
+        lead = (slice(None),) * dim
+        at = 0
+        for a, n in self.ranges:
+            copy_slice(dest.narrow(dim, at, n), source, (*lead, slice(a, a + n)))
+            at += n
+
+
+def copy_slice(dest: torch.Tensor, source: Any, key: Any) -> None:
+    """``dest.copy_(source[key])``; a checkpoint handle fills ``dest`` without a temporary."""
+    if hasattr(source, "read_into"):
+        source.read_into(dest, key)
+    else:
+        dest.copy_(source[key])
+
 
 def split_units(offset: int, units: int, unit_size: int, rank: int, size: int) -> tuple[int, int]:
     """This rank's (start, length) of ``units`` equal units starting at ``offset``.
@@ -132,12 +148,10 @@ def _empty_param(shape: tuple[int, ...], dtype: torch.dtype, device: Any) -> nn.
 
 def load_replicated(param: torch.Tensor, source: Any) -> None:
     """Default loader: the full tensor, unchanged (norms, biases of row layers...)."""
-    tensor = source[:] if not isinstance(source, torch.Tensor) else source
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise ValueError(
-            f"checkpoint shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}"
-        )
-    param.data.copy_(tensor)
+    shape = tuple(source.shape)
+    if shape != tuple(param.shape):
+        raise ValueError(f"checkpoint shape {shape} != parameter {tuple(param.shape)}")
+    copy_slice(param.data, source, slice(None) if shape else ())
 
 
 class ColumnParallelLinear(nn.Module):
@@ -169,11 +183,13 @@ class ColumnParallelLinear(nn.Module):
             self.bias.weight_loader = self.load_bias
 
     def load_weight(self, param: torch.Tensor, source: Any) -> None:
-        shard = self.partition.take(source, dim=1 if self.transposed else 0)
-        param.data.copy_(shard.t() if self.transposed else shard)
+        if self.transposed:
+            param.data.copy_(self.partition.take(source, dim=1).t())
+        else:
+            self.partition.read_into(param.data, source, dim=0)
 
     def load_bias(self, param: torch.Tensor, source: Any) -> None:
-        param.data.copy_(self.partition.take(source, dim=0))
+        self.partition.read_into(param.data, source, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear_2d(x, self.weight, self.bias)
@@ -212,8 +228,10 @@ class RowParallelLinear(nn.Module):
         self.bias = _empty_param((out_features,), dtype, device) if bias else None
 
     def load_weight(self, param: torch.Tensor, source: Any) -> None:
-        shard = self.partition.take(source, dim=0 if self.transposed else 1)
-        param.data.copy_(shard.t() if self.transposed else shard)
+        if self.transposed:
+            param.data.copy_(self.partition.take(source, dim=0).t())
+        else:
+            self.partition.read_into(param.data, source, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(linear_2d(x, self.weight))
@@ -244,7 +262,7 @@ class _VocabShard(nn.Module):
         real = max(0, min(self.per_rank, self.vocab_size - self.start))
         param.data.zero_()
         if real:
-            param.data[:real].copy_(source[self.start : self.start + real])
+            copy_slice(param.data[:real], source, slice(self.start, self.start + real))
 
 
 class VocabParallelEmbedding(_VocabShard):
