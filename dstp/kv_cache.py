@@ -54,21 +54,26 @@ class PagedKVCache:
         self.shape = shape
         self.num_blocks = num_blocks
         slots = num_blocks * shape.block_size
-        # [layer, K/V, slot, local kv head, head_dim]; a slot is block * block_size + offset
+        # [layer, K/V, local kv head, slot, head_dim]; a slot is block * block_size + offset.
+        # Head-major, so a head's block is one contiguous run of block_size * head_dim
+        # values: decode gathers whole blocks straight into [head, seq, ctx, dim].
         self.data = torch.zeros(
-            (shape.num_layers, 2, slots, shape.local_kv_heads, shape.head_dim),
+            (shape.num_layers, 2, shape.local_kv_heads, slots, shape.head_dim),
             dtype=shape.dtype,
             device=device,
         )
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer, each ``[local kv heads, slots, head_dim]``."""
         return self.data[index, 0], self.data[index, 1]
 
     def copy_blocks(self, pairs: torch.Tensor) -> None:
         """Copy whole blocks ``src -> dst`` (rows of ``pairs``) in every layer (copy-on-write forks)."""
         bs = self.shape.block_size
         for src, dst in pairs.tolist():
-            self.data[:, :, dst * bs : (dst + 1) * bs] = self.data[:, :, src * bs : (src + 1) * bs]
+            self.data[:, :, :, dst * bs : (dst + 1) * bs] = self.data[
+                :, :, :, src * bs : (src + 1) * bs
+            ]
 
     @property
     def nbytes(self) -> int:
