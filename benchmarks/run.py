@@ -9,14 +9,13 @@ checkpoint, measures the machine's memory bandwidth, then runs each
 configuration alone, one after another (never two models' ranks at once):
 
     dstp         dstp.load at TP=2 + HF generate: memory, prefill, decode, breakdown
-    dstp_engine  dstp's continuous-batching engine at TP=2: the 64-request workload
+    dstp_engine  dstp's continuous-batching engine at TP=2 (what the server runs):
+                 decode at each batch size, the 64-request workload
     hf           HF from_pretrained, one process, all cores: memory, prefill, decode,
                  workload with static batches
     ds_autotp    DeepSpeed init_inference AutoTP at TP=2 + HF generate: same as hf
     hf_1thread   (extra) HF with one thread: a TP=2 rank's compute budget
     dstp_gloo    (extra) dstp with DSTP_FAST_ALLREDUCE=0 (gloo): prefill 128, decode b1
-    dstp_lmfix   (extra) dstp with a 2-D LM-head input (the fix FINDINGS.md proposes)
-    dstp_fast    (extra) dstp_lmfix + single-row linears through ATen's GEMV, not oneDNN
 
 Results: <out>/results.json and <out>/results.md (default out: runs/bench/latest),
 plus per-rank JSON and logs.
@@ -38,7 +37,7 @@ from benchmarks import checkpoint, report, sysinfo  # noqa: E402
 from benchmarks.launch import REPO, run_config  # noqa: E402
 
 DEFAULT_CONFIGS = ("dstp", "dstp_engine", "hf", "ds_autotp")
-EXTRA_CONFIGS = ("hf_1thread", "dstp_gloo", "dstp_lmfix", "dstp_fast")
+EXTRA_CONFIGS = ("hf_1thread", "dstp_gloo")
 
 
 def engine_available() -> bool:
@@ -91,16 +90,6 @@ def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[
         "hf": ({**base, "workload": work}, 1, {}),
         "ds_autotp": ({**base, "workload": work}, args.tp, {}),
         "hf_1thread": ({**base, "impl": "hf", "threads": 1, "decode_batches": [1]}, 1, {}),
-        "dstp_lmfix": (
-            {**base, "impl": "dstp", "lm_head_fix": True, "breakdown": breakdown},
-            args.tp,
-            {},
-        ),
-        "dstp_fast": (
-            {**base, "impl": "dstp", "lm_head_fix": True, "gemv_fix": True},
-            args.tp,
-            {},
-        ),
         "dstp_gloo": (
             {**base, "impl": "dstp", "prefill": [128], "decode_batches": [1]},
             args.tp,
@@ -113,8 +102,6 @@ def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[
             raise SystemExit(f"unknown config {name!r}; choose from {sorted(plans)}")
         if name == "dstp_engine" and not engine_available():
             print("  dstp_engine: dstp/engine.py not present yet, skipped")
-            continue
-        if args.no_workload and name == "dstp_engine":
             continue
         plan, ranks, env = plans[name]
         plan = {"impl": name, **plan, "config": name}

@@ -74,51 +74,6 @@ def _write(result: dict) -> None:
     out.write_text(json.dumps(result, indent=1))
 
 
-def contiguous_lm_head_input(model: Any) -> None:
-    """Experiment (``lm_head_fix``): give the LM head a 2-D input.
-
-    HF hands the head ``hidden[:, -1:, :]``, a non-contiguous 3-D view; with a
-    weight that does not require grad PyTorch then copies the (transposed)
-    weight once per sequence instead of running one GEMM (see FINDINGS.md).
-    ``.contiguous()`` is not enough: at batch 1 the view already counts as
-    contiguous (size-1 dims) and keeps its strides. Flattening to 2-D is.
-    This measures the one-line fix without editing dstp/layers.py.
-    """
-    head = model.get_output_embeddings()
-    forward = head.forward
-
-    def flat(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = forward(hidden.reshape(-1, hidden.shape[-1]), *args, **kwargs)
-        return out.view(*hidden.shape[:-1], out.shape[-1])
-
-    head.forward = flat
-
-
-def native_gemv_for_single_rows(model: Any) -> int:
-    """Experiment (``gemv_fix``): one-row linears bypass oneDNN (mkldnn).
-
-    On this CPU a one-thread bf16 GEMV through oneDNN streams ~11 GB/s; ATen's
-    native kernel (mkldnn disabled) ~22 GB/s. For 8+ rows oneDNN wins by far,
-    so only single-row calls (batch-1 decode) switch. Returns modules patched.
-    """
-    from dstp.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
-
-    patched = 0
-    for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
-            forward = module.forward
-
-            def single(x: torch.Tensor, *a: Any, _f: Any = forward, **k: Any) -> torch.Tensor:
-                if x.numel() != x.shape[-1]:
-                    return _f(x, *a, **k)
-                with torch.backends.mkldnn.flags(enabled=False):
-                    return _f(x, *a, **k)
-
-            module.forward = single
-            patched += 1
-    return patched
-
-
 def load(plan: dict) -> tuple[Any, Any]:
     """(model to call forward / generate on, dstp TP group or None)."""
     dtype = getattr(torch, plan["dtype"])
@@ -128,10 +83,6 @@ def load(plan: dict) -> tuple[Any, Any]:
         from dstp.distributed import get_tp
 
         model = dstp.load(plan["model"], dtype=dtype)
-        if plan.get("gemv_fix"):
-            native_gemv_for_single_rows(model)
-        if plan.get("lm_head_fix"):
-            contiguous_lm_head_input(model)
         return model, get_tp()
     from transformers import AutoModelForCausalLM
 
@@ -157,7 +108,7 @@ def load(plan: dict) -> tuple[Any, Any]:
 
 
 def run_engine(plan: dict, result: dict) -> None:
-    """Engine workload: memory includes the KV cache the engine allocates."""
+    """Engine decode rates and workload: memory includes the KV cache the engine allocates."""
     from benchmarks import timing, workload
     from benchmarks.memory import PeakSampler
     from dstp.engine import Engine, EngineConfig
@@ -172,7 +123,16 @@ def run_engine(plan: dict, result: dict) -> None:
     vocab = engine.model.config.vocab_size
     if engine.tp.is_driver:
         try:
-            result["workload"] = workload.run_engine(engine, plan["workload"], vocab)
+            result["decode"] = []
+            for b in plan.get("decode_batches", []):
+                result["decode"].append(
+                    workload.run_engine_decode(
+                        engine, b, plan["decode_prompt"], plan["decode_tokens"], vocab
+                    )
+                )
+                progress(f"engine decode batch {b}: {result['decode'][-1]['tok_s']:.2f} tok/s")
+            if plan.get("workload"):
+                result["workload"] = workload.run_engine(engine, plan["workload"], vocab)
         finally:
             engine.shutdown()
     else:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.timing import StepClock, agreed, barrier, generate
+from benchmarks.timing import StepClock, agreed, barrier, generate, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -118,3 +118,30 @@ def run_engine(engine: Any, spec: dict, vocab: int) -> dict:
     summary = summarize(wall, outs, ttft, tpot)
     summary["engine_stats"] = engine.stats()
     return summary
+
+
+def run_engine_decode(engine: Any, batch: int, prompt: int, new_tokens: int, vocab: int) -> dict:
+    """The engine's decode rate at ``batch`` (rank 0): the same shapes as ``timing.decode``.
+
+    All prompts arrive together and prefill in one step, so every sequence
+    then decodes in every step; the rate counts tokens 2..N of each.
+    """
+    from dstp.sampling import SamplingParams
+
+    prompts = prompt_ids(batch, prompt, vocab).tolist()
+    params = SamplingParams(
+        max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, ignore_eos=True
+    )
+    engine.generate(prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    steps_before = engine.num_steps
+    results = engine.generate(prompts, params)
+    first = max(r.first_token_time for r in results)
+    last = max(r.finish_time for r in results)
+    tokens = sum(len(r.outputs[0].token_ids) - 1 for r in results)
+    return {
+        "batch": batch,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "tok_s": tokens / (last - first),
+        "steps": engine.num_steps - steps_before,
+    }
