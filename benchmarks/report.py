@@ -193,7 +193,14 @@ def markdown(summary: dict) -> str:
         f"Checkpoint: {summary['checkpoint']} ({summary['checkpoint_bytes'] / GB:.2f} GB, bf16). "
         f"TP={summary['tp']}; HF is one process with {summary['hf_threads']} threads.",
         f"Memory bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s "
-        f"({bw['threads']} threads); 1 thread: read {summary['bandwidth_1t']['read_gbs']:.1f} GB/s.",
+        f"({bw['threads']} threads); 1 thread: read {summary['bandwidth_1t']['read_gbs']:.1f} GB/s"
+        + (
+            f"; {summary['bandwidth_pinned']['processes']} pinned single-thread processes at once: "
+            f"read {summary['bandwidth_pinned']['read_gbs']:.1f} GB/s"
+            if "bandwidth_pinned" in summary
+            else ""
+        )
+        + ". The roofline uses the highest read figure.",
         "",
         "| metric | dstp TP=2 | HF 1 process | DS AutoTP TP=2 | dstp vs HF | dstp vs DS AutoTP |",
         "|---|---|---|---|---|---|",

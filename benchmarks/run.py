@@ -180,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     bw2 = sysinfo.bandwidth(os.cpu_count() or 1)
     bw1 = sysinfo.bandwidth(1)
+    pinned = sysinfo.bandwidth_pinned(args.tp)
     print(
-        f"bandwidth: read {bw2['read_gbs']:.1f} GB/s, copy {bw2['copy_gbs']:.1f} GB/s ({bw2['threads']} threads)"
+        f"bandwidth: read {bw2['read_gbs']:.1f} GB/s, copy {bw2['copy_gbs']:.1f} GB/s ({bw2['threads']} threads); "
+        f"read {pinned['read_gbs']:.1f} GB/s ({args.tp} pinned single-thread processes)"
     )
 
     failed = []
@@ -196,13 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     end = sysinfo.bandwidth(os.cpu_count() or 1)
     if end["read_gbs"] > bw2["read_gbs"]:
         bw2 = end
+    end_pinned = sysinfo.bandwidth_pinned(args.tp)
+    if end_pinned["read_gbs"] > pinned["read_gbs"]:
+        pinned = end_pinned
     results = report.load_results(args.out)
     table = report.comparison(results, [128, 1024], args.decode_batches)
-    roof = report.roofline(results, sizes["decode_bytes_per_step"], bw2["read_gbs"])
+    ceiling_gbs = max(bw2["read_gbs"], pinned["read_gbs"])
+    roof = report.roofline(results, sizes["decode_bytes_per_step"], ceiling_gbs)
     summary = {
         "machine": machine,
         "bandwidth": bw2,
         "bandwidth_1t": bw1,
+        "bandwidth_pinned": pinned,
         "checkpoint": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
         "checkpoint_bytes": ckpt_bytes,
         "tp": args.tp,

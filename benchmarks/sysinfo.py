@@ -87,5 +87,45 @@ def bandwidth(threads: int, mib: int = 1024, repeats: int = 6) -> dict[str, floa
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _stream(core: int, mib: int, start_at: float, seconds: float) -> int:
+    """Bytes one single-threaded process pinned to ``core`` reads in ``seconds`` from ``start_at``."""
+    import torch
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    time.sleep(max(0.0, start_at - time.time()))
+    done, end = 0, time.time() + seconds
+    while time.time() < end:
+        src.sum()
+        done += src.numel() * 4
+    return done
+
+
+def bandwidth_pinned(processes: int, mib: int = 512, seconds: float = 3.0) -> dict[str, float]:
+    """Read bandwidth of ``processes`` pinned single-thread processes streaming at once.
+
+    This is how TP ranks read weights (one pinned process per core), and it can
+    exceed what one process's threads reach with ``torch.sum``.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    start_at = time.time() + 3.0  # after every child has faulted its buffer in
+    children = []
+    for i in range(processes):
+        core = cores[i % len(cores)] if cores else i
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]);"
+            "from benchmarks.sysinfo import _stream;"
+            f"print(_stream({core}, {mib}, {start_at}, {seconds}))"
+        )
+        children.append(
+            subprocess.Popen([sys.executable, "-c", code, root], stdout=subprocess.PIPE, text=True)
+        )
+    total = sum(int(c.communicate()[0].strip().splitlines()[-1]) for c in children)
+    return {"processes": processes, "read_gbs": total / seconds / 1e9}
+
+
 if __name__ == "__main__":
     print(json.dumps({"machine": machine(), "bw": [bandwidth(1), bandwidth(2)]}, indent=1))
