@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dstp.policies import Col, Experts, HeadLayout, Policy, Row, TPConfigError, policy_for
 from dstp.policies.base import glob_to_regex
 
+from . import cpu_kernels
 from .attention import ATTN_IMPLEMENTATION as PAGED_ATTENTION
 from .distributed import TPGroup
 from .layers import (
@@ -378,6 +379,8 @@ def shard_model(
     tp.agree(lambda: swap_modules(model, policy, heads, tp, dtype))
     tp.agree(lambda: materialize(model, ckpt, policy, tp, dtype, config))
     release_free_heap()
+    if dtype == torch.bfloat16 and tp.device.type == "cpu":
+        cpu_kernels.available()  # build the batch-1 GEMV now, not on the first request
     sharded = ShardedModel(model, policy, heads, config, ckpt.nbytes())
     if tp.is_driver:
         log.info(

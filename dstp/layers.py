@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .distributed import TPGroup
 
 
@@ -120,15 +121,29 @@ def linear_2d(
       model's LM-head shard, seconds per prefill. A 2-D input is one GEMM.
     - For a single bf16 row on CPU (batch-1 decode), oneDNN's GEMV streams
       about half the memory bandwidth of ATen's own kernel (8192x2048, one
-      thread: 2.8 vs 1.5 ms); from two rows on oneDNN is faster.
+      thread: 2.8 vs 1.5 ms), and dstp's four-stream kernel about 1.3x ATen's;
+      from two rows on oneDNN is faster.
     """
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] == 1 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
-        with _aten_cpu_kernels():
-            out = F.linear(flat, weight, bias)
+        out = _single_row_bf16(flat, weight, bias)
     else:
         out = F.linear(flat, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _single_row_bf16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """dstp's streaming GEMV when built (see cpu_kernels), else ATen's (not oneDNN's)."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):  # the kernel has no backward
+        bias_ok = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
+        if weight.is_contiguous() and bias_ok:
+            out = cpu_kernels.gemv_bf16(x.contiguous(), weight, bias)
+            if out is not None:
+                return out
+    with _aten_cpu_kernels():
+        return F.linear(x, weight, bias)
 
 
 @contextlib.contextmanager
