@@ -32,7 +32,10 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "attention",
         ("scaled_dot_product", "flash_attention", "softmax", "efficient_attention"),
     ),
-    ("linear", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn", "onednn")),
+    (
+        "linear",
+        ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn", "onednn", "dstp::gemv"),
+    ),
 )
 
 

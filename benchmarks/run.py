@@ -16,6 +16,7 @@ configuration alone, one after another (never two models' ranks at once):
     ds_autotp    DeepSpeed init_inference AutoTP at TP=2 + HF generate: same as hf
     hf_1thread   (extra) HF with one thread: a TP=2 rank's compute budget
     dstp_gloo    (extra) dstp with DSTP_FAST_ALLREDUCE=0 (gloo): prefill 128, decode b1
+    dstp_aten_gemv (extra) dstp with DSTP_CPU_KERNELS=0 (ATen's GEMV): decode b1
 
 Results: <out>/results.json and <out>/results.md (default out: runs/bench/latest),
 plus per-rank JSON and logs.
@@ -37,7 +38,7 @@ from benchmarks import checkpoint, report, sysinfo  # noqa: E402
 from benchmarks.launch import REPO, run_config  # noqa: E402
 
 DEFAULT_CONFIGS = ("dstp", "dstp_engine", "hf", "ds_autotp")
-EXTRA_CONFIGS = ("hf_1thread", "dstp_gloo")
+EXTRA_CONFIGS = ("hf_1thread", "dstp_gloo", "dstp_aten_gemv")
 
 
 def engine_available() -> bool:
@@ -90,6 +91,11 @@ def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[
         "hf": ({**base, "workload": work}, 1, {}),
         "ds_autotp": ({**base, "workload": work}, args.tp, {}),
         "hf_1thread": ({**base, "impl": "hf", "threads": 1, "decode_batches": [1]}, 1, {}),
+        "dstp_aten_gemv": (
+            {**base, "impl": "dstp", "prefill": [], "decode_batches": [1]},
+            args.tp,
+            {"DSTP_CPU_KERNELS": "0"},
+        ),
         "dstp_gloo": (
             {**base, "impl": "dstp", "prefill": [128], "decode_batches": [1]},
             args.tp,

@@ -8,6 +8,7 @@
 // at a time) and ~11 GB/s for oneDNN's. Products accumulate in fp32
 // (vdpbf16ps); the result is rounded to bf16 once, bias included.
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
@@ -58,6 +59,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows(
 
 torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
                         const c10::optional<torch::Tensor>& bias) {
+  RECORD_FUNCTION("dstp::gemv_bf16", std::vector<c10::IValue>({x, weight}));
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
               "gemv_bf16: bf16 inputs only");
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.dim() == 2,
