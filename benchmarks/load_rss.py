@@ -2,8 +2,9 @@
 
     python benchmarks/load_rss.py CHECKPOINT_DIR
 
-dstp's loader keeps one ``safe_open`` handle (one mmap of the whole file)
-while it reads every slice. Every page a slice touches, plus the kernel's
+The first-round measurement behind FINDINGS.md section 2. dstp's first loader
+kept one ``safe_open`` handle (one mmap of the whole file) while it read every
+slice; today's loader maps nothing (``pread`` into the parameters). Every page a slice touches, plus the kernel's
 fault-around neighbours, stays mapped and counts in the rank's RSS until the
 handle is dropped. Re-opening the file per tensor unmaps each tensor's pages
 as soon as its slice is copied. Each mode runs in a fresh process.
