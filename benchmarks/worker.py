@@ -181,13 +181,7 @@ def main(plan_path: str) -> None:
     result["lm_head_copy_bytes_per_row"] = copy = timing.lm_head_copy_bytes(model)
     progress(f"LM-head probe: {copy / 1e6:.0f} MB weight copy per sequence")  # its own peak
     for b in plan.get("decode_batches", []):
-        need = copy * b * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if timing.agreed(need > 0.5 * psutil.virtual_memory().available):
-            result.setdefault("skipped", []).append(
-                f"decode batch {b}: the LM head would copy its weight per sequence "
-                f"({need / 1e9:.1f} GB over this host's ranks; see timing.lm_head_copy_bytes)"
-            )
-            progress(f"decode batch {b}: skipped, {need / 1e9:.1f} GB LM-head weight copies")
+        if _skip_for_lm_head_copies(result, copy, b, f"decode batch {b}"):
             continue
         result["decode"].append(
             timing.decode(model, b, plan["decode_prompt"], plan["decode_tokens"], vocab)
@@ -200,17 +194,27 @@ def main(plan_path: str) -> None:
         from benchmarks import workload
 
         batch = plan["workload"].get("static_batch", 16)
-        need = copy * batch * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if timing.agreed(need > 0.5 * psutil.virtual_memory().available):
-            result.setdefault("skipped", []).append(
-                f"workload: static batches of {batch} would make the LM head copy its weight "
-                f"per sequence ({need / 1e9:.1f} GB over this host's ranks)"
-            )
-            progress(f"workload: skipped, {need / 1e9:.1f} GB LM-head weight copies")
-        else:
+        if not _skip_for_lm_head_copies(
+            result, copy, batch, f"workload (static batches of {batch})"
+        ):
             result["workload"] = workload.run_static(model, plan["workload"], vocab)
             progress(f"workload: {result['workload']['output_tok_s']:.2f} tok/s")
     _finish(plan, result, rank)
+
+
+def _skip_for_lm_head_copies(result: dict, copy_per_row: int, rows: int, what: str) -> bool:
+    """True (noted in ``result``) when the LM head's per-sequence weight copies would not fit."""
+    from benchmarks import timing
+
+    need = copy_per_row * rows * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not timing.agreed(need > 0.5 * psutil.virtual_memory().available):
+        return False
+    result.setdefault("skipped", []).append(
+        f"{what}: the LM head would copy its weight per sequence "
+        f"({need / 1e9:.1f} GB over this host's ranks; see timing.lm_head_copy_bytes)"
+    )
+    progress(f"{what}: skipped, {need / 1e9:.1f} GB LM-head weight copies")
+    return True
 
 
 def _finish(plan: dict, result: dict, rank: int) -> None:
