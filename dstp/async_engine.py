@@ -235,11 +235,11 @@ class EngineDriver:
                     outputs = self._timed("step", self.step_timeout_s, self.engine.step)
                     self._dispatch(outputs)
                     self._snapshot()
-        except BaseException as exc:  # a rank died or the engine broke: fail fast
+        except BaseException as exc:  # the shared forward or a collective failed: fail fast
             if self._stopping.is_set():
                 log.info("engine loop ended while stopping: %s", exc)
             else:
-                self._fail(exc)
+                self._fail(exc, "an engine step or heartbeat raised (shared forward or collective)")
                 return
         self._finish_stop()
 
@@ -352,16 +352,23 @@ class EngineDriver:
                     TimeoutError(
                         f"engine {what} did not return within {call[2] - started:.0f} s: "
                         "a rank is hung or unreachable"
-                    )
+                    ),
+                    "watchdog",
                 )
                 return
             time.sleep(0.5)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, where: str) -> None:
+        """Fatal: every rank's state is suspect. Requests that fail alone never get here."""
         if self.failure is not None:
             return
         self.failure = exc
-        log.error("engine failed (a rank died or hung?): %r; failing in-flight requests", exc)
+        log.error(
+            "engine failed (%s): %r; failing in-flight requests and exiting",
+            where,
+            exc,
+            exc_info=exc if not isinstance(exc, TimeoutError) else None,
+        )
         self._fail_all(RequestFailed(f"engine failed: {exc}"))
         self._ready.set()  # wake start() if it is still waiting
         if self.on_fatal is not None:

@@ -17,14 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from . import attention
-from .detokenizer import Detokenizer
+from .detokenizer import Detokenizer, find_stop, partial_stop_len
 from .distributed import init_tp
 from .inject import shard_model
 from .kv_cache import BlockAllocator, CacheShape, PagedKVCache
-from .sampler import SampleState, make_generator, sample
+from .sampler import Picks, SampleState, make_generator, sample
 from .sampling import CompletionOutput, InvalidRequest, RequestOutput, SamplingParams
 from .scheduler import Request, Schedule, Scheduler, Sequence
 from .step_plan import Command, StepPlan, receive, send_command, send_plan
+from .tokenizer import load_tokenizer
 
 log = logging.getLogger("dstp")
 
@@ -88,15 +89,7 @@ class Engine:
         self.max_model_len = limit
         self.model_name = config.model_name or config.model
 
-        from transformers import AutoTokenizer
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                config.model, trust_remote_code=config.trust_remote_code
-            )
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("no tokenizer in %s (%s): token ids only", config.model, exc)
-            self.tokenizer = None
+        self.tokenizer = load_tokenizer(config.model, config.trust_remote_code)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
 
@@ -130,15 +123,17 @@ class Engine:
         if request_id in sched.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
-            raise InvalidRequest("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})")
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequest(
                 f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "
-                f"{self.max_model_len}: shorten it"
+                f"{self.max_model_len}: shorten it",
+                "prompt",
             )
         params.validate()
+        params.check_against_model(self.vocab_size, self.eos_ids)
         request = Request(request_id, list(prompt_token_ids), params, time.monotonic())
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_ids
@@ -281,55 +276,66 @@ class Engine:
 
     def _process(self, schedule: Schedule, logits: torch.Tensor | None) -> list[RequestOutput]:
         sched = self.scheduler
-        sampled = [item for item in schedule.seqs if item.samples]
+        sampled = [item.seq for item in schedule.seqs if item.samples]
         for item in schedule.seqs:
             sched.advance(item)
         if not sampled:
             return []
-        states, draws = [], []
-        for item in sampled:
-            seq = item.seq
+        draws = []
+        for seq in sampled:
             seq.sample.output_ids = seq.output_ids
-            states.append(seq.sample)
             fork = seq.request.params.n > 1 and not seq.request.forked
             draws.append(seq.request.params.n if fork else 1)
-        picks = sample(logits.cpu(), states, draws)
+        picks = sample(logits.cpu(), [seq.sample for seq in sampled], draws)
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for item, tokens in zip(sampled, picks, strict=True):
-            seq = item.seq
+        for seq, tokens in zip(sampled, picks, strict=True):
             request = seq.request
-            targets = [seq]
-            if len(tokens) > 1:
-                p = request.params
-                children = sched.fork(
-                    seq,
-                    [
-                        SampleState(
-                            p,
-                            request.prompt_ids,
-                            [],
-                            make_generator(p.seed, i),
-                            seq.sample.stop_ids,
-                        )
-                        for i in range(1, p.n)
-                    ],
-                )
-                targets += children
-            for target, (token, logprob) in zip(targets, tokens, strict=True):
-                self._append(target, token, logprob)
+            touched[request.request_id] = request
+            if request.finished:  # an earlier row of this request failed it
+                continue
+            try:
+                if isinstance(tokens, Exception):
+                    raise tokens
+                self._take(seq, tokens)
+            except Exception as exc:  # this request's own failure: the others go on
+                self._fail_request(request, exc)
+                continue
             if request.first_token_time is None:
                 request.first_token_time = now
-            touched[request.request_id] = request
         outputs = []
         for request in touched.values():
+            if request.finished:
+                request.finish_time = now
             out = self._output(request)
             outputs.append(out)
             if out.finished:
-                request.finish_time = now
-                out.finish_time = now
                 sched.pop_finished(request)
         return outputs
+
+    def _take(self, seq: Sequence, tokens: Picks) -> None:
+        """Append a row's sampled tokens; several fork the request into its ``n`` samples."""
+        targets = [seq]
+        if len(tokens) > 1:
+            request, p = seq.request, seq.request.params
+            states = [
+                SampleState(
+                    p, request.prompt_ids, [], make_generator(p.seed, i), seq.sample.stop_ids
+                )
+                for i in range(1, p.n)
+            ]
+            targets += self.scheduler.fork(seq, states)
+        for target, (token, logprob) in zip(targets, tokens, strict=True):
+            self._append(target, token, logprob)
+
+    def _fail_request(self, request: Request, exc: BaseException) -> None:
+        log.error(
+            "request %s failed on its own and is ended; the engine carries on",
+            request.request_id,
+            exc_info=exc,
+        )
+        request.error = f"{type(exc).__name__}: {exc}"
+        self.scheduler.finish_request(request, "error")
 
     def _append(self, seq: Sequence, token: int, logprob) -> None:
         sched = self.scheduler
@@ -337,46 +343,68 @@ class Engine:
         if logprob is not None:
             seq.logprobs.append(logprob)
         params = seq.request.params
-        produced = len(seq.output_ids)
-        seq.text, stop_string = self.detokenizer.update(seq.output_ids, params.stop, len(seq.text))
-        if stop_string is not None:
-            sched.finish(seq, "stop", stop_string)
+        if seq.text_stream is None:
+            seq.text_stream = self.detokenizer.stream(seq.request.prompt_ids)
+        stop = self._extend_text(seq, seq.text_stream.step(token))
+        if stop is not None:
+            sched.finish(seq, "stop", stop)
         elif token in seq.sample.stop_ids:  # the sampler masks these before min_tokens
             sched.finish(seq, "stop", token if token in params.stop_token_ids else None)
-        elif produced >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif len(seq.token_ids) - seq.num_prompt >= params.max_tokens or (
+            len(seq.token_ids) >= self.max_model_len
+        ):
             sched.finish(seq, "length")
-        if seq.finished and stop_string is None:
-            seq.text = self.detokenizer.text(seq.output_ids)  # flush held-back partial characters
+        if seq.finished and stop is None:
+            self._extend_text(seq, seq.text_stream.flush())  # held-back partial characters
+        seq.visible_text = len(seq.text) - partial_stop_len(seq.text, params.stop)
+
+    @staticmethod
+    def _extend_text(seq: Sequence, piece: str) -> str | None:
+        """Add decoded text; cut it at a stop string and return that string, if one ends here."""
+        if not piece:
+            return None
+        start = len(seq.text)
+        seq.text += piece
+        hit = find_stop(seq.text, start, seq.request.params.stop)
+        if hit is None:
+            return None
+        seq.text = seq.text[: hit[0]]
+        return hit[1]
 
     def _output(self, request: Request) -> RequestOutput:
+        """What moved since the last output; running totals only once the request is done."""
+        want_logprobs = request.params.logprobs is not None
+        done = request.finished
         completions = []
         for seq in request.seqs:
-            out_ids = seq.output_ids
-            new_ids = out_ids[seq.sent_tokens :]
-            delta = seq.text[seq.sent_text :]
+            visible = len(seq.text) if seq.finished else seq.visible_text
+            first_new = seq.num_prompt + seq.sent_tokens
+            new_logprobs = seq.logprobs[seq.sent_tokens :] if want_logprobs else None
             completions.append(
                 CompletionOutput(
                     index=seq.index,
-                    token_ids=list(out_ids),
-                    text=seq.text,
-                    new_token_ids=list(new_ids),
-                    delta_text=delta,
-                    logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
+                    token_ids=seq.output_ids if done else [],
+                    text=seq.text if visible == len(seq.text) else seq.text[:visible],
+                    new_token_ids=seq.token_ids[first_new:],
+                    delta_text=seq.text[seq.sent_text : visible],
+                    logprobs=seq.logprobs if want_logprobs and done else None,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
+                    new_logprobs=new_logprobs,
                 )
             )
-            seq.sent_tokens = len(out_ids)
-            seq.sent_text = len(seq.text)
+            seq.sent_tokens = len(seq.token_ids) - seq.num_prompt
+            seq.sent_text = visible
         return RequestOutput(
             request.request_id,
             request.prompt_ids,
             completions,
-            request.finished,
+            done,
             num_cached_tokens=request.num_cached_tokens,
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             finish_time=request.finish_time,
+            error=request.error,
         )
 
 

@@ -65,33 +65,59 @@ def _filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return row
 
 
+class SamplingError(RuntimeError):
+    """One row cannot be sampled; it fails its own request only."""
+
+
+Picks = list[tuple[int, TokenLogprob | None]]
+
+
 def sample(
     logits: torch.Tensor, states: list[SampleState], draws: list[int] | None = None
-) -> list[list[tuple[int, TokenLogprob | None]]]:
-    """Sample ``draws[i]`` tokens (default 1) for each row; returns per-row [(token, logprob)]."""
+) -> list[Picks | Exception]:
+    """Sample ``draws[i]`` tokens (default 1) for each row; returns per-row [(token, logprob)].
+
+    A row that fails (non-finite logits, every token masked, any error while
+    sampling it) gives its exception in place of its picks: the failure belongs
+    to that row's request, and the other rows are still sampled.
+    """
     logits = logits.float()
     raw_logprobs = (
         torch.log_softmax(logits, dim=-1)
         if any(s.params.logprobs is not None for s in states)
         else None
     )
-    results = []
+    broken = (logits.isnan() | logits.isposinf()).any(dim=-1).tolist()
+    results: list[Picks | Exception] = []
     for i, state in enumerate(states):
-        p = state.params
-        row = logits[i].clone()
-        if len(state.output_ids) < p.min_tokens and state.stop_ids:
-            row[list(state.stop_ids)] = float("-inf")
-        row = _penalise(row, state)
-        picks = []
-        for _ in range(draws[i] if draws else 1):
-            if p.greedy:
-                token = int(row.argmax())
-            else:
-                probs = torch.softmax(_filter(row, p), dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=state.generator))
-            picks.append((token, _logprob(raw_logprobs, i, token, p.logprobs)))
-        results.append(picks)
+        try:
+            if broken[i]:
+                raise SamplingError("the model produced non-finite logits (NaN or +inf)")
+            results.append(_sample_row(logits[i], raw_logprobs, i, state, draws[i] if draws else 1))
+        except Exception as exc:  # isolated to this row's request
+            results.append(exc)
     return results
+
+
+def _sample_row(
+    logits: torch.Tensor, raw_logprobs: torch.Tensor | None, i: int, state: SampleState, draws: int
+) -> Picks:
+    p = state.params
+    row = logits.clone()
+    if len(state.output_ids) < p.min_tokens and state.stop_ids:
+        row[list(state.stop_ids)] = float("-inf")
+    row = _penalise(row, state)
+    if not bool(row.max() > float("-inf")):
+        raise SamplingError("every token is masked (stop_token_ids before min_tokens?)")
+    picks = []
+    for _ in range(draws):
+        if p.greedy:
+            token = int(row.argmax())
+        else:
+            probs = torch.softmax(_filter(row, p), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=state.generator))
+        picks.append((token, _logprob(raw_logprobs, i, token, p.logprobs)))
+    return picks
 
 
 def _logprob(raw: torch.Tensor | None, row: int, token: int, k: int | None) -> TokenLogprob | None:

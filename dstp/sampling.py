@@ -13,11 +13,20 @@ from dataclasses import dataclass, field
 class InvalidRequest(ValueError):
     """A request parameter is out of range; the message names it and the valid range."""
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# Below this temperature sampling is greedy (vLLM's rule): dividing logits by a
+# smaller number overflows to inf and the softmax to NaN.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_TEMPERATURE: greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: off
     min_p: float = 0.0
@@ -34,6 +43,10 @@ class SamplingParams:
 
     MAX_N = 16
     MAX_LOGPROBS = 20
+    MAX_STOP = 8
+    MAX_STOP_CHARS = 256  # a held-back partial match is searched for every step
+    # Finite bounds keep penalised logits finite (logits / 1e-300 is inf).
+    REPETITION_PENALTY_RANGE = (0.01, 10.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,73 +55,74 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     def validate(self) -> None:
-        def check(ok: bool, message: str) -> None:
+        """Range checks that need no model; each error names its parameter and range."""
+        for ok, param, message in self._checks():
             if not ok:
-                raise InvalidRequest(message)
+                raise InvalidRequest(
+                    f"{param} must be {message}, got {getattr(self, param)!r}", param
+                )
 
-        check(
-            _is_int(self.max_tokens) and self.max_tokens >= 1,
-            f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
+    def _checks(self):
+        n, lp = self.MAX_N, self.MAX_LOGPROBS
+        rp_low, rp_high = self.REPETITION_PENALTY_RANGE
+        yield _is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"
+        yield _in(self.temperature, 0.0, 2.0), "temperature", "a number in [0, 2]"
+        yield _in(self.top_p, 0.0, 1.0) and self.top_p > 0, "top_p", "a number in (0, 1]"
+        yield _is_int(self.top_k) and self.top_k >= -1, "top_k", "-1 (off) or an integer >= 1"
+        yield _in(self.min_p, 0.0, 1.0), "min_p", "a number in [0, 1]"
+        yield (
+            _in(self.repetition_penalty, rp_low, rp_high),
+            "repetition_penalty",
+            f"a number in [{rp_low}, {rp_high}]",
         )
-        check(
-            _is_num(self.temperature) and 0.0 <= self.temperature <= 2.0,
-            f"temperature must be in [0, 2], got {self.temperature!r}",
-        )
-        check(
-            _is_num(self.top_p) and 0.0 < self.top_p <= 1.0,
-            f"top_p must be in (0, 1], got {self.top_p!r}",
-        )
-        check(
-            _is_int(self.top_k) and (self.top_k >= -1),
-            f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}",
-        )
-        check(
-            _is_num(self.min_p) and 0.0 <= self.min_p <= 1.0,
-            f"min_p must be in [0, 1], got {self.min_p!r}",
-        )
-        check(
-            _is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
-            f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}",
-        )
-        check(
-            _is_num(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
-            f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}",
-        )
-        check(
-            _is_num(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
-            f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}",
-        )
-        check(
-            self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}"
-        )
-        check(
-            _is_int(self.n) and 1 <= self.n <= self.MAX_N,
-            f"n must be an integer in [1, {self.MAX_N}], got {self.n!r}",
-        )
-        check(
+        yield _in(self.presence_penalty, -2.0, 2.0), "presence_penalty", "a number in [-2, 2]"
+        yield _in(self.frequency_penalty, -2.0, 2.0), "frequency_penalty", "a number in [-2, 2]"
+        yield self.seed is None or _is_int(self.seed), "seed", "an integer"
+        yield _is_int(self.n) and 1 <= self.n <= n, "n", f"an integer in [1, {n}]"
+        yield (
             isinstance(self.stop, list)
-            and all(isinstance(s, str) and s for s in self.stop)
-            and len(self.stop) <= 8,
-            "stop must be a non-empty string or a list of at most 8 non-empty strings",
+            and len(self.stop) <= self.MAX_STOP
+            and all(isinstance(s, str) and 0 < len(s) <= self.MAX_STOP_CHARS for s in self.stop),
+            "stop",
+            f"a string or a list of at most {self.MAX_STOP} strings, each of 1 to "
+            f"{self.MAX_STOP_CHARS} characters",
         )
-        check(
+        yield (
             isinstance(self.stop_token_ids, list)
             and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-            "stop_token_ids must be a list of non-negative integers",
+            "stop_token_ids",
+            "a list of non-negative integers",
         )
-        check(isinstance(self.ignore_eos, bool), "ignore_eos must be a boolean")
-        check(
+        yield isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean"
+        yield (
             _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
-            f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}",
+            "min_tokens",
+            "an integer in [0, max_tokens]",
         )
-        check(
-            self.logprobs is None
-            or (_is_int(self.logprobs) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
-            f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}",
+        yield (
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= lp),
+            "logprobs",
+            f"an integer in [0, {lp}]",
         )
+
+    def check_against_model(self, vocab_size: int, eos_ids: frozenset[int]) -> None:
+        """Checks that need the model: token ids exist, and min_tokens leaves a token to draw."""
+        outside = [t for t in self.stop_token_ids if t >= vocab_size]
+        if outside:
+            raise InvalidRequest(
+                f"stop_token_ids must be token ids in [0, {vocab_size}), got {outside[:5]}",
+                "stop_token_ids",
+            )
+        masked = set(self.stop_token_ids) | (set() if self.ignore_eos else eos_ids)
+        if self.min_tokens and len(masked) >= vocab_size:
+            raise InvalidRequest(
+                "stop_token_ids (with EOS) cover the whole vocabulary, so no token can be "
+                "drawn before min_tokens; drop some ids or set min_tokens to 0",
+                "stop_token_ids",
+            )
 
 
 def _is_int(value: object) -> bool:
@@ -117,6 +131,10 @@ def _is_int(value: object) -> bool:
 
 def _is_num(value: object) -> bool:
     return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _in(value: object, low: float, high: float) -> bool:
+    return _is_num(value) and low <= value <= high
 
 
 @dataclass
@@ -128,16 +146,23 @@ class TokenLogprob:
 
 @dataclass
 class CompletionOutput:
-    """One of the ``n`` samples of a request, as it stands after a step."""
+    """One of the ``n`` samples of a request, as it stands after a step.
+
+    Each step's output carries what is new (``new_token_ids``, ``delta_text``,
+    ``new_logprobs``); the running totals ``token_ids`` and ``logprobs`` are
+    filled on the final output only, so a long generation copies nothing per
+    step. ``text`` is always the text so far: the deltas concatenate to it.
+    """
 
     index: int
-    token_ids: list[int]  # every generated token so far
+    token_ids: list[int]  # every generated token (final output only)
     text: str  # detokenised generated text so far (stop string excluded)
     new_token_ids: list[int] = field(default_factory=list)  # since the previous output
     delta_text: str = ""  # text added since the previous output
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    logprobs: list[TokenLogprob] | None = None  # every token's (final output only)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    new_logprobs: list[TokenLogprob] | None = None  # of new_token_ids
 
     @property
     def finished(self) -> bool:
@@ -156,3 +181,4 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    error: str | None = None  # why the request failed (finish_reason "error"), for the log

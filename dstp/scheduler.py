@@ -20,6 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .detokenizer import TextStream
 from .kv_cache import BlockAllocator, chain_hash
 from .sampler import SampleState
 from .sampling import SamplingParams
@@ -40,6 +41,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     text: str = ""  # detokenised output so far (kept by the engine)
+    text_stream: TextStream | None = None  # the engine's incremental detokeniser
+    visible_text: int = 0  # characters of text that cannot be part of a stop string
     sent_tokens: int = 0  # output tokens already reported
     sent_text: int = 0  # characters of text already reported
     logprobs: list = field(default_factory=list)
@@ -68,6 +71,7 @@ class Request:
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
+    error: str | None = None  # set when the request failed on its own (finish_reason "error")
 
     @property
     def finished(self) -> bool:
@@ -152,13 +156,16 @@ class Scheduler:
 
     def abort(self, request_id: str) -> Request | None:
         request = self.requests.get(request_id)
-        if request is None:
-            return None
+        if request is not None:
+            self.finish_request(request, "abort")
+        return request
+
+    def finish_request(self, request: Request, reason: str) -> None:
+        """End every unfinished sample of ``request`` (abort, error); no fork will come."""
         for seq in request.seqs:
             if not seq.finished:
-                self.finish(seq, "abort")
-        request.forked = True  # no fork will come
-        return request
+                self.finish(seq, reason)
+        request.forked = True
 
     def pop_finished(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)

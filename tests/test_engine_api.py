@@ -93,7 +93,62 @@ def test_partial_characters_are_flushed_at_the_end(engine):
     out = engine.generate(
         [[1, 50, 60]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     )[0].outputs[0]
-    full = engine.detokenizer.text(out.token_ids)
+    full = engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     assert out.text == full
-    text, _ = engine.detokenizer.update([lead], [], 0)
-    assert text == "" and engine.detokenizer.text([lead]) != ""
+    stream = engine.detokenizer.stream([1, 50, 60])
+    assert stream.step(lead) == ""  # held while the character is incomplete
+    assert stream.flush() == engine.tokenizer.decode([lead]) != ""
+
+
+def _finish_all(engine) -> dict:
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    return finals
+
+
+class _BrokenStream:
+    def step(self, token_id: int) -> str:
+        raise RuntimeError("detokenizer broke")
+
+    def flush(self) -> str:
+        return ""
+
+
+def test_a_request_that_fails_on_its_own_ends_alone(engine):
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ids = engine.tokenizer.encode(PROMPT)
+    for rid in ("a", "bad", "c"):
+        engine.add_request(rid, ids, params)
+    engine.step()  # prefill, first tokens
+    engine.scheduler.requests["bad"].seqs[0].text_stream = _BrokenStream()
+    finals = _finish_all(engine)
+    assert finals["bad"].outputs[0].finish_reason == "error"
+    assert "detokenizer broke" in finals["bad"].error
+    assert [finals[r].outputs[0].finish_reason for r in "ac"] == ["length", "length"]
+    assert finals["a"].outputs[0].text == finals["c"].outputs[0].text != ""
+    assert engine.scheduler.allocator.all_free()
+
+
+def test_non_finite_logits_fail_their_request_only(engine, monkeypatch):
+    real, calls = engine._execute, []
+
+    def first_row_nan_once(plan):
+        logits = real(plan).clone()
+        if not calls:
+            logits[0] = float("nan")
+        calls.append(1)
+        return logits
+
+    monkeypatch.setattr(engine, "_execute", first_row_nan_once)
+    params = SamplingParams(max_tokens=6, temperature=0.7, seed=1, ignore_eos=True, n=2)
+    ids = engine.tokenizer.encode(PROMPT)
+    engine.add_request("nan", ids, params)
+    engine.add_request("ok", ids, params)
+    finals = _finish_all(engine)
+    assert [c.finish_reason for c in finals["nan"].outputs] == ["error"]
+    assert "non-finite" in finals["nan"].error
+    assert [c.finish_reason for c in finals["ok"].outputs] == ["length", "length"]
+    assert engine.scheduler.allocator.all_free()

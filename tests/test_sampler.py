@@ -117,8 +117,47 @@ def test_logprobs_report_raw_distribution():
         (dict(min_tokens=20, max_tokens=4), "min_tokens"),
         (dict(logprobs=99), "logprobs"),
         (dict(seed="x"), "seed"),
+        (dict(repetition_penalty=1e-300), "repetition_penalty"),
+        (dict(repetition_penalty=11), "repetition_penalty"),
+        (dict(presence_penalty=float("inf")), "presence_penalty"),
+        (dict(temperature=2.5), "temperature"),
+        (dict(stop=["x" * 257]), "stop"),
     ],
 )
 def test_invalid_parameters_name_the_field(kwargs, field):
-    with pytest.raises(InvalidRequest, match=field):
+    with pytest.raises(InvalidRequest, match=field) as info:
         SamplingParams(**kwargs)
+    assert info.value.param == field
+
+
+def test_parameters_are_checked_against_the_model():
+    with pytest.raises(InvalidRequest, match=r"\[0, 100\)") as info:
+        SamplingParams(stop_token_ids=[5, 2**63]).check_against_model(100, frozenset({2}))
+    assert info.value.param == "stop_token_ids"
+    every = SamplingParams(stop_token_ids=list(range(99)), min_tokens=1)
+    with pytest.raises(InvalidRequest, match="whole vocabulary"):
+        every.check_against_model(100, frozenset({99}))
+    every.ignore_eos = True
+    every.check_against_model(100, frozenset({99}))  # EOS is not masked then
+
+
+def test_tiny_temperatures_are_greedy():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 0.5]]) * 1e3
+    for temperature in (1e-300, 5e-324, 1e-6):
+        p = SamplingParams(temperature=temperature)
+        assert p.greedy
+        assert sample(logits, [SampleState(p, [0], [], make_generator(1, 0))])[0] == [(1, None)]
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    logits = torch.randn(4, 16)
+    logits[1, 3] = float("nan")
+    logits[2, 7] = float("inf")
+    p = SamplingParams(temperature=0.8)
+    masked = SampleState(p, [0], [], make_generator(0, 0), stop_ids=frozenset(range(16)))
+    masked.params = SamplingParams(temperature=0.8, min_tokens=1)
+    states = [SampleState(p, [0], [], make_generator(i, 0)) for i in range(3)] + [masked]
+    results = sample(logits, states)
+    assert isinstance(results[0], list) and len(results[0]) == 1
+    assert [type(r).__name__ for r in results[1:]] == ["SamplingError"] * 3
+    assert "non-finite" in str(results[1]) and "masked" in str(results[3])
