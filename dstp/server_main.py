@@ -29,6 +29,8 @@ import time
 log = logging.getLogger("dstp")
 
 _MIB = 1024 * 1024
+# dstp.server's numbers (tests check they agree); importing it would load Flask on every rank
+_RESERVE_THREADS, _FAST_THREADS, _IDLE_S, _DRAIN_MAX_MIB = 16, 4, 30, 256
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -132,19 +134,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queued-requests",
         type=int,
         default=256,
-        help="requests in flight (running + waiting) before new ones get 429 + Retry-After",
+        help="admission limit: generation requests in flight at once (running or waiting "
+        "for the engine); beyond it a request gets 429 + Retry-After at once. Each admitted "
+        "request holds an HTTP thread until its answer is written, so this also sizes the "
+        "thread pool (--http-threads)",
     )
     h.add_argument(
         "--max-body-bytes",
         type=int,
         default=4 * _MIB,
-        help="largest request body; larger ones get 413",
+        help="largest request body; a larger one gets a JSON 413 once it has been read "
+        f"(and dropped) to its end, up to {_DRAIN_MAX_MIB} MiB; beyond that the connection "
+        "closes right after the 413 (request headers: 64 KiB at most, else 431)",
     )
     h.add_argument(
         "--http-threads",
         type=int,
-        default=64,
-        help="HTTP worker threads (a streaming response holds one for its whole duration)",
+        default=None,
+        help=f"HTTP worker threads. Default: --max-queued-requests + {_RESERVE_THREADS}, "
+        "which lets the admission limit, not the threads, bound the work: every admitted "
+        "request (streaming or not) holds one thread until its last byte is written, and "
+        f"the {_RESERVE_THREADS} spare ones answer rejections (429, 4xx) and quick requests. "
+        f"A smaller value lowers the admission limit to it minus {_RESERVE_THREADS} (with a "
+        "warning) so that 429 still engages before the threads run out. GET /health, "
+        f"/metrics and /v1/models have {_FAST_THREADS} threads of their own and answer "
+        "however busy generation is",
+    )
+    h.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may take to send one whole request (headers and body, from "
+        "its first byte); a slower one is disconnected, so a client trickling bytes cannot "
+        f"hold a connection. Also: an idle keep-alive connection closes after {_IDLE_S} s, "
+        f"and at most 2 x (HTTP threads + {_FAST_THREADS}) connections (100 at least) are "
+        "open at once; more wait to be accepted",
     )
 
     r = parser.add_argument_group("liveness")
@@ -235,6 +259,8 @@ def main(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(args.log_level, rank)
+    if not _size_http_pool(args, warn=rank == 0):
+        return 1
     if rank != 0:
         # Rank 0 coordinates a stop: it fails in-flight requests, then releases
         # us through the engine. Launchers signal every rank at once, and a
@@ -259,12 +285,18 @@ def _run(args: argparse.Namespace) -> int:
 
     lazy = server = None
     if rank == 0:
-        from .server import LazyApp, make_wsgi_server
+        from .server import LazyApp, connection_limit, make_wsgi_server
 
         lazy = LazyApp()
+        _raise_fd_limit(connection_limit(args.http_threads) + 256)
         try:  # bind before loading: a taken port fails in seconds, not after the load
             server = make_wsgi_server(
-                lazy, args.host, args.port, args.http_threads, args.max_body_bytes
+                lazy,
+                args.host,
+                args.port,
+                args.http_threads,
+                args.max_body_bytes,
+                request_read_timeout_s=args.request_read_timeout,
             )
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
@@ -296,6 +328,7 @@ def _serve(args, engine, server, lazy, model: str, random_model: bool) -> int:
     from .async_engine import EngineDriver, EngineUnavailable
     from .default_model import DEFAULT_MODEL_ID
     from .server import ServerConfig, create_app
+    from .tokenizer import load_tokenizer
 
     stop = threading.Event()
     fatal: list[BaseException] = []
@@ -321,7 +354,7 @@ def _serve(args, engine, server, lazy, model: str, random_model: bool) -> int:
     name = args.served_model_name or (
         DEFAULT_MODEL_ID if random_model else getattr(engine, "model_name", None) or model
     )
-    tokenizer = engine.tokenizer
+    tokenizer = load_tokenizer(model, args.trust_remote_code)  # the HTTP threads' own copy
     config = ServerConfig(
         model_name=name,
         max_model_len=engine.max_model_len,
@@ -368,6 +401,49 @@ def _serve(args, engine, server, lazy, model: str, random_model: bool) -> int:
         logging.shutdown()
         os._exit(code)  # peers are gone: an exit-time barrier would only wait for them
     return code
+
+
+def _size_http_pool(args: argparse.Namespace, warn: bool) -> bool:
+    """Derive --http-threads from the admission limit, or the limit from explicit threads."""
+    if args.max_queued_requests < 1:
+        log.error("--max-queued-requests must be at least 1")
+        return False
+    if args.http_threads is None:
+        args.http_threads = args.max_queued_requests + _RESERVE_THREADS  # server.http_threads
+        return True
+    room = args.http_threads - _RESERVE_THREADS
+    if room < 1:
+        log.error("--http-threads must be at least %d", _RESERVE_THREADS + 1)
+        return False
+    if args.max_queued_requests > room:
+        if warn:
+            log.warning(
+                "--http-threads %d leaves threads for %d admitted requests (%d are spare): "
+                "lowering --max-queued-requests from %d to %d so that 429 engages first",
+                args.http_threads,
+                room,
+                _RESERVE_THREADS,
+                args.max_queued_requests,
+                room,
+            )
+        args.max_queued_requests = room
+    return True
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Every open connection is a file descriptor: lift a low soft limit (often 1024)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= needed:
+            return
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            log.warning("open-file limit %d is below the %d connections may need", target, needed)
+    except (ImportError, OSError, ValueError) as exc:
+        log.warning("could not raise the open-file limit: %s", exc)
 
 
 FOLLOWER_GRACE_S = 20.0

@@ -86,6 +86,7 @@ class ParsedRequest:
     include_usage: bool = False
     echo: bool = False
     logprobs: int | None = None  # top alternatives to report; None: no logprobs
+    prompt_text: str | None = None  # the prompt as sent, when it was text (for echo)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,6 +97,22 @@ def _is_int(v: object) -> bool:
 
 def _is_num(v: object) -> bool:
     return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _valid_text(text: str, param: str, what: str | None = None) -> str:
+    """``text`` if the tokenizer can take it; 400 for an unpaired surrogate (JSON "\\ud800")."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad(
+                f"{what or repr(param)} contains an unpaired UTF-16 surrogate "
+                f"(U+{ord(text[exc.start]):04X} at character {exc.start}); "
+                "text must be valid Unicode",
+                param=param,
+                code="invalid_unicode",
+            ) from None
+    return text
 
 
 def _expect(body: dict, name: str, ok: bool, what: str) -> None:
@@ -130,6 +147,8 @@ def _check_types(body: dict) -> None:
             or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
             "a string or a list of strings",
         )
+        for s in [stop] if isinstance(stop, str) else stop:
+            _valid_text(s, "stop")
     if body.get("stop_token_ids") is not None:
         ids = body["stop_token_ids"]
         _expect(
@@ -192,8 +211,7 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingPara
     try:
         return SamplingParams(**kwargs)
     except InvalidRequest as exc:
-        param = str(exc).split(" ", 1)[0]
-        raise bad(str(exc), param=param if param in kwargs else None) from None
+        raise bad(str(exc), param=exc.param) from None
 
 
 def _fit_context(prompt_len: int, requested: int | None, default: int | None, limit: int) -> int:
@@ -249,7 +267,7 @@ def parse_completion(body: dict, encode, vocab_size: int, max_model_len: int) ->
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        ids = encode(prompt)
+        ids = encode(_valid_text(prompt, "prompt"))
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         ids = _check_token_ids(prompt, "prompt", vocab_size)
     elif isinstance(prompt, list) and len(prompt) > 1:
@@ -269,7 +287,8 @@ def parse_completion(body: dict, encode, vocab_size: int, max_model_len: int) ->
     max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
     stream, include_usage = _stream_flags(body)
     params = _sampling(body, max_tokens, logprobs)
-    return ParsedRequest(ids, params, stream, include_usage, echo, logprobs)
+    text = prompt if isinstance(prompt, str) else None
+    return ParsedRequest(ids, params, stream, include_usage, echo, logprobs, prompt_text=text)
 
 
 def _message_text(i: int, message: object) -> dict:
@@ -294,8 +313,9 @@ def _message_text(i: int, message: object) -> dict:
     if not isinstance(content, str):
         raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
     out = {"role": "system" if role == "developer" else role, "content": content}
+    _valid_text(content, "messages", f"messages[{i}].content")
     if isinstance(message.get("name"), str):
-        out["name"] = message["name"]
+        out["name"] = _valid_text(message["name"], "messages", f"messages[{i}].name")
     return out
 
 

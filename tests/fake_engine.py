@@ -200,6 +200,7 @@ class FakeEngine:
                     logprobs=logprobs,
                     finish_reason=s.finish,
                     stop_reason=s.stop_reason,
+                    new_logprobs=logprobs[s.sent_tokens :] if logprobs is not None else None,
                 )
             )
             s.sent_tokens, s.sent_text = len(s.out), len(s.text)

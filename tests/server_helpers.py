@@ -48,10 +48,14 @@ class InProcessServer:
     _thread: threading.Thread
 
     @classmethod
-    def start(cls, app, threads: int = 48, max_body_bytes: int = 4 << 20) -> InProcessServer:
+    def start(
+        cls, app, threads: int = 48, max_body_bytes: int = 4 << 20, **limits
+    ) -> InProcessServer:
+        """``threads``: size it as production does, ``http_threads(admission limit)``;
+        ``limits``: make_wsgi_server's keyword arguments (read / idle timeouts)."""
         from dstp.server import make_wsgi_server, pump_once
 
-        server = make_wsgi_server(app, "127.0.0.1", 0, threads, max_body_bytes)
+        server = make_wsgi_server(app, "127.0.0.1", 0, threads, max_body_bytes, **limits)
         stop = threading.Event()
 
         def loop() -> None:

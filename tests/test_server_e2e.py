@@ -4,7 +4,8 @@ One server for the whole module (stories260k at fp32, TP=2). The official
 ``openai`` client calls completions and chat completions, streaming and not;
 greedy text must equal Hugging Face ``generate`` and dstp's engine at TP=1.
 Then 40 concurrent clients mixing valid and invalid requests, a mid-stream
-disconnect, and last: killing rank 1 must end the launcher non-zero in < 60 s.
+disconnect, the admission limit saturated with long streams (429 beyond it, /health and
+/metrics still < 1 s), and last: killing rank 1 must end the launcher non-zero in < 60 s.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ PROMPTS = [
     "There was a cat named Tim who liked to",
 ]
 MAX_TOKENS = 24
+ADMISSION_LIMIT = 32  # > the 30 valid requests test_concurrent_clients_mixed sends at once
 CHAT = [{"role": "user", "content": "Tell me a story about a frog."}]
 
 
@@ -74,6 +76,8 @@ def server(model_dir, tmp_path_factory):
         "0.02",
         "--heartbeat-interval",
         "0.5",
+        "--max-queued-requests",  # small, so the pressure test can saturate it (48 threads)
+        str(ADMISSION_LIMIT),
     ]
     proc = ServerProcess(cmd, port, tmp_path_factory.mktemp("logs") / "server.log")
     try:
@@ -278,6 +282,62 @@ def test_disconnect_mid_stream_frees_blocks(url):
     m = _metrics(url)
     assert m["dstp_kv_cache_free_blocks"] == m["dstp_kv_cache_blocks"]
     assert m["dstp_generation_tokens_total"] > 0
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_admission_limit_and_fast_health_under_saturated_generation(url):
+    """Every admitted request a long stream: one more gets 429 + Retry-After at once, and
+    /health and /metrics answer in < 1 s while generation runs flat out."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(
+        {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    ).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    socks = []
+    latencies: dict[str, list[float]] = {"/health": [], "/metrics": [], "429": []}
+    try:
+        for _ in range(ADMISSION_LIMIT):  # not read: the server's socket buffers take it
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(head + body)
+            socks.append(sock)
+        assert wait_until(
+            lambda: _metrics(url)["dstp_num_requests_in_flight"] == ADMISSION_LIMIT, 30
+        )
+        before = _metrics(url)
+        for _ in range(5):
+            for path in ("/health", "/metrics"):
+                t0 = time.monotonic()
+                resp = requests.get(f"{url}{path}", timeout=10)
+                latencies[path].append(time.monotonic() - t0)
+                assert resp.status_code == 200
+            t0 = time.monotonic()
+            resp = requests.post(
+                f"{url}/v1/completions", json={"prompt": "Mom said", "max_tokens": 8}, timeout=10
+            )
+            latencies["429"].append(time.monotonic() - t0)
+            assert resp.status_code == 429, resp.text
+            assert int(resp.headers["Retry-After"]) >= 1
+            assert resp.json()["error"]["code"] == "queue_full"
+            time.sleep(0.2)
+        after = _metrics(url)
+        assert after["dstp_num_requests_in_flight"] == ADMISSION_LIMIT  # saturated throughout
+        assert after["dstp_num_requests_running"] > 0
+        assert after["dstp_generation_tokens_total"] > before["dstp_generation_tokens_total"]
+        print(
+            "under saturation, max latency: "
+            + ", ".join(f"{k} {max(v) * 1000:.0f} ms" for k, v in latencies.items())
+        )
+        for kind, values in latencies.items():
+            assert max(values) < 1.0, (kind, values)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert wait_until(lambda: _metrics(url)["dstp_num_requests_in_flight"] == 0, 30)
+    m = _metrics(url)
+    assert m["dstp_kv_cache_free_blocks"] == m["dstp_kv_cache_blocks"]
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
 
 

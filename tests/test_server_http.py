@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -22,7 +25,7 @@ import requests
 from dstp.async_engine import EngineDriver
 from dstp.default_model import build_tokenizer
 from dstp.sampling import SamplingParams
-from dstp.server import ServerConfig, create_app
+from dstp.server import ServerConfig, create_app, http_threads
 from tests.fake_engine import FakeEngine
 from tests.server_helpers import InProcessServer, parse_metrics, sse_events, wait_until
 
@@ -39,7 +42,9 @@ def _serve(engine, **config):
         **config,
     )
     server = InProcessServer.start(
-        create_app(driver, engine.tokenizer, cfg), max_body_bytes=cfg.max_body_bytes
+        create_app(driver, engine.tokenizer, cfg),
+        threads=http_threads(driver.max_queued_requests),  # sized as in production
+        max_body_bytes=cfg.max_body_bytes,
     )
     return driver, server
 
@@ -317,6 +322,203 @@ def test_malformed_bodies(main):
     assert resp.status_code == 405 and "error" in resp.json()
     with pytest.raises(openai.BadRequestError):
         _client(url).completions.create(model="fake-model", prompt="x", max_tokens=-3)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonp",
+    ],
+)
+def test_non_json_content_type_415(main, content_type):
+    """What a web page can send cross-site without a CORS preflight is refused."""
+    _, _, url = main
+    headers = {"Content-Type": content_type} if content_type else {}
+    data = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    for path in ("/v1/completions", "/v1/chat/completions", "/generate"):
+        req = requests.Request("POST", f"{url}{path}", data=data, headers=headers).prepare()
+        if content_type is None:
+            req.headers.pop("Content-Type", None)
+        resp = requests.Session().send(req, timeout=10)
+        assert resp.status_code == 415, (path, resp.text)
+        err = resp.json()["error"]
+        assert err["code"] == "unsupported_media_type" and "application/json" in err["message"]
+
+
+def test_json_content_type_with_parameters_accepted(main):
+    _, _, url = main
+    resp = requests.post(
+        f"{url}/v1/completions",
+        data=json.dumps({"prompt": "x", "max_tokens": 1}),
+        headers={"Content-Type": "Application/JSON; charset=utf-8"},
+        timeout=10,
+    )
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("depth", [65, 3000, 100_000])
+def test_deeply_nested_json_400(main, depth):
+    _, _, url = main
+    for raw in (
+        "[" * depth + "]" * depth,
+        '{"prompt": "x", "stop": ' + "[" * depth + "]" * depth + "}",
+        '{"prompt": "x", "user": ' + '{"a":' * depth + "1" + "}" * depth + "}",
+    ):
+        resp = requests.post(
+            f"{url}/v1/completions",
+            data=raw,
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert resp.status_code == 400, resp.text[:300]
+        err = resp.json()["error"]
+        assert err["code"] == "json_too_deep" and "nested too deeply" in err["message"]
+
+
+LONE_SURROGATES = [  # raw JSON text: the escape reaches the server as written
+    ("/v1/completions", r'{"prompt": "\ud800"}', "prompt"),
+    ("/v1/completions", r'{"prompt": ["ab\udfffc"]}', "prompt"),
+    ("/v1/completions", r'{"prompt": "x", "stop": "\udc00"}', "stop"),
+    ("/v1/completions", r'{"prompt": "x", "stop": ["ok", "a\ud83d"]}', "stop"),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "\ud800"}]}', "messages"),
+    (
+        "/v1/chat/completions",
+        r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}',
+        "messages",
+    ),
+    (
+        "/v1/chat/completions",
+        r'{"messages": [{"role": "user", "content": "hi", "name": "\udbff"}]}',
+        "messages",
+    ),
+    ("/generate", r'{"prompt_token_ids": [5, 6], "stop": "\ud800"}', "stop"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), LONE_SURROGATES)
+def test_lone_surrogate_400(main, path, raw, param):
+    _, _, url = main
+    resp = requests.post(
+        f"{url}{path}", data=raw, headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and "surrogate" in err["message"], err
+
+
+def test_surrogate_pair_is_fine(main):
+    """A correctly escaped astral character (a surrogate *pair*) is ordinary text."""
+    _, _, url = main
+    resp = requests.post(
+        f"{url}/v1/completions",
+        data=r'{"prompt": "smile \ud83d\ude00", "max_tokens": 2, "stop": "\ud83d\ude00"}',
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert resp.status_code == 200, resp.text
+
+
+def test_internal_error_is_generic_with_id(main, caplog, monkeypatch):
+    """A bug answers 500 with an id; its text and traceback go to the log only."""
+    engine, driver, url = main
+    secret = "secret-internal-detail-42"
+
+    def broken_add(*_args, **_kwargs):
+        raise RuntimeError(secret)
+
+    monkeypatch.setattr(engine, "add_request", broken_add)
+    with caplog.at_level("ERROR", logger="dstp"):
+        resp = requests.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=10)
+    assert resp.status_code == 500
+    err = resp.json()["error"]
+    assert secret not in resp.text and "RuntimeError" not in resp.text
+    assert err["type"] == "server_error" and err["code"] == "internal_error"
+    error_id = re.search(r"err-[0-9a-f]{12}", err["message"]).group(0)
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and logged[0].exc_info and secret in str(logged[0].exc_info[1])
+    assert wait_until(lambda: driver.num_in_flight == 0, 5)
+
+
+def test_internal_error_mid_stream_is_generic(main, caplog, monkeypatch):
+    import dstp.server
+
+    _, _, url = main
+    secret = "secret-stream-detail-7"
+
+    def broken(_reason):
+        raise KeyError(secret)
+
+    monkeypatch.setattr(dstp.server, "_finish_reason", broken)
+    with caplog.at_level("ERROR", logger="dstp"):
+        resp = requests.post(
+            f"{url}/v1/completions",
+            json={"prompt": "x", "max_tokens": 3, "stream": True},
+            stream=True,
+            timeout=10,
+        )
+        events = sse_events(resp.iter_lines())
+    assert resp.status_code == 200 and secret not in json.dumps(events)
+    err = events[-1]["error"]
+    assert err["code"] == "internal_error"
+    error_id = re.search(r"err-[0-9a-f]{12}", err["message"]).group(0)
+    assert any(error_id in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_huge_body_gets_json_413_every_client_reads(main):
+    """64 MiB against the 4 MiB limit: urllib and requests (which send the whole body before
+    reading) get the JSON 413, also chunked; with Expect: 100-continue it comes at once."""
+    _, _, url = main
+    big = b"x" * (64 << 20)
+
+    def check(status: int, payload: bytes) -> None:
+        assert status == 413, payload[:200]
+        assert json.loads(payload)["error"]["code"] == "body_too_large"
+
+    req = urllib.request.Request(
+        f"{url}/v1/completions", data=big, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    check(info.value.code, info.value.read())
+
+    resp = requests.post(
+        f"{url}/v1/completions", data=big, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    check(resp.status_code, resp.content)
+
+    chunks = (big[i : i + (1 << 20)] for i in range(0, len(big), 1 << 20))  # chunked upload
+    resp = requests.post(
+        f"{url}/v1/completions",
+        data=chunks,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    check(resp.status_code, resp.content)
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n"
+            "Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            f"Content-Length: {len(big)}\r\n\r\n".encode()
+        )
+        got = b""
+        while b"\r\n\r\n" not in got or not got.endswith(b"}}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    head, _, payload = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"100 Continue" not in head, got[:200]
+    check(413, payload)
+
+    resp = requests.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+    assert resp.status_code == 200  # unharmed
 
 
 def test_errors_counted_by_status(main):
