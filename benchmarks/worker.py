@@ -120,7 +120,7 @@ def run_engine(plan: dict, result: dict) -> None:
     result["memory"] = sampler.report()
     result["threads"] = torch.get_num_threads()
     result["affinity"] = sorted(os.sched_getaffinity(0))
-    vocab = engine.model.config.vocab_size
+    vocab = engine.runner.model.config.vocab_size
     if engine.tp.is_driver:
         try:
             result["decode"] = []

@@ -1,9 +1,10 @@
-"""The continuous-batching engine: rank 0 drives, every rank executes.
+"""The continuous-batching engine: requests in, tokens and text out (rank 0).
 
-Rank 0 owns the scheduler, the tokenizer-side work and sampling. Each
-:meth:`Engine.step` it schedules, broadcasts a :class:`StepPlan`, runs its own
-shard of the forward, gathers the sampled rows' logits and samples. Other
-ranks sit in :meth:`Engine.run_follower`, executing the plans they receive.
+Rank 0 owns the scheduler, sampling and detokenising. Each :meth:`Engine.step`
+it schedules, turns the schedule into a :class:`StepPlan`, broadcasts it and
+runs its own share of the forward through the :class:`ModelRunner`, then
+samples the gathered logits. The other ranks only run their model runner
+(:meth:`Engine.run_follower`).
 """
 
 from __future__ import annotations
@@ -12,108 +13,53 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 
-from . import attention
+from .config import EngineConfig
 from .detokenizer import Detokenizer, find_stop, partial_stop_len
 from .distributed import init_tp
-from .inject import shard_model
-from .kv_cache import BlockAllocator, CacheShape, PagedKVCache
+from .kv_cache import BlockAllocator
+from .model_runner import ModelRunner
 from .sampler import Picks, SampleState, make_generator, sample
 from .sampling import CompletionOutput, InvalidRequest, RequestOutput, SamplingParams
 from .scheduler import Request, Schedule, Scheduler, Sequence
-from .step_plan import Command, StepPlan, receive, send_command, send_plan
+from .step_plan import Command, StepPlan, send_command, send_plan
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("dstp")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineConfig:
-    model: str
-    dtype: str = "bfloat16"
-    kv_cache_memory_gib: float = 1.0  # per rank
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    model_name: str | None = None  # name shown to clients; defaults to the path
-    num_blocks: int | None = None  # exact KV blocks per rank, overriding the memory budget
+__all__ = ["Engine", "EngineConfig"]
 
 
 class Engine:
+    """Every rank builds one; rank 0 drives requests through it, the others follow."""
+
     def __init__(self, config: EngineConfig) -> None:
-        if config.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        _ = config.torch_dtype  # an unknown dtype fails before anything loads
         self.config = config
         self.tp = init_tp()
-        attention.register()
-        dtype = DTYPES[config.dtype]
-        t0 = time.perf_counter()
-        self.sharded = shard_model(
-            config.model,
-            self.tp,
-            dtype,
-            attn_implementation=attention.ATTN_IMPLEMENTATION,
-            allow_pickle=config.allow_pickle,
-            trust_remote_code=config.trust_remote_code,
-        )
-        self.model = self.sharded.model
-        self.base_model = getattr(self.model, self.model.base_model_prefix)
-        self.lm_head = self.model.get_submodule(self.sharded.policy.lm_head)
-        self.vocab_size: int = self.lm_head.vocab_size  # token ids a prompt may use
-        hf_config = self.sharded.config
-        self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
-
-        heads = self.sharded.heads
-        shape = CacheShape(
-            hf_config.num_hidden_layers,
-            heads.local_kv_heads,
-            heads.head_dim,
-            config.block_size,
-            dtype,
-        )
-        num_blocks = config.num_blocks or shape.blocks_for(int(config.kv_cache_memory_gib * 2**30))
-        self.cache = self.tp.agree(lambda: PagedKVCache(shape, num_blocks, self.tp.device))
-        capacity = num_blocks * config.block_size
-        limit = min(getattr(hf_config, "max_position_embeddings", capacity) or capacity, capacity)
-        if config.max_model_len:
-            limit = min(limit, config.max_model_len)
-        self.max_model_len = limit
+        self.runner = ModelRunner(config, self.tp)
+        self.vocab_size = self.runner.vocab_size
+        self.max_model_len = self.runner.max_model_len
         self.model_name = config.model_name or config.model
-
-        self.tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-        self.detokenizer = Detokenizer(self.tokenizer)
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
-
+        self.tokenizer = None
         self.scheduler: Scheduler | None = None
         if self.tp.is_driver:
-            allocator = BlockAllocator(num_blocks, config.enable_prefix_caching)
-            self.scheduler = Scheduler(
-                allocator, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
-            )
-            log.info(
-                "KV cache per rank: %d blocks x %d tokens = %d tokens, %.1f KiB per token, %.2f GiB "
-                "(%d of %d KV heads per rank); max_model_len=%d; ready in %.1fs",
-                num_blocks,
-                config.block_size,
-                capacity,
-                shape.bytes_per_token / 1024,
-                self.cache.nbytes / 2**30,
-                heads.local_kv_heads,
-                heads.num_kv_heads,
-                limit,
-                time.perf_counter() - t0,
-            )
+            self._init_driver()
         self.num_steps = 0
         self._aborted: list[Request] = []  # reported (finish_reason "abort") by the next step
+
+    def _init_driver(self) -> None:
+        """Rank 0's request side: tokenizer, detokenizer, stop ids and the scheduler."""
+        config = self.config
+        self.tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.eos_ids = _eos_ids(self.runner.model, self.tokenizer)
+        allocator = BlockAllocator(self.runner.num_blocks, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            allocator, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
+        )
 
     # -- requests (rank 0) ---------------------------------------------------------
     def add_request(
@@ -174,7 +120,7 @@ class Engine:
             return outputs
         plan = self._plan(schedule)
         send_plan(self.tp, plan)
-        logits = self._execute(plan)
+        logits = self.runner.execute(plan)
         outputs += self._process(schedule, logits)
         self.num_steps += 1
         return outputs
@@ -189,12 +135,7 @@ class Engine:
 
     def run_follower(self) -> None:
         """Other ranks: execute rank 0's plans until it says shut down."""
-        while True:
-            command, plan = receive(self.tp)
-            if command == Command.SHUTDOWN:
-                return
-            if command == Command.STEP:
-                self._execute(plan)
+        self.runner.run_follower()
 
     # -- convenience ---------------------------------------------------------------
     def generate(
@@ -247,32 +188,6 @@ class Engine:
             torch.tensor(rows, dtype=lt),
             torch.tensor(schedule.copies, dtype=lt).view(-1, 2),
         )
-
-    @torch.inference_mode()
-    def _execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """This rank's share of the forward; returns the sampled rows' logits on rank 0."""
-        device = self.tp.device
-        if plan.copies.numel():
-            self.cache.copy_blocks(plan.copies)
-        layout = attention.StepLayout.build(
-            self.cache,
-            plan.slot_mapping.to(device),
-            plan.query_starts.tolist(),
-            plan.context_lens.tolist(),
-            plan.block_tables.to(device),
-        )
-        with attention.step_context(layout):
-            hidden = self.base_model(
-                input_ids=plan.input_ids.to(device).unsqueeze(0),
-                position_ids=plan.positions.to(device).unsqueeze(0),
-                use_cache=False,
-            ).last_hidden_state
-        rows = hidden[0, plan.sample_rows.to(device)] if plan.sample_rows.numel() else hidden[0, :0]
-        logits = self.lm_head.logits_on_driver(rows)
-        if logits is not None and self.final_logit_softcapping:
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
 
     def _process(self, schedule: Schedule, logits: torch.Tensor | None) -> list[RequestOutput]:
         sched = self.scheduler

@@ -133,7 +133,7 @@ def test_a_request_that_fails_on_its_own_ends_alone(engine):
 
 
 def test_non_finite_logits_fail_their_request_only(engine, monkeypatch):
-    real, calls = engine._execute, []
+    real, calls = engine.runner.execute, []
 
     def first_row_nan_once(plan):
         logits = real(plan).clone()
@@ -142,7 +142,7 @@ def test_non_finite_logits_fail_their_request_only(engine, monkeypatch):
         calls.append(1)
         return logits
 
-    monkeypatch.setattr(engine, "_execute", first_row_nan_once)
+    monkeypatch.setattr(engine.runner, "execute", first_row_nan_once)
     params = SamplingParams(max_tokens=6, temperature=0.7, seed=1, ignore_eos=True, n=2)
     ids = engine.tokenizer.encode(PROMPT)
     engine.add_request("nan", ids, params)

@@ -9,9 +9,14 @@ import json
 import sys
 from pathlib import Path
 
+import dstp.engine
 from dstp.distributed import shutdown
 from dstp.engine import Engine, EngineConfig
 from dstp.sampling import SamplingParams
+
+tokenizer_loads = []
+_load = dstp.engine.load_tokenizer
+dstp.engine.load_tokenizer = lambda *args: tokenizer_loads.append(args) or _load(*args)
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed adds it
 job = json.loads(Path(argv[0]).read_text())
@@ -20,6 +25,11 @@ for name, scenario in job["scenarios"].items():
     engine = Engine(EngineConfig(**scenario["engine"]))
     if not engine.tp.is_driver:
         engine.run_follower()
+        # a follower runs its model shard only: no tokenizer, scheduler or server
+        assert engine.tokenizer is None and engine.scheduler is None
+        loaded = [m for m in sys.modules if m.startswith(("dstp.server", "flask", "waitress"))]
+        assert not loaded, loaded
+        assert not tokenizer_loads, "a follower loaded the tokenizer"
         continue
     params = [SamplingParams(**p) for p in scenario["params"]]
     abort_after = scenario.get("abort_after_steps")
