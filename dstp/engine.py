@@ -171,7 +171,7 @@ class Engine:
             starts.append(starts[-1] + n)
             ctx.append(first + n)
             tables.append(seq.blocks)
-            if item.samples:
+            if item.produces_token:
                 rows.append(starts[-1] - 1)
         width = max(len(t) for t in tables)
         table = torch.zeros((len(tables), width), dtype=torch.long)
@@ -191,7 +191,7 @@ class Engine:
 
     def _process(self, schedule: Schedule, logits: torch.Tensor | None) -> list[RequestOutput]:
         sched = self.scheduler
-        sampled = [item.seq for item in schedule.seqs if item.samples]
+        sampled = [item.seq for item in schedule.seqs if item.produces_token]
         for item in schedule.seqs:
             sched.advance(item)
         if not sampled:

@@ -16,7 +16,6 @@ every block, and a shared partial block is copied before it is written
 from __future__ import annotations
 
 import itertools
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -84,8 +83,8 @@ class ScheduledSeq:
     num_tokens: int  # new tokens fed this step
 
     @property
-    def samples(self) -> bool:
-        """Whether this step produces the sequence's next token."""
+    def produces_token(self) -> bool:
+        """Whether this step computes the sequence's last known token (so samples the next)."""
         return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
 
 
@@ -93,7 +92,6 @@ class ScheduledSeq:
 class Schedule:
     seqs: list[ScheduledSeq]
     copies: list[tuple[int, int]]  # (src, dst) blocks to copy before the forward
-    preempted: int = 0
 
     @property
     def empty(self) -> bool:
@@ -267,7 +265,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        return Schedule(scheduled, copies, preempted)
+        return Schedule(scheduled, copies)
 
     def advance(self, item: ScheduledSeq) -> None:
         """After the forward: the step's tokens are cached; register newly full blocks."""
@@ -294,7 +292,3 @@ class Scheduler:
             "prefix_cache_hit_rate": a.hit_rate,
             "num_preemptions": self.num_preemptions,
         }
-
-
-def now() -> float:
-    return time.monotonic()
