@@ -21,7 +21,6 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -286,18 +285,11 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.files_by_tensor
 
-    def names(self) -> Iterator[str]:
-        return iter(self.files_by_tensor)
-
     def get(self, name: str) -> Any:
         """A lazy handle for ``name``: index it to read (``h[a:b]``, ``h[:]``)."""
         if name not in self._tensors:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {self.path}")
         return self._tensors[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        handle = self.get(name)
-        return tuple(handle.shape) if hasattr(handle, "shape") else tuple(handle.get_shape())
 
     def nbytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in set(self.files_by_tensor.values()))
