@@ -11,7 +11,7 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("dstp.server_main", "serve a model over an OpenAI-compatible HTTP API"),
+    "serve": ("dstp.server.main", "serve a model over an OpenAI-compatible HTTP API"),
     "inspect": ("dstp.inspection", "show the injection policy and per-rank shapes for a TP size"),
     "plan": ("dstp.planner", "recommend a TP size from config.json and device memory"),
 }

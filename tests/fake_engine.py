@@ -71,6 +71,7 @@ class FakeEngine:
         self.letter_ids = [tokenizer.convert_tokens_to_ids(c if c != " " else "Ġ") for c in LETTERS]
         self.requests: dict[str, _Req] = {}
         self.aborted: list[str] = []
+        self.received: dict[str, SamplingParams] = {}  # request id -> the params it came with
         self._pending_final: list[RequestOutput] = []
         self.dead: str | None = None  # set to make heartbeat/step raise (a rank "died")
         self.shut_down = False
@@ -126,6 +127,7 @@ class FakeEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequest("prompt too long")
         params.validate()
+        self.received[request_id] = params
         req = _Req(request_id, list(prompt_token_ids), params, [_Seq(i) for i in range(params.n)])
         need = math.ceil(len(prompt_token_ids) / self.block_size) * params.n
         req.blocks = need

@@ -53,7 +53,7 @@ class InProcessServer:
     ) -> InProcessServer:
         """``threads``: size it as production does, ``http_threads(admission limit)``;
         ``limits``: make_wsgi_server's keyword arguments (read / idle timeouts)."""
-        from dstp.server import make_wsgi_server, pump_once
+        from dstp.server.wsgi import make_wsgi_server, pump_once
 
         server = make_wsgi_server(app, "127.0.0.1", 0, threads, max_body_bytes, **limits)
         stop = threading.Event()

@@ -8,6 +8,7 @@ fast and exactly. The real engine behind the same server is test_server_e2e.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -22,10 +23,12 @@ import openai
 import pytest
 import requests
 
-from dstp.async_engine import EngineDriver
 from dstp.default_model import build_tokenizer
 from dstp.sampling import SamplingParams
-from dstp.server import ServerConfig, create_app, http_threads
+from dstp.server.app import create_app
+from dstp.server.driver import EngineDriver
+from dstp.server.limits import http_threads
+from dstp.server.serving import ServerConfig
 from tests.fake_engine import FakeEngine
 from tests.server_helpers import InProcessServer, parse_metrics, sse_events, wait_until
 
@@ -215,6 +218,49 @@ def test_generate_native(main):
     streamed = [t for e in events[:-2] for o in e["outputs"] for t in o["new_token_ids"]]
     assert streamed == want_ids
     assert events[-2]["usage"]["completion_tokens"] == 6
+
+
+# A value other than the default for every SamplingParams field: a new field needs one here.
+NON_DEFAULT = {
+    "max_tokens": 5,
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "top_k": 7,
+    "min_p": 0.1,
+    "repetition_penalty": 1.1,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "seed": 1234,
+    "n": 2,
+    "stop": ["zz"],
+    "stop_token_ids": [5],
+    "ignore_eos": True,
+    "min_tokens": 2,
+    "logprobs": 3,
+}
+
+
+def test_every_accepted_sampling_field_reaches_the_engine(main):
+    engine, _, url = main
+    names = [f.name for f in dataclasses.fields(SamplingParams)]
+    assert sorted(NON_DEFAULT) == sorted(names)
+    want, default = SamplingParams(**NON_DEFAULT), SamplingParams()
+    assert all(getattr(want, k) != getattr(default, k) for k in names)
+    chat = {"messages": [{"role": "user", "content": "hi"}], **NON_DEFAULT}
+    chat.update(logprobs=True, top_logprobs=3)  # chat's spelling: a flag plus a count
+    cases = [
+        ("/v1/completions", {"prompt": "abc", **NON_DEFAULT}),
+        ("/v1/chat/completions", chat),
+        ("/v1/chat/completions", {**chat, "max_tokens": None, "max_completion_tokens": 5}),
+        ("/generate", {"prompt_token_ids": [7, 8, 9], **NON_DEFAULT}),
+    ]
+    for path, body in cases:
+        resp = requests.post(f"{url}{path}", json=body, timeout=10)
+        assert resp.status_code == 200, (path, resp.text)
+        answer = resp.json()
+        request_id = answer.get("request_id") or answer["id"].split("-", 1)[1]
+        got = engine.received[request_id]
+        assert {k: getattr(got, k) for k in names} == {k: getattr(want, k) for k in names}, path
 
 
 def test_sse_wire_format(main):
@@ -445,7 +491,7 @@ def test_internal_error_is_generic_with_id(main, caplog, monkeypatch):
 
 
 def test_internal_error_mid_stream_is_generic(main, caplog, monkeypatch):
-    import dstp.server
+    import dstp.server.serving
 
     _, _, url = main
     secret = "secret-stream-detail-7"
@@ -453,7 +499,7 @@ def test_internal_error_mid_stream_is_generic(main, caplog, monkeypatch):
     def broken(_reason):
         raise KeyError(secret)
 
-    monkeypatch.setattr(dstp.server, "_finish_reason", broken)
+    monkeypatch.setattr(dstp.server.serving, "_finish_reason", broken)
     with caplog.at_level("ERROR", logger="dstp"):
         resp = requests.post(
             f"{url}/v1/completions",

@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from dstp.server_main import build_parser
+from dstp.server.cli import build_parser
 from tests.launcher import free_port
 from tests.server_helpers import ServerProcess, rank_pids, wait_until
 

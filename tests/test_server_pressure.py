@@ -18,9 +18,11 @@ import openai
 import pytest
 import requests
 
-from dstp.async_engine import EngineDriver
 from dstp.default_model import build_tokenizer
-from dstp.server import ServerConfig, create_app, http_threads
+from dstp.server.app import create_app
+from dstp.server.driver import EngineDriver
+from dstp.server.limits import http_threads
+from dstp.server.serving import ServerConfig
 from tests.fake_engine import FakeEngine
 from tests.server_helpers import InProcessServer, parse_metrics, sse_events, wait_until
 
@@ -237,28 +239,26 @@ def test_slow_clients_are_disconnected_within_the_read_deadline():
 
 
 def test_thread_pool_is_sized_from_the_admission_limit():
-    from dstp import server, server_main
+    from dstp.server import cli, limits
 
-    assert (
-        server_main._RESERVE_THREADS,
-        server_main._FAST_THREADS,
-        server_main._IDLE_S,
-        server_main._DRAIN_MAX_MIB << 20,
-    ) == (
-        server.RESERVE_THREADS,
-        server.FAST_THREADS,
-        server.IDLE_TIMEOUT_S,
-        server.DRAIN_MAX_BYTES,
-    )
-    parser = server_main.build_parser()
+    # the flags' help quotes the server's numbers
+    help_text = " ".join(cli.build_parser().format_help().split())
+    for number in (
+        f"+ {limits.RESERVE_THREADS}",
+        f"have {limits.FAST_THREADS} threads",
+        f"after {limits.IDLE_TIMEOUT_S} s",
+        f"up to {limits.DRAIN_MAX_BYTES >> 20} MiB",
+    ):
+        assert number in help_text, number
+    parser = cli.build_parser()
 
     def sized(*argv):
         args = parser.parse_args(list(argv))
-        ok = server_main._size_http_pool(args, warn=False)
+        ok = cli.size_http_pool(args, warn=False)
         return ok and (args.http_threads, args.max_queued_requests)
 
-    assert parser.parse_args([]).request_read_timeout == server.REQUEST_READ_TIMEOUT_S
-    assert sized() == (server.http_threads(256), 256) == (272, 256)
+    assert parser.parse_args([]).request_read_timeout == limits.REQUEST_READ_TIMEOUT_S
+    assert sized() == (limits.http_threads(256), 256) == (272, 256)
     assert sized("--max-queued-requests", "32") == (48, 32)
     assert sized("--http-threads", "64") == (64, 48)  # the limit follows a smaller pool
     assert sized("--http-threads", "400") == (400, 256)

@@ -1,13 +1,9 @@
-"""One thread owns the engine; HTTP threads talk to it through queues.
+"""``EngineDriver``: one thread owns the engine; HTTP threads reach it through queues.
 
-The engine is not thread-safe and every ``step()`` is a collective over all
-ranks, so exactly one thread (``EngineDriver``'s) calls it. HTTP threads
-submit requests and aborts through a command queue and read each request's
-outputs from its own queue. When idle the driver heartbeats every rank, so a
-dead rank is noticed even without traffic; a watchdog bounds how long any
-engine call may take. On a rank failure the driver fails every in-flight
-request, marks itself unhealthy and calls ``on_fatal`` (the server exits
-non-zero so the launcher stops the job instead of leaving it hanging).
+The engine is not thread-safe and every ``step()`` is a collective over all ranks, so
+exactly one thread calls it. It heartbeats the ranks while idle and a watchdog bounds
+each call, so a dead or hung rank fails every request and stops the server (the
+launcher then ends the job) instead of leaving it hanging.
 """
 
 from __future__ import annotations
@@ -22,8 +18,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .sampling import InvalidRequest, RequestOutput, SamplingParams
-from .server_metrics import ServerMetrics
+from ..sampling import InvalidRequest, RequestOutput, SamplingParams
+from .metrics import ServerMetrics
 
 log = logging.getLogger("dstp")
 

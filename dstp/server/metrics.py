@@ -1,7 +1,7 @@
-"""Server metrics rendered in the Prometheus text exposition format (v0.0.4).
+"""Server metrics in the Prometheus text format (v0.0.4).
 
-A few counters and histograms are all the server needs, so they are written
-here (thread-safe, no extra dependency) rather than pulling in a client library.
+A few counters and histograms are all the server needs, so they are written here
+(thread-safe, no extra dependency) rather than pulling in a client library.
 """
 
 from __future__ import annotations
@@ -147,3 +147,64 @@ class ServerMetrics:
         for name, (kind, help_text, value) in sorted(gauges.items()):
             family(name, kind, help_text, [f"{name} {_fmt(value)}"])
         return "\n".join(out) + "\n"
+
+
+# Engine stats keys -> (metric name, kind, help).
+_STAT_METRICS = {
+    "num_running": ("dstp_num_requests_running", "gauge", "Requests in the running batch."),
+    "num_waiting": ("dstp_num_requests_waiting", "gauge", "Requests waiting for admission."),
+    "kv_usage": ("dstp_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache blocks in use."),
+    "kv_blocks_total": ("dstp_kv_cache_blocks", "gauge", "KV-cache blocks per rank."),
+    "kv_blocks_free": ("dstp_kv_cache_free_blocks", "gauge", "Free KV-cache blocks per rank."),
+    "prefix_cache_queries": (
+        "dstp_prefix_cache_queries_total",
+        "counter",
+        "Prompt blocks looked up in the prefix cache.",
+    ),
+    "prefix_cache_hits": (
+        "dstp_prefix_cache_hits_total",
+        "counter",
+        "Prompt blocks found in the prefix cache.",
+    ),
+    "prefix_cache_hit_rate": (
+        "dstp_prefix_cache_hit_rate",
+        "gauge",
+        "Prefix-cache hits / queries since start.",
+    ),
+    "num_preemptions": (
+        "dstp_num_preemptions_total",
+        "counter",
+        "Requests preempted (KV blocks reclaimed, recomputed later).",
+    ),
+}
+
+
+def engine_gauges(driver, tp_size: int) -> dict[str, tuple[str, str, float]]:
+    """Gauges from the driver's last engine stats snapshot: name -> (kind, help, value)."""
+    stats = driver.stats()
+    gauges: dict[str, tuple[str, str, float]] = {
+        "dstp_healthy": ("gauge", "1 when every rank answers.", 1.0 if driver.healthy else 0.0),
+        "dstp_tp_size": ("gauge", "Tensor-parallel ranks.", float(tp_size)),
+        "dstp_num_requests_in_flight": (
+            "gauge",
+            "Requests admitted by the server and not finished.",
+            float(driver.num_in_flight),
+        ),
+    }
+    for key, value in stats.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        name, kind, help_text = _STAT_METRICS.get(
+            key, (f"dstp_engine_{key}", "gauge", f"Engine statistic '{key}'.")
+        )
+        gauges[name] = (kind, help_text, float(value))
+    queries = stats.get("prefix_cache_queries")
+    if isinstance(queries, (int, float)) and "dstp_prefix_cache_hit_rate" not in gauges:
+        hits = stats.get("prefix_cache_hits", 0) or 0
+        rate = hits / queries if queries else 0.0
+        gauges["dstp_prefix_cache_hit_rate"] = (
+            "gauge",
+            "Prefix-cache hits / queries since start.",
+            rate,
+        )
+    return gauges

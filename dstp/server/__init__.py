@@ -1,0 +1,2 @@
+"""The HTTP server. Nothing is imported here: every rank imports ``dstp.server.main``, and
+only rank 0 should load Flask and waitress."""

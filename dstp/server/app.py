@@ -1,0 +1,173 @@
+"""The Flask app: routes, and the checks every request passes first (API key, JSON content
+type, early 429). The work behind each route is ``serving.py``'s; this file only routes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from .driver import EngineDriver
+from .metrics import engine_gauges
+from .protocol import APIError, internal_error, parse_body, retry_later
+from .serving import ServerConfig, Serving
+
+ENDPOINTS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/generate",
+    "/health",
+    "/metrics",
+)
+GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/generate")
+
+
+def create_app(driver: EngineDriver, tokenizer, config: ServerConfig) -> Flask:
+    """The Flask app; ``driver`` must be started by the caller."""
+    app = Flask("dstp")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    _add_checks(app, driver, config)
+    _add_error_handlers(app, config)
+    _add_generation_routes(app, Serving(driver, tokenizer, config))
+    _add_info_routes(app, driver, config)
+    return app
+
+
+def error_json(err: APIError) -> Response:
+    resp = Response(json.dumps(err.body()), status=err.status, mimetype="application/json")
+    for key, value in err.headers.items():
+        resp.headers[key] = value
+    return resp
+
+
+def _authorized(api_key: str) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    )
+
+
+def _add_checks(app: Flask, driver: EngineDriver, config: ServerConfig) -> None:
+    @app.before_request
+    def check_api_key():
+        if config.api_key is None or request.path == "/health" or _authorized(config.api_key):
+            return None
+        return error_json(
+            APIError(
+                401,
+                "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        )
+
+    @app.before_request
+    def check_content_type():
+        """POST bodies must say they are JSON: a web page can send text/plain (or no type)
+        cross-site without a CORS preflight, application/json it cannot."""
+        if request.method != "POST" or request.url_rule is None:
+            return None
+        if request.mimetype == "application/json":  # parameters (charset) are allowed
+            return None
+        got = request.headers.get("Content-Type")
+        return error_json(
+            APIError(
+                415,
+                "request bodies must be JSON sent with 'Content-Type: application/json' "
+                + (f"(got {got!r})" if got else "(got no Content-Type)"),
+                code="unsupported_media_type",
+            )
+        )
+
+    @app.before_request
+    def admit_early():
+        """429 before parsing or tokenizing when the admission limit is already reached
+        (``driver.submit`` decides atomically; this only saves a doomed request's work)."""
+        if request.method == "POST" and request.path in GENERATION_ENDPOINTS:
+            in_flight, limit = driver.num_in_flight, driver.max_queued_requests
+            if in_flight >= limit:
+                message = (
+                    f"server busy: {in_flight} requests in flight (limit {limit}); retry later"
+                )
+                return error_json(retry_later(429, message, config.retry_after_s))
+        return None
+
+    @app.after_request
+    def count(resp: Response) -> Response:
+        endpoint = request.path if request.path in ENDPOINTS else "other"
+        driver.metrics.count_request(endpoint, resp.status_code)
+        return resp
+
+
+def _add_error_handlers(app: Flask, config: ServerConfig) -> None:
+    @app.errorhandler(APIError)
+    def api_error(err: APIError):
+        return error_json(err)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_err):
+        message = f"request body exceeds the {config.max_body_bytes}-byte limit"
+        return error_json(APIError(413, message, code="body_too_large"))
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        return error_json(APIError(err.code or 500, err.description or err.name))
+
+    @app.errorhandler(Exception)
+    def internal(err: Exception):
+        return error_json(internal_error(f"{request.method} {request.path}", err))
+
+
+def _add_generation_routes(app: Flask, serving: Serving) -> None:
+    def body() -> dict:
+        raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+        return serving.check_model(parse_body(raw))
+
+    def probe():
+        return request.environ.get("waitress.client_disconnected")
+
+    @app.post("/v1/completions")
+    def completions():
+        return serving.completions(body(), probe())
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        return serving.chat(body(), probe())
+
+    @app.post("/generate")
+    def generate():
+        return serving.generate(body(), probe())
+
+
+def _add_info_routes(app: Flask, driver: EngineDriver, config: ServerConfig) -> None:
+    created = int(time.time())
+
+    @app.get("/health")
+    def health():
+        if driver.healthy:
+            return {"status": "ok", "tp_size": config.tp_size}
+        reason = "failed" if driver.failure else "stopping" if driver.stopping else "starting"
+        return {"status": reason}, 503
+
+    @app.get("/v1/models")
+    def models():
+        card = {
+            "id": config.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "dstp",
+            "max_model_len": config.max_model_len,
+        }
+        if config.model_description:
+            card["description"] = config.model_description
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    def metrics():
+        text = driver.metrics.render(engine_gauges(driver, config.tp_size))
+        return Response(text, mimetype="text/plain; version=0.0.4")

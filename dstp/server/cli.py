@@ -1,0 +1,260 @@
+"""``dstp serve``'s flags, shared with ``launch/serve.py``. Light on purpose: every rank
+parses them, and only rank 0 loads the HTTP server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .limits import (
+    DRAIN_MAX_BYTES,
+    FAST_THREADS,
+    IDLE_TIMEOUT_S,
+    REQUEST_READ_TIMEOUT_S,
+    RESERVE_THREADS,
+    http_threads,
+)
+
+log = logging.getLogger("dstp")
+
+_MIB = 1024 * 1024
+# --help's description and epilog
+USAGE = """``dstp serve`` / ``launch/serve.py``: start the engine on every rank, HTTP on rank 0.
+
+Run it under a launcher that sets the rank environment::
+
+    deepspeed --num_gpus 2 launch/serve.py --model PATH
+    torchrun --nproc_per_node 2 launch/serve.py --model PATH
+    dstp serve --model PATH                      # one process, TP=1
+
+Every rank builds the engine (its shard of the model and of the KV cache).
+Global rank 0 also owns the scheduler and serves HTTP with waitress; the other
+ranks execute the steps rank 0 broadcasts. Stopping: SIGTERM or Ctrl-C on rank
+0 fails in-flight requests with an error, releases the other ranks and exits.
+If a rank dies, rank 0 notices (heartbeats when idle, a watchdog on every
+collective), answers in-flight requests with an error and exits non-zero, so
+the launcher ends the whole job instead of hanging.
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends each flag's default when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The one flag definition shared by ``dstp serve`` and ``launch/serve.py``."""
+    parser.formatter_class = _HelpFormatter
+    _model_flags(parser.add_argument_group("model"))
+    _engine_flags(parser.add_argument_group("engine"))
+    _http_flags(parser.add_argument_group("HTTP"))
+    _liveness_flags(parser.add_argument_group("liveness"))
+
+
+def _model_flags(m: argparse._ArgumentGroup) -> None:
+    m.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer). "
+        "Omitted: a small RANDOMLY INITIALISED Llama is generated once under "
+        "~/.cache/dstp/ and served, for trying the server (its output is gibberish)",
+    )
+    m.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id reported by /v1/models and accepted in requests "
+        "(default: the checkpoint folder's name)",
+    )
+    m.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="weight and activation dtype",
+    )
+    m.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (prompt + completion) in tokens; default: the model's",
+    )
+    _switch(
+        m,
+        "--allow-pickle",
+        "allow loading pickled (*.bin) weights; unsafe for untrusted checkpoints, "
+        "which can run arbitrary code when unpickled. Off: safetensors only",
+    )
+    _switch(
+        m,
+        "--trust-remote-code",
+        "allow the checkpoint's own Python code (auto_map); off by default",
+    )
+
+
+def _engine_flags(e: argparse._ArgumentGroup) -> None:
+    e.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=1.0,
+        help="KV-cache budget per rank in GiB (each rank holds only its KV heads)",
+    )
+    e.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="exact KV-cache blocks per rank, overriding --kv-cache-memory",
+    )
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    e.add_argument(
+        "--max-num-seqs", type=int, default=64, help="most sequences in one running batch"
+    )
+    e.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="most tokens per engine step (long prompts are prefilled in chunks)",
+    )
+    _switch(
+        e,
+        "--no-prefix-caching",
+        "disable sharing KV blocks between requests with a common prompt prefix",
+    )
+
+
+def _http_flags(h: argparse._ArgumentGroup) -> None:
+    h.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; the default serves this machine only. Use 0.0.0.0 to "
+        "listen on every interface (set --api-key then)",
+    )
+    h.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    h.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+        "(default: $DSTP_API_KEY, else no key)",
+    )
+    h.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=256,
+        help="admission limit: generation requests in flight at once (running or waiting "
+        "for the engine); beyond it a request gets 429 + Retry-After at once. Each admitted "
+        "request holds an HTTP thread until its answer is written, so this also sizes the "
+        "thread pool (--http-threads)",
+    )
+    h.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * _MIB,
+        help="largest request body; a larger one gets a JSON 413 once it has been read "
+        f"(and dropped) to its end, up to {DRAIN_MAX_BYTES >> 20} MiB; beyond that the connection "
+        "closes right after the 413 (request headers: 64 KiB at most, else 431)",
+    )
+    h.add_argument(
+        "--http-threads",
+        type=int,
+        default=None,
+        help=f"HTTP worker threads. Default: --max-queued-requests + {RESERVE_THREADS}, "
+        "which lets the admission limit, not the threads, bound the work: every admitted "
+        "request (streaming or not) holds one thread until its last byte is written, and "
+        f"the {RESERVE_THREADS} spare ones answer rejections (429, 4xx) and quick requests. "
+        f"A smaller value lowers the admission limit to it minus {RESERVE_THREADS} (with a "
+        "warning) so that 429 still engages before the threads run out. GET /health, "
+        f"/metrics and /v1/models have {FAST_THREADS} threads of their own and answer "
+        "however busy generation is",
+    )
+    h.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=REQUEST_READ_TIMEOUT_S,
+        help="seconds a client may take to send one whole request (headers and body, from "
+        "its first byte); a slower one is disconnected, so a client trickling bytes cannot "
+        f"hold a connection. Also: an idle keep-alive connection closes after {IDLE_TIMEOUT_S} s, "
+        f"and at most 2 x (HTTP threads + {FAST_THREADS}) connections (100 at least) are "
+        "open at once; more wait to be accepted",
+    )
+
+
+def _liveness_flags(r: argparse._ArgumentGroup) -> None:
+    log_level = os.environ.get("DSTP_LOG_LEVEL", "INFO")  # the --log-level default
+    r.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        help="seconds between no-op steps over every rank while idle (detects dead ranks)",
+    )
+    r.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a heartbeat may take before a rank counts as hung and the server exits",
+    )
+    r.add_argument(
+        "--step-timeout",
+        type=float,
+        default=600.0,
+        help="seconds one engine step may take before a rank counts as hung",
+    )
+    r.add_argument(
+        "--log-level",
+        default=log_level,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity",
+    )
+    r.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; ignored (the rank comes from the environment)",
+    )
+
+
+def _switch(group: argparse._ArgumentGroup, flag: str, help: str) -> None:
+    """An on/off flag, off by default."""
+    group.add_argument(flag, action="store_true", help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch/serve.py",
+        description=USAGE.split("\n\n")[0],
+        epilog=USAGE.split("\n\n", 1)[1],
+    )
+    add_arguments(parser)
+    return parser
+
+
+def size_http_pool(args: argparse.Namespace, warn: bool) -> bool:
+    """Derive --http-threads from the admission limit, or the limit from explicit threads."""
+    if args.max_queued_requests < 1:
+        log.error("--max-queued-requests must be at least 1")
+        return False
+    if args.http_threads is None:
+        args.http_threads = http_threads(args.max_queued_requests)
+        return True
+    room = args.http_threads - RESERVE_THREADS
+    if room < 1:
+        log.error("--http-threads must be at least %d", RESERVE_THREADS + 1)
+        return False
+    if args.max_queued_requests > room:
+        if warn:
+            log.warning(
+                "--http-threads %d leaves threads for %d admitted requests (%d are spare): "
+                "lowering --max-queued-requests from %d to %d so that 429 engages first",
+                args.http_threads,
+                room,
+                RESERVE_THREADS,
+                args.max_queued_requests,
+                room,
+            )
+        args.max_queued_requests = room
+    return True

@@ -1,0 +1,279 @@
+"""``dstp serve``: the engine on every rank, HTTP on global rank 0, and stopping together.
+
+A rank that stops alone would leave the others hanging in a collective, so rank 0 decides
+every stop (a signal, or a rank found dead) and releases or outlives the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from .cli import add_arguments, build_parser, size_http_pool
+from .limits import connection_limit
+
+__all__ = ["add_arguments", "build_parser", "main"]
+
+log = logging.getLogger("dstp")
+
+
+def _setup_logging(level: str, rank: int) -> None:
+    fmt = f"%(asctime)s [dstp rank{rank}] %(levelname)s %(message)s"
+    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("dstp").setLevel(getattr(logging, level))
+    for noisy in ("DeepSpeed", "urllib3", "waitress.queue"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _engine_config(args: argparse.Namespace, model: str):
+    """EngineConfig from the flags, passing only the fields this engine version has."""
+    from ..engine import EngineConfig
+
+    wanted = {
+        "model": model,
+        "dtype": args.dtype,
+        "kv_cache_memory_gib": args.kv_cache_memory,
+        "block_size": args.block_size,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len,
+        "enable_prefix_caching": not args.no_prefix_caching,
+        "allow_pickle": args.allow_pickle,
+        "trust_remote_code": args.trust_remote_code,
+        "model_name": args.served_model_name,
+        "num_blocks": args.num_kv_blocks,
+    }
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    missing = sorted(k for k in set(wanted) - fields if wanted[k] is not None)
+    if missing:
+        log.warning("this engine has no setting for: %s (ignored)", ", ".join(missing))
+    return EngineConfig(**{k: v for k, v in wanted.items() if k in fields})
+
+
+def main(args: argparse.Namespace) -> int:
+    """Serve until stopped, then leave the process group together and exit with the code."""
+    from ..distributed import shutdown
+
+    shutdown(exit_code=_run(args))
+    return 1  # not reached: shutdown exits
+
+
+def _run(args: argparse.Namespace) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(args.log_level, rank)
+    if not size_http_pool(args, warn=rank == 0):
+        return 1
+    if rank != 0:
+        # Rank 0 coordinates a stop: it fails in-flight requests, then releases
+        # us through the engine. Launchers signal every rank at once, and a
+        # follower that died right away would strand rank 0 mid-collective
+        # (a shared-memory all-reduce waits forever), so its clients would get a
+        # cut stream instead of an error. Wait to be released; exit regardless
+        # after a grace period (rank 0 may be gone too).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _follower_sigterm)
+
+    from ..default_model import DEFAULT_MODEL_ID, ensure_default_model
+
+    random_model = args.model is None
+    model = str(ensure_default_model()) if random_model else args.model
+    if random_model:
+        log.warning(
+            "no --model given: serving '%s', a RANDOMLY INITIALISED Llama (%s); "
+            "its output is meaningless",
+            DEFAULT_MODEL_ID,
+            model,
+        )
+
+    lazy = server = None
+    if rank == 0:
+        from .wsgi import LazyApp, make_wsgi_server
+
+        lazy = LazyApp()
+        _raise_fd_limit(connection_limit(args.http_threads) + 256)
+        try:  # bind before loading: a taken port fails in seconds, not after the load
+            server = make_wsgi_server(
+                lazy,
+                args.host,
+                args.port,
+                args.http_threads,
+                args.max_body_bytes,
+                request_read_timeout_s=args.request_read_timeout,
+            )
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+            return 1
+
+    try:
+        from ..engine import Engine
+
+        engine = Engine(_engine_config(args, model))
+    except Exception:
+        log.exception("engine start-up failed")
+        return 1
+
+    if not engine.tp.is_driver:
+        log.info("rank %d/%d ready: following rank 0", engine.tp.rank, engine.tp.size)
+        try:
+            engine.run_follower()
+        except Exception as exc:
+            log.error(
+                "rank %d: the group broke (rank 0 or another rank died): %s", engine.tp.rank, exc
+            )
+            return 1
+        log.info("rank %d: released by rank 0, exiting", engine.tp.rank)
+        return 0
+    return _serve(args, engine, server, lazy, model, random_model)
+
+
+def _serve(args, engine, server, lazy, model: str, random_model: bool) -> int:
+    from ..tokenizer import load_tokenizer
+    from .app import create_app
+    from .driver import EngineDriver, EngineUnavailable
+
+    stop = threading.Event()
+    fatal: list[BaseException] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        fatal.append(exc)
+        stop.set()
+
+    driver = EngineDriver(
+        engine,
+        max_queued_requests=args.max_queued_requests,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.rank_timeout,
+        step_timeout_s=args.step_timeout,
+        on_fatal=on_fatal,
+    )
+    try:
+        driver.start(ready_timeout_s=max(60.0, args.rank_timeout))
+    except EngineUnavailable as exc:
+        log.error("%s", exc)
+        os._exit(1)  # a rank is gone: skip the exit-time barrier that would wait for it
+
+    config = _server_config(args, engine, model, random_model)
+    tokenizer = load_tokenizer(model, args.trust_remote_code)  # the HTTP threads' own copy
+    lazy.app = create_app(driver, tokenizer, config)
+
+    def on_signal(signum, _frame):
+        if stop.is_set():
+            log.warning("%s while stopping: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _log_serving(args, server, engine, config)
+    _pump(server, stop)  # until a signal or a fatal engine error
+    code = _shut_down(server, driver, lazy, fatal)
+    if code != 0:
+        logging.shutdown()
+        os._exit(code)  # peers are gone: an exit-time barrier would only wait for them
+    return code
+
+
+def _server_config(args: argparse.Namespace, engine, model: str, random_model: bool):
+    from ..default_model import DEFAULT_MODEL_ID
+    from .serving import ServerConfig
+
+    name = args.served_model_name or (
+        DEFAULT_MODEL_ID if random_model else getattr(engine, "model_name", None) or model
+    )
+    return ServerConfig(
+        model_name=name,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+        api_key=args.api_key or os.environ.get("DSTP_API_KEY") or None,
+        max_body_bytes=args.max_body_bytes,
+        model_aliases=tuple({model, getattr(engine, "model_name", model)} - {name}),
+        model_description=(
+            "RANDOMLY INITIALISED weights generated by dstp: output is meaningless"
+            if random_model
+            else None
+        ),
+        tp_size=engine.tp.size,
+    )
+
+
+def _log_serving(args: argparse.Namespace, server, engine, config) -> None:
+    host, port = server.effective_host, server.effective_port
+    log.info(
+        "serving '%s' on http://%s:%s (TP=%d, max_model_len=%d, API key %s) "
+        "endpoints: /v1/completions /v1/chat/completions /v1/models /generate /health /metrics",
+        config.model_name,
+        host,
+        port,
+        engine.tp.size,
+        engine.max_model_len,
+        "required" if config.api_key else "off",
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach it may use it", host)
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Every open connection is a file descriptor: lift a low soft limit (often 1024)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= needed:
+            return
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            log.warning("open-file limit %d is below the %d connections may need", target, needed)
+    except (ImportError, OSError, ValueError) as exc:
+        log.warning("could not raise the open-file limit: %s", exc)
+
+
+FOLLOWER_GRACE_S = 20.0
+
+
+def _follower_sigterm(signum: int, _frame: object) -> None:
+    log.info("SIGTERM: waiting up to %.0f s for rank 0 to release this rank", FOLLOWER_GRACE_S)
+    timer = threading.Timer(FOLLOWER_GRACE_S, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
+
+
+def _pump(server, stop: threading.Event) -> None:
+    """Run waitress's event loop in slices so a stop request is seen within ~0.2 s."""
+    from .wsgi import pump_once
+
+    while not stop.is_set():
+        pump_once(server)
+
+
+def _shut_down(server, driver, lazy, fatal: list[BaseException]) -> int:
+    """Fail in-flight requests, keep the loop running until their errors are written."""
+    from .wsgi import pump_once
+
+    stopper = threading.Thread(
+        target=driver.stop,
+        kwargs={"reason": "server shutting down" if not fatal else "engine failed"},
+        daemon=True,
+    )
+    stopper.start()
+    deadline = time.monotonic() + 15.0
+    while (stopper.is_alive() or lazy.active > 0) and time.monotonic() < deadline:
+        pump_once(server, 0.1)
+    for _ in range(5):  # flush what the last responses wrote
+        pump_once(server, 0.05)
+    server.close()
+    if fatal:
+        log.error("exiting with an error: %r", fatal[0])
+        return 1
+    if stopper.is_alive():
+        log.error("engine did not stop in time")
+        return 1
+    log.info("stopped")
+    return 0

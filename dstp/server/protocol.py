@@ -1,0 +1,407 @@
+"""Request parsing and validation: JSON bodies -> token ids + SamplingParams, or an APIError.
+
+The accepted fields and their JSON types come from ``SamplingParams``' own fields plus a
+small table of OpenAI-only fields per endpoint, so a parameter cannot be accepted and
+then silently dropped. Unknown fields are rejected (a typo such as ``max_token`` would
+otherwise be ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import types
+import typing
+import uuid
+from dataclasses import dataclass
+
+from ..sampling import InvalidRequest, SamplingParams
+
+log = logging.getLogger("dstp")
+
+MAX_JSON_DEPTH = 64  # nesting levels a request body may have (OpenAI bodies need < 10)
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+ANY = object  # a field type the endpoint's parser checks itself
+
+# -- the schema ---------------------------------------------------------------
+_HINTS = typing.get_type_hints(SamplingParams)
+# Every SamplingParams field, with its JSON type where it differs from the dataclass's.
+SAMPLING_FIELDS: dict[str, object] = {
+    f.name: _HINTS[f.name] for f in dataclasses.fields(SamplingParams)
+} | {"stop": str | list[str]}
+# Sampling fields each endpoint resolves itself (context fit; chat's boolean logprobs).
+_RESOLVED = ("max_tokens", "logprobs")
+
+_OPENAI_FIELDS = {
+    "model": str,
+    "stream": bool,
+    "stream_options": ANY,
+    "user": str,
+    "logit_bias": ANY,
+}
+COMPLETION_FIELDS = (
+    SAMPLING_FIELDS
+    | _OPENAI_FIELDS
+    | {
+        "prompt": ANY,
+        "echo": bool,
+        "suffix": ANY,
+        "best_of": ANY,
+    }
+)
+CHAT_FIELDS = (
+    SAMPLING_FIELDS
+    | _OPENAI_FIELDS
+    | {
+        "messages": ANY,
+        "max_completion_tokens": int,
+        "logprobs": bool,  # chat's: whether to report them; top_logprobs says how many
+        "top_logprobs": int,
+        "response_format": ANY,
+        "tools": ANY,
+        "tool_choice": ANY,
+        "parallel_tool_calls": ANY,
+    }
+)
+GENERATE_FIELDS = SAMPLING_FIELDS | {"prompt_token_ids": ANY, "stream": bool}
+
+
+class APIError(Exception):
+    """An error answered as OpenAI-style JSON with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def retry_later(status: int, message: str, retry_after_s: int) -> APIError:
+    """429 (queue full) or 503 (engine unavailable), with ``Retry-After``."""
+    kind, code = (
+        ("rate_limit_error", "queue_full") if status == 429 else ("service_unavailable", None)
+    )
+    return APIError(
+        status, message, type=kind, code=code, headers={"Retry-After": str(retry_after_s)}
+    )
+
+
+def internal_error(what: str, exc: BaseException | None = None) -> APIError:
+    """Log the exception (default: the one being handled) with a fresh id; the client gets
+    the id, never the exception's text."""
+    error_id = f"err-{uuid.uuid4().hex[:12]}"
+    log.error("internal error %s in %s", error_id, what, exc_info=exc or True)
+    return APIError(
+        500,
+        f"internal server error (id {error_id}); the server log has the details",
+        type="server_error",
+        code="internal_error",
+    )
+
+
+@dataclass
+class ParsedRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # top alternatives to report; None: no logprobs
+    prompt_text: str | None = None  # the prompt as sent, when it was text (for echo)
+
+
+# -- the body -----------------------------------------------------------------
+def _too_deep(obj: object, limit: int) -> bool:
+    """Whether JSON ``obj`` nests deeper than ``limit`` (iterative: no recursion to overflow)."""
+    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 (malformed, too deep, not an object)."""
+    too_deep = APIError(
+        400,
+        f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels of arrays/objects)",
+        code="json_too_deep",
+    )
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # thousands of levels: the decoder itself gives up
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(body, MAX_JSON_DEPTH):
+        raise too_deep  # later repr()s or copies of it could still overflow the stack
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+# -- type checks --------------------------------------------------------------
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+# JSON type -> (check, what the error says it must be, and in the plural)
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "a boolean", "booleans"),
+    int: (_is_int, "an integer", "integers"),
+    float: (_is_num, "a number", "numbers"),
+    str: (lambda v: isinstance(v, str), "a string", "strings"),
+}
+
+
+def _matches(value: object, kind: object) -> bool:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_matches(value, k) for k in typing.get_args(kind) if k is not type(None))
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    return kind is ANY or _SCALARS[kind][0](value)
+
+
+def _describe(kind: object) -> str:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(k) for k in typing.get_args(kind) if k is not type(None))
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return f"a list of {_SCALARS[item][2]}"
+    return _SCALARS[kind][1]
+
+
+def _valid_text(text: str, param: str, what: str | None = None) -> str:
+    """``text`` if the tokenizer can take it; 400 for an unpaired surrogate (JSON "\\ud800")."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad(
+                f"{what or repr(param)} contains an unpaired UTF-16 surrogate "
+                f"(U+{ord(text[exc.start]):04X} at character {exc.start}); "
+                "text must be valid Unicode",
+                param=param,
+                code="invalid_unicode",
+            ) from None
+    return text
+
+
+def _expect(body: dict, name: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise bad(f"'{name}' must be {what}, got {body[name]!r}", param=name)
+
+
+def _check(body: dict, schema: dict[str, object]) -> None:
+    """Known fields of the right JSON types; range checks are SamplingParams' job."""
+    unknown = sorted(set(body) - set(schema))
+    if unknown:
+        raise bad(
+            f"unknown parameter(s): {', '.join(unknown)} (supported: {', '.join(sorted(schema))})",
+            param=unknown[0],
+            code="unknown_parameter",
+        )
+    for name, value in body.items():
+        if value is not None and not _matches(value, schema[name]):
+            raise bad(f"'{name}' must be {_describe(schema[name])}, got {value!r}", param=name)
+        if name in SAMPLING_FIELDS:  # text the engine gets must be valid Unicode
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str):
+                    _valid_text(text, name)
+    if body.get("logit_bias"):
+        raise bad("'logit_bias' is not supported", param="logit_bias")
+    opts = body.get("stream_options")
+    if opts is not None:
+        _expect(
+            body,
+            "stream_options",
+            isinstance(opts, dict) and set(opts) <= {"include_usage", "continuous_usage_stats"},
+            "an object with 'include_usage'",
+        )
+        if not body.get("stream"):
+            raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+
+
+def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """Every SamplingParams field the body sets (a field the schema accepts always arrives)."""
+    kwargs = {k: body[k] for k in SAMPLING_FIELDS if k not in _RESOLVED and body.get(k) is not None}
+    if kwargs.get("top_k") == 0:
+        kwargs["top_k"] = -1  # OpenAI-style clients send 0 for "off"
+    try:
+        return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs)
+    except InvalidRequest as exc:
+        raise bad(str(exc), param=exc.param) from None
+
+
+def _fit_context(prompt_len: int, requested: int | None, default: int | None, limit: int) -> int:
+    """max_tokens to use, or a 400 when prompt + completion exceed the context."""
+    if prompt_len == 0:
+        raise bad("the prompt is empty", param="prompt")
+    if prompt_len >= limit:
+        raise bad(
+            f"this model's maximum context length is {limit} tokens; the prompt has "
+            f"{prompt_len} tokens, which leaves no room for a completion",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    room = limit - prompt_len
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested >= 1 and prompt_len + requested > limit:
+        raise bad(
+            f"this model's maximum context length is {limit} tokens; you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
+            "for the completion); shorten the prompt or lower max_tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def _check_token_ids(ids: object, param: str, vocab_size: int) -> list[int]:
+    if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+        raise bad(f"'{param}' must be a list of integer token ids", param=param)
+    bad_ids = [t for t in ids if not 0 <= t < vocab_size]
+    if bad_ids:
+        raise bad(f"'{param}' has token ids outside [0, {vocab_size}): {bad_ids[:5]}", param=param)
+    return ids
+
+
+def _parsed(
+    body: dict, ids: list[int], max_tokens: int, logprobs: int | None, **kw
+) -> ParsedRequest:
+    stream = bool(body.get("stream", False))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+    params = _sampling(body, max_tokens, logprobs)
+    return ParsedRequest(ids, params, stream, include_usage, logprobs=logprobs, **kw)
+
+
+# -- endpoints ----------------------------------------------------------------
+def _completion_prompt(body: dict, encode, vocab_size: int) -> tuple[list[int], str | None]:
+    if "prompt" not in body:
+        raise bad("'prompt' is required", param="prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return encode(_valid_text(prompt, "prompt")), prompt
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        return _check_token_ids(prompt, "prompt", vocab_size), None
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad("only one prompt per request is supported; send one request each", "prompt")
+    raise bad("'prompt' must be a string or a list of token ids", param="prompt")
+
+
+def parse_completion(body: dict, encode, vocab_size: int, max_model_len: int) -> ParsedRequest:
+    """/v1/completions; ``encode(text) -> ids`` tokenizes with the model's special tokens."""
+    _check(body, COMPLETION_FIELDS)
+    if body.get("suffix") is not None:
+        raise bad("'suffix' is not supported", param="suffix")
+    ids, text = _completion_prompt(body, encode, vocab_size)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise bad("'best_of' other than n is not supported", param="best_of")
+    logprobs, echo = body.get("logprobs"), bool(body.get("echo", False))
+    if echo and logprobs is not None:
+        raise bad("'echo' together with 'logprobs' is not supported", param="echo")
+    max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
+    return _parsed(body, ids, max_tokens, logprobs, echo=echo, prompt_text=text)
+
+
+def _message_text(i: int, message: object) -> dict:
+    if not isinstance(message, dict):
+        raise bad(f"messages[{i}] must be an object", param="messages")
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise bad(
+            f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+            param="messages",
+        )
+    content = message.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"):
+                raise bad(f"messages[{i}].content: only text parts are supported", "messages")
+            if not isinstance(part.get("text"), str):
+                raise bad(f"messages[{i}].content: a text part needs a string 'text'", "messages")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    _valid_text(content, "messages", f"messages[{i}].content")
+    if isinstance(message.get("name"), str):
+        out["name"] = _valid_text(message["name"], "messages", f"messages[{i}].name")
+    return out
+
+
+def _check_chat_options(body: dict) -> int | None:
+    """400 for what chat does not support; the number of top logprobs (None: none)."""
+    if body.get("tools"):
+        raise bad("'tools' (function calling) is not supported", param="tools")
+    if body.get("tool_choice") not in (None, "none"):
+        raise bad("'tool_choice' is not supported", param="tool_choice")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise bad("only response_format {'type': 'text'} is supported", param="response_format")
+    top = body.get("top_logprobs")
+    if top is not None and not body.get("logprobs"):
+        raise bad("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+    return (top or 0) if body.get("logprobs") else None
+
+
+def parse_chat(body: dict, render, vocab_size: int, max_model_len: int) -> ParsedRequest:
+    """/v1/chat/completions; ``render(messages) -> ids`` applies the chat template."""
+    _check(body, CHAT_FIELDS)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list of messages", param="messages")
+    messages = [_message_text(i, m) for i, m in enumerate(messages)]
+    logprobs = _check_chat_options(body)
+    requested = body.get("max_completion_tokens", body.get("max_tokens"))
+    ids = render(messages)
+    max_tokens = _fit_context(len(ids), requested, None, max_model_len)
+    return _parsed(body, ids, max_tokens, logprobs)
+
+
+def parse_generate(body: dict, vocab_size: int, max_model_len: int) -> ParsedRequest:
+    """Native /generate: token ids in, token ids out; SamplingParams fields at top level."""
+    _check(body, GENERATE_FIELDS)
+    if "prompt_token_ids" not in body:
+        raise bad("'prompt_token_ids' is required", param="prompt_token_ids")
+    ids = _check_token_ids(body["prompt_token_ids"], "prompt_token_ids", vocab_size)
+    max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
+    return _parsed(body, ids, max_tokens, body.get("logprobs"))

@@ -1,0 +1,425 @@
+"""The generation endpoints: parse, hand the request to the driver, shape its outputs.
+
+Completions, chat and the native /generate differ only in the JSON they answer with
+(one small class each); submitting, waiting, streaming and failing are written once,
+in ``Serving``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+
+from flask import Response
+
+from ..sampling import CompletionOutput, InvalidRequest, RequestOutput, TokenLogprob
+from .driver import EngineDriver, EngineUnavailable, QueueFull, RequestFailed, RequestHandle
+from .protocol import (
+    APIError,
+    ParsedRequest,
+    bad,
+    internal_error,
+    parse_chat,
+    parse_completion,
+    parse_generate,
+    retry_later,
+)
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class ServerConfig:
+    model_name: str  # the id /v1/models reports and requests may name
+    max_model_len: int
+    vocab_size: int
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    retry_after_s: int = 1
+    model_aliases: tuple[str, ...] = ()  # other accepted "model" values (e.g. the path)
+    model_description: str | None = None  # shown in /v1/models (the default model says "random")
+    tp_size: int = 1
+
+
+class TokenizerAccess:
+    """Serialises tokenizer calls: HF tokenizers are not safe to share across threads."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self._token_cache: dict[int, str] = {}
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _require(self) -> None:
+        if self.tokenizer is None:
+            raise APIError(
+                400,
+                "this model has no tokenizer: send prompts as token ids",
+                param="prompt",
+                code="no_tokenizer",
+            )
+
+    def encode(self, text: str) -> list[int]:
+        self._require()
+        with self._lock:
+            return list(self.tokenizer.encode(text))
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        self._require()
+        if not self.has_chat_template:
+            raise APIError(
+                400,
+                "this model has no chat template, so /v1/chat/completions cannot format "
+                "messages; use /v1/completions with a plain prompt",
+                param="messages",
+                code="no_chat_template",
+            )
+        try:
+            with self._lock:
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+                return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except Exception as exc:  # jinja raise_exception(): e.g. roles not alternating
+            raise bad(f"chat template rejected the messages: {exc}", param="messages") from None
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        with self._lock:
+            return self.tokenizer.decode(ids)
+
+    def token(self, token_id: int) -> str:
+        text = self._token_cache.get(token_id)
+        if text is None:
+            text = self.decode([token_id])
+            self._token_cache[token_id] = text
+        return text
+
+
+def sse(obj: object) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def usage(out: RequestOutput) -> dict:
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    prompt = len(out.prompt_token_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+class GenerationFailed(Exception):
+    """The engine ended this request alone (finish_reason "error"); it logged the cause."""
+
+    def api_error(self) -> APIError:
+        return APIError(500, str(self), type="server_error", code="generation_failed")
+
+
+def _finish_reason(reason: str | None, request_id: str) -> str | None:
+    if reason == "abort":  # ended by the server (shutdown), not by its client
+        raise RequestFailed("request aborted by the server")
+    if reason == "error":
+        raise GenerationFailed(
+            f"generation failed for request {request_id} (the other requests carry on); "
+            "the server log has the details"
+        )
+    return reason
+
+
+@dataclass
+class Piece:
+    """What one choice reports: its whole result (``final``) or what is new since the last
+    event; ``offset`` is where ``text`` starts in the completion."""
+
+    final: bool
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    offset: int
+
+    @classmethod
+    def of(cls, c: CompletionOutput, final: bool) -> Piece:
+        if final:
+            return cls(True, c.text, c.token_ids, c.logprobs, 0)
+        start = len(c.text) - len(c.delta_text)
+        return cls(False, c.delta_text, c.new_token_ids, c.new_logprobs, start)
+
+
+# -- response shapes, one class per endpoint family --------------------------------------
+class _Shape:
+    """How one endpoint answers; ``news`` is the output field whose being non-empty (or a
+    finish reason) makes a streamed choice worth sending."""
+
+    news = "delta_text"
+
+    def __init__(self, handle: RequestHandle, parsed: ParsedRequest, tok, model: str) -> None:
+        self.handle, self.parsed, self.tok, self.model = handle, parsed, tok, model
+        self.created = int(time.time())
+
+    def choice(self, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
+        raise NotImplementedError
+
+    def answer(self, out: RequestOutput, choices: list[dict]) -> dict:
+        return self.envelope(self.kind, choices, usage(out))
+
+    def preamble(self) -> Iterator[dict]:
+        return iter(())
+
+    def events(self, choices: Iterator[dict]) -> Iterator[dict]:
+        """One SSE chunk per choice (OpenAI's framing)."""
+        for choice in choices:
+            yield self.envelope(self.chunk_kind, [choice])
+
+    def usage_event(self, use: dict) -> dict | None:
+        return self.envelope(self.chunk_kind, [], use) if self.parsed.include_usage else None
+
+    def envelope(self, kind: str, choices: list[dict], use: dict | None = None) -> dict:
+        """The OpenAI response object around ``choices`` (one SSE chunk, or a whole answer)."""
+        rid = f"{self.prefix}-{self.handle.request_id}"
+        obj = {"id": rid, "object": kind, "created": self.created, "model": self.model}
+        obj["choices"] = choices
+        if use is not None:
+            obj["usage"] = use
+        return obj
+
+
+class _Completions(_Shape):
+    path, prefix, kind, chunk_kind = "/v1/completions", "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.echo = ""
+        if self.parsed.echo:  # the prompt as the client sent it (token ids: their plain decode)
+            self.echo = self.parsed.prompt_text or self.tok.decode(self.parsed.prompt_token_ids)
+
+    def choice(self, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
+        text = self.echo + piece.text if piece.final else piece.text
+        logprobs = None
+        if piece.logprobs is not None:
+            tokens = [self.tok.token(e.token_id) for e in piece.logprobs]
+            offsets = list(accumulate(map(len, tokens), initial=piece.offset))[:-1]
+            logprobs = {
+                "tokens": tokens,
+                "token_logprobs": [e.logprob for e in piece.logprobs],
+                "top_logprobs": [
+                    {self.tok.token(t): lp for t, lp in e.top.items()} for e in piece.logprobs
+                ],
+                "text_offset": offsets,
+            }
+        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def preamble(self) -> Iterator[dict]:
+        if self.echo:
+            for i in range(self.parsed.params.n):
+                choice = {"index": i, "text": self.echo, "logprobs": None, "finish_reason": None}
+                yield self.envelope(self.chunk_kind, [choice])
+
+
+class _Chat(_Shape):
+    path, prefix, kind, chunk_kind = (
+        "/v1/chat/completions",
+        "chatcmpl",
+        "chat.completion",
+        "chat.completion.chunk",
+    )
+
+    def choice(self, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
+        out: dict = {"index": c.index}
+        if piece.final:
+            out["message"] = {"role": "assistant", "content": piece.text}
+        else:
+            out["delta"] = {"content": piece.text} if piece.text else {}
+        out["logprobs"] = None
+        if piece.logprobs is not None:
+            out["logprobs"] = {
+                "content": [
+                    {**self._item(e.token_id, e.logprob), "top_logprobs": self._top(e)}
+                    for e in piece.logprobs
+                ]
+            }
+        out["finish_reason"] = reason
+        return out
+
+    def _item(self, token_id: int, lp: float) -> dict:
+        s = self.tok.token(token_id)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    def _top(self, e: TokenLogprob) -> list[dict]:
+        return [self._item(t, lp) for t, lp in e.top.items()]
+
+    def preamble(self) -> Iterator[dict]:
+        for i in range(self.parsed.params.n):
+            first = {"role": "assistant", "content": ""}
+            choice = {"index": i, "delta": first, "logprobs": None, "finish_reason": None}
+            yield self.envelope(self.chunk_kind, [choice])
+
+
+class _Generate(_Shape):
+    """Native: token ids in and out, one event per step with every choice that moved."""
+
+    path, news = "/generate", "new_token_ids"
+
+    def choice(self, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
+        entries = piece.logprobs if piece.final or piece.token_ids else None
+        logprobs = None
+        if entries is not None:
+            logprobs = [
+                {"token_id": e.token_id, "logprob": e.logprob, "top": _str_keys(e.top)}
+                for e in entries
+            ]
+        if not piece.final:
+            return {
+                "index": c.index,
+                "new_token_ids": piece.token_ids,
+                "delta_text": piece.text,
+                "finish_reason": reason,
+                "logprobs": logprobs,
+            }
+        return {
+            "index": c.index,
+            "token_ids": piece.token_ids,
+            "text": piece.text,
+            "finish_reason": reason,
+            "stop_reason": c.stop_reason,
+            "logprobs": logprobs,
+        }
+
+    def answer(self, out: RequestOutput, choices: list[dict]) -> dict:
+        rid = self.handle.request_id
+        return {
+            "request_id": rid,
+            "prompt_token_ids": out.prompt_token_ids,
+            "outputs": choices,
+            "usage": usage(out),
+        }
+
+    def events(self, choices: Iterator[dict]) -> Iterator[dict]:
+        outputs = list(choices)
+        if outputs:
+            yield {"request_id": self.handle.request_id, "outputs": outputs}
+
+    def usage_event(self, use: dict) -> dict:
+        return {"request_id": self.handle.request_id, "usage": use}
+
+
+def _str_keys(top: dict[int, float]) -> dict[str, float]:
+    return {str(t): lp for t, lp in top.items()}
+
+
+# -- the handlers --------------------------------------------------------------------------
+class Serving:
+    """Turns a parsed request into the driver's work and the driver's outputs into answers."""
+
+    def __init__(self, driver: EngineDriver, tokenizer, config: ServerConfig) -> None:
+        self.driver, self.config = driver, config
+        self.tok = TokenizerAccess(tokenizer)
+        self.accepted_models = {config.model_name, *config.model_aliases}
+
+    def check_model(self, body: dict) -> dict:
+        model = body.get("model")
+        if isinstance(model, str) and model not in self.accepted_models:
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; this server serves "
+                f"'{self.config.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+        return body
+
+    def completions(self, body: dict, probe: Callable[[], bool] | None):
+        cfg = self.config
+        parsed = parse_completion(body, self.tok.encode, cfg.vocab_size, cfg.max_model_len)
+        return self._respond(_Completions, parsed, probe)
+
+    def chat(self, body: dict, probe: Callable[[], bool] | None):
+        cfg = self.config
+        parsed = parse_chat(body, self.tok.render_chat, cfg.vocab_size, cfg.max_model_len)
+        return self._respond(_Chat, parsed, probe)
+
+    def generate(self, body: dict, probe: Callable[[], bool] | None):
+        parsed = parse_generate(body, self.config.vocab_size, self.config.max_model_len)
+        return self._respond(_Generate, parsed, probe)
+
+    def _respond(self, shape_class, parsed: ParsedRequest, probe) -> dict | Response:
+        handle = self._submit(parsed)
+        shape = shape_class(handle, parsed, self.tok, self.config.model_name)
+        if parsed.stream:
+            events = _guarded(_stream(shape, handle, probe), f"stream of {shape.path}")
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return Response(events, mimetype="text/event-stream", headers=headers)
+        out = self._wait(handle, probe)
+        outputs = sorted(out.outputs, key=lambda c: c.index)
+        return shape.answer(
+            out, [shape.choice(c, Piece.of(c, True), c.finish_reason) for c in outputs]
+        )
+
+    def _submit(self, parsed: ParsedRequest) -> RequestHandle:
+        retry_s = self.config.retry_after_s
+        try:
+            return self.driver.submit(parsed.prompt_token_ids, parsed.params)
+        except InvalidRequest as exc:
+            raise bad(str(exc), param=exc.param) from None
+        except QueueFull as exc:
+            raise retry_later(429, str(exc), retry_s) from None
+        except EngineUnavailable as exc:
+            raise retry_later(503, str(exc), retry_s) from None
+
+    @staticmethod
+    def _wait(handle: RequestHandle, probe) -> RequestOutput:
+        try:
+            out = handle.result(disconnected=probe)
+            if out is None:  # client gone; nobody reads this answer
+                raise APIError(499, "client closed the request")
+            for c in out.outputs:
+                _finish_reason(c.finish_reason, out.request_id)
+        except RequestFailed as exc:
+            raise APIError(503, str(exc), type="service_unavailable") from None
+        except GenerationFailed as exc:
+            raise exc.api_error() from None
+        return out
+
+
+def _stream(shape: _Shape, handle: RequestHandle, probe) -> Iterator[str]:
+    """The SSE events of one request: preamble, what each step added, usage, [DONE]."""
+    yield from map(sse, shape.preamble())
+    last = None
+    for out in handle.outputs(disconnected=probe):
+        last = out
+        yield from map(sse, shape.events(_moved(shape, out)))
+    if last is None or not last.finished:
+        return  # client went away
+    final = shape.usage_event(usage(last))
+    if final is not None:
+        yield sse(final)
+    yield DONE
+
+
+def _moved(shape: _Shape, out: RequestOutput) -> Iterator[dict]:
+    """The choices this output advanced (new text or tokens, or a finish)."""
+    for c in out.outputs:
+        reason = _finish_reason(c.finish_reason, out.request_id)
+        if getattr(c, shape.news) or reason:  # not e.g. half a UTF-8 character so far
+            yield shape.choice(c, Piece.of(c, False), reason)
+
+
+def _guarded(events: Iterator[str], where: str) -> Iterator[str]:
+    """An SSE error event instead of a hang or a cut stream when something fails mid-stream."""
+    try:
+        yield from events
+    except RequestFailed as exc:
+        yield sse(APIError(503, str(exc), type="service_unavailable").body())
+    except GenerationFailed as exc:
+        yield sse(exc.api_error().body())
+    except Exception:  # a bug: headers are sent, so the error goes in the stream
+        yield sse(internal_error(where).body())
