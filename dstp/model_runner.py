@@ -41,8 +41,7 @@ class ModelRunner:
         self.base_model = getattr(self.model, self.model.base_model_prefix)
         self.lm_head = self.model.get_submodule(self.sharded.policy.lm_head)
         self.vocab_size: int = self.lm_head.vocab_size  # token ids a prompt may use
-        hf_config = self.sharded.config
-        self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
+        self.logit_ops = self.sharded.policy.logit_ops(self.sharded.config)
         self.num_blocks, self.cache = self._make_cache(config)
         self.block_size = config.block_size
         self.max_model_len = self._context_limit(config)
@@ -104,9 +103,9 @@ class ModelRunner:
             ).last_hidden_state
         rows = hidden[0, plan.sample_rows.to(device)] if plan.sample_rows.numel() else hidden[0, :0]
         logits = self.lm_head.logits_on_driver(rows)
-        if logits is not None and self.final_logit_softcapping:
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+        if logits is not None:
+            for op, value in self.logit_ops:  # what HF's *ForCausalLM.forward does after its head
+                logits = op.apply(logits, value)
         return logits
 
     def run_follower(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .auto import derive_policy
-from .base import Col, Experts, HeadLayout, Policy, Row, TPConfigError
+from .base import Col, Experts, HeadLayout, LogitOp, Policy, Row, TPConfigError
 from .deepspeed_compat import from_injection_policy, to_injection_policy
 from .gemma import GEMMA, GEMMA2
 from .gpt2 import GPT2
@@ -25,6 +25,7 @@ __all__ = [
     "Col",
     "Experts",
     "HeadLayout",
+    "LogitOp",
     "Policy",
     "Row",
     "TPConfigError",

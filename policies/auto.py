@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Col, Experts, HeadLayout, Policy, Row, Style, TPConfigError
+from .base import Col, Experts, HeadLayout, LogitOp, Policy, Row, Style, TPConfigError
 
 COLUMN_STYLES = {"colwise", "local_colwise"}
 PACKED_COLUMN_STYLES = {"packed_colwise", "colwise_gather_output", "local_packed_colwise"}
@@ -53,6 +53,12 @@ ATTENTION_ATTRS = {
 }
 EMBEDDING_SCALE_ATTRS = ("scalar_embed_scale",)
 MLP_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+# config attributes HF's *ForCausalLM.forward applies to the logits, in its order
+LOGIT_ATTRS = {
+    "logit_scale": "multiply",  # Cohere
+    "logits_scaling": "divide",  # Granite
+    "final_logit_softcapping": "softcap",  # Gemma 2/3
+}
 
 
 @dataclass(frozen=True)
@@ -335,6 +341,7 @@ def assemble_policy(
         embedding_scale=scale_attr,
         attn_implementation=None if getattr(model, "_supports_sdpa", False) else "eager",
         divisible=tuple(a for a in MLP_WIDTH_ATTRS if isinstance(getattr(config, a, None), int)),
+        logits=tuple(LogitOp(kind, a) for a, kind in LOGIT_ATTRS.items() if hasattr(config, a)),
         doc=doc,
     )
 

@@ -24,8 +24,16 @@ projections split correctly (each rank takes its slice of every component):
     MLP (``gate_up`` column, ``down`` row), and the module's output is
     all-reduced. The router stays replicated.
 
-``Policy.validate(config, tp_size)`` checks divisibility before any weight is
-read and returns the :class:`HeadLayout` the injector uses.
+``logits``
+    what the HF ``*ForCausalLM.forward`` does to the LM head's output, as
+    :class:`LogitOp` steps naming the config attribute that holds the number
+    (Gemma 2's final soft-capping, Granite's ``logits_scaling``, Cohere's
+    ``logit_scale``). dstp calls the LM head itself, so a step missing here is
+    a wrong temperature and wrong logprobs, though greedy tokens still match.
+
+``Policy.validate(config, tp_size)`` checks divisibility (and that every
+``LogitOp`` names a config attribute) before any weight is read, and returns
+the :class:`HeadLayout` the injector uses.
 """
 
 from __future__ import annotations
@@ -36,7 +44,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import torch
+
 PART_KINDS = ("q", "kv", "even")
+LOGIT_OP_KINDS = ("multiply", "divide", "softcap")
 
 
 class TPConfigError(ValueError):
@@ -148,6 +159,30 @@ class HeadLayout:
 
 
 @dataclass(frozen=True)
+class LogitOp:
+    """One step applied to the full logits: ``kind`` by the config's ``attr``.
+
+    ``multiply``: logits * v; ``divide``: logits / v; ``softcap``:
+    tanh(logits / v) * v. An attribute set to None (or 0 for soft-capping)
+    is a no-op, as in HF.
+    """
+
+    kind: str
+    attr: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOGIT_OP_KINDS:
+            raise TPConfigError(f"LogitOp kind {self.kind!r} is not one of {LOGIT_OP_KINDS}")
+
+    def apply(self, logits: Any, value: float) -> Any:
+        if self.kind == "multiply":
+            return logits * value
+        if self.kind == "divide":
+            return logits / value
+        return torch.tanh(logits / value) * value
+
+
+@dataclass(frozen=True)
 class Policy:
     """How to shard one architecture family. See the module docstring."""
 
@@ -180,6 +215,8 @@ class Policy:
     head_dim_attr: str | None = "head_dim"
     # config attributes (besides heads) whose value must divide by the TP size
     divisible: tuple[str, ...] = ("intermediate_size",)
+    # what *ForCausalLM.forward does to the LM head's output, in order
+    logits: tuple[LogitOp, ...] = ()
     doc: str = ""
 
     # -- validation ------------------------------------------------------------
@@ -211,11 +248,27 @@ class Policy:
                 found.append(f"{attr}={value} is not divisible by TP={tp_size}")
         return found
 
+    def logit_ops(self, config: Any) -> list[tuple[LogitOp, float]]:
+        """This config's logit steps with their numbers; those set to None are dropped."""
+        missing = [op.attr for op in self.logits if not hasattr(config, op.attr)]
+        if missing:
+            raise TPConfigError(
+                f"policy {self.name}: its logits steps read config attributes {missing}, "
+                f"which {type(config).__name__} does not have; fix the policy's 'logits'"
+            )
+        values = [(op, getattr(config, op.attr)) for op in self.logits]
+        return [
+            (op, float(v))
+            for op, v in values
+            if v is not None and not (op.kind == "softcap" and v == 0)
+        ]
+
     def valid_tp_sizes(self, config: Any, limit: int = 64) -> list[int]:
         return [n for n in range(1, limit + 1) if not self.problems(config, n)]
 
     def validate(self, config: Any, tp_size: int) -> HeadLayout:
         """Check ``tp_size`` against ``config``; raise a TPConfigError that lists the fix."""
+        self.logit_ops(config)
         problems = self.problems(config, tp_size)
         if problems:
             valid = self.valid_tp_sizes(config)

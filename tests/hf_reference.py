@@ -20,6 +20,14 @@ def load_reference(path: Path):
     return model
 
 
+def logprob_rows(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """HF's log-softmax over the vocabulary for each continuation token (fp32, [N, V])."""
+    ids = torch.tensor([prompt + continuation])
+    with torch.inference_mode():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
 def greedy_continuations(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Each prompt alone through HF ``generate``: its ``new_tokens`` greedy tokens."""
     outs = []

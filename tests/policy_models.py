@@ -73,6 +73,18 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
         dict(LLAMA_SHAPE, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
     ),
     # no explicit policy: derived from base_model_tp_plan / from the module graph
+    # (Granite and Cohere also scale their logits: the derived policy must too)
+    "granite": (
+        "GraniteConfig",
+        dict(
+            LLAMA_SHAPE,
+            logits_scaling=0.25,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+        ),
+    ),
+    "cohere": ("CohereConfig", dict(LLAMA_SHAPE, logit_scale=4.0)),
     "starcoder2": (
         "Starcoder2Config",
         dict(LLAMA_SHAPE, intermediate_size=128, use_bias=True),

@@ -20,7 +20,7 @@ from tests.tiny_models import llama_config, save_random_model
 PROMPT = [[1, 17, 33, 5, 99, 42, 7, 64, 3, 11]]
 NEW_TOKENS = 16
 LLAMA_INJECTION = {"LlamaDecoderLayer": ["self_attn.o_proj", "mlp.down_proj"]}
-DERIVED = {"starcoder2", "gpt_neo"}  # no explicit policy: policy_for derives one
+DERIVED = {"starcoder2", "gpt_neo", "granite", "cohere"}  # no explicit policy: derived
 
 
 @pytest.fixture(scope="module")

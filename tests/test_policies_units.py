@@ -198,3 +198,44 @@ def test_inspect_shows_policy_shapes_and_bytes(tmp_path, capsys):
     assert main(["inspect", "--model", str(tmp_path), "--tp", "3"]) == 1
     out = capsys.readouterr().out
     assert "TP=3 is invalid" in out and "valid TP sizes: [1, 2, 4]" in out
+
+
+def test_logit_steps_are_validated_and_applied():
+    import torch
+    from dstp.policies import LogitOp, TPConfigError
+    from dstp.policies.llama import LLAMA, llama_like
+    from transformers import GraniteConfig
+
+    with pytest.raises(TPConfigError, match="not one of"):
+        LogitOp("exp", "logit_scale")
+    config = GraniteConfig(num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0)
+    typo = llama_like("x", "X", "x", "", logits=(LogitOp("divide", "logit_scaling"),))
+    with pytest.raises(TPConfigError, match="logit_scaling"):
+        typo.validate(config, 2)
+    steps = (LogitOp("divide", "logits_scaling"), LogitOp("softcap", "final_logit_softcapping"))
+    policy = llama_like("x", "X", "x", "", logits=steps)
+    config.final_logit_softcapping = None  # None: a no-op, as in HF
+    ((op, value),) = policy.logit_ops(config)
+    assert (op.kind, value) == ("divide", 4.0)
+    config.final_logit_softcapping = 2.0
+    logits = torch.tensor([-40.0, 0.0, 12.0])
+    for op, value in policy.logit_ops(config):
+        logits = op.apply(logits, value)
+    assert torch.allclose(logits, torch.tanh(torch.tensor([-10.0, 0.0, 3.0]) / 2) * 2)
+    assert LLAMA.logit_ops(config) == []
+
+
+def test_derived_policies_take_the_models_logit_steps():
+    from dstp.policies import derive_policy
+
+    from tests.policy_models import make_config
+
+    kinds = {
+        name: [(op.kind, op.attr) for op in derive_policy(make_config(name)).logits]
+        for name in ("granite", "cohere", "starcoder2")
+    }
+    assert kinds == {
+        "granite": [("divide", "logits_scaling")],
+        "cohere": [("multiply", "logit_scale")],
+        "starcoder2": [],
+    }
