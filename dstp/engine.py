@@ -21,8 +21,9 @@ from .detokenizer import Detokenizer, find_stop, partial_stop_len
 from .distributed import init_tp
 from .kv_cache import BlockAllocator
 from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput
 from .sampler import Picks, SampleState, make_generator, sample
-from .sampling import CompletionOutput, InvalidRequest, RequestOutput, SamplingParams
+from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Request, Schedule, Scheduler, Sequence
 from .step_plan import Command, StepPlan, send_command, send_plan
 from .tokenizer import load_tokenizer

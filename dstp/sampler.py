@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams, TokenLogprob
+from .outputs import TokenLogprob
+from .sampling_params import SamplingParams
 
 
 @dataclass

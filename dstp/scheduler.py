@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .detokenizer import TextStream
 from .kv_cache import BlockAllocator, chain_hash
 from .sampler import SampleState
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 
 @dataclass

@@ -16,13 +16,8 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from dstp.sampling import (
-    CompletionOutput,
-    InvalidRequest,
-    RequestOutput,
-    SamplingParams,
-    TokenLogprob,
-)
+from dstp.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from dstp.sampling_params import InvalidRequest, SamplingParams
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
 

@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from dstp.sampler import SampleState, _filter, _penalise, make_generator, sample
-from dstp.sampling import InvalidRequest, SamplingParams
+from dstp.sampling_params import InvalidRequest, SamplingParams
 
 
 def hf_filtered(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

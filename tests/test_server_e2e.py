@@ -93,7 +93,7 @@ def references(model_dir, server):  # server: boots meanwhile
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dstp.engine import Engine, EngineConfig
-    from dstp.sampling import SamplingParams
+    from dstp.sampling_params import SamplingParams
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

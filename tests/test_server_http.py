@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from dstp.default_model import build_tokenizer
-from dstp.sampling import SamplingParams
+from dstp.sampling_params import SamplingParams
 from dstp.server.app import create_app
 from dstp.server.driver import EngineDriver
 from dstp.server.limits import http_threads
@@ -499,7 +499,7 @@ def test_internal_error_mid_stream_is_generic(main, caplog, monkeypatch):
     def broken(_reason):
         raise KeyError(secret)
 
-    monkeypatch.setattr(dstp.server.serving, "_finish_reason", broken)
+    monkeypatch.setattr(dstp.server.serving, "_finish_reason_or_raise", broken)
     with caplog.at_level("ERROR", logger="dstp"):
         resp = requests.post(
             f"{url}/v1/completions",

@@ -18,7 +18,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..sampling import InvalidRequest, RequestOutput, SamplingParams
+from ..outputs import RequestOutput
+from ..sampling_params import InvalidRequest, SamplingParams
 from .metrics import ServerMetrics
 
 log = logging.getLogger("dstp")
@@ -129,6 +130,7 @@ class EngineDriver:
         self._in_flight = 0  # submitted and not yet finished (guarded by _lock)
         self._ids = itertools.count()
         self._stopping = threading.Event()
+        self._stop_reason = "server shutting down"
         self._ready = threading.Event()
         self.failure: BaseException | None = None
         self._call: tuple[str, float, float] | None = None  # (what, started, deadline)
@@ -385,7 +387,7 @@ class EngineDriver:
                 arg._accepted.set()
 
     def _finish_stop(self) -> None:
-        reason = getattr(self, "_stop_reason", "server shutting down")
+        reason = self._stop_reason
         self._fail_all(RequestFailed(reason))
         try:
             self.engine.shutdown()

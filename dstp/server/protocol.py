@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import types
 import typing
 import uuid
 from dataclasses import dataclass
 
-from ..sampling import InvalidRequest, SamplingParams
+from ..sampling_params import InvalidRequest, SamplingParams, is_int, is_number
 
 log = logging.getLogger("dstp")
 
@@ -168,19 +167,11 @@ def parse_body(raw: bytes) -> dict:
 
 
 # -- type checks --------------------------------------------------------------
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: object) -> bool:
-    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
-
-
 # JSON type -> (check, what the error says it must be, and in the plural)
 _SCALARS = {
     bool: (lambda v: isinstance(v, bool), "a boolean", "booleans"),
-    int: (_is_int, "an integer", "integers"),
-    float: (_is_num, "a number", "numbers"),
+    int: (is_int, "an integer", "integers"),
+    float: (is_number, "a number", "numbers"),
     str: (lambda v: isinstance(v, str), "a string", "strings"),
 }
 
@@ -291,7 +282,7 @@ def _fit_context(prompt_len: int, requested: int | None, default: int | None, li
 
 
 def _check_token_ids(ids: object, param: str, vocab_size: int) -> list[int]:
-    if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+    if not isinstance(ids, list) or not all(is_int(t) for t in ids):
         raise bad(f"'{param}' must be a list of integer token ids", param=param)
     bad_ids = [t for t in ids if not 0 <= t < vocab_size]
     if bad_ids:
@@ -317,7 +308,7 @@ def _completion_prompt(body: dict, encode, vocab_size: int) -> tuple[list[int], 
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         return encode(_valid_text(prompt, "prompt")), prompt
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         return _check_token_ids(prompt, "prompt", vocab_size), None
     if isinstance(prompt, list) and len(prompt) > 1:
         raise bad("only one prompt per request is supported; send one request each", "prompt")

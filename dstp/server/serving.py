@@ -16,7 +16,8 @@ from itertools import accumulate
 
 from flask import Response
 
-from ..sampling import CompletionOutput, InvalidRequest, RequestOutput, TokenLogprob
+from ..outputs import CompletionOutput, RequestOutput, TokenLogprob
+from ..sampling_params import InvalidRequest
 from .driver import EngineDriver, EngineUnavailable, QueueFull, RequestFailed, RequestHandle
 from .protocol import (
     APIError,
@@ -125,7 +126,7 @@ class GenerationFailed(Exception):
         return APIError(500, str(self), type="server_error", code="generation_failed")
 
 
-def _finish_reason(reason: str | None, request_id: str) -> str | None:
+def _finish_reason_or_raise(reason: str | None, request_id: str) -> str | None:
     if reason == "abort":  # ended by the server (shutdown), not by its client
         raise RequestFailed("request aborted by the server")
     if reason == "error":
@@ -382,7 +383,7 @@ class Serving:
             if out is None:  # client gone; nobody reads this answer
                 raise APIError(499, "client closed the request")
             for c in out.outputs:
-                _finish_reason(c.finish_reason, out.request_id)
+                _finish_reason_or_raise(c.finish_reason, out.request_id)
         except RequestFailed as exc:
             raise APIError(503, str(exc), type="service_unavailable") from None
         except GenerationFailed as exc:
@@ -408,7 +409,7 @@ def _stream(shape: _Shape, handle: RequestHandle, probe) -> Iterator[str]:
 def _moved(shape: _Shape, out: RequestOutput) -> Iterator[dict]:
     """The choices this output advanced (new text or tokens, or a finish)."""
     for c in out.outputs:
-        reason = _finish_reason(c.finish_reason, out.request_id)
+        reason = _finish_reason_or_raise(c.finish_reason, out.request_id)
         if getattr(c, shape.news) or reason:  # not e.g. half a UTF-8 character so far
             yield shape.choice(c, Piece.of(c, False), reason)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import dstp.engine
 from dstp.distributed import shutdown
 from dstp.engine import Engine, EngineConfig
-from dstp.sampling import SamplingParams
+from dstp.sampling_params import SamplingParams
 
 tokenizer_loads = []
 _load = dstp.engine.load_tokenizer

@@ -1,7 +1,7 @@
-"""Sampling parameters (validated, so the server can answer 400) and request outputs.
+"""Sampling parameters, validated so that the server can answer 400 naming the parameter.
 
-These are the types the engine and the server exchange. Field names follow
-the OpenAI API and vLLM where they overlap, so clients' habits carry over.
+Field names follow the OpenAI API and vLLM where they overlap, so clients'
+habits carry over.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ class SamplingParams:
     def _checks(self):
         n, lp = self.MAX_N, self.MAX_LOGPROBS
         rp_low, rp_high = self.REPETITION_PENALTY_RANGE
-        yield _is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"
+        yield is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"
         yield _in(self.temperature, 0.0, 2.0), "temperature", "a number in [0, 2]"
         yield _in(self.top_p, 0.0, 1.0) and self.top_p > 0, "top_p", "a number in (0, 1]"
-        yield _is_int(self.top_k) and self.top_k >= -1, "top_k", "-1 (off) or an integer >= 1"
+        yield is_int(self.top_k) and self.top_k >= -1, "top_k", "-1 (off) or an integer >= 1"
         yield _in(self.min_p, 0.0, 1.0), "min_p", "a number in [0, 1]"
         yield (
             _in(self.repetition_penalty, rp_low, rp_high),
@@ -80,8 +80,8 @@ class SamplingParams:
         )
         yield _in(self.presence_penalty, -2.0, 2.0), "presence_penalty", "a number in [-2, 2]"
         yield _in(self.frequency_penalty, -2.0, 2.0), "frequency_penalty", "a number in [-2, 2]"
-        yield self.seed is None or _is_int(self.seed), "seed", "an integer"
-        yield _is_int(self.n) and 1 <= self.n <= n, "n", f"an integer in [1, {n}]"
+        yield self.seed is None or is_int(self.seed), "seed", "an integer"
+        yield is_int(self.n) and 1 <= self.n <= n, "n", f"an integer in [1, {n}]"
         yield (
             isinstance(self.stop, list)
             and len(self.stop) <= self.MAX_STOP
@@ -92,18 +92,18 @@ class SamplingParams:
         )
         yield (
             isinstance(self.stop_token_ids, list)
-            and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",
             "a list of non-negative integers",
         )
         yield isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean"
         yield (
-            _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+            is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
             "min_tokens",
             "an integer in [0, max_tokens]",
         )
         yield (
-            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= lp),
+            self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= lp),
             "logprobs",
             f"an integer in [0, {lp}]",
         )
@@ -125,60 +125,13 @@ class SamplingParams:
             )
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_num(value: object) -> bool:
-    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+def is_number(value: object) -> bool:
+    return is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _in(value: object, low: float, high: float) -> bool:
-    return _is_num(value) and low <= value <= high
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: dict[int, float]  # the top-k alternatives: token id -> logprob
-
-
-@dataclass
-class CompletionOutput:
-    """One of the ``n`` samples of a request, as it stands after a step.
-
-    Each step's output carries what is new (``new_token_ids``, ``delta_text``,
-    ``new_logprobs``); the running totals ``token_ids`` and ``logprobs`` are
-    filled on the final output only, so a long generation copies nothing per
-    step. ``text`` is always the text so far: the deltas concatenate to it.
-    """
-
-    index: int
-    token_ids: list[int]  # every generated token (final output only)
-    text: str  # detokenised generated text so far (stop string excluded)
-    new_token_ids: list[int] = field(default_factory=list)  # since the previous output
-    delta_text: str = ""  # text added since the previous output
-    logprobs: list[TokenLogprob] | None = None  # every token's (final output only)
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None
-    stop_reason: str | int | None = None  # the stop string or token that ended it
-    new_logprobs: list[TokenLogprob] | None = None  # of new_token_ids
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class RequestOutput:
-    """What the engine reports about a request after a step."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    error: str | None = None  # why the request failed (finish_reason "error"), for the log
+    return is_number(value) and low <= value <= high
