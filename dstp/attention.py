@@ -120,8 +120,8 @@ def _decode(
 ) -> torch.Tensor:
     """Batched single-token attention, grouping query heads per KV head; returns [H, D, d].
 
-    On CPU this is ~10x faster than SDPA with a mask and ``enable_gqa`` for
-    decode shapes, and it never expands K/V to the query head count. K and V
+    Faster on CPU than SDPA with a mask and ``enable_gqa`` for decode shapes
+    (benchmarks/FINDINGS.md), and it never expands K/V to the query head count. K and V
     arrive head-major and contiguous (gathered block by block from the cache),
     so both matmuls run on them in place.
     """
