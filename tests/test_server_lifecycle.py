@@ -1,4 +1,4 @@
-"""Start-up and shutdown: torchrun, the built-in random model, SIGTERM mid-request, --help."""
+"""Start-up and shutdown: torchrun, the built-in models, SIGTERM mid-request, --help."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def torchrun_default(tmp_path_factory):
         "2",
         "--master_port",
         str(free_port()),
-        "launch/serve.py",  # no --model: the built-in random model
+        "launch/serve.py",  # no --model: the built-in stories260K
         "--port",
         str(port),
         "--dtype",
@@ -63,22 +63,48 @@ def torchrun_default(tmp_path_factory):
 
 
 def test_default_model_under_torchrun(torchrun_default):
+    """No --model: the built-in stories260K answers "Once upon a time" with HF's own story."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dstp.default_model import STORIES
+
     server = torchrun_default
+    path = STORIES.locate()
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompt = tok.encode("Once upon a time")
+    with torch.inference_mode():
+        hf_ids = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0]
+    story = tok.decode(hf_ids, skip_special_tokens=True)
+
     server.wait_healthy()
-    log = server.log(100000)
-    assert "RANDOMLY INITIALISED" in log
+    assert "stories260K" in server.log(100000)
     card = requests.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
-    assert card["id"] == "dstp-default-random-llama"
-    assert "RANDOM" in card["description"]
+    assert card["id"] == "stories260k" and "TinyStories" in card["description"]
     assert requests.get(f"{server.url}/health", timeout=10).json()["tp_size"] == 2
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
-    got = client.chat.completions.create(
-        model="dstp-default-random-llama",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=5,
-        extra_body={"ignore_eos": True},
+    got = client.completions.create(
+        model="stories260k", prompt="Once upon a time", max_tokens=24, temperature=0
     )
-    assert got.usage.completion_tokens == 5
+    assert "Once upon a time" + got.choices[0].text == story
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.chat.completions.create(
+            model="stories260k", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+
+
+def test_builtin_models_resolve(tmp_path, monkeypatch):
+    from dstp.default_model import RANDOM, STORIES, resolve_model
+
+    path, builtin = resolve_model(None)
+    assert builtin is STORIES and (Path(path) / "model.safetensors").is_file()
+    assert (Path(path) / "LICENSE").is_file() and (Path(path) / "README.md").is_file()
+    monkeypatch.setenv("DSTP_CACHE", str(tmp_path))
+    path, builtin = resolve_model("random")
+    assert builtin is RANDOM and Path(path).parent == tmp_path
+    assert (Path(path) / "config.json").is_file()
+    assert resolve_model("/models/llama") == ("/models/llama", None)
 
 
 def test_sigterm_fails_in_flight_and_stops_every_rank(torchrun_default):
@@ -88,7 +114,7 @@ def test_sigterm_fails_in_flight_and_stops_every_rank(torchrun_default):
     assert sorted(ranks) == [0, 1], ranks
     resp = requests.post(
         f"{server.url}/v1/completions",
-        json={"prompt": "a", "max_tokens": 1500, "ignore_eos": True, "stream": True},
+        json={"prompt": "a", "max_tokens": 500, "ignore_eos": True, "stream": True},
         stream=True,
         timeout=60,
     )

@@ -63,8 +63,10 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
         "--model",
         default=None,
         help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer). "
-        "Omitted: a small RANDOMLY INITIALISED Llama is generated once under "
-        "~/.cache/dstp/ and served, for trying the server (its output is gibberish)",
+        "Omitted: the built-in stories260K, a 260K-parameter Llama trained on TinyStories "
+        "(MIT) that ships with dstp and writes short children's stories. 'random': a small "
+        "RANDOMLY INITIALISED Llama, generated once under ~/.cache/dstp/ (gibberish output; "
+        "for benchmarks)",
     )
     m.add_argument(
         "--served-model-name",
