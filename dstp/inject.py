@@ -12,9 +12,7 @@ No rank ever holds the full model.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dstp.policies import Col, Experts, HeadLayout, Policy, Row, TPConfigError, policy_for
-from dstp.policies.base import glob_to_regex
+from dstp.policies.base import glob_to_regex, require_linear_shape
 
 from . import cpu_kernels
 from .attention import ATTN_IMPLEMENTATION as PAGED_ATTENTION
@@ -35,9 +33,10 @@ from .layers import (
     VocabParallelEmbedding,
     load_replicated,
     partition_for,
-    shard_experts,
 )
-from .loading import Checkpoint, release_free_heap
+from .loading import Checkpoint, load_config, release_free_heap
+from .meta_model import build_meta_model
+from .moe import shard_experts
 from .stacked_source import StackedSource
 
 log = logging.getLogger("dstp")
@@ -57,35 +56,8 @@ class ShardedModel:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
-def load_config(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Create every ``nn.Parameter`` on the meta device; buffers stay real.
-
-    Non-persistent buffers (rotary ``inv_freq``) are computed in ``__init__``
-    and are not in checkpoints, so they must survive the meta build.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=False)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def build_meta_model(config: Any, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def check_attention_backend(config: Any, attn_implementation: str) -> None:
+    """Refuse, before any weight is read, a model the paged KV cache cannot plug into."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
@@ -98,27 +70,11 @@ def build_meta_model(config: Any, dtype: torch.dtype, attn_implementation: str) 
             "generate); for the engine, use an architecture whose HF class supports attention backends."
         )
 
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=attn_implementation
-        )
-    return model.eval()
-
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
-
-
-def _linear_shape(module: nn.Module) -> tuple[int, int, bool]:
-    """(in, out, has_bias) of an nn.Linear or a transposed GPT-2 style Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, module.bias is not None
-    weight = getattr(module, "weight", None)
-    if weight is not None and weight.dim() == 2 and hasattr(module, "nf"):  # transformers Conv1D
-        return weight.shape[0], weight.shape[1], getattr(module, "bias", None) is not None
-    raise TPConfigError(f"cannot shard {type(module).__name__}: only linear layers are supported")
 
 
 class LocalConfigView:
@@ -148,7 +104,7 @@ class LocalConfigView:
 def _linear_layer(
     module: nn.Module, style: Col | Row, heads: HeadLayout, tp: TPGroup, dtype: torch.dtype
 ) -> nn.Module:
-    in_f, out_f, bias = _linear_shape(module)
+    in_f, out_f, _, bias = require_linear_shape(module)
     if isinstance(style, Col):
         part = partition_for(style.parts, out_f, heads, tp.rank, tp.size)
         return ColumnParallelLinear(
@@ -162,23 +118,6 @@ def _linear_layer(
         )
     part = partition_for(style.parts, in_f, heads, tp.rank, tp.size)
     return RowParallelLinear(part, out_f, bias, tp, transposed=style.transposed, dtype=dtype)
-
-
-def _shard_experts(
-    name: str,
-    module: nn.Module,
-    style: Experts,
-    heads: HeadLayout,
-    tp: TPGroup,
-    dtype: torch.dtype,
-) -> None:
-    """Cut a fused-experts module and note where unfused checkpoints keep each expert."""
-    experts = getattr(module, style.gate_up).shape[0]
-    shard_experts(module, style.gate_up, style.down, style.gate_up_parts, heads, tp, dtype)
-    for attr, templates in style.unfused.items():
-        getattr(module, attr).unfused_keys = [
-            [f"{name}.{template.format(e=e)}" for template in templates] for e in range(experts)
-        ]
 
 
 def swap_modules(
@@ -200,7 +139,7 @@ def swap_modules(
         module = model.get_submodule(name)
         try:
             if isinstance(style, Experts):
-                _shard_experts(name, module, style, heads, tp, dtype)
+                shard_experts(name, module, style, heads, tp, dtype)
             else:
                 _set_module(model, name, _linear_layer(module, style, heads, tp, dtype))
         except ValueError as exc:
@@ -221,7 +160,7 @@ def swap_modules(
         )
     if policy.lm_head:
         head = model.get_submodule(policy.lm_head)
-        in_f, out_f, bias = _linear_shape(head)
+        in_f, out_f, _, bias = require_linear_shape(head)
         _set_module(model, policy.lm_head, ParallelLMHead(out_f, in_f, bias, tp, dtype))
     if policy.attention:
         _localise_attention(model, policy, heads)
@@ -375,6 +314,7 @@ def shard_model(
             attn_implementation,
         )
         attn_implementation = needs
+    check_attention_backend(config, attn_implementation)
     model = build_meta_model(config, dtype, attn_implementation)
     tp.agree(lambda: swap_modules(model, policy, heads, tp, dtype))
     tp.agree(lambda: materialize(model, ckpt, policy, tp, dtype, config))

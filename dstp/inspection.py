@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from .planner import DTYPE_BYTES, GIB, load_config_only, parameter_bytes_per_rank
+from .loading import load_config
+from .meta_model import meta_model
+from .planner import DTYPE_BYTES, GIB, parameter_bytes_per_rank
 
 
 def virtual_tp(rank: int, size: int) -> Any:
@@ -36,7 +38,6 @@ def policy_origin(policy: Any, config: Any) -> str:
 def sharded_shapes(config: Any, policy: Any, tp: int, rank: int) -> list[tuple[str, str, tuple]]:
     """(module, layer type, local weight shape) of every module the policy replaces."""
     from dstp.inject import swap_modules
-    from dstp.policies.auto import meta_model
 
     model = meta_model(config)
     heads = policy.validate(config, tp)
@@ -64,7 +65,6 @@ def first_block_only(rows: list[tuple[str, str, tuple]]) -> list[tuple[str, str,
 def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
     """The inspection text and whether ``tp`` is valid."""
     from dstp.policies import policy_for
-    from dstp.policies.auto import meta_model
 
     policy = policy_for(config)
     lines = [
@@ -104,6 +104,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    text, valid = report(load_config_only(args.model), args.tp, args.dtype)
+    text, valid = report(load_config(args.model), args.tp, args.dtype)
     print(text)
     return 0 if valid else 1

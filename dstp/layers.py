@@ -9,8 +9,7 @@ handle reads just this rank's bytes.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from dstp.policies.base import HeadLayout, parse_part
+
+from .cpu_kernels import linear_2d
 from .distributed import TPGroup
 
 
@@ -69,95 +70,43 @@ def split_units(offset: int, units: int, unit_size: int, rank: int, size: int) -
 
 
 def partition_for(
-    parts: Sequence[str], full_size: int, heads: Any, rank: int, size: int
+    parts: Sequence[str], full_size: int, heads: HeadLayout, rank: int, size: int
 ) -> Partition:
     """Resolve a policy's ``parts`` (see dstp.policies.base) against a real dimension.
 
-    ``heads`` is the policy's HeadLayout. Raises ValueError when the parts do
-    not add up to ``full_size``: the policy does not describe this module.
+    Raises ValueError when the parts do not add up to ``full_size``: the
+    policy does not describe this module.
     """
-    fixed = 0
-    even_parts = 0
-    resolved: list[tuple[str, int, int]] = []  # kind, units, unit_size
-    for part in parts:
-        kind, _, mult = part.partition(":")
-        block = heads.head_dim * (int(mult) if mult else 1)
-        if kind == "q":
-            resolved.append((kind, heads.num_heads, block))
-            fixed += heads.num_heads * block
-        elif kind == "kv":
-            resolved.append((kind, heads.num_kv_heads, block))
-            fixed += heads.num_kv_heads * block
-        else:
-            resolved.append((kind, 0, 1))
-            even_parts += 1
+    parsed = [parse_part(part) for part in parts]
+    head_units = {"q": heads.num_heads, "kv": heads.num_kv_heads}
+    fixed = sum(
+        head_units[p.kind] * p.unit_size(heads.head_dim) for p in parsed if p.kind != "even"
+    )
+    even_parts = sum(p.kind == "even" for p in parsed)
+    even_units = 0
     if even_parts:
         rest = full_size - fixed
         if rest <= 0 or rest % even_parts:
             raise ValueError(f"parts {tuple(parts)} do not fit a dimension of {full_size}")
-        resolved = [(k, u if k != "even" else rest // even_parts, s) for k, u, s in resolved]
-    total = sum(units * unit for _, units, unit in resolved)
+        even_units = rest // even_parts
+    # (units, unit size) of each part, in order
+    resolved = [(head_units.get(p.kind, even_units), p.unit_size(heads.head_dim)) for p in parsed]
+    total = sum(units * unit for units, unit in resolved)
     if total != full_size:
         raise ValueError(
             f"parts {tuple(parts)} add up to {total}, but the dimension is {full_size}"
         )
     ranges, offset = [], 0
-    for kind, units, unit in resolved:
-        if kind == "even" and units % size:
+    for part, (units, unit) in zip(parsed, resolved, strict=True):
+        if part.kind == "even" and units % size:
             raise ValueError(f"a dimension of {units} does not split evenly over TP={size}")
         ranges.append(split_units(offset, units, unit, rank, size))
         offset += units * unit
     return Partition(full_size, tuple(ranges))
 
 
-def linear_2d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``F.linear`` on a flattened input, with the faster CPU kernel for one row.
-
-    - For a strided 3-D view (HF's ``hidden[:, -1:, :]``) and a weight that
-      does not require grad, ``matmul`` takes its bmm path, which copies the
-      transposed weight once per batch row: 263 MB per sequence for a 1B
-      model's LM-head shard, seconds per prefill. A 2-D input is one GEMM.
-    - For a single bf16 row on CPU (batch-1 decode), oneDNN's GEMV streams
-      about half the memory bandwidth of ATen's own kernel (8192x2048, one
-      thread: 2.8 vs 1.5 ms), and dstp's four-stream kernel about 1.3x ATen's;
-      from two rows on oneDNN is faster.
-    """
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] == 1 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
-        out = _single_row_bf16(flat, weight, bias)
-    else:
-        out = F.linear(flat, weight, bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _single_row_bf16(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """dstp's streaming GEMV when built (see cpu_kernels), else ATen's (not oneDNN's)."""
-    if not (torch.is_grad_enabled() and weight.requires_grad):  # the kernel has no backward
-        bias_ok = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
-        if weight.is_contiguous() and bias_ok:
-            out = cpu_kernels.gemv_bf16(x.contiguous(), weight, bias)
-            if out is not None:
-                return out
-    with _aten_cpu_kernels():
-        return F.linear(x, weight, bias)
-
-
-@contextlib.contextmanager
-def _aten_cpu_kernels() -> Iterator[None]:
-    """oneDNN off for the enclosed ops (thread-local enough: one engine thread per process)."""
-    previous = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(previous)
-
-
-def _empty_param(shape: tuple[int, ...], dtype: torch.dtype, device: Any) -> nn.Parameter:
+def empty_param(shape: tuple[int, ...], dtype: torch.dtype | None, device: Any) -> nn.Parameter:
+    """An uninitialised frozen parameter: a shard is allocated before its loader fills it."""
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
@@ -169,8 +118,48 @@ def load_replicated(param: torch.Tensor, source: Any) -> None:
     copy_slice(param.data, source, slice(None) if shape else ())
 
 
-class ColumnParallelLinear(nn.Module):
+class _ShardedLinear(nn.Module):
+    """What both halves of the Megatron pair share: a local weight cut by ``partition``.
+
+    ``split_dim`` is the dimension of the ``(out, in)`` weight the partition
+    cuts; a transposed checkpoint (``(in, out)``, GPT-2's Conv1D) is cut
+    along the other one and transposed on load.
+    """
+
+    split_dim = 0
+
+    def __init__(
+        self,
+        partition: Partition,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp: TPGroup,
+        transposed: bool,
+        dtype: torch.dtype | None,
+        device: Any,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.partition = partition
+        self.in_features = in_features
+        self.out_features = out_features
+        self.transposed = transposed  # checkpoint stores (in, out)
+        self.weight = empty_param((out_features, in_features), dtype, device)
+        self.weight.weight_loader = self.load_weight
+        self.bias = empty_param((out_features,), dtype, device) if bias else None
+
+    def load_weight(self, param: torch.Tensor, source: Any) -> None:
+        if self.transposed:
+            param.data.copy_(self.partition.take(source, dim=1 - self.split_dim).t())
+        else:
+            self.partition.read_into(param.data, source, dim=self.split_dim)
+
+
+class ColumnParallelLinear(_ShardedLinear):
     """``y = x W^T + b`` with W's output rows split: each rank computes its features."""
+
+    split_dim = 0
 
     def __init__(
         self,
@@ -184,24 +173,11 @@ class ColumnParallelLinear(nn.Module):
         dtype: torch.dtype | None = None,
         device: Any = "meta",
     ) -> None:
-        super().__init__()
-        self.tp = tp
-        self.partition = partition
-        self.in_features = in_features
-        self.out_features = partition.local_size
-        self.transposed = transposed  # checkpoint stores (in, out)
+        out_features = partition.local_size
+        super().__init__(partition, in_features, out_features, bias, tp, transposed, dtype, device)
         self.gather_output = gather_output
-        self.weight = _empty_param((self.out_features, in_features), dtype, device)
-        self.weight.weight_loader = self.load_weight
-        self.bias = _empty_param((self.out_features,), dtype, device) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self.load_bias
-
-    def load_weight(self, param: torch.Tensor, source: Any) -> None:
-        if self.transposed:
-            param.data.copy_(self.partition.take(source, dim=1).t())
-        else:
-            self.partition.read_into(param.data, source, dim=0)
 
     def load_bias(self, param: torch.Tensor, source: Any) -> None:
         self.partition.read_into(param.data, source, dim=0)
@@ -214,12 +190,14 @@ class ColumnParallelLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}/{self.partition.full_size}, tp={self.tp.size}"
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """``y = x W^T + b`` with W's input columns split; one all-reduce sums the parts.
 
     The input arrives already split (it is a column-parallel layer's output),
     and the bias is added once, after the reduction.
     """
+
+    split_dim = 1
 
     def __init__(
         self,
@@ -232,21 +210,8 @@ class RowParallelLinear(nn.Module):
         dtype: torch.dtype | None = None,
         device: Any = "meta",
     ) -> None:
-        super().__init__()
-        self.tp = tp
-        self.partition = partition
-        self.in_features = partition.local_size
-        self.out_features = out_features
-        self.transposed = transposed
-        self.weight = _empty_param((out_features, self.in_features), dtype, device)
-        self.weight.weight_loader = self.load_weight
-        self.bias = _empty_param((out_features,), dtype, device) if bias else None
-
-    def load_weight(self, param: torch.Tensor, source: Any) -> None:
-        if self.transposed:
-            param.data.copy_(self.partition.take(source, dim=0).t())
-        else:
-            self.partition.read_into(param.data, source, dim=1)
+        in_features = partition.local_size
+        super().__init__(partition, in_features, out_features, bias, tp, transposed, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(linear_2d(x, self.weight))
@@ -270,7 +235,7 @@ class _VocabShard(nn.Module):
         self.tp = tp
         self.vocab_size = vocab_size
         self.start, self.per_rank = vocab_partition(vocab_size, tp)
-        self.weight = _empty_param((self.per_rank, hidden), dtype, device)
+        self.weight = empty_param((self.per_rank, hidden), dtype, device)
         self.weight.weight_loader = self.load_weight
 
     def load_weight(self, param: torch.Tensor, source: Any) -> None:
@@ -336,7 +301,7 @@ class ParallelLMHead(_VocabShard):
         super().__init__(vocab_size, hidden, tp, dtype, device)
         self.in_features = hidden
         self.out_features = vocab_size
-        self.bias = _empty_param((self.per_rank,), dtype, device) if bias else None
+        self.bias = empty_param((self.per_rank,), dtype, device) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self.load_weight
 
@@ -349,54 +314,3 @@ class ParallelLMHead(_VocabShard):
     def logits_on_driver(self, hidden: torch.Tensor) -> torch.Tensor | None:
         full = self.tp.gather_to_driver(self._local_logits(hidden), dim=-1)
         return None if full is None else full[..., : self.vocab_size]
-
-
-class AllReduceOutput:
-    """Forward hook that sums a module's partial output over the TP group."""
-
-    def __init__(self, tp: TPGroup) -> None:
-        self.tp = tp
-
-    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(output)
-
-
-def _sliced_loader(partition: Partition, dim: int):
-    def load(param: torch.Tensor, source: Any) -> None:
-        param.data.copy_(partition.take(source, dim=dim))
-
-    return load
-
-
-def shard_experts(
-    module: nn.Module,
-    gate_up: str,
-    down: str,
-    gate_up_parts: Sequence[str],
-    heads: Any,
-    tp: TPGroup,
-    dtype: torch.dtype | None,
-) -> tuple[Partition, Partition]:
-    """Cut a fused-experts module in place: every expert's MLP split Megatron-style.
-
-    ``gate_up`` is ``(experts, out, hidden)``: its output dimension splits
-    (each rank takes its slice of every part). ``down`` is ``(experts,
-    hidden, inner)``: its input dimension splits the same way, so each rank
-    computes a partial sum of every expert's output; one all-reduce of the
-    module's output (after routing weights, which are linear) completes it.
-    The HF module and its forward stay: only its parameters shrink.
-    """
-    gate_up_param = getattr(module, gate_up)
-    down_param = getattr(module, down)
-    experts, gate_up_out, hidden = gate_up_param.shape
-    column = partition_for(gate_up_parts, gate_up_out, heads, tp.rank, tp.size)
-    row = partition_for(("even",), down_param.shape[2], heads, tp.rank, tp.size)
-    for attr, shape, partition, dim in (
-        (gate_up, (experts, column.local_size, hidden), column, 1),
-        (down, (experts, down_param.shape[1], row.local_size), row, 2),
-    ):
-        param = _empty_param(shape, dtype, "meta")
-        param.weight_loader = _sliced_loader(partition, dim)
-        setattr(module, attr, param)
-    module.register_forward_hook(AllReduceOutput(tp))
-    return column, row

@@ -293,3 +293,18 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in set(self.files_by_tensor.values()))
+
+
+def load_config(path: str, trust_remote_code: bool = False) -> Any:
+    """The HF config of a checkpoint folder (or hub id), or of a bare config.json file.
+
+    A config.json path lets ``dstp plan`` / ``dstp inspect`` work before any
+    weights are downloaded.
+    """
+    from transformers import AutoConfig  # heavy: only when a config is read
+
+    file = Path(path)
+    if file.is_file():
+        config_dict = json.loads(file.read_text())
+        return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
+
+from .loading import load_config
+from .meta_model import meta_model
 
 GIB = 2**30
 NVLINK_DOMAIN = 8
@@ -57,6 +59,7 @@ def parameter_bytes_per_rank(
     """Bytes of parameters rank 0 holds at ``tp`` (every rank holds the same amount)."""
     from dstp.layers import partition_for
     from dstp.policies import Col, Experts, Row
+    from dstp.policies.base import require_linear_shape
 
     heads = policy.head_layout(config, tp)
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
@@ -79,24 +82,14 @@ def parameter_bytes_per_rank(
                 local = partition_for(parts, p.shape[split_dim], heads, 0, tp).local_size
                 total += p.numel() // p.shape[split_dim] * local
         elif isinstance(style, Col | Row):
-            in_f, out_f = _linear_dims(module, style)
+            in_f, out_f, _, has_bias = require_linear_shape(module)
             split = out_f if isinstance(style, Col) else in_f
             local = partition_for(style.parts, split, heads, 0, tp).local_size
             weight = (local * in_f) if isinstance(style, Col) else (out_f * local)
-            bias = getattr(module, "bias", None)
-            total += weight + (0 if bias is None else local if isinstance(style, Col) else out_f)
+            total += weight + (0 if not has_bias else local if isinstance(style, Col) else out_f)
         else:
             total += sum(p.numel() for p in own.values())
     return total * dtype_bytes
-
-
-def _linear_dims(module: Any, style: Any) -> tuple[int, int]:
-    weight = module.weight
-    return (
-        (weight.shape[0], weight.shape[1])
-        if style.transposed
-        else (weight.shape[1], weight.shape[0])
-    )
 
 
 def kv_bytes_per_token(config: Any, heads: Any, dtype_bytes: int) -> int:
@@ -129,7 +122,6 @@ def make_plan(
 ) -> Plan:
     """The memory picture of every valid TP size and the recommended one."""
     from dstp.policies import policy_for
-    from dstp.policies.auto import meta_model
 
     dtype = dtype or _config_dtype(config)
     dtype_bytes = DTYPE_BYTES[dtype]
@@ -201,17 +193,6 @@ def _config_dtype(config: Any) -> str:
     return name if name in DTYPE_BYTES else "bfloat16"
 
 
-def load_config_only(model: str) -> Any:
-    """A HF config from a checkpoint folder or a config.json path: no weights needed."""
-    from transformers import AutoConfig
-
-    path = Path(model)
-    if path.is_file():
-        config_dict = json.loads(path.read_text())
-        return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    return AutoConfig.from_pretrained(model)
-
-
 def format_plan(plan: Plan) -> str:
     lines = [
         f"policy {plan.policy}, {plan.dtype}, {plan.device_memory_gib:g} GiB devices "
@@ -260,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = load_config_only(args.model)
+    config = load_config(args.model)
     plan = make_plan(
         config,
         args.device_memory,

@@ -23,11 +23,28 @@ with the fix, never guessed.
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Col, Experts, HeadLayout, LogitOp, Policy, Row, Style, TPConfigError
+from torch import nn
+
+from dstp.meta_model import meta_model
+
+from .base import (
+    Col,
+    Experts,
+    HeadLayout,
+    LogitOp,
+    Policy,
+    Row,
+    Style,
+    TPConfigError,
+    glob_to_regex,
+    linear_shape,
+)
 
 COLUMN_STYLES = {"colwise", "local_colwise"}
 PACKED_COLUMN_STYLES = {"packed_colwise", "colwise_gather_output", "local_packed_colwise"}
@@ -53,11 +70,15 @@ ATTENTION_ATTRS = {
 }
 EMBEDDING_SCALE_ATTRS = ("scalar_embed_scale",)
 MLP_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
-# config attributes HF's *ForCausalLM.forward applies to the logits, in its order
+# config attributes a *ForCausalLM.forward may apply to its logits, in HF's order. A
+# derived policy takes one only where that forward reads it (MPT's config has a
+# logit_scale its model ignores), and a scaling's operator from that code
+# (Granite divides by logits_scaling, HyperCLOVA X multiplies).
 LOGIT_ATTRS = {
     "logit_scale": "multiply",  # Cohere
     "logits_scaling": "divide",  # Granite
     "final_logit_softcapping": "softcap",  # Gemma 2/3
+    "logits_soft_cap": "softcap",  # RecurrentGemma
 }
 
 
@@ -88,15 +109,6 @@ def derive_policy(config: Any, model: Any = None) -> Policy:
     )
 
 
-def meta_model(config: Any) -> Any:
-    """The HF model built on the meta device: module graph and shapes, no memory."""
-    import torch
-
-    from dstp.inject import build_meta_model
-
-    return build_meta_model(config, torch.float32, "eager")  # every model has eager
-
-
 def full_heads(config: Any) -> HeadLayout:
     """Head counts of the whole model, read with the attribute names most configs use."""
     probe = Policy(
@@ -114,21 +126,15 @@ def full_heads(config: Any) -> HeadLayout:
 
 # -- linears and their names --------------------------------------------------
 def linear_info(name: str, module: Any) -> LinearInfo | None:
-    """Shape facts of an ``nn.Linear`` or a transformers ``Conv1D``; None for anything else."""
-    from torch import nn
-
-    if isinstance(module, nn.Linear):
-        return LinearInfo(name, module.in_features, module.out_features, False)
-    weight = getattr(module, "weight", None)
-    if weight is not None and weight.dim() == 2 and hasattr(module, "nf"):
-        return LinearInfo(name, weight.shape[0], weight.shape[1], True)
-    return None
+    """``module``'s :func:`linear_shape` under its name; None for anything but a linear."""
+    shape = linear_shape(module)
+    if shape is None:
+        return None
+    return LinearInfo(name, shape.in_features, shape.out_features, shape.transposed)
 
 
 def decoder_block_list(model: Any) -> str:
     """Name of the longest ``ModuleList`` of same-class modules: the decoder blocks."""
-    from torch import nn
-
     best, best_len = None, 0
     for name, module in model.named_modules():
         uniform = isinstance(module, nn.ModuleList) and len({type(m) for m in module}) == 1
@@ -246,8 +252,6 @@ def layers_from_block(model: Any, config: Any, block_list: str, rows: set[str]) 
 
 
 def _layers_from_tp_plan(model: Any, plan: Mapping[str, str]) -> dict[str, Style]:
-    from .base import glob_to_regex
-
     prefix = getattr(model, "base_model_prefix", "")
     names = [name for name, _ in model.named_modules()]
     kinds: dict[str, str] = {}
@@ -314,8 +318,6 @@ def assemble_policy(
     attention = _attention_glob(layers, heads)
     attention_attrs: dict[str, str] = {}
     if attention:
-        from .base import glob_to_regex
-
         regex = glob_to_regex(attention)
         module = next(m for n, m in model.named_modules() if regex.fullmatch(n))
         for attr, quantity in ATTENTION_ATTRS.items():
@@ -341,14 +343,37 @@ def assemble_policy(
         embedding_scale=scale_attr,
         attn_implementation=None if getattr(model, "_supports_sdpa", False) else "eager",
         divisible=tuple(a for a in MLP_WIDTH_ATTRS if isinstance(getattr(config, a, None), int)),
-        logits=tuple(LogitOp(kind, a) for a, kind in LOGIT_ATTRS.items() if hasattr(config, a)),
+        logits=logit_steps(model, config),
         doc=doc,
     )
 
 
-def _named(model: Any, getter: str, module_names: Mapping[int, str]) -> str | None:
-    from torch import nn
+def logit_steps(model: Any, config: Any) -> tuple[LogitOp, ...]:
+    """The :data:`LOGIT_ATTRS` steps ``type(model).forward`` applies after its LM head."""
+    try:
+        source = re.sub(r"#.*", "", inspect.getsource(type(model).forward))
+    except (OSError, TypeError):  # no source to read: trust the config alone
+        source = None
+    steps = []
+    for attr, kind in LOGIT_ATTRS.items():
+        if not hasattr(config, attr):
+            continue
+        if source is not None:
+            if not re.search(rf"\b{attr}\b", source):
+                continue
+            ops = set(re.findall(rf"([*/])\s*[\w.()]*?\b{attr}\b", source))
+            if kind != "softcap" and len(ops) == 1:
+                kind = "multiply" if ops == {"*"} else "divide"
+            elif kind != "softcap" or "tanh" not in source:
+                raise TPConfigError(
+                    f"{type(model).__name__}.forward uses config.{attr} in a way dstp cannot "
+                    "read; write a policy with its 'logits' steps (docs/writing-a-policy.md)"
+                )
+        steps.append(LogitOp(kind, attr))
+    return tuple(steps)
 
+
+def _named(model: Any, getter: str, module_names: Mapping[int, str]) -> str | None:
     module = getattr(model, getter)()
     if module is None or id(module) not in module_names:
         return None

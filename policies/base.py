@@ -42,9 +42,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 PART_KINDS = ("q", "kv", "even")
 LOGIT_OP_KINDS = ("multiply", "divide", "softcap")
@@ -104,16 +105,38 @@ class Experts:
 Style = Col | Row | Experts
 
 
+@dataclass(frozen=True)
+class Part:
+    """One parsed entry of a style's ``parts``: its kind and head_dims per unit.
+
+    Parsed here only, so the policy check and the partitioner in dstp.layers
+    agree on the grammar (``"q"``, ``"kv"``, ``"q:3"``, ``"even"``).
+    """
+
+    kind: str  # one of PART_KINDS
+    blocks: int = 1  # head-sized blocks per head ("q:3" -> 3); unused for "even"
+
+    def unit_size(self, head_dim: int) -> int:
+        """Features per unit: ``blocks`` head_dims for a head part, 1 for ``even``."""
+        return 1 if self.kind == "even" else head_dim * self.blocks
+
+
+def parse_part(text: str) -> Part:
+    """``"q:3"`` -> ``Part("q", 3)``; a TPConfigError (a ValueError) names the grammar."""
+    kind, _, mult = text.partition(":")
+    if kind not in PART_KINDS or (mult and not mult.isdigit()):
+        raise TPConfigError(
+            f"unknown part {text!r}: use one of {PART_KINDS}, optionally with ':N' "
+            "for per-head blocks of N head_dims (e.g. 'q:3' for interleaved QKV)"
+        )
+    return Part(kind, int(mult) if mult else 1)
+
+
 def _check_parts(parts: tuple[str, ...]) -> None:
     if isinstance(parts, str) or not parts:
         raise TPConfigError(f"parts must be a non-empty tuple of strings, got {parts!r}")
     for part in parts:
-        kind, _, mult = part.partition(":")
-        if kind not in PART_KINDS or (mult and not mult.isdigit()):
-            raise TPConfigError(
-                f"unknown part {part!r}: use one of {PART_KINDS}, optionally with ':N' "
-                "for per-head blocks of N head_dims (e.g. 'q:3' for interleaved QKV)"
-            )
+        parse_part(part)
 
 
 @dataclass(frozen=True)
@@ -305,6 +328,40 @@ class Policy:
         return [
             glob for glob, regex, _ in self._compiled if not any(regex.fullmatch(n) for n in names)
         ]
+
+
+class LinearShape(NamedTuple):
+    """What sharding needs to know of a linear layer, whichever class it is."""
+
+    in_features: int
+    out_features: int
+    transposed: bool  # weight stored (in, out), as transformers' Conv1D stores it
+    has_bias: bool
+
+
+def linear_shape(module: nn.Module) -> LinearShape | None:
+    """Shape of an ``nn.Linear`` or a transformers ``Conv1D``; None for anything else.
+
+    One reader for the injector, the planner and the policy derivation, so
+    they cannot disagree on which modules are linears or which way round.
+    """
+    has_bias = getattr(module, "bias", None) is not None
+    if isinstance(module, nn.Linear):
+        return LinearShape(module.in_features, module.out_features, False, has_bias)
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.dim() == 2 and hasattr(module, "nf"):  # Conv1D
+        return LinearShape(weight.shape[0], weight.shape[1], True, has_bias)
+    return None
+
+
+def require_linear_shape(module: nn.Module) -> LinearShape:
+    """:func:`linear_shape`, or a TPConfigError: only linears can be split."""
+    shape = linear_shape(module)
+    if shape is None:
+        raise TPConfigError(
+            f"cannot shard {type(module).__name__}: only linear layers are supported"
+        )
+    return shape
 
 
 def glob_to_regex(glob: str) -> re.Pattern[str]:

@@ -1,18 +1,24 @@
 """Llama and the families that share its module names (Mistral, Qwen2, ...)."""
 
 from dataclasses import replace
+from typing import Any
 
 from .base import Col, Policy, Row
+
+# Llama's attention rules, shared by families that only change the MLP (Mixtral)
+LLAMA_ATTENTION = {
+    "model.layers.*.self_attn.q_proj": Col(("q",)),
+    "model.layers.*.self_attn.k_proj": Col(("kv",)),
+    "model.layers.*.self_attn.v_proj": Col(("kv",)),
+    "model.layers.*.self_attn.o_proj": Row(("q",)),
+}
 
 LLAMA = Policy(
     name="llama",
     architectures=("LlamaForCausalLM",),
     model_types=("llama",),
     layers={
-        "model.layers.*.self_attn.q_proj": Col(("q",)),
-        "model.layers.*.self_attn.k_proj": Col(("kv",)),
-        "model.layers.*.self_attn.v_proj": Col(("kv",)),
-        "model.layers.*.self_attn.o_proj": Row(("q",)),
+        **LLAMA_ATTENTION,
         "model.layers.*.mlp.gate_proj": Col(),
         "model.layers.*.mlp.up_proj": Col(),
         "model.layers.*.mlp.down_proj": Row(),
@@ -27,7 +33,7 @@ LLAMA = Policy(
 )
 
 
-def llama_like(name: str, architecture: str, model_type: str, doc: str, **changes) -> Policy:
+def llama_like(name: str, architecture: str, model_type: str, doc: str, **changes: Any) -> Policy:
     """A policy for a family that keeps Llama's module names (Mistral, Qwen, Gemma...)."""
     return replace(
         LLAMA,

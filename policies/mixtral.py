@@ -8,17 +8,16 @@ dimension (w1/w3 column, w2 row); the router (``mlp.gate``) stays replicated,
 so every rank routes every token the same way.
 """
 
-from .base import Col, Experts, Policy, Row
+from .base import Experts
+from .llama import LLAMA_ATTENTION, llama_like
 
-MIXTRAL = Policy(
-    name="mixtral",
-    architectures=("MixtralForCausalLM",),
-    model_types=("mixtral",),
+MIXTRAL = llama_like(
+    "mixtral",
+    "MixtralForCausalLM",
+    "mixtral",
+    "Mixtral: Llama attention; experts' w1/w3 column, w2 row, router replicated.",
     layers={
-        "model.layers.*.self_attn.q_proj": Col(("q",)),
-        "model.layers.*.self_attn.k_proj": Col(("kv",)),
-        "model.layers.*.self_attn.v_proj": Col(("kv",)),
-        "model.layers.*.self_attn.o_proj": Row(("q",)),
+        **LLAMA_ATTENTION,
         "model.layers.*.mlp.experts": Experts(
             unfused={
                 "gate_up_proj": ("{e}.w1.weight", "{e}.w3.weight"),
@@ -26,10 +25,5 @@ MIXTRAL = Policy(
             }
         ),
     },
-    embedding="model.embed_tokens",
-    lm_head="lm_head",
-    attention="model.layers.*.self_attn",
-    attention_attrs={"num_key_value_groups": "kv_groups"},
     checkpoint_renames=((r"\.mlp\.", ".block_sparse_moe."),),
-    doc="Mixtral: Llama attention; experts' w1/w3 column, w2 row, router replicated.",
 )

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dstp import cpu_kernels
-from dstp.layers import _aten_cpu_kernels, linear_2d
+from dstp.cpu_kernels import _aten_cpu_kernels, linear_2d
 
 needs_kernel = pytest.mark.skipif(
     not cpu_kernels._cpu_has_avx512_bf16(), reason="CPU without AVX512-BF16"

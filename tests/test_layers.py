@@ -40,7 +40,7 @@ def test_split_units_replicates_kv_heads_when_ranks_outnumber_them():
 
 
 def test_single_row_bf16_linear_uses_aten_and_restores_onednn():
-    from dstp.layers import linear_2d
+    from dstp.cpu_kernels import linear_2d
 
     weight = torch.randn(64, 32, dtype=torch.bfloat16)
     x = torch.randn(1, 1, 32, dtype=torch.bfloat16)

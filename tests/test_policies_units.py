@@ -151,9 +151,10 @@ def test_plan_recommends_4_or_8_for_llama_70b_on_80gib(tmp_path):
     from dstp.cli import main
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
-    from dstp.planner import load_config_only, make_plan
+    from dstp.loading import load_config
+    from dstp.planner import make_plan
 
-    plan = make_plan(load_config_only(str(tmp_path / "config.json")), 80)
+    plan = make_plan(load_config(str(tmp_path / "config.json")), 80)
     assert plan.recommended in (4, 8)
     by_tp = {o.tp: o for o in plan.options}
     assert not by_tp[1].fits_weights and not by_tp[2].fits_kv
@@ -167,10 +168,9 @@ def test_plan_recommends_4_or_8_for_llama_70b_on_80gib(tmp_path):
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt2", "phi3", "gemma"])
 def test_planned_bytes_match_the_built_shards(arch):
-    from dstp.policies.auto import meta_model
-
     from dstp.inject import swap_modules
     from dstp.inspection import virtual_tp
+    from dstp.meta_model import meta_model
     from dstp.planner import parameter_bytes_per_rank
 
     config = make_config(arch)
