@@ -280,6 +280,9 @@ class Policy:
                 f"which {type(config).__name__} does not have; fix the policy's 'logits'"
             )
         values = [(op, getattr(config, op.attr)) for op in self.logits]
+        odd = [f"{op.attr}={v!r}" for op, v in values if not isinstance(v, int | float | None)]
+        if odd:
+            raise TPConfigError(f"policy {self.name}: logits steps need numbers, got {odd}")
         return [
             (op, float(v))
             for op, v in values

@@ -201,6 +201,8 @@ def test_inspect_shows_policy_shapes_and_bytes(tmp_path, capsys):
 
 
 def test_logit_steps_are_validated_and_applied():
+    from types import SimpleNamespace
+
     import torch
     from dstp.policies import LogitOp, TPConfigError
     from dstp.policies.llama import LLAMA, llama_like
@@ -223,6 +225,9 @@ def test_logit_steps_are_validated_and_applied():
         logits = op.apply(logits, value)
     assert torch.allclose(logits, torch.tanh(torch.tensor([-10.0, 0.0, 3.0]) / 2) * 2)
     assert LLAMA.logit_ops(config) == []
+    odd = SimpleNamespace(logits_scaling="inv_sqrt_d_model", final_logit_softcapping=None)
+    with pytest.raises(TPConfigError, match="need numbers"):  # a string, as MPT allows
+        policy.logit_ops(odd)
 
 
 def test_derived_policies_take_the_models_logit_steps():
@@ -239,3 +244,19 @@ def test_derived_policies_take_the_models_logit_steps():
         "cohere": [("multiply", "logit_scale")],
         "starcoder2": [],
     }
+
+
+def test_derived_logit_steps_follow_the_models_forward():
+    """The operator comes from HF's code, and an attribute its forward ignores is no step."""
+    from dstp.policies.auto import logit_steps
+    from transformers import HyperCLOVAXConfig, MptConfig
+
+    from dstp.meta_model import meta_model
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, vocab_size=64)
+    hcx = HyperCLOVAXConfig(**small, num_attention_heads=4, logits_scaling=0.5)
+    assert [(s.kind, s.attr) for s in logit_steps(meta_model(hcx), hcx)] == [
+        ("multiply", "logits_scaling")  # HyperCLOVA X multiplies where Granite divides
+    ]
+    mpt = MptConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=64, logit_scale=3.0)
+    assert logit_steps(meta_model(mpt), mpt) == ()  # MptForCausalLM never reads it

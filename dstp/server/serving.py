@@ -42,7 +42,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_s: int = 1
     model_aliases: tuple[str, ...] = ()  # other accepted "model" values (e.g. the path)
-    model_description: str | None = None  # shown in /v1/models (the default model says "random")
+    model_description: str | None = None  # shown in /v1/models (what a built-in model is)
     tp_size: int = 1
 
 
