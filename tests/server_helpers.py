@@ -115,6 +115,17 @@ class ServerProcess:
             start_new_session=True,  # so a cleanup can end the whole tree
         )
 
+    @classmethod
+    def stories_tp2(cls, model_dir, log_path, *flags: str) -> ServerProcess:
+        """``deepspeed --num_gpus 2 launch/serve.py`` on a stories260k folder, fp32, as 'stories'."""
+        from tests.launcher import DEEPSPEED, free_port
+
+        port = free_port()
+        cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/serve.py"]
+        cmd += ["--model", str(model_dir), "--served-model-name", "stories", "--dtype", "float32"]
+        cmd += ["--port", str(port), "--heartbeat-interval", "0.5", *flags]
+        return cls(cmd, port, log_path)
+
     def log(self, tail: int = 4000) -> str:
         self._log.flush()
         return open(self.log_path).read()[-tail:]

@@ -22,7 +22,6 @@ import openai
 import pytest
 import requests
 
-from tests.launcher import DEEPSPEED, free_port
 from tests.server_helpers import (
     SIMPLE_TEMPLATE,
     ServerProcess,
@@ -49,30 +48,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = free_port()
-    cmd = [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launch/serve.py",
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        "stories",
-        "--dtype",
-        "float32",
-        "--port",
-        str(port),
-        "--num-kv-blocks",
-        "96",
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--heartbeat-interval",
-        "0.5",
-    ]
-    proc = ServerProcess(cmd, port, tmp_path_factory.mktemp("logs") / "server.log")
+    log_path = tmp_path_factory.mktemp("logs") / "server.log"
+    flags = ("--num-kv-blocks", "96", "--max-model-len", str(MAX_MODEL_LEN))
+    proc = ServerProcess.stories_tp2(model_dir, log_path, *flags)
     try:
         proc.wait_healthy()
         yield proc

@@ -20,7 +20,6 @@ import openai
 import pytest
 import requests
 
-from tests.launcher import DEEPSPEED, free_port
 from tests.server_helpers import (
     SIMPLE_TEMPLATE,
     ServerProcess,
@@ -56,30 +55,14 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = free_port()
-    cmd = [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launch/serve.py",
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        "stories",
-        "--dtype",
-        "float32",
-        "--port",
-        str(port),
+    proc = ServerProcess.stories_tp2(
+        model_dir,
+        tmp_path_factory.mktemp("logs") / "server.log",
         "--kv-cache-memory",
         "0.02",
-        "--heartbeat-interval",
-        "0.5",
         "--max-queued-requests",  # small, so the pressure test can saturate it (48 threads)
         str(ADMISSION_LIMIT),
-    ]
-    proc = ServerProcess(cmd, port, tmp_path_factory.mktemp("logs") / "server.log")
+    )
     try:
         yield proc  # boots while the references below are computed
     finally:
