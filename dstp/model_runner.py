@@ -61,10 +61,22 @@ class ModelRunner:
         return num_blocks, self.tp.agree(lambda: PagedKVCache(shape, num_blocks, self.tp.device))
 
     def _context_limit(self, config: EngineConfig) -> int:
+        """The model's (or the user's) context, cut to what the KV cache holds, never silently."""
         capacity = self.num_blocks * config.block_size
-        model_limit = getattr(self.sharded.config, "max_position_embeddings", None) or capacity
-        limit = min(model_limit, capacity)
-        return min(limit, config.max_model_len) if config.max_model_len else limit
+        wanted = getattr(self.sharded.config, "max_position_embeddings", None) or capacity
+        if config.max_model_len:
+            wanted = min(wanted, config.max_model_len)
+        if capacity < wanted and self.tp.is_driver:
+            log.warning(
+                "max_model_len cut from %d to %d tokens: that is what the KV cache holds "
+                "(%d blocks x %d tokens per rank); raise --kv-cache-memory or --num-kv-blocks "
+                "to serve the full context",
+                wanted,
+                capacity,
+                self.num_blocks,
+                config.block_size,
+            )
+        return min(wanted, capacity)
 
     def _log_layout(self, seconds: float) -> None:
         heads, shape = self.sharded.heads, self.cache.shape

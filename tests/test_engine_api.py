@@ -152,3 +152,11 @@ def test_non_finite_logits_fail_their_request_only(engine, monkeypatch):
     assert "non-finite" in finals["nan"].error
     assert [c.finish_reason for c in finals["ok"].outputs] == ["length", "length"]
     assert engine.scheduler.allocator.all_free()
+
+
+def test_a_context_cut_to_the_kv_cache_is_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="dstp"):
+        small = Engine(EngineConfig(model=str(STORIES), dtype="float32", num_blocks=2))
+    assert small.max_model_len == 32
+    assert "max_model_len cut from 512 to 32" in caplog.text
+    assert "--kv-cache-memory" in caplog.text
