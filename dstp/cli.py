@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("dstp.server.main", "serve a model over an OpenAI-compatible HTTP API"),
@@ -19,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dstp", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dstp {__version__}")
     subs = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)

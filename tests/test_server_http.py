@@ -99,6 +99,12 @@ def test_models_health_metrics(main):
     engine, driver, url = main
     models = _client(url).models.list()
     assert [m.id for m in models.data] == ["fake-model"]
+    assert _client(url).models.retrieve("fake-model").id == "fake-model"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        _client(url).models.retrieve("gpt-4")
+    from dstp import __version__
+
+    assert requests.get(f"{url}/version", timeout=5).json() == {"version": __version__}
     assert requests.get(f"{url}/health", timeout=5).json()["status"] == "ok"
     metrics = parse_metrics(requests.get(f"{url}/metrics", timeout=5).text)
     assert metrics["dstp_healthy"] == 1
@@ -280,6 +286,18 @@ def test_sse_wire_format(main):
     for frame in frames[:-2]:
         assert frame.startswith("data: ") and "\n" not in frame
         assert json.loads(frame[6:])["object"] == "text_completion"
+
+
+def test_fields_that_do_not_change_generation_are_ignored(main):
+    _, _, url = main
+    ignored = {"user": "u1", "store": False, "metadata": {"k": "v"}, "service_tier": "auto"}
+    body = {"prompt": "x", "max_tokens": 2, **ignored, "prompt_cache_key": "c"}
+    assert requests.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    chat |= {"parallel_tool_calls": True, **ignored}
+    assert requests.post(f"{url}/v1/chat/completions", json=chat, timeout=30).status_code == 200
+    resp = requests.post(f"{url}/v1/completions", json={**body, "max_token": 2}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_token"
 
 
 # -- bad input -------------------------------------------------------------------------

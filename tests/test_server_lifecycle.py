@@ -36,6 +36,15 @@ def test_cli_has_serve_with_the_same_flags():
     assert args.port == 0 and args.host == "127.0.0.1" and args.model is None
 
 
+def test_cli_version(capsys):
+    from dstp import __version__
+    from dstp.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"dstp {__version__}"
+
+
 @pytest.fixture(scope="module")
 def torchrun_default(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lifecycle")

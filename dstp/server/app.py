@@ -11,6 +11,7 @@ import time
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from .. import __version__
 from .driver import EngineDriver
 from .metrics import engine_gauges
 from .protocol import APIError, internal_error, parse_body, retry_later
@@ -23,6 +24,7 @@ ENDPOINTS = (
     "/generate",
     "/health",
     "/metrics",
+    "/version",
 )
 GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/generate")
 
@@ -154,18 +156,34 @@ def _add_info_routes(app: Flask, driver: EngineDriver, config: ServerConfig) -> 
         reason = "failed" if driver.failure else "stopping" if driver.stopping else "starting"
         return {"status": reason}, 503
 
+    card = {
+        "id": config.model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "dstp",
+        "max_model_len": config.max_model_len,
+    }
+    if config.model_description:
+        card["description"] = config.model_description
+
     @app.get("/v1/models")
     def models():
-        card = {
-            "id": config.model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "dstp",
-            "max_model_len": config.max_model_len,
-        }
-        if config.model_description:
-            card["description"] = config.model_description
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/<path:model_id>")
+    def model(model_id: str):
+        if model_id not in (config.model_name, *config.model_aliases):
+            raise APIError(
+                404,
+                f"the model '{model_id}' does not exist; this server serves '{config.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+        return card
+
+    @app.get("/version")
+    def version():
+        return {"version": __version__}
 
     @app.get("/metrics")
     def metrics():

@@ -16,7 +16,7 @@ listen backlog).
 
 RESERVE_THREADS = 16  # request threads beyond the admission limit: 4xx/429 answers, quick requests
 FAST_THREADS = 4  # the fast lane
-FAST_PATHS = frozenset(("/health", "/metrics", "/v1/models"))
+FAST_PATHS = frozenset(("/health", "/metrics", "/v1/models", "/version"))
 REQUEST_READ_TIMEOUT_S = 30.0  # to receive one whole request, from its first byte
 IDLE_TIMEOUT_S = 30  # a connection with no request in progress
 MAX_HEADER_BYTES = 64 * 1024  # request line + headers (larger: 431)

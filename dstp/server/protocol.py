@@ -37,9 +37,14 @@ _OPENAI_FIELDS = {
     "model": str,
     "stream": bool,
     "stream_options": ANY,
-    "user": str,
     "logit_bias": ANY,
 }
+# OpenAI fields that do not change what is generated: accepted and ignored (each is
+# logged the first time it is seen), so clients that send them work unchanged.
+IGNORED_FIELDS = frozenset(
+    ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key")
+)
+_ignored_seen: set[str] = set()
 COMPLETION_FIELDS = (
     SAMPLING_FIELDS
     | _OPENAI_FIELDS
@@ -61,7 +66,6 @@ CHAT_FIELDS = (
         "response_format": ANY,
         "tools": ANY,
         "tool_choice": ANY,
-        "parallel_tool_calls": ANY,
     }
 )
 GENERATE_FIELDS = SAMPLING_FIELDS | {"prompt_token_ids": ANY, "stream": bool}
@@ -215,8 +219,17 @@ def _expect(body: dict, name: str, ok: bool, what: str) -> None:
         raise bad(f"'{name}' must be {what}, got {body[name]!r}", param=name)
 
 
+def _drop_ignored(body: dict) -> None:
+    for name in IGNORED_FIELDS & body.keys():
+        del body[name]
+        if name not in _ignored_seen:
+            _ignored_seen.add(name)
+            log.info("ignoring the request field %r: it does not change generation", name)
+
+
 def _check(body: dict, schema: dict[str, object]) -> None:
     """Known fields of the right JSON types; range checks are SamplingParams' job."""
+    _drop_ignored(body)
     unknown = sorted(set(body) - set(schema))
     if unknown:
         raise bad(
