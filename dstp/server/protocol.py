@@ -133,7 +133,6 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
-    logprobs: int | None = None  # top alternatives to report; None: no logprobs
     prompt_text: str | None = None  # the prompt as sent, when it was text (for echo)
 
 
@@ -309,7 +308,7 @@ def _parsed(
     stream = bool(body.get("stream", False))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
     params = _sampling(body, max_tokens, logprobs)
-    return ParsedRequest(ids, params, stream, include_usage, logprobs=logprobs, **kw)
+    return ParsedRequest(ids, params, stream, include_usage, **kw)
 
 
 # -- endpoints ----------------------------------------------------------------
