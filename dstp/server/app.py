@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from .. import __version__
 from .driver import EngineDriver
 from .metrics import engine_gauges
-from .protocol import APIError, internal_error, parse_body, retry_later
+from .protocol import APIError, internal_error, parse_body, retry_later, unknown_model
 from .serving import ServerConfig, Serving
 
 ENDPOINTS = (
@@ -173,12 +173,7 @@ def _add_info_routes(app: Flask, driver: EngineDriver, config: ServerConfig) -> 
     @app.get("/v1/models/<path:model_id>")
     def model(model_id: str):
         if model_id not in (config.model_name, *config.model_aliases):
-            raise APIError(
-                404,
-                f"the model '{model_id}' does not exist; this server serves '{config.model_name}'",
-                param="model",
-                code="model_not_found",
-            )
+            raise unknown_model(model_id, config.model_name)
         return card
 
     @app.get("/version")

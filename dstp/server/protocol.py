@@ -103,6 +103,15 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(400, message, param=param, code=code)
 
 
+def unknown_model(model: str, served: str) -> APIError:
+    return APIError(
+        404,
+        f"the model '{model}' does not exist; this server serves '{served}'",
+        param="model",
+        code="model_not_found",
+    )
+
+
 def retry_later(status: int, message: str, retry_after_s: int) -> APIError:
     """429 (queue full) or 503 (engine unavailable), with ``Retry-After``."""
     kind, code = (

@@ -28,6 +28,7 @@ from .protocol import (
     parse_completion,
     parse_generate,
     retry_later,
+    unknown_model,
 )
 
 DONE = "data: [DONE]\n\n"
@@ -329,13 +330,7 @@ class Serving:
     def check_model(self, body: dict) -> dict:
         model = body.get("model")
         if isinstance(model, str) and model not in self.accepted_models:
-            raise APIError(
-                404,
-                f"the model '{model}' does not exist; this server serves "
-                f"'{self.config.model_name}'",
-                param="model",
-                code="model_not_found",
-            )
+            raise unknown_model(model, self.config.model_name)
         return body
 
     def completions(self, body: dict, probe: Callable[[], bool] | None):
