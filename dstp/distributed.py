@@ -39,9 +39,8 @@ class TPGroup:
     device: torch.device
     group: object | None  # deepspeed.comm process group; None when size == 1
     fast_all_reduce: bool  # DeepSpeed inference_all_reduce is safe to use
-    comm_device: torch.device = torch.device(
-        "cpu"
-    )  # where collective tensors must live (GPU for NCCL)
+    comm_device: torch.device = torch.device("cpu")  # where collective tensors live (GPU: NCCL)
+    cpu_group: object | None = None  # gloo over the same ranks: step plans, start-up checks
 
     @property
     def is_driver(self) -> bool:
@@ -83,15 +82,23 @@ class TPGroup:
         tdist.gather(wire, parts, dst=0, group=self.group)
         return torch.cat(parts, dim=dim).to(tensor.device) if self.is_driver else None
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Broadcast from ``src``; returns the result on ``tensor``'s device."""
-        if self.size == 1:
-            return tensor
-        import deepspeed.comm as dist
+    def broadcast_host(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Broadcast a host tensor over the CPU (gloo) group, never the accelerator's backend."""
+        if self.size > 1:
+            import torch.distributed as tdist
 
-        wire = tensor.to(self.comm_device)
-        dist.broadcast(wire, src=src, group=self.group)
-        return wire.to(tensor.device)
+            tdist.broadcast(tensor, src=src, group=self.cpu_group)
+        return tensor
+
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest ``value`` any rank holds (sizes every rank must agree on)."""
+        if self.size == 1:
+            return value
+        import torch.distributed as tdist
+
+        wire = torch.tensor([value], dtype=torch.long)
+        tdist.all_reduce(wire, op=tdist.ReduceOp.MIN, group=self.cpu_group)
+        return int(wire[0])
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -111,14 +118,10 @@ class TPGroup:
             result = check()
         except Exception as exc:  # re-raised below, on every rank
             error = exc
-        failed = torch.tensor([1.0 if error else 0.0], dtype=torch.float32, device=self.comm_device)
-        if self.size > 1:
-            import deepspeed.comm as dist
-
-            dist.all_reduce(failed, group=self.group)
+        any_failed = self.min_over_ranks(0 if error else -1) == 0
         if error is not None:
             raise error
-        if failed.item() > 0:
+        if any_failed:
             raise RuntimeError(
                 "another rank failed during start-up (its log names the problem); stopping this one too"
             )
@@ -170,12 +173,13 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
         accel.set_device(index)
         device = torch.device(accel.device_name(index))
 
-    group = None
+    group = cpu_group = None
     fast = False
     backend = os.environ.get("DSTP_DIST_BACKEND") or accel.communication_backend_name()
     if world > 1:
         import deepspeed
         import deepspeed.comm as dist
+        import torch.distributed as tdist
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -188,13 +192,14 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
             verbose=False,
         )
         group = dist.get_world_group()
+        cpu_group = group if backend == "gloo" else tdist.new_group(backend="gloo")
         atexit.register(shutdown)
         fast = _fast_all_reduce_available(accel.device_name(), world, local_size)
         if accel.device_name() == "cpu":
             _unlink_shm_segment(rank)
 
     comm_device = device if backend == "nccl" else torch.device("cpu")
-    _TP = TPGroup(rank, world, local_rank, local_size, device, group, fast, comm_device)
+    _TP = TPGroup(rank, world, local_rank, local_size, device, group, fast, comm_device, cpu_group)
     log.debug("TP group: rank %d/%d on %s, fast all-reduce=%s", rank, world, device, fast)
     return _TP
 

@@ -19,6 +19,7 @@ from .config import EngineConfig
 from .distributed import TPGroup
 from .inject import shard_model
 from .kv_cache import CacheShape, PagedKVCache
+from .step_inputs import StepUploader
 from .step_plan import Command, StepPlan, receive
 
 log = logging.getLogger("dstp")
@@ -44,6 +45,8 @@ class ModelRunner:
         self.logit_ops = self.sharded.policy.logit_ops(self.sharded.config)
         self.num_blocks, self.cache = self._make_cache(config)
         self.block_size = config.block_size
+        self.attention_backend = attention.backend_for(tp.device)
+        self.uploader = StepUploader(tp.device)
         self.max_model_len = self._context_limit(config)
         if tp.is_driver:
             self._log_layout(time.perf_counter() - started)
@@ -96,25 +99,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """This rank's share of the forward; returns the sampled rows' logits on rank 0."""
-        device = self.tp.device
+        """This rank's share of the forward; returns the sampled rows' logits on rank 0.
+
+        The plan stays on the host; its arrays reach the device in one upload,
+        and nothing in the forward reads a device value back.
+        """
         if plan.copies.numel():
             self.cache.copy_blocks(plan.copies)
-        layout = attention.StepLayout.build(
-            self.cache,
-            plan.slot_mapping.to(device),
-            plan.query_starts.tolist(),
-            plan.context_lens.tolist(),
-            plan.block_tables.to(device),
+        inputs = self.uploader.upload(plan, self.block_size)
+        metadata = attention.AttentionMetadata.build(
+            plan, inputs, self.cache, self.attention_backend
         )
-        with attention.step_context(layout):
+        with attention.step_context(metadata):
             hidden = self.base_model(
-                input_ids=plan.input_ids.to(device).unsqueeze(0),
-                position_ids=plan.positions.to(device).unsqueeze(0),
+                input_ids=inputs.input_ids.unsqueeze(0),
+                position_ids=inputs.positions.unsqueeze(0),
                 use_cache=False,
             ).last_hidden_state
-        rows = hidden[0, plan.sample_rows.to(device)] if plan.sample_rows.numel() else hidden[0, :0]
-        logits = self.lm_head.logits_on_driver(rows)
+        logits = self.lm_head.logits_on_driver(hidden[0].index_select(0, inputs.sample_rows))
         if logits is not None:
             for op, value in self.logit_ops:  # what HF's *ForCausalLM.forward does after its head
                 logits = op.apply(logits, value)

@@ -1,7 +1,9 @@
 """The per-step message from rank 0 to the other ranks: two tensor broadcasts.
 
 A fixed 8-int header (command and sizes), then one flat int64 payload with
-every array of the step concatenated. No pickling on the hot path.
+every array of the step concatenated. No pickling on the hot path. The plan
+travels over the TP group's CPU (gloo) communicator and stays on the host:
+each rank uploads what its forward needs once (:mod:`dstp.step_inputs`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
+
+    def batched_decode_seqs(self) -> list[int]:
+        """Sequences with exactly one new token, when there are several to batch (host ints)."""
+        lengths = (self.query_starts[1:] - self.query_starts[:-1]).tolist()
+        decode = [i for i, n in enumerate(lengths) if n == 1]
+        return decode if len(decode) > 1 else []
 
     def _arrays(self) -> list[torch.Tensor]:
         return [
@@ -94,18 +102,18 @@ class StepPlan:
 def send_command(tp: TPGroup, command: Command) -> None:
     header = torch.zeros(HEADER_LEN, dtype=torch.long)
     header[0] = command
-    tp.broadcast(header)
+    tp.broadcast_host(header)
 
 
 def send_plan(tp: TPGroup, plan: StepPlan) -> None:
-    tp.broadcast(plan.header())
-    tp.broadcast(plan.payload())
+    tp.broadcast_host(plan.header())
+    tp.broadcast_host(plan.payload())
 
 
 def receive(tp: TPGroup) -> tuple[Command, StepPlan | None]:
-    header = tp.broadcast(torch.zeros(HEADER_LEN, dtype=torch.long))
+    header = tp.broadcast_host(torch.zeros(HEADER_LEN, dtype=torch.long))
     command = Command(int(header[0]))
     if command != Command.STEP:
         return command, None
-    payload = tp.broadcast(torch.empty(StepPlan.payload_len(header), dtype=torch.long))
+    payload = tp.broadcast_host(torch.empty(StepPlan.payload_len(header), dtype=torch.long))
     return command, StepPlan.from_wire(header, payload)
