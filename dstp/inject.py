@@ -34,7 +34,7 @@ from .layers import (
     load_replicated,
     partition_for,
 )
-from .loading import Checkpoint, load_config, release_free_heap
+from .loading import Checkpoint, finish_staged_reads, load_config, release_free_heap
 from .meta_model import build_meta_model
 from .moe import shard_experts
 from .stacked_source import StackedSource
@@ -318,6 +318,7 @@ def shard_model(
     model = build_meta_model(config, dtype, attn_implementation)
     tp.agree(lambda: swap_modules(model, policy, heads, tp, dtype))
     tp.agree(lambda: materialize(model, ckpt, policy, tp, dtype, config))
+    finish_staged_reads()
     release_free_heap()
     if dtype == torch.bfloat16 and tp.device.type == "cpu":
         cpu_kernels.available()  # build the batch-1 GEMV now, not on the first request

@@ -30,6 +30,8 @@ from safetensors import SafetensorError, safe_open
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 BOUNCE_BYTES = 16 << 20  # rows read at once when casting or filling a strided destination
+STAGING_BYTES = 64 << 20  # each of the two host buffers a device-bound read goes through
+FORCE_HOST_STAGING = False  # tests: take the device path (staging buffers) on CPU too
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _DTYPES = {
     "F64": torch.float64,
@@ -77,6 +79,8 @@ class LazyTensor:
         bounds = self._bounds(key)
         if bounds is None or tuple(dest.shape) != tuple(b - a for a, b in bounds):
             dest.copy_(self[key])
+        elif dest.device.type != "cpu" or FORCE_HOST_STAGING:
+            _staging().read(self, dest, bounds)
         else:
             self._read_into(dest, bounds)
 
@@ -139,6 +143,92 @@ class LazyTensor:
                 os.close(fd)
         except OSError as exc:
             raise CheckpointError(f"cannot read {self.name!r} from {self.file}: {exc}") from exc
+
+
+class HostStaging:
+    """Two reusable host buffers that a device-bound read lands in, then one async copy each.
+
+    A device tensor cannot be ``pread`` into, and pageable host memory makes
+    every copy synchronous: reads go into a pinned buffer (on CUDA) and
+    ``copy_(non_blocking=True)`` to the device while the next read fills the
+    other buffer. A buffer is refilled only once the copy that read it is done,
+    so host memory per rank stays at the two buffers, whatever the model size.
+    """
+
+    def __init__(self, nbytes: int = STAGING_BYTES) -> None:
+        self.nbytes = nbytes
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._copied: list[Any] = [None, None]  # CUDA event of each buffer's last copy
+        self._turn = 0
+
+    def read(self, handle: LazyTensor, dest: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
+        """Fill ``dest`` (any device) with ``handle``'s ``bounds``, a block of rows at a time."""
+        if dest.numel() == 0:
+            return
+        if not bounds:  # a 0-d tensor
+            self._stage(handle, dest, [], dest)
+            return
+        first, stop = bounds[0]
+        slice_row = math.prod(b - a for a, b in bounds[1:]) * handle.dtype.itemsize
+        per_chunk = max(1, self.nbytes // max(1, slice_row))
+        for row in range(first, stop, per_chunk):
+            rows = (row, min(stop, row + per_chunk))
+            part = dest[row - first : rows[1] - first]
+            self._stage(handle, part, [rows, *bounds[1:]], part)
+
+    def _stage(
+        self,
+        handle: LazyTensor,
+        target: torch.Tensor,
+        bounds: list[tuple[int, int]],
+        dest: torch.Tensor,
+    ) -> None:
+        host = self._buffer(dest, target.numel() * handle.dtype.itemsize)
+        host = host[: target.numel() * handle.dtype.itemsize].view(handle.dtype).view(target.shape)
+        handle._read_into(host, bounds)
+        dest.copy_(host, non_blocking=host.is_pinned())
+        if dest.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[self._turn] = event
+        self._turn ^= 1
+
+    def _buffer(self, dest: torch.Tensor, nbytes: int) -> torch.Tensor:
+        copied = self._copied[self._turn]
+        if copied is not None:
+            copied.synchronize()  # the copy that last read this buffer has finished
+            self._copied[self._turn] = None
+        buffer = self._buffers[self._turn]
+        if buffer is None or buffer.numel() < nbytes:
+            size = max(nbytes, self.nbytes)
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=dest.is_cuda)
+            self._buffers[self._turn] = buffer
+        return buffer
+
+    def finish(self) -> None:
+        """Wait for the last copies and free the buffers (the end of a load)."""
+        for event in self._copied:
+            if event is not None:
+                event.synchronize()
+        self._buffers, self._copied = [None, None], [None, None]
+
+
+_STAGING: HostStaging | None = None
+
+
+def _staging() -> HostStaging:
+    global _STAGING
+    if _STAGING is None:
+        _STAGING = HostStaging()
+    return _STAGING
+
+
+def finish_staged_reads() -> None:
+    """Complete every staged copy to the device and release the host buffers."""
+    global _STAGING
+    if _STAGING is not None:
+        _STAGING.finish()
+        _STAGING = None
 
 
 def _pread_exact(fd: int, dest: torch.Tensor, offset: int) -> None:

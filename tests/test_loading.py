@@ -114,3 +114,51 @@ def test_read_into_a_strided_destination(checkpoint):
     )
     assert torch.equal(dest[:, 5:15], TENSORS["w_bf16"][:, 2:12])
     assert not dest[:, :5].any() and not dest[:, 15:].any()
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _casts(dtype: torch.dtype) -> list[torch.dtype]:
+    if not dtype.is_floating_point:
+        return [dtype]
+    return [dtype, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("name", sorted(TENSORS))
+def test_staged_reads_equal_direct_reads(checkpoint, name, monkeypatch):
+    """The device path (host staging buffers, then a copy) gives the direct path's bytes."""
+    handle = Checkpoint(checkpoint).get(name)
+    cases = []
+    for key in [(), *KEYS]:  # () reads the whole tensor, 0-d ones included
+        if not _applicable(key, TENSORS[name].dim()):
+            continue
+        for dtype in _casts(TENSORS[name].dtype):
+            direct = torch.zeros_like(TENSORS[name][key], dtype=dtype)
+            handle.read_into(direct, key)
+            cases.append((key, dtype, direct))
+    monkeypatch.setattr(loading, "FORCE_HOST_STAGING", True)
+    monkeypatch.setattr(loading, "STAGING_BYTES", 48)  # many buffer turns per tensor
+    monkeypatch.setattr(loading, "_STAGING", None)
+    for key, dtype, direct in cases:
+        staged = torch.full_like(direct, 7)
+        handle.read_into(staged, key)
+        assert torch.equal(_bytes(staged), _bytes(direct)), (key, dtype)
+    buffers = [b for b in loading._STAGING._buffers if b is not None]
+    assert len(buffers) == 2  # two buffers, reused for every read
+    loading.finish_staged_reads()
+    assert loading._STAGING is None
+
+
+def test_staged_read_into_a_strided_destination(checkpoint, monkeypatch):
+    monkeypatch.setattr(loading, "FORCE_HOST_STAGING", True)
+    monkeypatch.setattr(loading, "STAGING_BYTES", 64)
+    monkeypatch.setattr(loading, "_STAGING", None)
+    dest = torch.zeros(37, 20, dtype=torch.float32)
+    Checkpoint(checkpoint).get("w_bf16").read_into(
+        dest.narrow(1, 5, 10), (slice(None), slice(2, 12))
+    )
+    assert torch.equal(dest[:, 5:15], TENSORS["w_bf16"][:, 2:12].float())
+    assert not dest[:, :5].any() and not dest[:, 15:].any()
+    loading.finish_staged_reads()
