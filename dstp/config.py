@@ -13,7 +13,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineConfig:
     model: str
     dtype: str = "bfloat16"
-    kv_cache_memory_gib: float = 1.0  # per rank
+    kv_cache_memory_gib: float | None = None  # per rank; None: sized from the device (kv_budget.py)
+    gpu_memory_utilization: float = 0.9  # CUDA: share of device memory dstp may use in all
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

@@ -14,10 +14,11 @@ import time
 
 import torch
 
-from . import attention
+from . import attention, kv_budget
 from .config import EngineConfig
 from .distributed import TPGroup
 from .inject import shard_model
+from .kv_budget import KVBudget
 from .kv_cache import CacheShape, PagedKVCache
 from .step_inputs import StepUploader
 from .step_plan import Command, StepPlan, receive
@@ -43,41 +44,96 @@ class ModelRunner:
         self.lm_head = self.model.get_submodule(self.sharded.policy.lm_head)
         self.vocab_size: int = self.lm_head.vocab_size  # token ids a prompt may use
         self.logit_ops = self.sharded.policy.logit_ops(self.sharded.config)
-        self.num_blocks, self.cache = self._make_cache(config)
         self.block_size = config.block_size
         self.attention_backend = attention.backend_for(tp.device)
         self.uploader = StepUploader(tp.device)
+        self.num_blocks, self.cache = self._make_cache(config)
         self.max_model_len = self._context_limit(config)
         if tp.is_driver:
             self._log_layout(time.perf_counter() - started)
 
-    def _make_cache(self, config: EngineConfig) -> tuple[int, PagedKVCache]:
+    def _cache_shape(self, config: EngineConfig) -> CacheShape:
         heads = self.sharded.heads
-        shape = CacheShape(
+        return CacheShape(
             self.sharded.config.num_hidden_layers,
             heads.local_kv_heads,
             heads.head_dim,
             config.block_size,
             config.torch_dtype,
         )
-        num_blocks = config.num_blocks or shape.blocks_for(int(config.kv_cache_memory_gib * 2**30))
+
+    def _make_cache(self, config: EngineConfig) -> tuple[int, PagedKVCache]:
+        shape = self._cache_shape(config)
+        if config.num_blocks:
+            self.kv_budget = KVBudget(0, "--num-kv-blocks", "--num-kv-blocks")
+            num_blocks = config.num_blocks
+        else:
+            self.kv_budget = self._kv_budget(config, shape)
+            num_blocks = shape.blocks_for(self.kv_budget.nbytes)
+        num_blocks = self.tp.min_over_ranks(num_blocks)  # ranks' devices may differ
         return num_blocks, self.tp.agree(lambda: PagedKVCache(shape, num_blocks, self.tp.device))
+
+    def _kv_budget(self, config: EngineConfig, shape: CacheShape) -> KVBudget:
+        if config.kv_cache_memory_gib is not None:
+            return kv_budget.explicit(config.kv_cache_memory_gib)
+        device = self.tp.device
+        if device.type == "cuda":
+            peak = self._profile_activation_peak(config)
+            free, total = torch.cuda.mem_get_info(device)
+            return kv_budget.device_budget(total, total - free, peak, config.gpu_memory_utilization)
+        wanted = config.max_num_seqs * self._wanted_len(config)
+        return kv_budget.host_budget(
+            kv_budget.available_host_memory(), self.tp.local_size, wanted, shape.bytes_per_token
+        )
+
+    def _profile_activation_peak(self, config: EngineConfig) -> int:
+        """Device memory the largest step allocates beyond what is already held (CUDA)."""
+        torch.cuda.synchronize(self.tp.device)
+        torch.cuda.reset_peak_memory_stats(self.tp.device)
+        before = torch.cuda.memory_allocated(self.tp.device)
+        self.run_profile_step(config)
+        torch.cuda.synchronize(self.tp.device)
+        peak = torch.cuda.max_memory_allocated(self.tp.device) - before
+        torch.cuda.empty_cache()
+        return peak
+
+    def run_profile_step(self, config: EngineConfig) -> torch.Tensor | None:
+        """One forward of ``max_num_batched_tokens`` fresh tokens over a scratch cache."""
+        plan = kv_budget.profile_plan(
+            config.max_num_batched_tokens,
+            self._wanted_len(config),
+            config.max_num_seqs,
+            config.block_size,
+        )
+        scratch = PagedKVCache(
+            self._cache_shape(config), kv_budget.profile_blocks(plan), self.tp.device
+        )
+        kept, self.cache = getattr(self, "cache", None), scratch
+        try:
+            return self.execute(plan)
+        finally:
+            self.cache = kept
+
+    def _wanted_len(self, config: EngineConfig) -> int:
+        """The model's context, or the user's if smaller."""
+        wanted = getattr(self.sharded.config, "max_position_embeddings", None) or 2**31
+        return min(wanted, config.max_model_len or wanted)
 
     def _context_limit(self, config: EngineConfig) -> int:
         """The model's (or the user's) context, cut to what the KV cache holds, never silently."""
         capacity = self.num_blocks * config.block_size
-        wanted = getattr(self.sharded.config, "max_position_embeddings", None) or capacity
-        if config.max_model_len:
-            wanted = min(wanted, config.max_model_len)
+        wanted = self._wanted_len(config)
         if capacity < wanted and self.tp.is_driver:
             log.warning(
                 "max_model_len cut from %d to %d tokens: that is what the KV cache holds "
-                "(%d blocks x %d tokens per rank); raise --kv-cache-memory or --num-kv-blocks "
-                "to serve the full context",
+                "(%d blocks x %d tokens per rank, sized by %s); raise %s to serve the full "
+                "context",
                 wanted,
                 capacity,
                 self.num_blocks,
                 config.block_size,
+                self.kv_budget.reason,
+                self.kv_budget.fix,
             )
         return min(wanted, capacity)
 
@@ -85,7 +141,7 @@ class ModelRunner:
         heads, shape = self.sharded.heads, self.cache.shape
         log.info(
             "KV cache per rank: %d blocks x %d tokens = %d tokens, %.1f KiB per token, %.2f GiB "
-            "(%d of %d KV heads per rank); max_model_len=%d; ready in %.1fs",
+            "(%d of %d KV heads per rank; sized by %s); max_model_len=%d; ready in %.1fs",
             self.num_blocks,
             shape.block_size,
             self.num_blocks * shape.block_size,
@@ -93,6 +149,7 @@ class ModelRunner:
             self.cache.nbytes / 2**30,
             heads.local_kv_heads,
             heads.num_kv_heads,
+            self.kv_budget.reason,
             self.max_model_len,
             seconds,
         )

@@ -159,4 +159,4 @@ def test_a_context_cut_to_the_kv_cache_is_a_warning(caplog):
         small = Engine(EngineConfig(model=str(STORIES), dtype="float32", num_blocks=2))
     assert small.max_model_len == 32
     assert "max_model_len cut from 512 to 32" in caplog.text
-    assert "--kv-cache-memory" in caplog.text
+    assert "raise --num-kv-blocks" in caplog.text

@@ -103,8 +103,18 @@ def _engine_flags(e: argparse._ArgumentGroup) -> None:
     e.add_argument(
         "--kv-cache-memory",
         type=float,
-        default=1.0,
-        help="KV-cache budget per rank in GiB (each rank holds only its KV heads)",
+        default=None,
+        help="KV-cache budget per rank in GiB (each rank holds only its KV heads); default: on "
+        "CUDA what --gpu-memory-utilization leaves after the weights and the largest step's "
+        "activations, on CPU up to a quarter of the available memory per rank, no more than "
+        "--max-num-seqs x max_model_len tokens need",
+    )
+    e.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="CUDA: share of each device's memory dstp may use for weights, activations and "
+        "the KV cache together (vLLM's meaning)",
     )
     e.add_argument(
         "--num-kv-blocks",

@@ -43,6 +43,7 @@ def _engine_config(args: argparse.Namespace, model: str):
         "model": model,
         "dtype": args.dtype,
         "kv_cache_memory_gib": args.kv_cache_memory,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
         "block_size": args.block_size,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
