@@ -118,7 +118,7 @@ class TPGroup:
             result = check()
         except Exception as exc:  # re-raised below, on every rank
             error = exc
-        any_failed = self.min_over_ranks(0 if error else -1) == 0
+        any_failed = self.min_over_ranks(0 if error else 1) == 0
         if error is not None:
             raise error
         if any_failed:
