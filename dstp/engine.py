@@ -202,7 +202,7 @@ class Engine:
             seq.sample.output_ids = seq.output_ids
             fork = seq.request.params.n > 1 and not seq.request.forked
             draws.append(seq.request.params.n if fork else 1)
-        picks = sample(logits.cpu(), [seq.sample for seq in sampled], draws)
+        picks = sample(logits, [seq.sample for seq in sampled], draws)  # on their device
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, tokens in zip(sampled, picks, strict=True):

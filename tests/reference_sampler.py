@@ -1,0 +1,139 @@
+"""The test oracle: dstp's first sampler, per row on the CPU, kept verbatim.
+
+dstp/sampler.py replaced it with a sampler batched over rows on the logits'
+device; tests/test_sampler.py checks the new one against this one (exactly for
+greedy rows, filters and logprobs, in distribution for sampled rows). It
+accepts dstp.sampler.SampleState too: it reads only the fields both share.
+
+Original docstring: turn gathered logits into tokens, on rank 0 only (so every
+rank agrees).
+
+Order, as in vLLM and HF: suppress stop tokens before ``min_tokens``, apply
+repetition / presence / frequency penalties, then temperature, top-k, top-p,
+min-p, and draw with the sequence's own seeded generator. Logprobs describe
+the model's raw distribution (before penalties and temperature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dstp.outputs import TokenLogprob
+from dstp.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleState:
+    """What the sampler needs to know about one sequence."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None
+    stop_ids: frozenset[int] = field(default_factory=frozenset)  # EOS + stop_token_ids
+
+
+def make_generator(seed: int | None, index: int) -> torch.Generator:
+    """Per-sample generator: a fixed seed gives the same draws on any TP size."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed((seed * 1_000_003 + index) % 2**63)
+    return gen
+
+
+def _penalise(row: torch.Tensor, state: SampleState) -> torch.Tensor:
+    p = state.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(state.prompt_ids) | set(state.output_ids)), dtype=torch.long)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and state.output_ids:
+        ids, counts = torch.tensor(state.output_ids).unique(return_counts=True)
+        row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+    return row
+
+
+def _filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature-scaled logits with everything outside top-k / top-p / min-p at -inf."""
+    row = row / p.temperature
+    if p.top_k > 0 and p.top_k < row.numel():
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
+        row = row.scatter(0, order[drop], float("-inf"))
+    if p.min_p > 0.0:
+        probs = torch.softmax(row, dim=-1)
+        row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return row
+
+
+class SamplingError(RuntimeError):
+    """One row cannot be sampled; it fails its own request only."""
+
+
+Picks = list[tuple[int, TokenLogprob | None]]
+
+
+def sample(
+    logits: torch.Tensor, states: list[SampleState], draws: list[int] | None = None
+) -> list[Picks | Exception]:
+    """Sample ``draws[i]`` tokens (default 1) for each row; returns per-row [(token, logprob)].
+
+    A row that fails (non-finite logits, every token masked, any error while
+    sampling it) gives its exception in place of its picks: the failure belongs
+    to that row's request, and the other rows are still sampled.
+    """
+    logits = logits.float()
+    raw_logprobs = (
+        torch.log_softmax(logits, dim=-1)
+        if any(s.params.logprobs is not None for s in states)
+        else None
+    )
+    broken = (logits.isnan() | logits.isposinf()).any(dim=-1).tolist()
+    results: list[Picks | Exception] = []
+    for i, state in enumerate(states):
+        try:
+            if broken[i]:
+                raise SamplingError("the model produced non-finite logits (NaN or +inf)")
+            results.append(_sample_row(logits[i], raw_logprobs, i, state, draws[i] if draws else 1))
+        except Exception as exc:  # isolated to this row's request
+            results.append(exc)
+    return results
+
+
+def _sample_row(
+    logits: torch.Tensor, raw_logprobs: torch.Tensor | None, i: int, state: SampleState, draws: int
+) -> Picks:
+    p = state.params
+    row = logits.clone()
+    if len(state.output_ids) < p.min_tokens and state.stop_ids:
+        row[list(state.stop_ids)] = float("-inf")
+    row = _penalise(row, state)
+    if not bool(row.max() > float("-inf")):
+        raise SamplingError("every token is masked (stop_token_ids before min_tokens?)")
+    picks = []
+    for _ in range(draws):
+        if p.greedy:
+            token = int(row.argmax())
+        else:
+            probs = torch.softmax(_filter(row, p), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=state.generator))
+        picks.append((token, _logprob(raw_logprobs, i, token, p.logprobs)))
+    return picks
+
+
+def _logprob(raw: torch.Tensor | None, row: int, token: int, k: int | None) -> TokenLogprob | None:
+    if raw is None or k is None:
+        return None
+    top = {}
+    if k > 0:
+        values, ids = torch.topk(raw[row], k)
+        top = {int(t): float(v) for t, v in zip(ids, values, strict=True)}
+    return TokenLogprob(token, float(raw[row, token]), top)
