@@ -1,10 +1,14 @@
 """dstp's own CPU kernels, compiled on first use (the way DeepSpeed builds its CPU ops).
 
-Only where they beat PyTorch's: a single-row bf16 GEMV for CPUs with
-AVX512-BF16 (batch-1 decode; see ``csrc/gemv_bf16.cpp``). Anything else, a
-CPU without the instructions, no compiler, or ``DSTP_CPU_KERNELS=0`` falls
-back to PyTorch, with one log line saying why. :func:`linear_2d` is the
-dispatch every TP layer calls: this kernel, ATen's GEMV, or ``F.linear``.
+Only where they beat PyTorch's: a single-row bf16 GEMV (batch-1 decode), in
+two builds chosen at run time by the CPU's flags in ``/proc/cpuinfo``:
+``avx512_bf16`` gets ``csrc/gemv_bf16.cpp`` (native bf16 dot products), else
+``avx2`` + ``fma`` gets ``csrc/gemv_bf16_avx2.cpp`` (bf16 widened to fp32 in
+registers). Anything else, a CPU without either, no compiler, or
+``DSTP_CPU_KERNELS=0`` falls back to PyTorch, with one log line saying why.
+``DSTP_CPU_KERNEL=avx2`` forces the AVX2 build on an AVX512-BF16 CPU (to test
+both on one machine). :func:`linear_2d` is the dispatch every TP layer calls:
+this kernel, ATen's GEMV, or ``F.linear``.
 """
 
 from __future__ import annotations
@@ -23,39 +27,91 @@ import torch.nn.functional as F
 
 log = logging.getLogger("dstp")
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv_bf16.cpp"
-ENV_SWITCH = "DSTP_CPU_KERNELS"
+CSRC = Path(__file__).with_name("csrc")
+ENV_SWITCH = "DSTP_CPU_KERNELS"  # "0": no dstp kernels at all
+ENV_KERNEL = "DSTP_CPU_KERNEL"  # "avx2": the AVX2 build even where AVX512-BF16 is there
+
+# kernel name -> (extension name, source, extra compiler flags, what it needs, for the log)
+KERNELS = {
+    "avx512_bf16": ("dstp_cpu_kernels", CSRC / "gemv_bf16.cpp", [], "AVX512-BF16"),
+    "avx2": ("dstp_cpu_kernels_avx2", CSRC / "gemv_bf16_avx2.cpp", ["-mavx2", "-mfma"], "AVX2+FMA"),
+}
+SOURCE = KERNELS["avx512_bf16"][1]
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[-1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _cpu_has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in info)
-    except OSError:
-        return False
+    return "avx512_bf16" in _cpu_flags()
+
+
+def _cpu_has_avx2_fma() -> bool:
+    return {"avx2", "fma"} <= _cpu_flags()
+
+
+def _choose_kernel() -> str | None:
+    """The GEMV this CPU runs best: AVX512-BF16's, else AVX2+FMA's, else None (PyTorch's)."""
+    if os.environ.get(ENV_KERNEL) == "avx2" and _cpu_has_avx2_fma():
+        return "avx2"
+    if _cpu_has_avx512_bf16():
+        return "avx512_bf16"
+    if _cpu_has_avx2_fma():
+        return "avx2"
+    return None
+
+
+def kernel() -> str | None:
+    """The name of the GEMV in use ("avx512_bf16", "avx2"), or None for PyTorch's."""
+    ops = _ops()
+    return None if ops is None else ops.dstp_kernel
 
 
 @functools.cache
 def _ops() -> ModuleType | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    if not _cpu_has_avx512_bf16():
-        log.info("no AVX512-BF16 on this CPU: single-row bf16 linears use PyTorch's kernel")
+    name = _choose_kernel()
+    if name is None:
+        log.info(
+            "neither AVX512-BF16 nor AVX2+FMA on this CPU: single-row bf16 linears use "
+            "PyTorch's kernel"
+        )
         return None
+    return _build(name)
+
+
+@functools.cache
+def _build(name: str) -> ModuleType | None:
+    """Builds (or loads the cached build of) one kernel; None, with a warning, if it fails."""
+    ext, source, flags, needs = KERNELS[name]
     try:
         from torch.utils.cpp_extension import load
 
         start = time.perf_counter()
-        ops = load(name="dstp_cpu_kernels", sources=[str(SOURCE)], extra_cflags=["-O3"])
+        ops = load(name=ext, sources=[str(source)], extra_cflags=["-O3", *flags])
+        ops.dstp_kernel = name
         log.info(
-            "dstp's AVX512-BF16 GEMV is ready for batch-1 decode (%.1f s; built once, then cached)",
+            "dstp's %s GEMV (%s) is ready for batch-1 decode (%.1f s; built once, then cached)",
+            needs,
+            name,
             time.perf_counter() - start,
         )
         return ops
     except Exception as exc:  # no compiler, old compiler, no ninja: PyTorch's kernel still works
         log.warning(
-            "could not build dstp's CPU kernels (%s); single-row bf16 linears use PyTorch's "
+            "could not build dstp's %s CPU kernel (%s); single-row bf16 linears use PyTorch's "
             "kernel. Install a C++ compiler and ninja, or set %s=0 to silence this.",
+            needs,
             str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
             ENV_SWITCH,
         )
@@ -86,7 +142,8 @@ def linear_2d(
       model's LM-head shard, seconds per prefill. A 2-D input is one GEMM.
     - For a single bf16 row on CPU (batch-1 decode), oneDNN's GEMV streams
       about half the memory bandwidth of ATen's own kernel (8192x2048, one
-      thread: 2.8 vs 1.5 ms), and dstp's four-stream kernel about 1.3x ATen's;
+      thread: 2.8 vs 1.5 ms), and dstp's four-stream kernel about 1.3x ATen's
+      on Zen 4 (AVX512-BF16), ~1.8x on an AVX2-only EPYC (benchmarks/gemv.py);
       from two rows on oneDNN is faster.
     """
     flat = x.reshape(-1, x.shape[-1])

@@ -1,4 +1,4 @@
-"""dstp's single-row bf16 GEMV matches PyTorch's, and falls back cleanly without it."""
+"""dstp's single-row bf16 GEMVs match PyTorch's, and fall back cleanly without them."""
 
 from __future__ import annotations
 
@@ -12,19 +12,87 @@ from dstp.cpu_kernels import _aten_cpu_kernels, linear_2d
 needs_kernel = pytest.mark.skipif(
     not cpu_kernels._cpu_has_avx512_bf16(), reason="CPU without AVX512-BF16"
 )
+needs_avx2 = pytest.mark.skipif(not cpu_kernels._cpu_has_avx2_fma(), reason="CPU without AVX2+FMA")
+
+# every kernel this CPU can run: the AVX512-BF16 one where it exists, the AVX2 one wherever
+# AVX2+FMA exist (forced with DSTP_CPU_KERNEL=avx2 on AVX512-BF16 CPUs)
+KERNELS = [
+    pytest.param("avx512_bf16", marks=needs_kernel),
+    pytest.param("avx2", marks=needs_avx2),
+]
 
 
-@needs_kernel
-def test_kernel_builds_where_the_cpu_supports_it():
+@pytest.fixture
+def fresh_dispatch():
+    """Clears the cached kernel choice before and after (the choice reads the environment)."""
+    cpu_kernels._ops.cache_clear()
+    yield
+    cpu_kernels._ops.cache_clear()
+
+
+@pytest.fixture(params=KERNELS)
+def chosen(request, monkeypatch, fresh_dispatch):
+    """Makes each kernel the one in use in turn, and yields its name."""
+    if request.param == "avx2":
+        monkeypatch.setenv(cpu_kernels.ENV_KERNEL, "avx2")
+    else:
+        monkeypatch.delenv(cpu_kernels.ENV_KERNEL, raising=False)
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    return request.param
+
+
+def test_kernel_builds_where_the_cpu_supports_it(chosen):
     assert cpu_kernels.available()
+    assert cpu_kernels.kernel() == chosen
 
 
-@needs_kernel
+def test_dispatch_by_cpu_flags(monkeypatch, fresh_dispatch):
+    monkeypatch.delenv(cpu_kernels.ENV_KERNEL, raising=False)
+    for flags, expected in [
+        ({"avx512_bf16", "avx2", "fma"}, "avx512_bf16"),
+        ({"avx512f", "avx2", "fma"}, "avx2"),
+        ({"avx2", "fma"}, "avx2"),
+        ({"avx2"}, None),  # no FMA
+        ({"avx", "sse4_2"}, None),
+        (set(), None),  # no /proc/cpuinfo
+    ]:
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda f=flags: frozenset(f))
+        assert cpu_kernels._choose_kernel() == expected, flags
+    monkeypatch.setenv(cpu_kernels.ENV_KERNEL, "avx2")  # forced, where the CPU can run it
+    monkeypatch.setattr(
+        cpu_kernels, "_cpu_flags", lambda: frozenset({"avx512_bf16", "avx2", "fma"})
+    )
+    assert cpu_kernels._choose_kernel() == "avx2"
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert cpu_kernels._choose_kernel() == "avx512_bf16"
+
+
+@pytest.mark.skipif(
+    cpu_kernels._cpu_has_avx512_bf16() or not cpu_kernels._cpu_has_avx2_fma(),
+    reason="for CPUs with AVX2+FMA but no AVX512-BF16",
+)
+def test_avx2_kernel_is_chosen_without_avx512_bf16(monkeypatch, fresh_dispatch):
+    monkeypatch.delenv(cpu_kernels.ENV_KERNEL, raising=False)
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    assert cpu_kernels.kernel() == "avx2"
+
+
 @pytest.mark.parametrize(
     "n,k,bias",
-    [(4096, 2048, False), (1023, 2048, True), (7, 100, True), (5, 31, False), (4, 32, True)],
+    [
+        (4096, 2048, False),
+        (1023, 2048, True),
+        (1023, 2056, False),  # K a multiple of 8, not of 16
+        (9, 4100, True),  # K a multiple of 4 only
+        (7, 100, True),
+        (5, 31, False),  # K odd, below one vector
+        (4, 32, True),
+        (3, 48, True),  # N below the four row streams: all rows in the tail
+        (1, 17, False),
+        (6, 1, True),
+    ],
 )
-def test_matches_pytorch_within_bf16_rounding(n, k, bias):
+def test_matches_pytorch_within_bf16_rounding(chosen, n, k, bias):
     gen = torch.Generator().manual_seed(n * k)
     x = torch.randn(1, k, generator=gen).bfloat16()
     w = torch.randn(n, k, generator=gen).bfloat16()
@@ -35,30 +103,89 @@ def test_matches_pytorch_within_bf16_rounding(n, k, bias):
     # one bf16 rounding of the fp32 sum: within half a bf16 ulp of |y| (2^-9), plus sum order
     tol = exact.abs() * 2**-8 + 1e-3 * exact.abs().max()
     assert ((got.float() - exact).abs() <= tol).all()
+    # mostly the very rounding of the fp32 result (round to nearest even, as .to(bf16))
+    assert (got == exact.bfloat16()).float().mean() >= 0.9
     assert torch.allclose(got.float(), F.linear(x, w, b).float(), rtol=2**-7, atol=1e-2)
 
 
-@needs_kernel
-def test_linear_2d_uses_the_kernel_for_single_rows(monkeypatch):
+def test_rounds_to_nearest_even_and_keeps_specials(chosen):
+    # exact sums (small integers times powers of two): the only error is the final rounding
+    k = 40
+    x = torch.zeros(1, k).bfloat16()
+    x[0, 0], x[0, 33] = 1.0, 2.0**-8  # one in the vector part, one in the tail
+    w = torch.zeros(5, k).bfloat16()
+    w[:, 0] = torch.tensor([1.0, 1.0, 1.0 + 2**-7, 3.0, 1.0])
+    w[:, 33] = torch.tensor([1.0, 3.0, 1.0, 1.0, 0.0])
+    w[4, 5] = float("inf")
+    exact = F.linear(x.float(), w.float())
+    got = cpu_kernels.gemv_bf16(x, w)
+    assert torch.equal(got[0, :4], exact[0, :4].bfloat16())  # ties to even, both ways
+    assert torch.isnan(got[0, 4])  # 0 * inf, as F.linear in fp32
+
+
+def test_linear_2d_uses_the_kernel_for_single_rows(chosen, monkeypatch):
     calls = []
     real = cpu_kernels.gemv_bf16
     monkeypatch.setattr(cpu_kernels, "gemv_bf16", lambda *a: calls.append(1) or real(*a))
     w = torch.randn(64, 128).bfloat16()
-    linear_2d(torch.randn(1, 1, 128).bfloat16(), w)  # batch-1 decode: the kernel
-    linear_2d(torch.randn(1, 3, 128).bfloat16(), w)  # three rows: oneDNN
+    b = torch.randn(64).bfloat16()
+    x = torch.randn(1, 1, 128).bfloat16()
+    out = linear_2d(x, w, b)  # batch-1 decode: the kernel
+    assert out.shape == (1, 1, 64)
+    exact = F.linear(x.float(), w.float(), b.float())
+    assert ((out.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3 * exact.abs().max()).all()
+    x3 = torch.randn(1, 3, 128).bfloat16()
+    assert torch.equal(linear_2d(x3, w, b), F.linear(x3, w, b))  # three rows: oneDNN
     assert calls == [1]
 
 
-def test_switched_off_falls_back_to_pytorch(monkeypatch):
+def test_switched_off_falls_back_to_pytorch(monkeypatch, fresh_dispatch):
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-    cpu_kernels._ops.cache_clear()
+    monkeypatch.setenv(cpu_kernels.ENV_KERNEL, "avx2")  # the switch wins over the choice
+    assert cpu_kernels.gemv_bf16(torch.ones(1, 8).bfloat16(), torch.ones(4, 8).bfloat16()) is None
+    assert cpu_kernels.kernel() is None
+    x, w = torch.randn(1, 1, 128).bfloat16(), torch.randn(64, 128).bfloat16()
+    with _aten_cpu_kernels():  # ATen's GEMV, the fallback
+        expected = F.linear(x, w)
+    assert torch.equal(linear_2d(x, w), expected)
+
+
+def test_cpu_without_either_falls_back_to_pytorch(monkeypatch, fresh_dispatch):
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: frozenset({"sse4_2", "avx"}))
+    assert not cpu_kernels.available() and cpu_kernels.kernel() is None
+    x, w = torch.randn(1, 1, 128).bfloat16(), torch.randn(64, 128).bfloat16()
+    with _aten_cpu_kernels():
+        expected = F.linear(x, w)
+    assert torch.equal(linear_2d(x, w), expected)
+
+
+def test_failed_build_falls_back_to_pytorch(monkeypatch, fresh_dispatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    cpu_kernels._build.cache_clear()
     try:
-        assert (
-            cpu_kernels.gemv_bf16(torch.ones(1, 8).bfloat16(), torch.ones(4, 8).bfloat16()) is None
-        )
+        with caplog.at_level("WARNING", logger="dstp"):
+            assert not cpu_kernels.available()
+        assert "no compiler here" in caplog.text
         x, w = torch.randn(1, 1, 128).bfloat16(), torch.randn(64, 128).bfloat16()
-        with _aten_cpu_kernels():  # ATen's GEMV, the fallback
+        with _aten_cpu_kernels():
             expected = F.linear(x, w)
         assert torch.equal(linear_2d(x, w), expected)
     finally:
-        cpu_kernels._ops.cache_clear()
+        cpu_kernels._build.cache_clear()
+
+
+def test_batched_and_other_dtypes_bypass_the_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "gemv_bf16", lambda *a: pytest.fail("kernel called"))
+    w = torch.randn(64, 128).bfloat16()
+    x2 = torch.randn(2, 128).bfloat16()
+    assert torch.equal(linear_2d(x2, w), F.linear(x2, w))  # batch 2: F.linear (oneDNN)
+    wf, xf = torch.randn(64, 128), torch.randn(1, 128)
+    assert torch.equal(linear_2d(xf, wf), F.linear(xf, wf))  # fp32: F.linear

@@ -1,0 +1,133 @@
+"""Batch-1 decode GEMV micro-benchmark: GB/s of weight bytes read, one thread.
+
+Compares, for the weight shapes of a 1B Llama shard ``[N, K]`` (bf16):
+
+* ``dstp``: the GEMV dstp picked for this CPU (``cpu_kernels.kernel()``:
+  ``avx512_bf16`` or ``avx2``; ``DSTP_CPU_KERNEL=avx2`` forces the AVX2 one);
+* ``aten``: ATen's bf16 GEMV, ``F.linear`` on a 1-row input with oneDNN off
+  (dstp's fallback);
+* ``onednn``: plain ``F.linear`` on a 1-row input (oneDNN's GEMV);
+
+against a read roofline: ``torch.sum`` over a 256 MiB bf16 tensor (and, for
+reference, over a 256 MiB float32 one).
+
+Decode streams every weight from DRAM once per token, so each timed run is one
+pass over enough copies of the weight to far exceed the last-level cache
+(``--pass-mib``, 512 MiB by default); the GB/s is bytes of weight over the time
+of a pass, and each number is the best of ``--repeats`` passes (5).
+
+    python benchmarks/gemv.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dstp import cpu_kernels
+from dstp.cpu_kernels import _aten_cpu_kernels
+
+SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192), (64128, 2048)]  # [N, K]: out x in
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up (first touch, lazy init)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def roofline(dtype: torch.dtype, mib: int, repeats: int) -> float:
+    """GB/s of a plain streaming read: torch.sum over ``mib`` MiB of ``dtype``."""
+    t = torch.ones(mib * 2**20 // torch.tensor([], dtype=dtype).element_size(), dtype=dtype)
+    return t.numel() * t.element_size() / best_of(lambda: t.sum(), repeats) / 1e9
+
+
+def gemv_rates(n: int, k: int, pass_mib: int, repeats: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    nbytes = n * k * 2
+    copies = max(1, math.ceil(pass_mib * 2**20 / nbytes))
+    weights = [torch.randn(n, k, generator=gen).bfloat16() for _ in range(copies)]
+    x = torch.randn(1, k, generator=gen).bfloat16()
+
+    def one_pass(linear):
+        def run():
+            for w in weights:
+                linear(x, w)
+
+        return copies * nbytes / best_of(run, repeats) / 1e9
+
+    def aten(x, w):
+        with _aten_cpu_kernels():
+            return F.linear(x, w)
+
+    rates = {}
+    if cpu_kernels.available():
+        rates["dstp"] = one_pass(cpu_kernels.gemv_bf16)
+    rates["aten"] = one_pass(aten)
+    rates["onednn"] = one_pass(F.linear)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pass-mib", type=int, default=512)
+    parser.add_argument("--roofline-mib", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    kernel = cpu_kernels.kernel()
+    result: dict[str, object] = {
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "kernel": kernel or "none (PyTorch)",
+        "torch": torch.__version__,
+        "roofline_bf16_sum_GBps": roofline(torch.bfloat16, args.roofline_mib, args.repeats),
+        "roofline_fp32_sum_GBps": roofline(torch.float32, args.roofline_mib, args.repeats),
+        "shapes": {},
+    }
+    roof = result["roofline_bf16_sum_GBps"]
+    print(f"CPU: {result['cpu']}; {args.threads} thread(s); dstp kernel: {result['kernel']}")
+    print(
+        f"read roofline (torch.sum, {args.roofline_mib} MiB): bf16 {roof:.1f} GB/s, "
+        f"fp32 {result['roofline_fp32_sum_GBps']:.1f} GB/s; best of {args.repeats}"
+    )
+    print(f"{'N x K':>12} {'dstp':>12} {'ATen':>12} {'oneDNN':>12}   GB/s of weights (x roofline)")
+    for n, k in SHAPES:
+        rates = gemv_rates(n, k, args.pass_mib, args.repeats)
+        result["shapes"][f"{n}x{k}"] = rates
+        cells = [
+            f"{rates[name]:5.1f} ({rates[name] / roof:4.0%})" if name in rates else "-"
+            for name in ("dstp", "aten", "onednn")
+        ]
+        print(f"{f'{n}x{k}':>12} " + " ".join(f"{c:>12}" for c in cells))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(result, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+// Single-row bf16 GEMV for CPUs with AVX2 + FMA (no native bf16 dot product):
+// y = x W^T (+ b), x [1, K], W [N, K]. Built with -mavx2 -mfma as its own
+// extension (dstp_cpu_kernels_avx2); dstp/cpu_kernels.py loads it only where
+// /proc/cpuinfo lists avx2 and fma.
+//
+// Same plan as gemv_bf16.cpp (the AVX512-BF16 kernel): batch-1 decode reads
+// every weight once per token, so what counts is the bandwidth one core pulls.
+// Rows n, n + N/4, n + N/2, n + 3N/4 are dotted together (four streams far
+// apart in memory for the hardware prefetchers). bf16 weights stay bf16 in
+// memory: each 256-bit load holds 16 bf16, widened to fp32 in registers
+// without shuffles -- the even elements are the 32-bit lanes shifted left by
+// 16, the odd ones the lanes with their low half masked off. x is converted to
+// fp32 once, split the same way (even, odd), so the FMAs line up. fp32
+// accumulation, horizontal sums at the end, one rounding to bf16 (nearest
+// even, as PyTorch rounds), bias included.
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Tuning knobs, for experiments only (-D at build time). Measured on an AVX2-only
+// EPYC, one thread (2026-11-28): 2, 6 or 8 streams, or a software prefetch 512 or
+// 2048 bytes ahead, were no faster than 4 streams without one, within that
+// shared machine's noise; the hardware prefetchers keep up with 4 streams.
+#ifndef DSTP_GEMV_STREAMS
+#define DSTP_GEMV_STREAMS 4
+#endif
+#ifndef DSTP_GEMV_PREFETCH
+#define DSTP_GEMV_PREFETCH 0
+#endif
+constexpr int kStreams = DSTP_GEMV_STREAMS;
+
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline uint16_t float_to_bf16(float v) {  // round to nearest even, as PyTorch does
+  if (std::isnan(v)) return 0x7FC0;
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// x_even[i] = x[2i], x_odd[i] = x[2i + 1] for the first k_vec = 16 * floor(K / 16) values;
+// x_tail the rest, as floats.
+template <int S>
+void dot_rows(const float* x_even, const float* x_odd, const float* x_tail, int64_t k_vec,
+              int64_t k_size, const uint16_t* const* rows, float* out) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc_e[S], acc_o[S];
+  for (int s = 0; s < S; ++s) acc_e[s] = acc_o[s] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k_vec; k += 16) {
+    const __m256 xe = _mm256_loadu_ps(x_even + k / 2);
+    const __m256 xo = _mm256_loadu_ps(x_odd + k / 2);
+    for (int s = 0; s < S; ++s) {
+      if (DSTP_GEMV_PREFETCH && (k & 31) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[s] + k) + DSTP_GEMV_PREFETCH, _MM_HINT_T0);
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[s] + k));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+      acc_e[s] = _mm256_fmadd_ps(xe, we, acc_e[s]);
+      acc_o[s] = _mm256_fmadd_ps(xo, wo, acc_o[s]);
+    }
+  }
+  for (int s = 0; s < S; ++s) {
+    float sum = hsum(_mm256_add_ps(acc_e[s], acc_o[s]));
+    for (int64_t k = k_vec; k < k_size; ++k) sum += x_tail[k - k_vec] * bf16_to_float(rows[s][k]);
+    out[s] = sum;
+  }
+}
+
+}  // namespace
+
+torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
+                        const c10::optional<torch::Tensor>& bias) {
+  RECORD_FUNCTION("dstp::gemv_bf16_avx2", std::vector<c10::IValue>({x, weight}));
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "gemv_bf16: bf16 inputs only");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.dim() == 2,
+              "gemv_bf16: contiguous x and 2-D weight only");
+  const int64_t n_size = weight.size(0), k_size = weight.size(1);
+  TORCH_CHECK(x.numel() == k_size, "gemv_bf16: x has ", x.numel(), " values, weight wants ", k_size);
+  const uint16_t* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
+                    bias->numel() == n_size,
+                "gemv_bf16: bias must be a contiguous bf16 vector of ", n_size);
+    bp = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+  }
+  auto y = torch::empty({1, n_size}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  auto store = [&](int64_t n, float v) { yp[n] = float_to_bf16(bp ? v + bf16_to_float(bp[n]) : v); };
+
+  // x to fp32 once: even and odd elements apart, matching the widened weights.
+  const int64_t k_vec = k_size / 16 * 16;
+  std::vector<float> xf(static_cast<size_t>(k_size));
+  float* x_even = xf.data();
+  float* x_odd = x_even + k_vec / 2;
+  float* x_tail = x_even + k_vec;
+  for (int64_t i = 0; i < k_vec / 2; ++i) {
+    x_even[i] = bf16_to_float(xp[2 * i]);
+    x_odd[i] = bf16_to_float(xp[2 * i + 1]);
+  }
+  for (int64_t k = k_vec; k < k_size; ++k) x_tail[k - k_vec] = bf16_to_float(xp[k]);
+
+  const int64_t part = n_size / kStreams;
+  at::parallel_for(0, part, 16, [&](int64_t begin, int64_t end) {
+    const uint16_t* rows[kStreams];
+    float out[kStreams];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int s = 0; s < kStreams; ++s) rows[s] = wp + (n + s * part) * k_size;
+      dot_rows<kStreams>(x_even, x_odd, x_tail, k_vec, k_size, rows, out);
+      for (int s = 0; s < kStreams; ++s) store(n + s * part, out[s]);
+    }
+  });
+  for (int64_t n = kStreams * part; n < n_size; ++n) {  // the last N % 4 rows
+    const uint16_t* row[1] = {wp + n * k_size};
+    float out[1];
+    dot_rows<1>(x_even, x_odd, x_tail, k_vec, k_size, row, out);
+    store(n, out[0]);
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_bf16", &gemv_bf16, "y = x W^T (+ b) for one bf16 row (AVX2 + FMA)");
+}
