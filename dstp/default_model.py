@@ -166,12 +166,20 @@ RANDOM = BuiltinModel(
     ensure_random_model,
 )
 # ``--model`` value -> built-in model (None: no --model given)
-BUILTIN_MODELS: dict[str | None, BuiltinModel] = {None: STORIES, "random": RANDOM}
+BUILTIN_MODELS: dict[str | None, BuiltinModel] = {
+    None: STORIES,
+    STORIES.model_id: STORIES,
+    "random": RANDOM,
+}
 
 
 def resolve_model(model: str | None) -> tuple[str, BuiltinModel | None]:
-    """The checkpoint path ``--model`` means, and the built-in model it names (if any)."""
-    builtin = BUILTIN_MODELS.get(model)
+    """The checkpoint path ``--model`` means, and the built-in model it names (if any).
+
+    An existing path wins over a built-in name (a folder called ``random`` is that folder);
+    anything else that is not a built-in name is a folder or a hub id (:mod:`dstp.hub`).
+    """
+    builtin = None if model is not None and os.path.exists(model) else BUILTIN_MODELS.get(model)
     if builtin is None:
         return str(model), None
     return str(builtin.locate()), builtin

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 
 from flask import Flask, Response, request
@@ -13,15 +14,18 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .. import __version__
 from .driver import EngineDriver
-from .metrics import engine_gauges
+from .metrics import CONTENT_TYPE
 from .protocol import APIError, internal_error, parse_body, retry_later, unknown_model
 from .serving import ServerConfig, Serving
 
+log = logging.getLogger("dstp")
 ENDPOINTS = (
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/models",
     "/generate",
+    "/tokenize",
+    "/detokenize",
     "/health",
     "/metrics",
     "/version",
@@ -33,6 +37,8 @@ def create_app(driver: EngineDriver, tokenizer, config: ServerConfig) -> Flask:
     """The Flask app; ``driver`` must be started by the caller."""
     app = Flask("dstp")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    driver.metrics.model_name = config.model_name  # the model_name label of dstp:* metrics
+    driver.log_requests = driver.log_requests or config.log_requests
     _add_checks(app, driver, config)
     _add_error_handlers(app, config)
     _add_generation_routes(app, Serving(driver, tokenizer, config))
@@ -103,6 +109,11 @@ def _add_checks(app: Flask, driver: EngineDriver, config: ServerConfig) -> None:
     def count(resp: Response) -> Response:
         endpoint = request.path if request.path in ENDPOINTS else "other"
         driver.metrics.count_request(endpoint, resp.status_code)
+        if driver.log_requests and resp.status_code >= 400 and request.method == "POST":
+            log.info(  # admitted requests get their line from the driver when they end
+                "request rejected: %s %s status=%d", request.method, request.path,
+                resp.status_code,
+            )  # fmt: skip
         return resp
 
 
@@ -145,6 +156,14 @@ def _add_generation_routes(app: Flask, serving: Serving) -> None:
     def generate():
         return serving.generate(body(), probe())
 
+    @app.post("/tokenize")
+    def tokenize():
+        return serving.tokenize(body())
+
+    @app.post("/detokenize")
+    def detokenize():
+        return serving.detokenize(body())
+
 
 def _add_info_routes(app: Flask, driver: EngineDriver, config: ServerConfig) -> None:
     created = int(time.time())
@@ -182,5 +201,5 @@ def _add_info_routes(app: Flask, driver: EngineDriver, config: ServerConfig) -> 
 
     @app.get("/metrics")
     def metrics():
-        text = driver.metrics.render(engine_gauges(driver, config.tp_size))
-        return Response(text, mimetype="text/plain; version=0.0.4")
+        page = driver.metrics.render(driver, config.tp_size)
+        return Response(page, headers={"Content-Type": CONTENT_TYPE})

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 
+from ..config import DTYPE_CHOICES
 from .limits import (
     DRAIN_MAX_BYTES,
     FAST_THREADS,
@@ -62,23 +63,39 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
     m.add_argument(
         "--model",
         default=None,
-        help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer). "
-        "Omitted: the built-in stories260K, a 260K-parameter Llama trained on TinyStories "
-        "(MIT) that ships with dstp and writes short children's stories. 'random': a small "
-        "RANDOMLY INITIALISED Llama, generated once under ~/.cache/dstp/ (gibberish output; "
-        "for benchmarks)",
+        help="a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer) or a "
+        "hub id such as meta-llama/Llama-3.2-1B, looked up in the Hugging Face cache first "
+        "and fetched otherwise (safetensors, config, tokenizer and generation files only; "
+        "nothing with HF_HUB_OFFLINE=1). Omitted: the built-in stories260K, a "
+        "260K-parameter Llama trained on TinyStories (MIT) that ships with dstp and writes "
+        "short children's stories. 'random': a small RANDOMLY INITIALISED Llama, generated "
+        "once under ~/.cache/dstp/ (gibberish output; for benchmarks)",
+    )
+    m.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit of a hub --model (default: main)",
+    )
+    m.add_argument(
+        "--download-dir",
+        default=None,
+        help="Hugging Face cache folder to find and fetch a hub --model in "
+        "(default: $HF_HUB_CACHE, else ~/.cache/huggingface/hub)",
     )
     m.add_argument(
         "--served-model-name",
+        nargs="+",
         default=None,
-        help="model id reported by /v1/models and accepted in requests "
-        "(default: the checkpoint folder's name)",
+        metavar="NAME",
+        help="model id(s) requests may name; the first is the one /v1/models and responses "
+        "report (default: --model as given, or the built-in model's name)",
     )
     m.add_argument(
         "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float16", "float32"],
-        help="weight and activation dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weight and activation dtype; auto: the checkpoint's own (config.json's "
+        "torch_dtype, float32 if it names none); half = float16, float = float32",
     )
     m.add_argument(
         "--max-model-len",
@@ -86,11 +103,27 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
         default=None,
         help="context length (prompt + completion) in tokens; default: the model's",
     )
+    m.add_argument(
+        "--generation-config",
+        default="auto",
+        metavar="auto|vllm|FOLDER",
+        help="default sampling parameters (temperature, top_p, top_k, min_p, "
+        "repetition_penalty) for requests that leave them out: 'auto' takes those the "
+        "checkpoint's generation_config.json sets, FOLDER those of FOLDER/generation_config.json, "
+        "'vllm' (or 'none') none, i.e. the OpenAI defaults",
+    )
+    m.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template for /v1/chat/completions instead of the tokenizer's: a file "
+        "(Jinja) or the template itself inline",
+    )
     _switch(
         m,
         "--allow-pickle",
-        "allow loading pickled (*.bin) weights; unsafe for untrusted checkpoints, "
-        "which can run arbitrary code when unpickled. Off: safetensors only",
+        "allow loading pickled (*.bin) weights from a local folder; unsafe for untrusted "
+        "checkpoints, which can run arbitrary code when unpickled. Off: safetensors only "
+        "(a hub --model never fetches pickles)",
     )
     _switch(
         m,
@@ -101,20 +134,46 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
 
 def _engine_flags(e: argparse._ArgumentGroup) -> None:
     e.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=None,
+        help="ranks per tensor-parallel group (default: every rank the launcher starts: "
+        "deepspeed --num_gpus N / torchrun --nproc_per_node N, times the nodes). It must "
+        "divide those ranks; W ranks at TP=T serve as W/T data-parallel replicas",
+    )
+    e.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=None,
+        help="engine replicas (each a TP group of consecutive ranks, with its own KV cache "
+        "and scheduler; global rank 0 routes requests to the least loaded). Optional: it "
+        "follows from the ranks and --tensor-parallel-size; given, they must agree",
+    )
+    e.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the generator that draws a seed for every request that gives none, so "
+        "a server run answers the same sequence of requests the same way (vLLM's --seed); "
+        "default: unseeded requests are not reproducible",
+    )
+    e.add_argument(
         "--kv-cache-memory",
         type=float,
         default=None,
-        help="KV-cache budget per rank in GiB (each rank holds only its KV heads); default: on "
-        "CUDA what --gpu-memory-utilization leaves after the weights and the largest step's "
-        "activations, on CPU up to a quarter of the available memory per rank, no more than "
-        "--max-num-seqs x max_model_len tokens need",
+        help="KV-cache budget per rank in GiB (each rank holds only its KV heads). Default: "
+        "on CUDA what --gpu-memory-utilization leaves after the weights and the largest "
+        "step's activations; on CPU what --max-num-seqs sequences of --max-model-len tokens "
+        "need, at most a quarter of the host's available memory shared by its local ranks",
     )
     e.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
-        help="CUDA: share of each device's memory dstp may use for weights, activations and "
-        "the KV cache together (vLLM's meaning)",
+        help="CUDA: the share of each device's memory dstp may use in all (weights, "
+        "activations and KV cache), as in vLLM; ignored with --kv-cache-memory or on CPU",
     )
     e.add_argument(
         "--num-kv-blocks",
@@ -132,10 +191,17 @@ def _engine_flags(e: argparse._ArgumentGroup) -> None:
         default=2048,
         help="most tokens per engine step (long prompts are prefilled in chunks)",
     )
+    e.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="share KV blocks between requests with a common prompt prefix (default: on)",
+    )
     _switch(
         e,
         "--no-prefix-caching",
-        "disable sharing KV blocks between requests with a common prompt prefix",
+        "disable sharing KV blocks between requests with a common prompt prefix "
+        "(the same as --no-enable-prefix-caching)",
     )
 
 
@@ -192,6 +258,18 @@ def _http_flags(h: argparse._ArgumentGroup) -> None:
         f"hold a connection. Also: an idle keep-alive connection closes after {IDLE_TIMEOUT_S} s, "
         f"and at most 2 x (HTTP threads + {FAST_THREADS}) connections (100 at least) are "
         "open at once; more wait to be accepted",
+    )
+    h.add_argument(
+        "--enable-log-requests",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="log one line per request (id, tokens, latencies, finish reason, status)",
+    )
+    h.add_argument(
+        "--disable-log-requests",
+        dest="enable_log_requests",
+        action="store_false",
+        help="older vLLM spelling of --no-enable-log-requests (off is the default)",
     )
 
 
@@ -270,3 +348,81 @@ def size_http_pool(args: argparse.Namespace, warn: bool) -> bool:
             )
         args.max_queued_requests = room
     return True
+
+
+class FlagError(ValueError):
+    """A flag's value cannot be used; the message (one line) says why."""
+
+
+def prefix_caching_enabled(args: argparse.Namespace) -> bool:
+    """``--[no-]enable-prefix-caching`` (vLLM) or ``--no-prefix-caching`` (dstp); on by default."""
+    if args.enable_prefix_caching is None:
+        return not args.no_prefix_caching
+    if args.enable_prefix_caching and args.no_prefix_caching:
+        raise FlagError("--enable-prefix-caching and --no-prefix-caching contradict each other")
+    return args.enable_prefix_caching
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file's text, or the template given inline (vLLM's rule: a value
+    that is no file but holds one of ``{}`` or a newline is a template)."""
+    if value is None:
+        return None
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FlagError(f"--chat-template: cannot read {value}: {exc}") from None
+    if any(c in value for c in "{}\n"):
+        if "\\n" in value and value.isascii():  # written on one line, as vLLM's docs do
+            return value.encode().decode("unicode_escape")
+        return value
+    raise FlagError(
+        f"--chat-template {value!r} is neither a file nor a Jinja template (no such file; a "
+        "template inline holds {{ ... }} or {% ... %})"
+    )
+
+
+def check_tp_size(args: argparse.Namespace, world_size: int) -> None:
+    """``--tensor-parallel-size`` against the ranks the launcher started (the launcher, not
+    this flag, sets how many processes run): it must divide them; W ranks at TP=T serve
+    as W / T data-parallel replicas (dstp.replicas)."""
+    tp = args.tensor_parallel_size
+    dp = getattr(args, "data_parallel_size", None)
+    if dp is not None:
+        from ..replicas import ReplicaLayout
+
+        try:
+            args.tensor_parallel_size = ReplicaLayout.resolve(world_size, tp, dp).tp
+        except ValueError as exc:
+            raise FlagError(str(exc)) from None
+        return
+    if tp is None or (tp >= 1 and world_size % tp == 0):
+        return
+    valid = [t for t in range(1, world_size + 1) if world_size % t == 0]
+    raise FlagError(
+        f"--tensor-parallel-size {tp} does not fit the {world_size} rank(s) the launcher "
+        f"started (WORLD_SIZE={world_size}; sizes that fit: {valid}). dstp runs one process "
+        "per rank and the launcher decides how many: start it as `deepspeed --num_gpus "
+        f"{max(tp, 1)} --module dstp.serve ...` or `torchrun --nproc_per_node {max(tp, 1)} "
+        "-m dstp.serve ...` (across nodes: the ranks of every node together); a world of "
+        "W ranks at TP=T serves W/T replicas"
+    )
+
+
+def check_args(args: argparse.Namespace, world_size: int) -> None:
+    """Every check that needs no model, run by every rank before anything starts; fills in
+    ``args.chat_template_text`` and ``args.prefix_caching``. Raises :class:`FlagError`."""
+    check_tp_size(args, world_size)
+    args.prefix_caching = prefix_caching_enabled(args)
+    args.chat_template_text = load_chat_template(args.chat_template)
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise FlagError(f"--seed must be in [0, 2**63), got {args.seed}")
+    gen = args.generation_config
+    if gen not in ("auto", "vllm", "none") and not os.path.isdir(os.path.expanduser(gen)):
+        raise FlagError(
+            f"--generation-config {gen!r}: expected 'auto', 'vllm' or a folder holding "
+            "generation_config.json"
+        )

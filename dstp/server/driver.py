@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from ..outputs import RequestOutput
 from ..sampling_params import InvalidRequest, SamplingParams
-from .metrics import ServerMetrics
+from .metrics import FinishedRequest, ServerMetrics
+from .request_log import STATS_INTERVAL_S, StatsLogger, log_request
 
 log = logging.getLogger("dstp")
 
@@ -52,9 +53,19 @@ class RequestHandle:
     _accepted: threading.Event = field(default_factory=threading.Event)
     _reject: BaseException | None = None
     submit_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None  # start of the first step that ran it
     first_token_time: float | None = None
     last_token_time: float | None = None
+    output_tokens: int = 0  # so far, over every choice
     done: bool = False  # set on the driver thread once the final output (or error) is queued
+    _sink: queue.Queue | None = None  # a RequestGroup's shared queue: (slot, item) go there
+    _slot: int = 0
+
+    def _put(self, item: object) -> None:
+        if self._sink is not None:
+            self._sink.put((self._slot, item))
+        else:
+            self._outputs.put(item)
 
     def outputs(
         self, poll_s: float = 0.25, disconnected: Callable[[], bool] | None = None
@@ -103,6 +114,60 @@ class RequestHandle:
         self.driver.abort(self.request_id)
 
 
+class RequestGroup:
+    """Several requests submitted together (a /v1/completions prompt list); their outputs
+    arrive on one queue as (slot, output), slot being the prompt's position."""
+
+    def __init__(self, handles: list[RequestHandle], sink: queue.Queue) -> None:
+        self.handles, self._sink = handles, sink
+
+    @property
+    def request_id(self) -> str:
+        return self.handles[0].request_id
+
+    def outputs(
+        self, poll_s: float = 0.25, disconnected: Callable[[], bool] | None = None
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Yield (slot, output) until every member's final output; abort the unfinished
+        members if the client goes away or the consumer stops early. Raises like
+        ``RequestHandle.outputs``."""
+        pending = set(range(len(self.handles)))
+        next_check = time.monotonic() + poll_s
+        try:
+            while pending:
+                try:
+                    slot, item = self._sink.get(timeout=poll_s)
+                except queue.Empty:
+                    slot, item = None, None
+                if disconnected is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + poll_s
+                    if disconnected():
+                        log.info("client of %s disconnected: aborting", self.request_id)
+                        return
+                if item is None:
+                    continue
+                if item is _END:  # aborted: nobody waits for the rest
+                    pending.discard(slot)
+                    return
+                if isinstance(item, BaseException):
+                    pending.discard(slot)
+                    raise item
+                yield slot, item
+                if item.finished:
+                    pending.discard(slot)
+        finally:
+            for slot in pending:
+                self.handles[slot].abort()
+
+    def result(self, disconnected: Callable[[], bool] | None = None) -> list[RequestOutput] | None:
+        """Every member's final output, by slot (None if the client went away first)."""
+        last: dict[int, RequestOutput] = {}
+        for slot, out in self.outputs(disconnected=disconnected):
+            last[slot] = out
+        done = [last.get(i) for i in range(len(self.handles))]
+        return done if all(o is not None and o.finished for o in done) else None
+
+
 class EngineDriver:
     """Runs the engine loop on a dedicated thread; thread-safe front for HTTP handlers."""
 
@@ -116,6 +181,8 @@ class EngineDriver:
         step_timeout_s: float = 600.0,
         metrics: ServerMetrics | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        log_requests: bool = False,
+        stats_interval_s: float = STATS_INTERVAL_S,
     ) -> None:
         self.engine = engine
         self.max_queued_requests = max_queued_requests
@@ -124,6 +191,8 @@ class EngineDriver:
         self.step_timeout_s = step_timeout_s
         self.metrics = metrics or ServerMetrics()
         self.on_fatal = on_fatal
+        self.log_requests = log_requests  # --enable-log-requests: one line per request
+        self._stats_log = StatsLogger(stats_interval_s)
         self._commands: queue.Queue = queue.Queue()
         self._handles: dict[str, RequestHandle] = {}  # owned by the driver thread
         self._lock = threading.Lock()
@@ -185,28 +254,64 @@ class EngineDriver:
 
         Raises ``InvalidRequest`` (400), ``QueueFull`` (429), ``EngineUnavailable`` (503).
         """
+        rid = request_id or self._new_id()
+        handle = RequestHandle(rid, list(prompt_token_ids), params, self)
+        self._admit([handle], accept_timeout_s)
+        return handle
+
+    def submit_many(
+        self, prompts: list[tuple[list[int], SamplingParams]], accept_timeout_s: float = 120.0
+    ) -> RequestGroup:
+        """Queue several requests at once (the engine adds them all before its next step,
+        so they share batches); each counts against the admission limit. Raises as
+        ``submit``; when one is rejected, the others are aborted."""
+        sink: queue.Queue = queue.Queue()
+        base = self._new_id()
+        handles = [
+            RequestHandle(
+                base if i == 0 else f"{base}-{i}", list(ids), params, self, _sink=sink, _slot=i
+            )
+            for i, (ids, params) in enumerate(prompts)
+        ]
+        self._admit(handles, accept_timeout_s)
+        return RequestGroup(handles, sink)
+
+    def _new_id(self) -> str:
+        return f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
+
+    def _admit(self, handles: list[RequestHandle], accept_timeout_s: float) -> None:
         if not self.healthy:
             raise EngineUnavailable(self._unavailable_reason())
+        k = len(handles)
+        if k > self.max_queued_requests:
+            raise InvalidRequest(
+                f"{k} prompts in one request exceed the server's admission limit "
+                f"({self.max_queued_requests} requests in flight)",
+                param="prompt",
+            )
         with self._lock:
-            if self._in_flight >= self.max_queued_requests:
+            if self._in_flight + k > self.max_queued_requests:
                 raise QueueFull(
                     f"server busy: {self._in_flight} requests in flight "
                     f"(limit {self.max_queued_requests}); retry later"
                 )
-            self._in_flight += 1
-        rid = request_id or f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
-        handle = RequestHandle(rid, list(prompt_token_ids), params, self)
-        self._commands.put(("add", handle))
+            self._in_flight += k
+        self._commands.put(("add", handles))
         deadline = time.monotonic() + accept_timeout_s
-        while not handle._accepted.wait(0.25):
-            if self.failure is not None or not self._thread.is_alive():
-                raise EngineUnavailable(self._unavailable_reason())
-            if time.monotonic() > deadline:
-                self.abort(rid)
-                raise EngineUnavailable("engine did not accept the request in time")
-        if handle._reject is not None:
-            raise handle._reject
-        return handle
+        for handle in handles:
+            while not handle._accepted.wait(0.25):
+                if self.failure is not None or not self._thread.is_alive():
+                    raise EngineUnavailable(self._unavailable_reason())
+                if time.monotonic() > deadline:
+                    for h in handles:
+                        self.abort(h.request_id)
+                    raise EngineUnavailable("engine did not accept the request in time")
+        rejected = next((h._reject for h in handles if h._reject is not None), None)
+        if rejected is not None:
+            for h in handles:
+                if h._reject is None:
+                    self.abort(h.request_id)
+            raise rejected
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -230,8 +335,10 @@ class EngineDriver:
                 if self._stopping.is_set():
                     break
                 if self.engine.has_unfinished():
+                    started = time.monotonic()
                     outputs = self._timed("step", self.step_timeout_s, self.engine.step)
-                    self._dispatch(outputs)
+                    self._mark_scheduled(started)
+                    self._dispatch(outputs, started)
                     self._snapshot()
         except BaseException as exc:  # the shared forward or a collective failed: fail fast
             if self._stopping.is_set():
@@ -261,7 +368,8 @@ class EngineDriver:
                     continue
                 return
             if kind == "add":
-                self._add(arg)
+                for handle in arg:
+                    self._add(handle)
             elif kind == "abort":
                 self._abort(arg)
             elif kind == "wake":
@@ -291,9 +399,20 @@ class EngineDriver:
             return  # already finished (or never admitted)
         with contextlib.suppress(KeyError):
             self.engine.abort(request_id)
+        self._finished(handle, ["abort"] * handle.params.n, "aborted")
         self._close(handle, _END)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _mark_scheduled(self, step_started: float) -> None:
+        """Note when each request first ran (its queue time ends), from the scheduler's
+        running set (engines without one: at its first output)."""
+        running = getattr(getattr(self.engine, "scheduler", None), "running", None) or ()
+        for seq in running:
+            request = getattr(seq, "request", None)
+            handle = self._handles.get(getattr(request, "request_id", None))
+            if handle is not None and handle.scheduled_time is None:
+                handle.scheduled_time = step_started
+
+    def _dispatch(self, outputs: list[RequestOutput], step_started: float | None = None) -> None:
         now = time.monotonic()
         for out in outputs:
             handle = self._handles.get(out.request_id)
@@ -301,25 +420,55 @@ class EngineDriver:
                 continue  # aborted by its client: nobody is listening
             new = sum(len(c.new_token_ids) for c in out.outputs)
             if new:
+                if handle.scheduled_time is None:
+                    handle.scheduled_time = step_started if step_started is not None else now
                 if handle.first_token_time is None:
                     handle.first_token_time = now
                     self.metrics.observe_ttft(now - handle.submit_time)
+                    self.metrics.observe_prefilled(len(handle.prompt_token_ids))
                     self.metrics.observe_tokens(new, None)
                 else:
                     self.metrics.observe_tokens(new, (now - handle.last_token_time) / new)
                 handle.last_token_time = now
-            handle._outputs.put(out)
+            handle.output_tokens = sum(len(c.token_ids) for c in out.outputs)
+            handle._put(out)
             if out.finished:
-                self.metrics.observe_e2e(now - handle.submit_time)
+                reasons = [c.finish_reason or "abort" for c in out.outputs]
+                status = "error" if "error" in reasons else "ok"
+                status = "aborted" if status == "ok" and "abort" in reasons else status
+                self._finished(handle, reasons, status, now)
                 del self._handles[out.request_id]
                 self._close(handle, None)
+
+    def _finished(
+        self, handle: RequestHandle, reasons: list[str], status: str, now: float | None = None
+    ) -> None:
+        """Per-request metrics and (with --enable-log-requests) its log line."""
+        try:
+            record = FinishedRequest(
+                prompt_tokens=len(handle.prompt_token_ids),
+                output_tokens=handle.output_tokens,
+                n=handle.params.n,
+                max_tokens=handle.params.max_tokens,
+                finished_reasons=reasons,
+                arrival=handle.submit_time,
+                scheduled=handle.scheduled_time,
+                first_token=handle.first_token_time,
+                end=time.monotonic() if now is None else now,
+            )
+            if status != "failed":
+                self.metrics.observe_finished(record)
+            if self.log_requests:
+                log_request(handle.request_id, record, status)
+        except Exception:  # bookkeeping must never fail a request
+            log.exception("recording the end of request %s failed", handle.request_id)
 
     def _close(self, handle: RequestHandle, last: object) -> None:
         if handle.done:
             return
         handle.done = True
         if last is not None:
-            handle._outputs.put(last)
+            handle._put(last)
         self._release()
 
     def _release(self) -> None:
@@ -329,6 +478,8 @@ class EngineDriver:
     def _snapshot(self) -> None:
         try:
             self._stats = dict(self.engine.stats())
+            m = self.metrics
+            self._stats_log.maybe_log(self._stats, m.prompt_tokens, m.generation_tokens)
         except Exception:  # stats are best effort; never take the server down
             log.debug("engine.stats() failed", exc_info=True)
 
@@ -374,6 +525,8 @@ class EngineDriver:
 
     def _fail_all(self, error: RequestFailed) -> None:
         for handle in list(self._handles.values()):
+            if not handle.done:
+                self._finished(handle, ["abort"] * handle.params.n, "failed")
             self._close(handle, error)
         self._handles.clear()
         while True:  # requests still in the command queue
@@ -382,9 +535,10 @@ class EngineDriver:
             except queue.Empty:
                 break
             if kind == "add":
-                arg._reject = EngineUnavailable(str(error))
-                self._release()
-                arg._accepted.set()
+                for handle in arg:
+                    handle._reject = EngineUnavailable(str(error))
+                    self._release()
+                    handle._accepted.set()
 
     def _finish_stop(self) -> None:
         reason = self._stop_reason

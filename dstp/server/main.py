@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from .cli import add_arguments, build_parser, size_http_pool
+from .cli import FlagError, add_arguments, build_parser, check_args, size_http_pool
 from .limits import connection_limit
 
 if TYPE_CHECKING:
@@ -35,24 +35,29 @@ def _setup_logging(level: str, rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _engine_config(args: argparse.Namespace, model: str):
+def _engine_config(args: argparse.Namespace, model: str, name: str | None = None):
     """EngineConfig from the flags, passing only the fields this engine version has."""
+    from ..config import resolve_dtype
     from ..engine import EngineConfig
 
+    dtype = resolve_dtype(args.dtype, model)
+    if args.dtype != dtype:
+        log.info("--dtype %s: %s", args.dtype, dtype)
     wanted = {
         "model": model,
-        "dtype": args.dtype,
+        "dtype": dtype,
         "kv_cache_memory_gib": args.kv_cache_memory,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "block_size": args.block_size,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len,
-        "enable_prefix_caching": not args.no_prefix_caching,
+        "enable_prefix_caching": getattr(args, "prefix_caching", not args.no_prefix_caching),
         "allow_pickle": args.allow_pickle,
         "trust_remote_code": args.trust_remote_code,
-        "model_name": args.served_model_name,
+        "model_name": name,
         "num_blocks": args.num_kv_blocks,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     missing = sorted(k for k in set(wanted) - fields if wanted[k] is not None)
@@ -74,6 +79,11 @@ def _run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, rank)
     if not size_http_pool(args, warn=rank == 0):
         return 1
+    try:  # every rank checks the same flags: each fails alone, without a collective
+        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except FlagError as exc:
+        log.error("%s", exc)
+        return 1
     if rank != 0:
         # Rank 0 coordinates a stop: it fails in-flight requests, then releases
         # us through the engine. Launchers signal every rank at once, and a
@@ -91,6 +101,9 @@ def _run(args: argparse.Namespace) -> int:
         log.warning(
             "serving the built-in '%s' (%s): %s", builtin.model_id, model, builtin.description
         )
+    names = list(args.served_model_name or [])
+    if not names:  # vLLM: the --model value as given (a hub id, or the path)
+        names = [builtin.model_id if builtin else args.model]
 
     lazy = server = None
     if rank == 0:
@@ -112,13 +125,51 @@ def _run(args: argparse.Namespace) -> int:
             return 1
 
     try:
+        from ..hub import resolve_on_ranks, world_min_of
+
+        if builtin is None:  # a folder or a hub id: each node's first rank fetches it
+            from ..distributed import init_tp
+
+            tp = init_tp(args.tensor_parallel_size)
+            model = resolve_on_ranks(
+                args.model,
+                local_rank=tp.local_rank,
+                world_min=world_min_of(tp),
+                revision=args.revision,
+                download_dir=args.download_dir,
+                trust_remote_code=args.trust_remote_code,
+                allow_pickle=args.allow_pickle,
+            ).path
         from ..engine import Engine
 
-        engine = Engine(_engine_config(args, model))
-    except Exception:
-        log.exception("engine start-up failed")
+        engine = Engine(_engine_config(args, model, names[0]))
+        from .. import replicas
+
+        link = replicas.connect(engine)  # every rank: the other replicas' drivers to rank 0
+    except Exception as exc:
+        if not _is_model_error(exc):
+            log.exception("engine start-up failed")
         return 1
 
+    tp = engine.tp
+    if tp.num_replicas > 1:
+        log.info("global rank %d is rank %d of %s", tp.global_rank, tp.rank, tp.describe())
+    if tp.is_driver and tp.replica != 0:  # another replica's driver: rank 0 routes to it
+        code = replicas.serve_replica(engine, link, heartbeat_interval_s=args.heartbeat_interval)
+        if code != 0:
+            logging.shutdown()
+            os._exit(code)  # its group or rank 0 is gone: no exit-time barrier
+        return code
+    if tp.is_driver and link:
+        engine = replicas.ReplicatedEngine(
+            engine, link, liveness_timeout_s=args.rank_timeout, step_timeout_s=args.step_timeout
+        )
+        log.info(
+            "%d replicas of TP=%d: %s",
+            engine.num_replicas,
+            tp.size,
+            ", ".join(engine.layout.describe(r) for r in range(engine.num_replicas)),
+        )
     if not engine.tp.is_driver:
         log.info("rank %d/%d ready: following rank 0", engine.tp.rank, engine.tp.size)
         try:
@@ -161,6 +212,8 @@ def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None)
 
     config = _server_config(args, engine, model, builtin)
     tokenizer = load_tokenizer(model, args.trust_remote_code)  # the HTTP threads' own copy
+    _apply_chat_template(args, tokenizer)
+    _configure_sampling_defaults(args, model)
     lazy.app = create_app(driver, tokenizer, config)
 
     def on_signal(signum, _frame):
@@ -184,28 +237,77 @@ def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None)
 def _server_config(args: argparse.Namespace, engine, model: str, builtin: BuiltinModel | None):
     from .serving import ServerConfig
 
-    name = args.served_model_name or (builtin.model_id if builtin else engine.model_name)
+    served = list(args.served_model_name or [])
+    name = served[0] if served else (builtin.model_id if builtin else args.model)
+    others = [n for n in dict.fromkeys([*served[1:], args.model, model, engine.model_name]) if n]
     return ServerConfig(
         model_name=name,
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
         api_key=args.api_key or os.environ.get("DSTP_API_KEY") or None,
         max_body_bytes=args.max_body_bytes,
-        model_aliases=tuple({model, engine.model_name} - {name}),
+        model_aliases=tuple(n for n in others if n != name),
         model_description=builtin.description if builtin else None,
         tp_size=engine.tp.size,
+        log_requests=bool(getattr(args, "enable_log_requests", False)),
     )
+
+
+def _is_model_error(exc: BaseException) -> bool:
+    """Log a start-up failure that names its own cause (a bad --model, a checkpoint that
+    cannot be read or split, another rank's failure) as one line; True if it was one."""
+    from ..loading import CheckpointError
+    from ..policies import TPConfigError
+
+    if isinstance(exc, CheckpointError | TPConfigError):
+        log.error("%s: %s", exc.__class__.__name__, exc)
+        return True
+    if isinstance(exc, RuntimeError) and "another rank failed" in str(exc):
+        log.error("%s", exc)
+        return True
+    return False
+
+
+def _apply_chat_template(args: argparse.Namespace, tokenizer) -> None:
+    """``--chat-template`` replaces the tokenizer's (the HTTP threads' copy renders chats)."""
+    template = getattr(args, "chat_template_text", None)
+    if template is None:
+        return
+    if tokenizer is None:
+        log.warning("--chat-template ignored: this model has no tokenizer")
+        return
+    tokenizer.chat_template = template
+    log.info("chat template from --chat-template (%d characters)", len(template))
+
+
+def _configure_sampling_defaults(args: argparse.Namespace, model: str) -> None:
+    """``--generation-config`` and ``--seed``: defaults for what a request leaves out."""
+    from ..config import SAMPLING_DEFAULTS, generation_defaults
+
+    source = args.generation_config
+    fields = {}
+    if source not in ("vllm", "none"):
+        fields = generation_defaults(model if source == "auto" else os.path.expanduser(source))
+    SAMPLING_DEFAULTS.configure(fields, args.seed)
+    if fields:
+        log.info(
+            "default sampling parameters from generation_config.json: %s (requests override "
+            "them; --generation-config vllm turns them off)",
+            ", ".join(f"{k}={v}" for k, v in fields.items()),
+        )
 
 
 def _log_serving(args: argparse.Namespace, server, engine, config) -> None:
     host, port = server.effective_host, server.effective_port
     log.info(
-        "serving '%s' on http://%s:%s (TP=%d, max_model_len=%d, API key %s) "
-        "endpoints: /v1/completions /v1/chat/completions /v1/models /generate /health /metrics",
+        "serving '%s' on http://%s:%s (TP=%d x %d replica(s), max_model_len=%d, API key %s) "
+        "endpoints: /v1/completions /v1/chat/completions /v1/models /generate /tokenize "
+        "/detokenize /health /metrics /version",
         config.model_name,
         host,
         port,
         engine.tp.size,
+        engine.tp.num_replicas,
         engine.max_model_len,
         "required" if config.api_key else "off",
     )

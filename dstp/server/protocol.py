@@ -2,7 +2,8 @@
 
 The accepted fields and their JSON types come from ``SamplingParams``' own fields plus a
 small table of OpenAI-only fields per endpoint, so a parameter cannot be accepted and
-then silently dropped. Unknown fields are rejected (a typo such as ``max_token`` would
+then silently dropped (``IGNORED_FIELDS``, which cannot change generation, are the one
+exception: dropped with a log line). Unknown fields are rejected (a typo such as ``max_token`` would
 otherwise be ignored).
 """
 
@@ -16,11 +17,13 @@ import typing
 import uuid
 from dataclasses import dataclass
 
+from ..config import SAMPLING_DEFAULTS
 from ..sampling_params import InvalidRequest, SamplingParams, is_int, is_number
 
 log = logging.getLogger("dstp")
 
 MAX_JSON_DEPTH = 64  # nesting levels a request body may have (OpenAI bodies need < 10)
+MAX_PROMPTS = 128  # prompts one /v1/completions request may batch (each times n choices)
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 ANY = object  # a field type the endpoint's parser checks itself
 
@@ -66,7 +69,21 @@ CHAT_FIELDS = (
         "response_format": ANY,
         "tools": ANY,
         "tool_choice": ANY,
+        "chat_template_kwargs": ANY,
     }
+)
+# Keys chat_template_kwargs may not set: the server decides them.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    (
+        "conversation",
+        "messages",
+        "tokenize",
+        "return_dict",
+        "return_tensors",
+        "tokenizer",
+        "add_generation_prompt",
+        "add_special_tokens",
+    )
 )
 GENERATE_FIELDS = SAMPLING_FIELDS | {"prompt_token_ids": ANY, "stream": bool}
 
@@ -141,6 +158,7 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
     echo: bool = False
     prompt_text: str | None = None  # the prompt as sent, when it was text (for echo)
 
@@ -259,8 +277,10 @@ def _check(body: dict, schema: dict[str, object]) -> None:
         _expect(
             body,
             "stream_options",
-            isinstance(opts, dict) and set(opts) <= {"include_usage", "continuous_usage_stats"},
-            "an object with 'include_usage'",
+            isinstance(opts, dict)
+            and set(opts) <= {"include_usage", "continuous_usage_stats"}
+            and all(isinstance(v, bool) or v is None for v in opts.values()),
+            "an object with boolean 'include_usage' and 'continuous_usage_stats'",
         )
         if not body.get("stream"):
             raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
@@ -269,6 +289,7 @@ def _check(body: dict, schema: dict[str, object]) -> None:
 def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """Every SamplingParams field the body sets (a field the schema accepts always arrives)."""
     kwargs = {k: body[k] for k in SAMPLING_FIELDS if k not in _RESOLVED and body.get(k) is not None}
+    kwargs = SAMPLING_DEFAULTS.fill(kwargs)  # --generation-config, --seed
     if kwargs.get("top_k") == 0:
         kwargs["top_k"] = -1  # OpenAI-style clients send 0 for "off"
     try:
@@ -315,41 +336,65 @@ def _parsed(
     body: dict, ids: list[int], max_tokens: int, logprobs: int | None, **kw
 ) -> ParsedRequest:
     stream = bool(body.get("stream", False))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+    opts = body.get("stream_options") or {}
+    include_usage = bool(opts.get("include_usage", False))
+    continuous = bool(opts.get("continuous_usage_stats", False))
     params = _sampling(body, max_tokens, logprobs)
-    return ParsedRequest(ids, params, stream, include_usage, **kw)
+    return ParsedRequest(ids, params, stream, include_usage, continuous, **kw)
 
 
 # -- endpoints ----------------------------------------------------------------
-def _completion_prompt(body: dict, encode, vocab_size: int) -> tuple[list[int], str | None]:
+def _completion_prompts(body: dict, encode, vocab_size: int) -> list[tuple[list[int], str | None]]:
+    """(token ids, text as sent or None) per prompt: a string, a list of token ids, or a
+    list of either (a batch: one set of choices per prompt)."""
     if "prompt" not in body:
         raise bad("'prompt' is required", param="prompt")
     prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return encode(_valid_text(prompt, "prompt")), prompt
+        return [(encode(_valid_text(prompt, "prompt")), prompt)]
     if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
-        return _check_token_ids(prompt, "prompt", vocab_size), None
-    if isinstance(prompt, list) and len(prompt) > 1:
-        raise bad("only one prompt per request is supported; send one request each", "prompt")
-    raise bad("'prompt' must be a string or a list of token ids", param="prompt")
+        return [(_check_token_ids(prompt, "prompt", vocab_size), None)]
+    what = (
+        "'prompt' must be a string, a list of token ids, or a list of strings or of token-id lists"
+    )
+    if not isinstance(prompt, list) or not prompt:
+        raise bad(what, param="prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise bad(
+            f"'prompt' has {len(prompt)} prompts; at most {MAX_PROMPTS} per request", "prompt"
+        )
+    if all(isinstance(p, str) for p in prompt):
+        return [(encode(_valid_text(p, "prompt", f"prompt[{i}]")), p) for i, p in enumerate(prompt)]
+    if all(isinstance(p, list) for p in prompt):
+        out = []
+        for i, ids in enumerate(prompt):
+            if not ids:
+                raise bad(f"prompt[{i}] is empty", param="prompt")
+            out.append((_check_token_ids(ids, "prompt", vocab_size), None))
+        return out
+    raise bad(what + " (not a mix)", param="prompt")
 
 
-def parse_completion(body: dict, encode, vocab_size: int, max_model_len: int) -> ParsedRequest:
-    """/v1/completions; ``encode(text) -> ids`` tokenizes with the model's special tokens."""
+def parse_completion(
+    body: dict, encode, vocab_size: int, max_model_len: int
+) -> list[ParsedRequest]:
+    """/v1/completions, one ParsedRequest per prompt; ``encode(text) -> ids`` tokenizes with
+    the model's special tokens."""
     _check(body, COMPLETION_FIELDS)
     if body.get("suffix") is not None:
         raise bad("'suffix' is not supported", param="suffix")
-    ids, text = _completion_prompt(body, encode, vocab_size)
+    prompts = _completion_prompts(body, encode, vocab_size)
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1):
         raise bad("'best_of' other than n is not supported", param="best_of")
     logprobs, echo = body.get("logprobs"), bool(body.get("echo", False))
     if echo and logprobs is not None:
         raise bad("'echo' together with 'logprobs' is not supported", param="echo")
-    max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
-    return _parsed(body, ids, max_tokens, logprobs, echo=echo, prompt_text=text)
+    parsed = []
+    for ids, text in prompts:
+        max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
+        parsed.append(_parsed(body, ids, max_tokens, logprobs, echo=echo, prompt_text=text))
+    return parsed
 
 
 def _message_text(i: int, message: object) -> dict:
@@ -395,16 +440,34 @@ def _check_chat_options(body: dict) -> int | None:
     return (top or 0) if body.get("logprobs") else None
 
 
+def chat_template_kwargs(body: dict) -> dict:
+    """``chat_template_kwargs``: extra variables for the chat template (e.g. enable_thinking)."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise bad("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise bad(
+            f"'chat_template_kwargs' may not set {', '.join(reserved)}",
+            param="chat_template_kwargs",
+        )
+    return kwargs
+
+
 def parse_chat(body: dict, render, vocab_size: int, max_model_len: int) -> ParsedRequest:
-    """/v1/chat/completions; ``render(messages) -> ids`` applies the chat template."""
+    """/v1/chat/completions; ``render(messages, **template_kwargs) -> ids`` applies the chat
+    template."""
     _check(body, CHAT_FIELDS)
+    template_kwargs = chat_template_kwargs(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list of messages", param="messages")
     messages = [_message_text(i, m) for i, m in enumerate(messages)]
     logprobs = _check_chat_options(body)
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
-    ids = render(messages)
+    ids = render(messages, **template_kwargs)
     max_tokens = _fit_context(len(ids), requested, None, max_model_len)
     return _parsed(body, ids, max_tokens, logprobs)
 
@@ -417,3 +480,59 @@ def parse_generate(body: dict, vocab_size: int, max_model_len: int) -> ParsedReq
     ids = _check_token_ids(body["prompt_token_ids"], "prompt_token_ids", vocab_size)
     max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
     return _parsed(body, ids, max_tokens, body.get("logprobs"))
+
+
+# -- /tokenize and /detokenize (vLLM's shapes) ----------------------------------
+TOKENIZE_FIELDS = {
+    "model": str,
+    "prompt": str,
+    "messages": ANY,
+    "add_special_tokens": bool,
+    "add_generation_prompt": bool,
+    "return_token_strs": bool,
+    "chat_template_kwargs": ANY,
+}
+DETOKENIZE_FIELDS = {"model": str, "tokens": ANY}
+
+
+@dataclass
+class TokenizeRequest:
+    prompt: str | None  # text to encode, or None for messages
+    messages: list[dict] | None
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    return_token_strs: bool
+    template_kwargs: dict
+
+
+def parse_tokenize(body: dict) -> TokenizeRequest:
+    """/tokenize: either ``prompt`` (text) or ``messages`` (rendered by the chat template)."""
+    _check(body, TOKENIZE_FIELDS)
+    has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
+    if has_prompt == has_messages:
+        raise bad("send exactly one of 'prompt' (text) and 'messages' (chat)", param="prompt")
+    messages = None
+    if has_messages:
+        raw = body["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise bad("'messages' must be a non-empty list of messages", param="messages")
+        messages = [_message_text(i, m) for i, m in enumerate(raw)]
+    else:
+        _valid_text(body["prompt"], "prompt")
+    return TokenizeRequest(
+        prompt=body.get("prompt"),
+        messages=messages,
+        # as vLLM: special tokens for a plain prompt; a rendered chat template already has them
+        add_special_tokens=bool(body.get("add_special_tokens", not has_messages)),
+        add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+        return_token_strs=bool(body.get("return_token_strs", False)),
+        template_kwargs=chat_template_kwargs(body),
+    )
+
+
+def parse_detokenize(body: dict, vocab_size: int) -> list[int]:
+    """/detokenize: the token ids to decode."""
+    _check(body, DETOKENIZE_FIELDS)
+    if "tokens" not in body:
+        raise bad("'tokens' is required", param="tokens")
+    return _check_token_ids(body["tokens"], "tokens", vocab_size)

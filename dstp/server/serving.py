@@ -18,7 +18,7 @@ from flask import Response
 
 from ..outputs import CompletionOutput, RequestOutput, TokenLogprob
 from ..sampling_params import InvalidRequest
-from .driver import EngineDriver, EngineUnavailable, QueueFull, RequestFailed, RequestHandle
+from .driver import EngineDriver, EngineUnavailable, QueueFull, RequestFailed, RequestGroup
 from .protocol import (
     APIError,
     ParsedRequest,
@@ -26,7 +26,9 @@ from .protocol import (
     internal_error,
     parse_chat,
     parse_completion,
+    parse_detokenize,
     parse_generate,
+    parse_tokenize,
     retry_later,
     unknown_model,
 )
@@ -45,6 +47,7 @@ class ServerConfig:
     model_aliases: tuple[str, ...] = ()  # other accepted "model" values (e.g. the path)
     model_description: str | None = None  # shown in /v1/models (what a built-in model is)
     tp_size: int = 1
+    log_requests: bool = False  # --enable-log-requests
 
 
 class TokenizerAccess:
@@ -68,12 +71,23 @@ class TokenizerAccess:
                 code="no_tokenizer",
             )
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self._require()
         with self._lock:
-            return list(self.tokenizer.encode(text))
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    def token_strs(self, ids: list[int]) -> list[str]:
+        self._require()
+        with self._lock:
+            return list(self.tokenizer.convert_ids_to_tokens(ids))
+
+    def render_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        **template_kwargs,
+    ) -> list[int]:
         self._require()
         if not self.has_chat_template:
             raise APIError(
@@ -86,9 +100,12 @@ class TokenizerAccess:
         try:
             with self._lock:
                 text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
+                    messages,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=False,
+                    **template_kwargs,
                 )
-                return list(self.tokenizer.encode(text, add_special_tokens=False))
+                return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
         except Exception as exc:  # jinja raise_exception(): e.g. roles not alternating
             raise bad(f"chat template rejected the messages: {exc}", param="messages") from None
 
@@ -110,9 +127,11 @@ def sse(obj: object) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def usage(out: RequestOutput) -> dict:
-    completion = sum(len(c.token_ids) for c in out.outputs)
-    prompt = len(out.prompt_token_ids)
+def usage(outs: list[RequestOutput | None], prompts: list[ParsedRequest]) -> dict:
+    """Token counts over every prompt (``outs``: the latest output per prompt, None if none
+    yet)."""
+    completion = sum(len(c.token_ids) for out in outs if out is not None for c in out.outputs)
+    prompt = sum(len(p.prompt_token_ids) for p in prompts)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -164,15 +183,21 @@ class _Shape:
 
     news = "delta_text"
 
-    def __init__(self, handle: RequestHandle, parsed: ParsedRequest, tok, model: str) -> None:
-        self.handle, self.parsed, self.tok, self.model = handle, parsed, tok, model
+    def __init__(self, group: RequestGroup, prompts: list[ParsedRequest], tok, model: str) -> None:
+        self.group, self.prompts, self.tok, self.model = group, prompts, tok, model
+        self.parsed = prompts[0]  # what every prompt shares: stream, n, options
         self.created = int(time.time())
+        self.live_usage: dict | None = None  # set while streaming with continuous usage
 
-    def choice(self, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
+    def index(self, slot: int, c: CompletionOutput) -> int:
+        """OpenAI's choice index: prompt by prompt, n choices each."""
+        return slot * self.parsed.params.n + c.index
+
+    def choice(self, slot: int, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
         raise NotImplementedError
 
-    def answer(self, out: RequestOutput, choices: list[dict]) -> dict:
-        return self.envelope(self.kind, choices, usage(out))
+    def answer(self, outs: list[RequestOutput], choices: list[dict]) -> dict:
+        return self.envelope(self.kind, choices, usage(outs, self.prompts))
 
     def preamble(self) -> Iterator[dict]:
         return iter(())
@@ -187,9 +212,11 @@ class _Shape:
 
     def envelope(self, kind: str, choices: list[dict], use: dict | None = None) -> dict:
         """The OpenAI response object around ``choices`` (one SSE chunk, or a whole answer)."""
-        rid = f"{self.prefix}-{self.handle.request_id}"
+        rid = f"{self.prefix}-{self.group.request_id}"
         obj = {"id": rid, "object": kind, "created": self.created, "model": self.model}
         obj["choices"] = choices
+        if use is None and kind == self.chunk_kind:
+            use = self.live_usage  # stream_options.continuous_usage_stats
         if use is not None:
             obj["usage"] = use
         return obj
@@ -200,12 +227,12 @@ class _Completions(_Shape):
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        self.echo = ""
+        self.echo = [""] * len(self.prompts)
         if self.parsed.echo:  # the prompt as the client sent it (token ids: their plain decode)
-            self.echo = self.parsed.prompt_text or self.tok.decode(self.parsed.prompt_token_ids)
+            self.echo = [p.prompt_text or self.tok.decode(p.prompt_token_ids) for p in self.prompts]
 
-    def choice(self, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
-        text = self.echo + piece.text if piece.final else piece.text
+    def choice(self, slot: int, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
+        text = self.echo[slot] + piece.text if piece.final else piece.text
         logprobs = None
         if piece.logprobs is not None:
             tokens = [self.tok.token(e.token_id) for e in piece.logprobs]
@@ -218,13 +245,17 @@ class _Completions(_Shape):
                 ],
                 "text_offset": offsets,
             }
-        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        index = self.index(slot, c)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
     def preamble(self) -> Iterator[dict]:
-        if self.echo:
-            for i in range(self.parsed.params.n):
-                choice = {"index": i, "text": self.echo, "logprobs": None, "finish_reason": None}
-                yield self.envelope(self.chunk_kind, [choice])
+        if self.parsed.echo:
+            n = self.parsed.params.n
+            for slot, echo in enumerate(self.echo):
+                for i in range(n):
+                    choice = {"index": slot * n + i, "text": echo}
+                    choice |= {"logprobs": None, "finish_reason": None}
+                    yield self.envelope(self.chunk_kind, [choice])
 
 
 class _Chat(_Shape):
@@ -235,8 +266,8 @@ class _Chat(_Shape):
         "chat.completion.chunk",
     )
 
-    def choice(self, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
-        out: dict = {"index": c.index}
+    def choice(self, slot: int, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
+        out: dict = {"index": self.index(slot, c)}
         if piece.final:
             out["message"] = {"role": "assistant", "content": piece.text}
         else:
@@ -271,7 +302,7 @@ class _Generate(_Shape):
 
     path, news = "/generate", "new_token_ids"
 
-    def choice(self, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
+    def choice(self, slot: int, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
         entries = piece.logprobs if piece.final or piece.token_ids else None
         logprobs = None
         if entries is not None:
@@ -296,22 +327,21 @@ class _Generate(_Shape):
             "logprobs": logprobs,
         }
 
-    def answer(self, out: RequestOutput, choices: list[dict]) -> dict:
-        rid = self.handle.request_id
+    def answer(self, outs: list[RequestOutput], choices: list[dict]) -> dict:
         return {
-            "request_id": rid,
-            "prompt_token_ids": out.prompt_token_ids,
+            "request_id": self.group.request_id,
+            "prompt_token_ids": outs[0].prompt_token_ids,
             "outputs": choices,
-            "usage": usage(out),
+            "usage": usage(outs, self.prompts),
         }
 
     def events(self, choices: Iterator[dict]) -> Iterator[dict]:
         outputs = list(choices)
         if outputs:
-            yield {"request_id": self.handle.request_id, "outputs": outputs}
+            yield {"request_id": self.group.request_id, "outputs": outputs}
 
     def usage_event(self, use: dict) -> dict:
-        return {"request_id": self.handle.request_id, "usage": use}
+        return {"request_id": self.group.request_id, "usage": use}
 
 
 def _str_keys(top: dict[int, float]) -> dict[str, float]:
@@ -335,35 +365,62 @@ class Serving:
 
     def completions(self, body: dict, probe: Callable[[], bool] | None):
         cfg = self.config
-        parsed = parse_completion(body, self.tok.encode, cfg.vocab_size, cfg.max_model_len)
-        return self._respond(_Completions, parsed, probe)
+        prompts = parse_completion(body, self.tok.encode, cfg.vocab_size, cfg.max_model_len)
+        return self._respond(_Completions, prompts, probe)
 
     def chat(self, body: dict, probe: Callable[[], bool] | None):
         cfg = self.config
         parsed = parse_chat(body, self.tok.render_chat, cfg.vocab_size, cfg.max_model_len)
-        return self._respond(_Chat, parsed, probe)
+        return self._respond(_Chat, [parsed], probe)
 
     def generate(self, body: dict, probe: Callable[[], bool] | None):
         parsed = parse_generate(body, self.config.vocab_size, self.config.max_model_len)
-        return self._respond(_Generate, parsed, probe)
+        return self._respond(_Generate, [parsed], probe)
 
-    def _respond(self, shape_class, parsed: ParsedRequest, probe) -> dict | Response:
-        handle = self._submit(parsed)
-        shape = shape_class(handle, parsed, self.tok, self.config.model_name)
-        if parsed.stream:
-            events = _guarded(_stream(shape, handle, probe), f"stream of {shape.path}")
+    def tokenize(self, body: dict) -> dict:
+        """vLLM's /tokenize: the ids the model would see for a prompt or chat messages."""
+        req = parse_tokenize(body)
+        if req.messages is not None:
+            ids = self.tok.render_chat(
+                req.messages,
+                req.add_generation_prompt,
+                req.add_special_tokens,
+                **req.template_kwargs,
+            )
+        else:
+            ids = self.tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {
+            "count": len(ids),
+            "max_model_len": self.config.max_model_len,
+            "tokens": ids,
+            "token_strs": self.tok.token_strs(ids) if req.return_token_strs else None,
+        }
+
+    def detokenize(self, body: dict) -> dict:
+        """vLLM's /detokenize: the tokenizer's plain decode of token ids."""
+        ids = parse_detokenize(body, self.config.vocab_size)
+        self.tok._require()
+        return {"prompt": self.tok.decode(ids)}
+
+    def _respond(self, shape_class, prompts: list[ParsedRequest], probe) -> dict | Response:
+        group = self._submit(prompts)
+        shape = shape_class(group, prompts, self.tok, self.config.model_name)
+        if prompts[0].stream:
+            events = _guarded(_stream(shape, group, probe), f"stream of {shape.path}")
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return Response(events, mimetype="text/event-stream", headers=headers)
-        out = self._wait(handle, probe)
-        outputs = sorted(out.outputs, key=lambda c: c.index)
-        return shape.answer(
-            out, [shape.choice(c, Piece.of(c, True), c.finish_reason) for c in outputs]
-        )
+        outs = self._wait(group, probe)
+        choices = [
+            shape.choice(slot, c, Piece.of(c, True), c.finish_reason)
+            for slot, out in enumerate(outs)
+            for c in sorted(out.outputs, key=lambda c: c.index)
+        ]
+        return shape.answer(outs, choices)
 
-    def _submit(self, parsed: ParsedRequest) -> RequestHandle:
+    def _submit(self, prompts: list[ParsedRequest]) -> RequestGroup:
         retry_s = self.config.retry_after_s
         try:
-            return self.driver.submit(parsed.prompt_token_ids, parsed.params)
+            return self.driver.submit_many([(p.prompt_token_ids, p.params) for p in prompts])
         except InvalidRequest as exc:
             raise bad(str(exc), param=exc.param) from None
         except QueueFull as exc:
@@ -372,41 +429,47 @@ class Serving:
             raise retry_later(503, str(exc), retry_s) from None
 
     @staticmethod
-    def _wait(handle: RequestHandle, probe) -> RequestOutput:
+    def _wait(group: RequestGroup, probe) -> list[RequestOutput]:
         try:
-            out = handle.result(disconnected=probe)
-            if out is None:  # client gone; nobody reads this answer
+            outs = group.result(disconnected=probe)
+            if outs is None:  # client gone; nobody reads this answer
                 raise APIError(499, "client closed the request")
-            for c in out.outputs:
-                _finish_reason_or_raise(c.finish_reason, out.request_id)
+            for out in outs:
+                for c in out.outputs:
+                    _finish_reason_or_raise(c.finish_reason, out.request_id)
         except RequestFailed as exc:
             raise APIError(503, str(exc), type="service_unavailable") from None
         except GenerationFailed as exc:
             raise exc.api_error() from None
-        return out
+        return outs
 
 
-def _stream(shape: _Shape, handle: RequestHandle, probe) -> Iterator[str]:
+def _stream(shape: _Shape, group: RequestGroup, probe) -> Iterator[str]:
     """The SSE events of one request: preamble, what each step added, usage, [DONE]."""
+    latest: list[RequestOutput | None] = [None] * len(shape.prompts)
+    continuous = shape.parsed.continuous_usage
+    if continuous:
+        shape.live_usage = usage(latest, shape.prompts)
     yield from map(sse, shape.preamble())
-    last = None
-    for out in handle.outputs(disconnected=probe):
-        last = out
-        yield from map(sse, shape.events(_moved(shape, out)))
-    if last is None or not last.finished:
+    for slot, out in group.outputs(disconnected=probe):
+        latest[slot] = out
+        if continuous:
+            shape.live_usage = usage(latest, shape.prompts)
+        yield from map(sse, shape.events(_moved(shape, slot, out)))
+    if not all(out is not None and out.finished for out in latest):
         return  # client went away
-    final = shape.usage_event(usage(last))
+    final = shape.usage_event(usage(latest, shape.prompts))
     if final is not None:
         yield sse(final)
     yield DONE
 
 
-def _moved(shape: _Shape, out: RequestOutput) -> Iterator[dict]:
+def _moved(shape: _Shape, slot: int, out: RequestOutput) -> Iterator[dict]:
     """The choices this output advanced (new text or tokens, or a finish)."""
     for c in out.outputs:
         reason = _finish_reason_or_raise(c.finish_reason, out.request_id)
         if getattr(c, shape.news) or reason:  # not e.g. half a UTF-8 character so far
-            yield shape.choice(c, Piece.of(c, False), reason)
+            yield shape.choice(slot, c, Piece.of(c, False), reason)
 
 
 def _guarded(events: Iterator[str], where: str) -> Iterator[str]:
