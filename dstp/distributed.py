@@ -41,11 +41,29 @@ class TPGroup:
     fast_all_reduce: bool  # DeepSpeed inference_all_reduce is safe to use
     comm_device: torch.device = torch.device("cpu")  # where collective tensors live (GPU: NCCL)
     cpu_group: object | None = None  # gloo over the same ranks: step plans, start-up checks
+    # Data-parallel replicas (dstp.replicas): ``rank`` and ``size`` are inside this
+    # replica's TP group; the world holds ``num_replicas`` groups of ``size`` consecutive ranks.
+    global_rank: int = 0
+    world_size: int = 1
+    replica: int = 0
+    num_replicas: int = 1
+    world_cpu_group: object | None = None  # gloo over the whole world (start-up only)
 
     @property
     def is_driver(self) -> bool:
-        """Rank 0 owns HTTP, the scheduler and sampling."""
+        """Rank 0 of its replica's group owns that replica's scheduler and sampling."""
         return self.rank == 0
+
+    @property
+    def first_rank(self) -> int:
+        """Global rank of this replica's driver."""
+        return self.replica * self.size
+
+    def describe(self) -> str:
+        """'replica 1 (global ranks 2-3)': how logs name this rank's replica."""
+        last = self.first_rank + self.size - 1
+        ranks = f"rank {last}" if self.size == 1 else f"ranks {self.first_rank}-{last}"
+        return f"replica {self.replica} (global {ranks})"
 
     # -- collectives ---------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -79,7 +97,7 @@ class TPGroup:
 
         wire = tensor.to(self.comm_device).contiguous()  # gloo gathers CPU tensors only
         parts = [torch.empty_like(wire) for _ in range(self.size)] if self.is_driver else None
-        tdist.gather(wire, parts, dst=0, group=self.group)
+        tdist.gather(wire, parts, dst=self.first_rank, group=self.group)  # dst: a global rank
         return torch.cat(parts, dim=dim).to(tensor.device) if self.is_driver else None
 
     def broadcast_host(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -87,7 +105,7 @@ class TPGroup:
         if self.size > 1:
             import torch.distributed as tdist
 
-            tdist.broadcast(tensor, src=src, group=self.cpu_group)
+            tdist.broadcast(tensor, src=self.first_rank + src, group=self.cpu_group)
         return tensor
 
     def min_over_ranks(self, value: int) -> int:
@@ -143,14 +161,27 @@ def launched_world_size() -> int:
     return _env_int("WORLD_SIZE", default=1)
 
 
-def init_tp(timeout_s: float = 1800.0) -> TPGroup:
-    """Initialise ``deepspeed.comm`` once and return the TP group (all ranks).
+def tp_size_from_env(world: int) -> int:
+    """``DSTP_TENSOR_PARALLEL_SIZE`` if set, else the world size (one replica)."""
+    value = os.environ.get("DSTP_TENSOR_PARALLEL_SIZE")
+    return int(value) if value else world
 
-    Safe to call repeatedly. One TP group spans the whole world: dstp has no
-    pipeline or data parallelism, so the tensor-parallel size is the world size.
+
+def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
+    """Initialise ``deepspeed.comm`` once and return this rank's TP group (all ranks).
+
+    Safe to call repeatedly. ``tp_size`` (default ``$DSTP_TENSOR_PARALLEL_SIZE``,
+    else the world size) must divide the world: the world then holds
+    ``world / tp_size`` data-parallel replicas, each a TP group of consecutive ranks
+    (:mod:`dstp.replicas`). Every rank creates every replica's groups, in the same
+    order, as ``torch.distributed.new_group`` requires.
     """
     global _TP
     if _TP is not None:
+        if tp_size is not None and tp_size != _TP.size:
+            raise RuntimeError(
+                f"the process group is already set up with TP={_TP.size}, not {tp_size}"
+            )
         return _TP
 
     from deepspeed.accelerator import get_accelerator
@@ -173,7 +204,14 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
         accel.set_device(index)
         device = torch.device(accel.device_name(index))
 
-    group = cpu_group = None
+    tp = tp_size if tp_size is not None else tp_size_from_env(world)
+    if tp < 1 or world % tp:
+        raise ValueError(
+            f"--tensor-parallel-size {tp} must divide the launcher's world of {world} rank(s)"
+        )
+    replicas = world // tp
+    replica = rank // tp
+    group = cpu_group = world_cpu = None
     fast = False
     backend = os.environ.get("DSTP_DIST_BACKEND") or accel.communication_backend_name()
     if world > 1:
@@ -192,16 +230,67 @@ def init_tp(timeout_s: float = 1800.0) -> TPGroup:
             verbose=False,
         )
         group = dist.get_world_group()
-        cpu_group = group if backend == "gloo" else tdist.new_group(backend="gloo")
+        world_cpu = group if backend == "gloo" else tdist.new_group(backend="gloo")
+        cpu_group = world_cpu
         atexit.register(shutdown)
-        fast = _fast_all_reduce_available(accel.device_name(), world, local_size)
+        if replicas > 1:
+            group, cpu_group = _replica_groups(world, tp, replica, backend)
+        fast = tp > 1 and _fast_all_reduce_available(accel.device_name(), world, local_size)
+        if fast and replicas > 1 and accel.device_name() == "cpu":
+            # DeepSpeed's shared-memory all-reduce ignores its group: it would sum
+            # over every rank of the host, every replica's together.
+            fast = False
+            if rank == 0:
+                log.warning(
+                    "%d replicas of TP=%d: DeepSpeed's shared-memory all-reduce ignores its "
+                    "group, so each TP group all-reduces over gloo (slower)",
+                    replicas,
+                    tp,
+                )
         if accel.device_name() == "cpu":
             _unlink_shm_segment(rank)
 
     comm_device = device if backend == "nccl" else torch.device("cpu")
-    _TP = TPGroup(rank, world, local_rank, local_size, device, group, fast, comm_device, cpu_group)
-    log.debug("TP group: rank %d/%d on %s, fast all-reduce=%s", rank, world, device, fast)
+    _TP = TPGroup(
+        rank % tp,
+        tp,
+        local_rank,
+        local_size,
+        device,
+        group,
+        fast,
+        comm_device,
+        cpu_group,
+        global_rank=rank,
+        world_size=world,
+        replica=replica,
+        num_replicas=replicas,
+        world_cpu_group=world_cpu,
+    )
+    log.debug(
+        "TP group: rank %d/%d of %s on %s, fast all-reduce=%s",
+        rank % tp,
+        tp,
+        _TP.describe(),
+        device,
+        fast,
+    )
     return _TP
+
+
+def _replica_groups(world: int, tp: int, mine: int, backend: str) -> tuple[object, object]:
+    """Every replica's (device, gloo) groups, made by every rank in the same order;
+    returns this rank's pair (None for a TP=1 replica: it has no collectives)."""
+    import torch.distributed as tdist
+
+    group = cpu_group = None
+    for r in range(world // tp):
+        ranks = list(range(r * tp, (r + 1) * tp))
+        device_group = tdist.new_group(ranks)
+        host_group = device_group if backend == "gloo" else tdist.new_group(ranks, backend="gloo")
+        if r == mine and tp > 1:
+            group, cpu_group = device_group, host_group
+    return group, cpu_group
 
 
 def shutdown(exit_code: int | None = None, timeout_s: float = 30.0) -> None:

@@ -39,7 +39,7 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         _ = config.torch_dtype  # an unknown dtype fails before anything loads
         self.config = config
-        self.tp = init_tp()
+        self.tp = init_tp(config.tensor_parallel_size)  # None: the whole world
         self.runner = ModelRunner(config, self.tp)
         self.vocab_size = self.runner.vocab_size
         self.max_model_len = self.runner.max_model_len
@@ -69,6 +69,19 @@ class Engine:
         sched = self._driver_scheduler()
         if request_id in sched.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_token_ids, params)
+        request = Request(request_id, list(prompt_token_ids), params, time.monotonic())
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_ids
+        )
+        sched.add(
+            request,
+            SampleState(params, request.prompt_ids, [], make_generator(params.seed, 0), stop_ids),
+        )
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """What :meth:`add_request` rejects (``InvalidRequest``), without adding it (a
+        router checks here before handing the request to another replica)."""
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
@@ -81,14 +94,6 @@ class Engine:
             )
         params.validate()
         params.check_against_model(self.vocab_size, self.eos_ids)
-        request = Request(request_id, list(prompt_token_ids), params, time.monotonic())
-        stop_ids = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else self.eos_ids
-        )
-        sched.add(
-            request,
-            SampleState(params, request.prompt_ids, [], make_generator(params.seed, 0), stop_ids),
-        )
 
     def abort(self, request_id: str) -> None:
         request = self._driver_scheduler().abort(request_id)

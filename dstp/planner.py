@@ -7,6 +7,12 @@ KV-cache bytes per token per rank, and how many tokens of KV cache fit in
 what is left. The recommendation is the smallest TP size whose weights fit
 with room for a useful KV cache (``--batch`` sequences of ``--context``
 tokens), preferring sizes inside one NVLink domain (8 devices).
+
+With ``--devices N`` it also lays the N devices out as data-parallel replicas
+(``dstp serve --tensor-parallel-size T`` on N ranks gives N / T replicas): the
+smallest fitting T that divides N (and, when it can, the devices of one node), so
+as many replicas as possible run side by side, each with its own batch and no
+all-reduce between them.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ class Plan:
     invalid: dict[int, list[str]]
     recommended: int | None
     reason: str
+    devices: int | None = None  # --devices: the launcher's world
+    replicas: int | None = None  # devices // recommended, when it divides
+    replica_reason: str = ""
 
 
 def parameter_bytes_per_rank(
@@ -119,6 +128,8 @@ def make_plan(
     batch: int = 32,
     context: int | None = None,
     max_tp: int = 64,
+    devices: int | None = None,
+    devices_per_node: int = NVLINK_DOMAIN,
 ) -> Plan:
     """The memory picture of every valid TP size and the recommended one."""
     from dstp.policies import policy_for
@@ -155,9 +166,61 @@ def make_plan(
             )
         )
     recommended, reason = _recommend(options, target, interconnect)
+    replicas, replica_reason = None, ""
+    if devices is not None:
+        recommended, replicas, replica_reason = _lay_out(
+            options, recommended, devices, devices_per_node
+        )
     return Plan(
-        policy.name, dtype, device_memory_gib, usable, target, options, invalid, recommended, reason
+        policy.name,
+        dtype,
+        device_memory_gib,
+        usable,
+        target,
+        options,
+        invalid,
+        recommended,
+        reason,
+        devices,
+        replicas,
+        replica_reason,
     )
+
+
+def _lay_out(
+    options: list[TPOption], smallest: int | None, devices: int, per_node: int
+) -> tuple[int | None, int | None, str]:
+    """(T, replicas, why) for ``devices``: the smallest fitting T >= ``smallest`` that
+    divides ``devices``, preferring one that also divides the devices of a node."""
+    if smallest is None:
+        return None, None, ""
+    fitting = [
+        o.tp
+        for o in options
+        if o.fits_weights and o.fits_kv and o.tp >= smallest and devices % o.tp == 0
+    ]
+    if not fitting:
+        return (
+            None,
+            None,
+            (
+                f"no fitting TP size (TP >= {smallest}) divides {devices} devices: "
+                f"use a multiple of {smallest} devices"
+            ),
+        )
+    in_node = [t for t in fitting if per_node % t == 0 or t % per_node == 0]
+    tp = (in_node or fitting)[0]
+    replicas = devices // tp
+    why = (
+        f"{replicas} replica(s) of TP={tp}: each replica serves its own batch and pays no "
+        "all-reduce to the others, so the smallest TP that fits gives the most throughput"
+    )
+    if tp != smallest:
+        why += f" (TP={smallest} fits but does not divide {devices} devices evenly)"
+    if replicas > 1 and tp > 1:
+        why += f"; each TP group is {tp} consecutive ranks"
+        why += ", inside one node" if per_node % tp == 0 else ", spanning nodes"
+    return tp, replicas, why
 
 
 def _recommend(options: list[TPOption], target: int, interconnect: str) -> tuple[int | None, str]:
@@ -215,7 +278,18 @@ def format_plan(plan: Plan) -> str:
     for tp, problems in sorted(plan.invalid.items()):
         if tp <= 16:
             lines.append(f"{tp:>4} invalid: {'; '.join(problems)}")
-    if plan.recommended:
+    if plan.recommended and plan.devices is not None:
+        lines.append(
+            f"recommended for {plan.devices} devices: TP={plan.recommended} x "
+            f"{plan.replicas} replica(s) ({plan.replica_reason}); memory: {plan.reason}"
+        )
+        lines.append(
+            f"  deepspeed --num_gpus {plan.devices} launch/serve.py --model MODEL "
+            f"--tensor-parallel-size {plan.recommended}"
+        )
+    elif plan.devices is not None and plan.replica_reason:
+        lines.append(f"no layout for {plan.devices} devices: {plan.replica_reason}")
+    elif plan.recommended:
         lines.append(f"recommended: TP={plan.recommended} ({plan.reason})")
     else:
         lines.append(f"no recommendation: {plan.reason}")
@@ -237,6 +311,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens per sequence (default: min(max positions, 4096))",
     )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="devices to serve on: also recommends how many data-parallel replicas of "
+        "which TP size (the flags for dstp serve)",
+    )
+    parser.add_argument(
+        "--devices-per-node",
+        type=int,
+        default=NVLINK_DOMAIN,
+        help="devices per node: a TP group should stay inside one (default %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -250,6 +338,8 @@ def main(args: argparse.Namespace) -> int:
         utilization=args.utilization,
         batch=args.batch,
         context=args.context,
+        devices=args.devices,
+        devices_per_node=args.devices_per_node,
     )
     print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0 if plan.recommended else 1
