@@ -5,7 +5,7 @@ TP ?= 2
 # A CPU build here; on a GPU machine install your CUDA torch first and this is skipped.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint serve bench
+.PHONY: install test lint serve bench gpu-check
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -25,3 +25,8 @@ serve: install
 # `make bench ARGS=--small` for a quick check; results in runs/bench/latest.
 bench: install
 	$(PY) benchmarks/run.py $(ARGS)
+
+# dstp on one CUDA GPU: correctness against HF, the server, a speed line (benchmarks/gpu_check.py).
+# Without CUDA every check is skipped; `make gpu-check ARGS="--device cpu --quick"` runs on CPU.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py $(ARGS)

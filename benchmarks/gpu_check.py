@@ -1,0 +1,417 @@
+"""`make gpu-check`: dstp's device path checked and measured on one GPU, in one command.
+
+Each check returns a record (status, figures, seconds); the run writes
+``results.json`` and ``results.md`` under ``--out`` and prints a summary. It
+exits 1 if any check failed. Without CUDA (and ``--device cuda``, the
+default) every check is recorded as skipped and it exits 0. ``--device cpu
+--quick`` runs the correctness checks on CPU with tiny models, so the script
+itself is tested where no GPU is.
+
+    python benchmarks/gpu_check.py                  # on a GPU machine, < 8 min
+    python benchmarks/gpu_check.py --device cpu --quick --only tp1_logits,engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+STORIES = REPO / "dstp" / "models" / "stories260k"
+NEW_TOKENS = 32
+
+
+@dataclass
+class Record:
+    name: str
+    status: str = "passed"  # passed | failed | skipped
+    detail: str = ""
+    figures: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Context:
+    device: torch.device
+    quick: bool
+    workdir: Path
+
+    def tiny_model(self) -> Path:
+        """A small random Llama (GQA), written once per run."""
+        path = self.workdir / "tiny-llama"
+        if not (path / "config.json").exists():
+            from transformers import AutoModelForCausalLM, LlamaConfig
+
+            config = LlamaConfig(
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                vocab_size=512,
+                max_position_embeddings=512,
+            )
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0.0, 0.2)
+            model.save_pretrained(path)
+        return path
+
+    def models(self) -> dict[str, Path]:
+        return {"tiny-llama": self.tiny_model(), "stories260k": STORIES}
+
+
+def _hf(path: Path, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def _prompt(vocab: int, n: int = 12, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=gen).tolist()
+
+
+def _greedy_hf(model, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+# -- checks ------------------------------------------------------------------------------
+
+
+def check_tp1_logits(ctx: Context, rec: Record) -> None:
+    """dstp.load vs unsharded HF on the same device: fp32 logits, bf16 greedy tokens."""
+    import dstp
+
+    for name, path in ctx.models().items():
+        ref = _hf(path, torch.float32, ctx.device)
+        prompt = _prompt(ref.config.vocab_size)
+        ids = torch.tensor([prompt], device=ctx.device)
+        ours = dstp.load(str(path), torch.float32)
+        with torch.inference_mode():
+            err = (ours(ids).logits.float() - ref(ids).logits.float()).abs().max().item()
+        rec.figures[f"{name}_fp32_max_abs_err"] = err
+        if err > 1e-3:
+            raise AssertionError(f"{name}: fp32 logits differ by {err:.2e} (> 1e-3)")
+        ref16, ours16 = _hf(path, torch.bfloat16, ctx.device), dstp.load(str(path), torch.bfloat16)
+        same = _common_prefix(
+            _greedy_hf(ours16, prompt, NEW_TOKENS), _greedy_hf(ref16, prompt, NEW_TOKENS)
+        )
+        rec.figures[f"{name}_bf16_same_greedy_tokens"] = same
+        # The GPU contract; on CPU bf16 kernels round differently from HF's, so it is a figure.
+        if same < NEW_TOKENS and ctx.device.type == "cuda":
+            raise AssertionError(f"{name}: bf16 greedy tokens differ from HF's after {same}")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
+def check_engine(ctx: Context, rec: Record) -> None:
+    """32 concurrent requests equal HF generate; a prefix-cache hit; a preemption."""
+    from dstp.engine import Engine, EngineConfig
+    from dstp.sampling_params import SamplingParams
+
+    path = ctx.tiny_model()
+    ref = _hf(path, torch.float32, ctx.device)
+    prompts = [_prompt(512, n=8 + i % 9, seed=i) for i in range(32)]
+    params = SamplingParams(max_tokens=16, min_tokens=16, temperature=0)  # as min_new_tokens
+    want = [_greedy_hf(ref, p, 16) for p in prompts]
+    engine = Engine(EngineConfig(str(path), dtype="float32"))
+    got = [list(r.outputs[0].token_ids) for r in engine.generate(prompts, params)]
+    if got != want:
+        raise AssertionError(
+            f"{sum(g != w for g, w in zip(got, want, strict=True))} of 32 differ from HF"
+        )
+    shared = prompts[0] * 4  # two blocks of 16 the second request finds cached
+    engine.generate([shared], params)
+    engine.generate([shared + [7]], params)
+    stats = engine.stats()
+    rec.figures["prefix_cache_hits"] = stats["prefix_cache_hits"]
+    if stats["prefix_cache_hits"] < 1:
+        raise AssertionError("no prefix-cache hit for a repeated 48-token prefix")
+    small = Engine(EngineConfig(str(path), dtype="float32", num_blocks=12))
+    got = [list(r.outputs[0].token_ids) for r in small.generate(prompts, params)]
+    rec.figures["preemptions"] = small.stats()["num_preemptions"]
+    if got != want or rec.figures["preemptions"] < 1:
+        raise AssertionError(
+            f"small cache: preemptions {rec.figures['preemptions']}, same={got == want}"
+        )
+
+
+def check_tp2_one_device(ctx: Context, rec: Record) -> None:
+    """Two ranks share the device over gloo: the multi-rank code with device tensors."""
+    out = ctx.workdir / "tp2"
+    out.mkdir(exist_ok=True)
+    path = ctx.tiny_model()
+    worker = [sys.executable, str(REPO / "benchmarks" / "gpu_check_worker.py"), str(path), str(out)]
+    env = dict(os.environ, DSTP_DIST_BACKEND="gloo", MASTER_ADDR="127.0.0.1")
+    env["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    if ctx.device.type == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    procs = [
+        subprocess.Popen(
+            worker,
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise AssertionError("a TP=2 rank failed:\n" + logs[0][-2000:] + logs[1][-2000:])
+    ref = _hf(path, torch.float32, ctx.device)
+    ids = torch.tensor([_prompt(512)], device=ctx.device)
+    with torch.inference_mode():
+        want = ref(ids).logits.float().cpu()
+    got = torch.load(out / "logits.pt")
+    err = (got - want).abs().max().item()
+    rec.figures["tp2_vs_hf_max_abs_err"] = err
+    if err > 1e-3:
+        raise AssertionError(f"TP=2 logits differ from HF's by {err:.2e}")
+
+
+def check_server(ctx: Context, rec: Record) -> None:
+    """The server on stories260k: completion, streaming, chat (400: no template), /metrics."""
+    import requests
+
+    from tests.launcher import free_port
+
+    port = free_port()
+    env = dict(os.environ, DS_ACCELERATOR="cpu") if ctx.device.type == "cpu" else dict(os.environ)
+    cmd = [sys.executable, str(REPO / "launch" / "serve.py"), "--port", str(port)]
+    log = open(ctx.workdir / "server.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
+        text = requests.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        text = text["choices"][0]["text"]
+        stream = requests.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60)
+        events = [line[6:] for line in stream.text.splitlines() if line.startswith("data: ")]
+        if events[-1] != "[DONE]":
+            raise AssertionError("the stream did not end with [DONE]")
+        pieces = [json.loads(e)["choices"] for e in events[:-1]]
+        streamed = "".join(c[0]["text"] for c in pieces if c)
+        if streamed != text:
+            raise AssertionError(f"streamed {streamed!r} != {text!r}")
+        chat = requests.post(
+            f"{url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+        if chat.status_code != 400:
+            raise AssertionError(f"chat without a template answered {chat.status_code}, not 400")
+        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        if "dstp:num_requests_running" not in metrics:
+            raise AssertionError("/metrics lacks dstp:num_requests_running")
+        rec.detail = repr(text[:40])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 240) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or busy starting
+            pass
+        time.sleep(1)
+    raise AssertionError("the server did not become healthy")
+
+
+def check_speed(ctx: Context, rec: Record) -> None:
+    """Llama-3.2-1B shape, bf16: prefill 1k, decode batch 1 / 64, the 64-request workload."""
+    if ctx.quick:
+        raise SkipCheck("--quick")
+    from benchmarks import workload
+    from benchmarks.checkpoint import LLAMA_1B, ensure_checkpoint
+    from dstp.engine import Engine, EngineConfig
+    from dstp.sampling_params import SamplingParams
+
+    path = ensure_checkpoint(REPO / "runs" / "bench" / "models", LLAMA_1B)
+    vocab = LLAMA_1B.vocab_size
+    engine = Engine(EngineConfig(str(path), dtype="bfloat16"))
+    prompt = _prompt(vocab, n=1024)
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    engine.generate([prompt], one)
+    start = _synced_clock(ctx)
+    engine.generate([prompt[::-1]], one)
+    rec.figures["dstp_prefill_1k_s"] = _synced_clock(ctx) - start
+    for batch in (1, 64):
+        rate = workload.run_engine_decode(engine, batch, 32, 32, vocab)["tok_s"]
+        rec.figures[f"dstp_decode_b{batch}_tok_s"] = rate
+    spec = {"num_requests": 64, "seed": 0}  # prompts 32-512, outputs 64-128
+    rec.figures["dstp_workload_tok_s"] = workload.run_engine(engine, spec, vocab)["output_tok_s"]
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    bandwidth = _read_bandwidth(ctx.device)
+    rec.figures["hbm_read_gb_s"] = bandwidth / 1e9
+    rec.figures["decode_b1_roofline_fraction"] = (
+        rec.figures["dstp_decode_b1_tok_s"] * weights / bandwidth
+    )
+    del engine
+    _hf_speed(ctx, path, vocab, rec)
+
+
+def _hf_speed(ctx: Context, path: Path, vocab: int, rec: Record) -> None:
+    model = _hf(path, torch.bfloat16, ctx.device)
+    ids = torch.tensor([_prompt(vocab, n=1024)], device=ctx.device)
+    with torch.inference_mode():
+        model(ids, logits_to_keep=1)
+        start = _synced_clock(ctx)
+        model(ids, logits_to_keep=1)
+        rec.figures["hf_prefill_1k_s"] = _synced_clock(ctx) - start
+    for batch in (1, 64):
+        prompts = torch.randint(3, vocab, (batch, 32), device=ctx.device)
+        start = _synced_clock(ctx)
+        model.generate(prompts, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        rec.figures[f"hf_decode_b{batch}_tok_s"] = batch * 32 / (_synced_clock(ctx) - start)
+
+
+class SkipCheck(Exception):
+    """A check that does not apply here; its message says why."""
+
+
+def check_sync_debug(ctx: Context, rec: Record) -> None:
+    """Engine steps under torch.cuda.set_sync_debug_mode('warn'): the syncs it reports."""
+    if ctx.device.type != "cuda":
+        raise SkipCheck("CUDA only")
+    from dstp.engine import Engine, EngineConfig
+    from dstp.sampling_params import SamplingParams
+
+    engine = Engine(EngineConfig(str(ctx.tiny_model()), dtype="float32"))
+    prompts = [_prompt(512, n=10, seed=i) for i in range(8)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine.generate(prompts, params)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.generate(prompts, params)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message)]
+    rec.figures["syncs_over_run"] = len(syncs)
+    rec.figures["engine_steps"] = 8
+    rec.detail = "; ".join(sorted(set(syncs)))[:300]
+
+
+def _synced_clock(ctx: Context) -> float:
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _read_bandwidth(device: torch.device) -> float:
+    data = torch.ones(1 << 30, dtype=torch.bfloat16, device=device)  # 2 GiB
+    data.sum()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * data.element_size() / best
+
+
+CHECKS: dict[str, Callable[[Context, Record], None]] = {
+    "tp1_logits": check_tp1_logits,
+    "engine": check_engine,
+    "tp2_one_device": check_tp2_one_device,
+    "server": check_server,
+    "speed": check_speed,
+    "sync_debug": check_sync_debug,
+}
+
+
+# -- running and reporting --------------------------------------------------------------------
+
+
+def run(names: list[str], device: str, quick: bool, out: Path) -> list[Record]:
+    records = []
+    have_device = device == "cpu" or torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Context(torch.device(device), quick, Path(tmp))
+        for name in names:
+            rec = Record(name)
+            started = time.perf_counter()
+            if not have_device:
+                rec.status, rec.detail = "skipped", "no CUDA device"
+            else:
+                try:
+                    CHECKS[name](ctx, rec)
+                except SkipCheck as why:
+                    rec.status, rec.detail = "skipped", str(why)
+                except Exception as exc:  # a check's failure is its record, not the run's end
+                    rec.status, rec.detail = "failed", f"{type(exc).__name__}: {exc}"[:500]
+            rec.seconds = round(time.perf_counter() - started, 2)
+            records.append(rec)
+            print(f"{rec.name:16} {rec.status:8} {rec.seconds:7.1f}s  {rec.detail}", flush=True)
+    _write(records, device, out)
+    return records
+
+
+def _write(records: list[Record], device: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    where = (
+        torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else device
+    )
+    meta = {"device": where, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    (out / "results.json").write_text(
+        json.dumps({**meta, "checks": [asdict(r) for r in records]}, indent=1)
+    )
+    lines = [f"gpu-check on {where}, torch {meta['torch']}, {meta['date']}", ""]
+    lines += ["| check | status | seconds | figures / detail |", "|---|---|---|---|"]
+    for r in records:
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in r.figures.items())
+        lines.append(f"| {r.name} | {r.status} | {r.seconds} | {figures or r.detail} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"results: {out}/results.md")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true", help="tiny models only: no speed line")
+    parser.add_argument("--only", default=",".join(CHECKS), help="comma list of checks")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(names) - set(CHECKS))
+    if unknown:
+        parser.error(f"unknown check(s) {unknown}; choose from {sorted(CHECKS)}")
+    out = args.out or REPO / "runs" / "gpu-check" / time.strftime("%Y%m%d-%H%M%S")
+    records = run(names, args.device, args.quick, out)
+    return 1 if any(r.status == "failed" for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
