@@ -148,19 +148,7 @@ class Engine:
         self, prompts: Seq[str] | Seq[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[RequestOutput]:
         """Run prompts to completion (rank 0); results in prompt order."""
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = []
-        for prompt, p in zip(prompts, params_list, strict=True):
-            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            request_id = uuid.uuid4().hex
-            self.add_request(request_id, token_ids, p)
-            ids.append(request_id)
-        final: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+        return generate_to_completion(self, prompts, params)
 
     # -- internals -------------------------------------------------------------------
     def _plan(self, schedule: Schedule) -> StepPlan:
@@ -340,3 +328,23 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
     if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
+
+
+def generate_to_completion(
+    engine, prompts: Seq[str] | Seq[list[int]], params: SamplingParams | list[SamplingParams]
+) -> list[RequestOutput]:
+    """Add every prompt to ``engine`` (an Engine or anything with its request methods) and
+    step until all finish; results in prompt order."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    ids = []
+    for prompt, p in zip(prompts, params_list, strict=True):
+        token_ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        request_id = uuid.uuid4().hex
+        engine.add_request(request_id, token_ids, p)
+        ids.append(request_id)
+    final: dict[str, RequestOutput] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return [final[i] for i in ids]

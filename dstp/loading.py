@@ -166,7 +166,7 @@ class HostStaging:
         if dest.numel() == 0:
             return
         if not bounds:  # a 0-d tensor
-            self._stage(handle, dest, [], dest)
+            self._stage(handle, dest, [])
             return
         first, stop = bounds[0]
         slice_row = math.prod(b - a for a, b in bounds[1:]) * handle.dtype.itemsize
@@ -174,17 +174,11 @@ class HostStaging:
         for row in range(first, stop, per_chunk):
             rows = (row, min(stop, row + per_chunk))
             part = dest[row - first : rows[1] - first]
-            self._stage(handle, part, [rows, *bounds[1:]], part)
+            self._stage(handle, part, [rows, *bounds[1:]])
 
-    def _stage(
-        self,
-        handle: LazyTensor,
-        target: torch.Tensor,
-        bounds: list[tuple[int, int]],
-        dest: torch.Tensor,
-    ) -> None:
-        host = self._buffer(dest, target.numel() * handle.dtype.itemsize)
-        host = host[: target.numel() * handle.dtype.itemsize].view(handle.dtype).view(target.shape)
+    def _stage(self, handle: LazyTensor, dest: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
+        nbytes = dest.numel() * handle.dtype.itemsize
+        host = self._buffer(dest, nbytes)[:nbytes].view(handle.dtype).view(dest.shape)
         handle._read_into(host, bounds)
         dest.copy_(host, non_blocking=host.is_pinned())
         if dest.is_cuda:

@@ -516,21 +516,9 @@ class ReplicatedEngine:
 
     def generate(self, prompts, params) -> list[RequestOutput]:
         """Run prompts to completion over every replica; results in prompt order."""
-        import uuid
+        from .engine import generate_to_completion
 
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = []
-        for prompt, p in zip(prompts, params_list, strict=True):
-            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            rid = uuid.uuid4().hex
-            self.add_request(rid, token_ids, p)
-            ids.append(rid)
-        final: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+        return generate_to_completion(self, prompts, params)
 
 
 # -- the other replicas' drivers ---------------------------------------------------------
@@ -632,51 +620,3 @@ def _error_output(request_id: str, prompt: list[int], params, exc: BaseException
         True,
         error=f"{type(exc).__name__}: {exc}",
     )
-
-
-# -- /metrics ------------------------------------------------------------------------------
-# per-replica stats key -> (metric name, kind, help); every one labelled {replica="r"}
-REPLICA_METRICS = {
-    "healthy": ("dstp_replica_up", "gauge", "1 while the replica's ranks answer."),
-    "num_running": ("dstp_replica_num_requests_running", "gauge", "Requests running."),
-    "num_waiting": ("dstp_replica_num_requests_waiting", "gauge", "Requests waiting."),
-    "kv_blocks_total": ("dstp_replica_kv_cache_blocks", "gauge", "KV-cache blocks per rank."),
-    "kv_blocks_free": ("dstp_replica_kv_cache_free_blocks", "gauge", "Free KV-cache blocks."),
-    "kv_usage": ("dstp_replica_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use."),
-    "outstanding_requests": (
-        "dstp_replica_outstanding_requests",
-        "gauge",
-        "Requests routed to the replica and not finished.",
-    ),
-    "outstanding_tokens": (
-        "dstp_replica_outstanding_tokens",
-        "gauge",
-        "Prompt tokens not yet prefilled plus tokens still to generate (the router's load).",
-    ),
-    "assigned_requests": (
-        "dstp_replica_requests_routed",
-        "counter",
-        "Requests the router sent to the replica.",
-    ),
-    "num_preemptions": ("dstp_replica_num_preemptions", "counter", "Requests preempted."),
-}
-
-
-def replica_metric_families(stats: dict) -> list:
-    """Prometheus families with one sample per replica, from :meth:`ReplicatedEngine.stats`
-    (none for a single replica: its stats have no ``replicas``)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    per = stats.get("replicas")
-    if not per:
-        return []
-    families = []
-    for key, (name, kind, help_text) in REPLICA_METRICS.items():
-        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-        family = cls(name, help_text, labels=["replica"])
-        for index, replica in enumerate(per):
-            value = replica.get(key)
-            if isinstance(value, (int, float)):
-                family.add_metric([str(index)], float(value))
-        families.append(family)
-    return families

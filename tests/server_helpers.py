@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 import urllib.request
@@ -70,6 +71,25 @@ class InProcessServer:
         self._stop.set()
         self._thread.join(5)
         self.server.close()
+
+
+def open_stream(url: str, body: dict, events: int = 3) -> socket.socket:
+    """POST a streamed completion on a raw socket and read ``events`` SSE events; the caller
+    closes the socket (a client that disconnects mid-stream)."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    got = b""
+    while got.count(b"data: ") < events:
+        chunk = sock.recv(4096)
+        assert chunk
+        got += chunk
+    return sock
 
 
 def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.05) -> bool:

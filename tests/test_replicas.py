@@ -287,29 +287,11 @@ def test_http_32_concurrent_greedy_as_one_tp2_engine_on_every_replica(url, refer
 
 
 def test_http_disconnect_frees_blocks_on_its_replica(url):
-    import json as _json
-    import socket
+    from tests.server_helpers import open_stream, wait_until
 
-    from tests.server_helpers import wait_until
-
-    host, port = url.removeprefix("http://").split(":")
-
-    def stream() -> socket.socket:
-        body = _json.dumps(
-            {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
-        ).encode()
-        sock = socket.create_connection((host, int(port)), timeout=30)
-        sock.sendall(
-            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
-            f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        got = b""
-        while got.count(b"data: ") < 3:
-            chunk = sock.recv(4096)
-            assert chunk
-            got += chunk
-        return sock
+    def stream():
+        body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+        return open_stream(url, {**body, "stream": True})
 
     first = stream()
     running = _per_replica(_metrics(url), "num_requests_running")

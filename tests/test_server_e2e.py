@@ -10,9 +10,7 @@ disconnect, the admission limit saturated with long streams (429 beyond it, /hea
 
 from __future__ import annotations
 
-import json
 import random
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +21,7 @@ import requests
 from tests.server_helpers import (
     SIMPLE_TEMPLATE,
     ServerProcess,
+    open_stream,
     parse_metrics,
     rank_pids,
     sse_events,
@@ -244,21 +243,8 @@ def test_concurrent_clients_mixed(url, references):
 
 
 def test_disconnect_mid_stream_frees_blocks(url):
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps(
-        {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
-    ).encode()
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(
-        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    got = b""
-    while got.count(b"data: ") < 3:
-        chunk = sock.recv(4096)
-        assert chunk
-        got += chunk
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    sock = open_stream(url, body)
     assert _metrics(url)["dstp_num_requests_running"] == 1
     sock.close()
     assert wait_until(lambda: _metrics(url)["dstp_num_requests_in_flight"] == 0, 15)
@@ -271,21 +257,12 @@ def test_disconnect_mid_stream_frees_blocks(url):
 def test_admission_limit_and_fast_health_under_saturated_generation(url):
     """Every admitted request a long stream: one more gets 429 + Retry-After at once, and
     /health and /metrics answer in < 1 s while generation runs flat out."""
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps(
-        {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stream": True}
-    ).encode()
-    head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    body = {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stream": True}
     socks = []
     latencies: dict[str, list[float]] = {"/health": [], "/metrics": [], "429": []}
     try:
         for _ in range(ADMISSION_LIMIT):  # not read: the server's socket buffers take it
-            sock = socket.create_connection((host, int(port)), timeout=30)
-            sock.sendall(head + body)
-            socks.append(sock)
+            socks.append(open_stream(url, body, events=0))
         assert wait_until(
             lambda: _metrics(url)["dstp_num_requests_in_flight"] == ADMISSION_LIMIT, 30
         )

@@ -216,9 +216,7 @@ class ServerMetrics:
         with self._lock:
             yield from self._vllm_families(stats, block_size)
             yield from self._legacy_families(driver, tp_size, stats)
-        from ..replicas import replica_metric_families  # one sample per data-parallel replica
-
-        yield from replica_metric_families(stats)
+        yield from replica_families(stats)  # one sample per data-parallel replica
 
     def _vllm_families(self, stats: Mapping, block_size: int) -> Iterator[Metric]:
         labels = {"model_name": self.model_name}
@@ -408,3 +406,49 @@ _STAT_METRICS = {
         "Requests preempted (KV blocks reclaimed, recomputed later).",
     ),
 }
+
+
+# -- data-parallel replicas (dstp.replicas) ------------------------------------------------------------------------------
+# per-replica stats key -> (metric name, kind, help); every one labelled {replica="r"}
+_REPLICA_METRICS = {
+    "healthy": ("dstp_replica_up", "gauge", "1 while the replica's ranks answer."),
+    "num_running": ("dstp_replica_num_requests_running", "gauge", "Requests running."),
+    "num_waiting": ("dstp_replica_num_requests_waiting", "gauge", "Requests waiting."),
+    "kv_blocks_total": ("dstp_replica_kv_cache_blocks", "gauge", "KV-cache blocks per rank."),
+    "kv_blocks_free": ("dstp_replica_kv_cache_free_blocks", "gauge", "Free KV-cache blocks."),
+    "kv_usage": ("dstp_replica_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use."),
+    "outstanding_requests": (
+        "dstp_replica_outstanding_requests",
+        "gauge",
+        "Requests routed to the replica and not finished.",
+    ),
+    "outstanding_tokens": (
+        "dstp_replica_outstanding_tokens",
+        "gauge",
+        "Prompt tokens not yet prefilled plus tokens still to generate (the router's load).",
+    ),
+    "assigned_requests": (
+        "dstp_replica_requests_routed",
+        "counter",
+        "Requests the router sent to the replica.",
+    ),
+    "num_preemptions": ("dstp_replica_num_preemptions", "counter", "Requests preempted."),
+}
+
+
+def replica_families(stats: Mapping) -> list[Metric]:
+    """Prometheus families with one sample per replica, from :meth:`ReplicatedEngine.stats`
+    (none for a single replica: its stats have no ``replicas``)."""
+    per = stats.get("replicas")
+    if not per:
+        return []
+    families = []
+    for key, (name, kind, help_text) in _REPLICA_METRICS.items():
+        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        family = cls(name, help_text, labels=["replica"])
+        for index, replica in enumerate(per):
+            value = replica.get(key)
+            if isinstance(value, (int, float)):
+                family.add_metric([str(index)], float(value))
+        families.append(family)
+    return families
