@@ -14,6 +14,7 @@ this kernel, ATen's GEMV, or ``F.linear``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -98,7 +99,14 @@ def _build(name: str) -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         start = time.perf_counter()
-        ops = load(name=ext, sources=[str(source)], extra_cflags=["-O3", *flags])
+        build_dir = _build_directory(ext)
+        with _exclusive_build(build_dir):
+            ops = load(
+                name=ext,
+                sources=[str(source)],
+                extra_cflags=["-O3", *flags],
+                build_directory=str(build_dir),
+            )
         ops.dstp_kernel = name
         log.info(
             "dstp's %s GEMV (%s) is ready for batch-1 decode (%.1f s; built once, then cached)",
@@ -116,6 +124,35 @@ def _build(name: str) -> ModuleType | None:
             ENV_SWITCH,
         )
         return None
+
+
+def _build_directory(ext: str) -> Path:
+    """Where one kernel is built: torch's extensions root, one folder per torch version."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    path = Path(get_default_build_root()) / f"{ext}-torch{torch.__version__}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path) -> Iterator[None]:
+    """One builder at a time per folder, under a lock the OS drops when its holder dies.
+
+    torch's own lock is a plain ``lock`` file that a killed build leaves behind, and every
+    later start then waits for it forever. Holding this ``flock`` proves no live process is
+    building here, so a ``lock`` file found under it is stale and is removed.
+    """
+    with open(build_dir / "dstp-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a kernel build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def available() -> bool:

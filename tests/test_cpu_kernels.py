@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +192,28 @@ def test_batched_and_other_dtypes_bypass_the_kernel(monkeypatch):
     assert torch.equal(linear_2d(x2, w), F.linear(x2, w))  # batch 2: F.linear (oneDNN)
     wf, xf = torch.randn(64, 128), torch.randn(1, 128)
     assert torch.equal(linear_2d(xf, wf), F.linear(xf, wf))  # fp32: F.linear
+
+
+BUILD_IN_A_CHILD = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from dstp import cpu_kernels
+sys.exit(0 if cpu_kernels._build(sys.argv[1]) is not None else 1)
+"""
+
+
+@needs_avx2
+def test_a_build_killed_midway_does_not_hang_the_next_start():
+    """torch's ``lock`` file outlives a killed build; the next start must not wait on it."""
+    ext = cpu_kernels.KERNELS["avx2"][0]
+    stale = cpu_kernels._build_directory(ext) / "lock"
+    stale.touch()
+    child = subprocess.run(
+        [sys.executable, "-c", BUILD_IN_A_CHILD, "avx2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "left by a kernel build that did not finish" in child.stderr
+    assert not stale.exists()
