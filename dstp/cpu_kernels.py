@@ -155,6 +155,21 @@ def _exclusive_build(build_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def clear_stale_extension_lock(name: str, older_than_s: float = 900.0) -> None:
+    """Removes torch's build ``lock`` of another package's extension if a dead build left it.
+
+    For extensions dstp does not build itself (DeepSpeed's shared-memory all-reduce):
+    without a lock of our own, a ``lock`` file older than any real build is taken as stale.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > older_than_s:
+            log.warning("removing %s, left by a build that did not finish", lock)
+            lock.unlink()
+
+
 def available() -> bool:
     """Whether the kernels are built (building them now if this is the first call)."""
     return _ops() is not None

@@ -224,6 +224,10 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
         # DeepSpeed's shm kernel reads LOCAL_SIZE (its launcher sets it, torchrun
         # does not); unset, the kernel is never initialised and crashes.
         os.environ.setdefault("LOCAL_SIZE", str(local_size))
+        if accel.device_name() == "cpu":
+            from .cpu_kernels import clear_stale_extension_lock
+
+            clear_stale_extension_lock("deepspeed_shm_comm")
         deepspeed.init_distributed(
             dist_backend=backend,
             timeout=timedelta(seconds=timeout_s),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.cpp_extension import _get_build_directory
 
 from dstp import cpu_kernels
 from dstp.cpu_kernels import _aten_cpu_kernels, linear_2d
@@ -217,3 +220,17 @@ def test_a_build_killed_midway_does_not_hang_the_next_start():
     assert child.returncode == 0, child.stderr[-2000:]
     assert "left by a kernel build that did not finish" in child.stderr
     assert not stale.exists()
+
+
+def test_a_stale_lock_of_another_extension_is_removed_a_fresh_one_kept(tmp_path, monkeypatch):
+    """DeepSpeed's shm op uses torch's lock file too: only one older than any build goes."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / _get_build_directory("some_op", verbose=False) / "lock"
+    lock.touch()
+    cpu_kernels.clear_stale_extension_lock("some_op")
+    assert lock.exists()  # a build may be running right now
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    cpu_kernels.clear_stale_extension_lock("some_op")
+    assert not lock.exists()
+    cpu_kernels.clear_stale_extension_lock("some_op")  # nothing there: nothing to do
