@@ -44,6 +44,7 @@ def resolve_dtype(dtype: str, model: str | Path) -> str:
 class EngineConfig:
     model: str
     dtype: str = "bfloat16"  # or "auto", "half", "float" (see resolve_dtype)
+    cpu_compute_dtype: str = "auto"  # multi-row bf16 linears on CPU (see dstp.cpu_gemm)
     kv_cache_memory_gib: float | None = None  # per rank; None: sized from the device (kv_budget.py)
     gpu_memory_utilization: float = 0.9  # CUDA: share of device memory dstp may use in all
     block_size: int = 16

@@ -26,6 +26,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from . import cpu_features, cpu_gemm
+
 log = logging.getLogger("dstp")
 
 CSRC = Path(__file__).with_name("csrc")
@@ -40,33 +42,13 @@ KERNELS = {
 SOURCE = KERNELS["avx512_bf16"][1]
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[-1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def _cpu_has_avx512_bf16() -> bool:
-    return "avx512_bf16" in _cpu_flags()
-
-
-def _cpu_has_avx2_fma() -> bool:
-    return {"avx2", "fma"} <= _cpu_flags()
-
-
 def _choose_kernel() -> str | None:
     """The GEMV this CPU runs best: AVX512-BF16's, else AVX2+FMA's, else None (PyTorch's)."""
-    if os.environ.get(ENV_KERNEL) == "avx2" and _cpu_has_avx2_fma():
+    if os.environ.get(ENV_KERNEL) == "avx2" and cpu_features.has_avx2_fma():
         return "avx2"
-    if _cpu_has_avx512_bf16():
+    if cpu_features.has_avx512_bf16():
         return "avx512_bf16"
-    if _cpu_has_avx2_fma():
+    if cpu_features.has_avx2_fma():
         return "avx2"
     return None
 
@@ -197,10 +179,15 @@ def linear_2d(
       thread: 2.8 vs 1.5 ms), and dstp's four-stream kernel about 1.3x ATen's
       on Zen 4 (AVX512-BF16), ~1.8x on an AVX2-only EPYC (benchmarks/gemv.py);
       from two rows on oneDNN is faster.
+    - From a few rows on a CPU without bf16 dot products, fp32 GEMMs on
+      widened weight blocks (:mod:`dstp.cpu_gemm`).
     """
     flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] == 1 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+    bf16_on_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+    if bf16_on_cpu and flat.shape[0] == 1:
         out = _single_row_bf16(flat, weight, bias)
+    elif bf16_on_cpu and cpu_gemm.widens(flat.shape[0]) and not _needs_grad(weight):
+        out = cpu_gemm.widened_linear(flat, weight, bias)
     else:
         out = F.linear(flat, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
@@ -210,7 +197,7 @@ def _single_row_bf16(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """dstp's streaming GEMV when built (see gemv_bf16), else ATen's (not oneDNN's)."""
-    if not (torch.is_grad_enabled() and weight.requires_grad):  # the kernel has no backward
+    if not _needs_grad(weight):  # the kernel has no backward
         bias_ok = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
         if weight.is_contiguous() and bias_ok:
             out = gemv_bf16(x.contiguous(), weight, bias)
@@ -218,6 +205,10 @@ def _single_row_bf16(
                 return out
     with _aten_cpu_kernels():
         return F.linear(x, weight, bias)
+
+
+def _needs_grad(weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and weight.requires_grad
 
 
 @contextlib.contextmanager

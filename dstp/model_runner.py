@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import attention, kv_budget
+from . import attention, cpu_gemm, cpu_kernels, kv_budget
 from .config import EngineConfig
 from .distributed import TPGroup
 from .inject import shard_model
@@ -30,6 +30,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TPGroup) -> None:
         self.tp = tp
         started = time.perf_counter()
+        cpu_gemm.set_compute_dtype(config.cpu_compute_dtype)
         attention.register()
         self.sharded = shard_model(
             config.model,
@@ -139,6 +140,13 @@ class ModelRunner:
 
     def _log_layout(self, seconds: float) -> None:
         heads, shape = self.sharded.heads, self.cache.shape
+        if self.tp.device.type == "cpu":
+            log.info(
+                "CPU linears: one row %s; %d or more rows: %s",
+                f"dstp's {cpu_kernels.kernel()} GEMV" if cpu_kernels.kernel() else "ATen's GEMV",
+                cpu_gemm.MIN_ROWS,
+                cpu_gemm.describe(),
+            )
         log.info(
             "KV cache per rank: %d blocks x %d tokens = %d tokens, %.1f KiB per token, %.2f GiB "
             "(%d of %d KV heads per rank; sized by %s); max_model_len=%d; ready in %.1fs",

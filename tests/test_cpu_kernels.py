@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.cpp_extension import _get_build_directory
 
-from dstp import cpu_kernels
+from dstp import cpu_features, cpu_gemm, cpu_kernels
 from dstp.cpu_kernels import _aten_cpu_kernels, linear_2d
 
 needs_kernel = pytest.mark.skipif(
-    not cpu_kernels._cpu_has_avx512_bf16(), reason="CPU without AVX512-BF16"
+    not cpu_features.has_avx512_bf16(), reason="CPU without AVX512-BF16"
 )
-needs_avx2 = pytest.mark.skipif(not cpu_kernels._cpu_has_avx2_fma(), reason="CPU without AVX2+FMA")
+needs_avx2 = pytest.mark.skipif(not cpu_features.has_avx2_fma(), reason="CPU without AVX2+FMA")
 
 # every kernel this CPU can run: the AVX512-BF16 one where it exists, the AVX2 one wherever
 # AVX2+FMA exist (forced with DSTP_CPU_KERNEL=avx2 on AVX512-BF16 CPUs)
@@ -62,19 +62,17 @@ def test_dispatch_by_cpu_flags(monkeypatch, fresh_dispatch):
         ({"avx", "sse4_2"}, None),
         (set(), None),  # no /proc/cpuinfo
     ]:
-        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda f=flags: frozenset(f))
+        monkeypatch.setattr(cpu_features, "flags", lambda f=flags: frozenset(f))
         assert cpu_kernels._choose_kernel() == expected, flags
     monkeypatch.setenv(cpu_kernels.ENV_KERNEL, "avx2")  # forced, where the CPU can run it
-    monkeypatch.setattr(
-        cpu_kernels, "_cpu_flags", lambda: frozenset({"avx512_bf16", "avx2", "fma"})
-    )
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx512_bf16", "avx2", "fma"}))
     assert cpu_kernels._choose_kernel() == "avx2"
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx512_bf16"}))
     assert cpu_kernels._choose_kernel() == "avx512_bf16"
 
 
 @pytest.mark.skipif(
-    cpu_kernels._cpu_has_avx512_bf16() or not cpu_kernels._cpu_has_avx2_fma(),
+    cpu_features.has_avx512_bf16() or not cpu_features.has_avx2_fma(),
     reason="for CPUs with AVX2+FMA but no AVX512-BF16",
 )
 def test_avx2_kernel_is_chosen_without_avx512_bf16(monkeypatch, fresh_dispatch):
@@ -158,7 +156,7 @@ def test_switched_off_falls_back_to_pytorch(monkeypatch, fresh_dispatch):
 
 def test_cpu_without_either_falls_back_to_pytorch(monkeypatch, fresh_dispatch):
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: frozenset({"sse4_2", "avx"}))
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"sse4_2", "avx"}))
     assert not cpu_kernels.available() and cpu_kernels.kernel() is None
     x, w = torch.randn(1, 1, 128).bfloat16(), torch.randn(64, 128).bfloat16()
     with _aten_cpu_kernels():
@@ -173,7 +171,7 @@ def test_failed_build_falls_back_to_pytorch(monkeypatch, fresh_dispatch, caplog)
         raise RuntimeError("no compiler here")
 
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2", "fma"}))
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     cpu_kernels._build.cache_clear()
     try:
@@ -190,6 +188,7 @@ def test_failed_build_falls_back_to_pytorch(monkeypatch, fresh_dispatch, caplog)
 
 def test_batched_and_other_dtypes_bypass_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "gemv_bf16", lambda *a: pytest.fail("kernel called"))
+    monkeypatch.setattr(cpu_gemm, "widens", lambda rows: False)  # see test_cpu_gemm for True
     w = torch.randn(64, 128).bfloat16()
     x2 = torch.randn(2, 128).bfloat16()
     assert torch.equal(linear_2d(x2, w), F.linear(x2, w))  # batch 2: F.linear (oneDNN)

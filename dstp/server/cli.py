@@ -98,6 +98,14 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
         "torch_dtype, float32 if it names none); half = float16, float = float32",
     )
     m.add_argument(
+        "--cpu-compute-dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32"),
+        help="CPU: how bf16 linears of 4 or more rows (prefill, batched decode) compute; "
+        "auto: in fp32 on widened weight blocks where the CPU has no bf16 dot product "
+        "(no AVX512-BF16 or AMX), else oneDNN's bf16; weights stay bf16 in memory either way",
+    )
+    m.add_argument(
         "--max-model-len",
         type=int,
         default=None,

@@ -46,6 +46,7 @@ def _engine_config(args: argparse.Namespace, model: str, name: str | None = None
     wanted = {
         "model": model,
         "dtype": dtype,
+        "cpu_compute_dtype": args.cpu_compute_dtype,
         "kv_cache_memory_gib": args.kv_cache_memory,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "block_size": args.block_size,
