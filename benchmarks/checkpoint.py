@@ -155,18 +155,30 @@ def weight_bytes(path: Path) -> dict[str, int]:
     """
     from safetensors import safe_open
 
-    total = 0
-    per_step = 0
+    total = per_step = body_params = lm_head_params = 0
     config = json.loads((path / "config.json").read_text())
     tied = config.get("tie_word_embeddings", False)
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 sl = f.get_slice(key)
-                n = int(torch.Size(sl.get_shape()).numel())
+                shape = sl.get_shape()
+                n = int(torch.Size(shape).numel())
                 nbytes = n * {"BF16": 2, "F16": 2, "F32": 4}[sl.get_dtype()]
                 total += nbytes
-                if key.endswith("embed_tokens.weight") and not tied:
+                embedding = key.endswith("embed_tokens.weight")
+                if embedding and not tied:
                     continue  # lookup only; the separate lm_head is counted
                 per_step += nbytes
-    return {"tensor_bytes": total, "decode_bytes_per_step": per_step}
+                if embedding or key.endswith("lm_head.weight"):
+                    lm_head_params += n
+                elif len(shape) == 2:
+                    body_params += n
+    return {
+        "tensor_bytes": total,
+        "decode_bytes_per_step": per_step,
+        # multiply-adds per token: the layers' matrices, and the LM head (last token only
+        # in a prefill)
+        "body_params": body_params,
+        "lm_head_params": lm_head_params,
+    }

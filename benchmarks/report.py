@@ -136,8 +136,91 @@ def roofline(results: dict, decode_bytes: int, bandwidth_gbs: float) -> dict:
     return out
 
 
+def limits(
+    results: dict,
+    sizes: dict,
+    bandwidth_gbs: float,
+    gemm_peak_gflops: float,
+    prefill: list[int],
+    batches: list[int],
+) -> dict:
+    """Every timed row of every configuration as a fraction of this machine's limit for it.
+
+    Prefill and the workload are bound by compute: their linear-layer FLOPs (2 per
+    multiply-add; a prefill's LM head runs for its last token only) over the best GEMM
+    peak of as many cores as ranks. Batch-b decode is bound by whichever is slower,
+    reading every weight once (the read roofline) or its FLOPs at that peak.
+    """
+    body, lm = sizes["body_params"], sizes["lm_head_params"]
+    peak, bandwidth = gemm_peak_gflops * 1e9, bandwidth_gbs * GB
+    out = {}
+    for name, ranks in results.items():
+        rows: dict[str, float] = {}
+        for n in prefill:
+            seconds = _prefill(ranks, n)
+            if seconds:
+                rows[f"prefill {n}"] = 2 * (n * body + lm) / peak / seconds
+        for b in batches:
+            tok_s = _decode(ranks, b)
+            if tok_s:
+                step_s = max(sizes["decode_bytes_per_step"] / bandwidth, 2 * b * (body + lm) / peak)
+                rows[f"decode batch {b}"] = tok_s * step_s / b
+        w = ranks[0].get("workload") or {}
+        if w.get("prompt_tokens") is not None:
+            flops = 2 * (w["prompt_tokens"] * body + w["output_tokens"] * (body + lm))
+            rows["64-request workload"] = flops / peak / w["wall_s"]
+        out[name] = {"kernels": ranks[0].get("kernels"), "fractions": rows}
+    return out
+
+
+def limits_markdown(summary: dict) -> str:
+    """The fractions of :func:`limits`, one row per configuration."""
+    lim = summary.get("limits") or {}
+    columns = sorted({k for v in lim.values() for k in v["fractions"]}, key=_column_order)
+    if not columns:
+        return ""
+    g = summary["gemm_peaks"]
+    kinds = ", ".join(f"{k} {g[k]:.1f}" for k in g if k not in ("processes", "shape", "best"))
+    lines = [
+        "",
+        f"Each row as a fraction of this machine's limit: read roofline "
+        f"{summary['roofline']['bandwidth_gbs']:.1f} GB/s for decode; GEMM peak "
+        f"{g['best']:.1f} GFLOP/s ({g['processes']} pinned single-thread processes, "
+        f"{'x'.join(map(str, g['shape']))}: {kinds}) for prefill and batched work.",
+        "",
+        "| config | one-row kernel | multi-row kernel | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for name, entry in lim.items():
+        kernels = entry.get("kernels") or {}
+        cells = [
+            f"{100 * entry['fractions'][c]:.0f}%" if c in entry["fractions"] else "–"
+            for c in columns
+        ]
+        lines.append(
+            f"| {name} | {kernels.get('one_row', '?')} | {kernels.get('multi_row', '?')} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _column_order(column: str) -> tuple[int, int]:
+    kind, _, number = column.rpartition(" ")
+    order = {"prefill": 0, "decode batch": 1}.get(kind, 2)
+    return (order, int(number) if number.isdigit() else 0)
+
+
+def _dstp_fractions(summary_limits: dict, prefix: str) -> list[float]:
+    rows = []
+    for name in ("dstp", "dstp_engine"):
+        fractions = summary_limits.get(name, {}).get("fractions", {})
+        rows += [v for k, v in fractions.items() if k.startswith(prefix)]
+    return rows
+
+
 def targets(
-    table: dict, roof: dict, ckpt_bytes: int, results: dict
+    table: dict, roof: dict, ckpt_bytes: int, results: dict, lim: dict | None = None
 ) -> list[tuple[str, bool | None]]:
     """The issues' targets at TP=2, each met / missed / not measured (None)."""
     by = {r["metric"]: r for r in table["rows"]}
@@ -174,12 +257,39 @@ def targets(
         ("prefill 128 within 1.3x of HF", within_hf("prefill 128 tokens (s)")),
         ("prefill 1024 within 1.3x of HF", within_hf("prefill 1024 tokens (s)")),
         ("batch-1 decode >= 90% of roofline", None if frac is None else frac >= 0.9),
+        *_machine_limit_targets(table, lim or {}),
         (
             "workload >= 4x HF static output tok/s",
             cmp("64-request workload: output tok/s", "vs_hf", 4)
             if results.get("dstp_engine")
             else None,
         ),
+    ]
+
+
+def _machine_limit_targets(table: dict, lim: dict) -> list[tuple[str, bool | None]]:
+    """Issue 14: every row beats HF and DS AutoTP, and each is near this machine's limit."""
+    timed = [r for r in table["rows"] if not r["metric"].startswith("peak RSS")]
+    ratios = [r[k] for r in timed for k in ("vs_hf", "vs_ds_autotp") if r[k] is not None]
+    decode1 = [
+        v
+        for n in ("dstp", "dstp_engine")
+        for k, v in lim.get(n, {}).get("fractions", {}).items()
+        if k == "decode batch 1"
+    ]
+    prefill = _dstp_fractions(lim, "prefill")
+    work = _dstp_fractions(lim, "64-request")
+
+    def at_least(values: list[float], need: float, best: bool = False) -> bool | None:
+        if not values:
+            return None
+        return (max(values) if best else min(values)) >= need
+
+    return [
+        ("every timed row >= HF and >= DS AutoTP (issue 14)", at_least(ratios, 1.0)),
+        ("batch-1 decode >= 85% of the read roofline (issue 14)", at_least(decode1, 0.85, True)),
+        ("prefill >= 80% of the best GEMM peak (issue 14)", at_least(prefill, 0.80)),
+        ("64-request workload >= 75% of the best GEMM peak (issue 14)", at_least(work, 0.75)),
     ]
 
 

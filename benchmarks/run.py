@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     bw2 = sysinfo.bandwidth(os.cpu_count() or 1)
     bw1 = sysinfo.bandwidth(1)
     pinned = sysinfo.bandwidth_pinned(args.tp)
+    gemm = sysinfo.gemm_peaks(args.tp)
+    print(
+        f"GEMM peak ({args.tp} pinned processes): "
+        + ", ".join(f"{k} {gemm[k]:.1f}" for k in (*sysinfo.COMPUTE_TYPES, "best"))
+        + " GFLOP/s"
+    )
     print(
         f"bandwidth: read {bw2['read_gbs']:.1f} GB/s, copy {bw2['copy_gbs']:.1f} GB/s ({bw2['threads']} threads); "
         f"read {pinned['read_gbs']:.1f} GB/s ({args.tp} pinned single-thread processes)"
@@ -211,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     table = report.comparison(results, [128, 1024], args.decode_batches)
     ceiling_gbs = max(bw2["read_gbs"], pinned["read_gbs"])
     roof = report.roofline(results, sizes["decode_bytes_per_step"], ceiling_gbs)
+    lim = report.limits(results, sizes, ceiling_gbs, gemm["best"], [128, 1024], args.decode_batches)
     summary = {
         "machine": machine,
         "bandwidth": bw2,
@@ -222,12 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         "hf_threads": os.cpu_count(),
         "table": table,
         "roofline": roof,
-        "targets": report.targets(table, roof, ckpt_bytes, results),
+        "gemm_peaks": gemm,
+        "limits": lim,
+        "targets": report.targets(table, roof, ckpt_bytes, results, lim),
         "memory_detail": report.memory_detail(results),
         "failed": failed,
     }
     md = (
         report.markdown(summary)
+        + report.limits_markdown(summary)
         + report.all_configs_markdown(results, [128, 1024], args.decode_batches)
         + report.breakdown_markdown(results)
     )

@@ -1,4 +1,4 @@
-"""The machine a benchmark ran on, and its memory bandwidth (the decode roofline).
+"""The machine a benchmark ran on and its limits: memory bandwidth, GEMM peaks.
 
 Batch-1 decode reads every weight once per token, so on a CPU its ceiling is
 ``bandwidth / weight bytes``. Two stream-like tests, each the best of a few
@@ -9,6 +9,10 @@ repeats over buffers far larger than the last-level cache:
 
 Run in a fresh process per thread count, so the torch thread pool is sized
 as asked and nothing else of the harness is resident.
+
+Prefill and batched work are bounded by compute instead: :func:`gemm_peaks`
+times one GEMM shape per compute type (oneDNN bf16, fp32, and dstp's bf16
+widened to fp32) in one pinned process per TP rank; the best is the limit.
 """
 
 from __future__ import annotations
@@ -127,5 +131,63 @@ def bandwidth_pinned(processes: int, mib: int = 512, seconds: float = 3.0) -> di
     return {"processes": processes, "read_gbs": total / seconds / 1e9}
 
 
+# GEMM shape of the peak test: a 512-token prefill through a 1B model's MLP shard at TP=2
+GEMM_SHAPE = (512, 4096, 2048)  # tokens, output features, input features
+COMPUTE_TYPES = ("bf16", "fp32", "bf16 widened to fp32")
+
+
+def _gemm(core: int, kind: str, seconds: float) -> float:
+    """GFLOP/s of one pinned single-thread process running ``kind`` GEMMs for ``seconds``."""
+    import torch
+    import torch.nn.functional as F
+
+    from dstp import cpu_gemm
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    m, n, k = GEMM_SHAPE
+    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    run = (lambda: cpu_gemm.widened_linear(x, w)) if "widened" in kind else (lambda: F.linear(x, w))
+    run()
+    best, end = float("inf"), time.time() + seconds
+    while time.time() < end:
+        t = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * n * k / best / 1e9
+
+
+def gemm_peaks(processes: int, seconds: float = 4.0) -> dict[str, float]:
+    """Aggregate GFLOP/s of ``processes`` pinned single-thread processes (one per TP rank)
+    for each compute type, run one type at a time; ``best`` is the machine's compute limit."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    peaks: dict[str, float] = {}
+    for kind in COMPUTE_TYPES:
+        children = []
+        for i in range(processes):
+            core = cores[i % len(cores)] if cores else i
+            code = (
+                "import sys; sys.path.insert(0, sys.argv[1]);"
+                "from benchmarks.sysinfo import _gemm;"
+                f"print(_gemm({core}, {kind!r}, {seconds}))"
+            )
+            children.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code, root], stdout=subprocess.PIPE, text=True
+                )
+            )
+        peaks[kind] = sum(float(c.communicate()[0].strip().splitlines()[-1]) for c in children)
+    peaks["best"] = max(peaks.values())
+    return {"processes": processes, "shape": list(GEMM_SHAPE), **peaks}
+
+
 if __name__ == "__main__":
-    print(json.dumps({"machine": machine(), "bw": [bandwidth(1), bandwidth(2)]}, indent=1))
+    print(
+        json.dumps(
+            {"machine": machine(), "bw": [bandwidth(1), bandwidth(2)], "gemm": gemm_peaks(2)},
+            indent=1,
+        )
+    )

@@ -217,9 +217,23 @@ def _skip_for_lm_head_copies(result: dict, copy_per_row: int, rows: int, what: s
     return True
 
 
+def kernels(impl: str) -> dict[str, str]:
+    """Which CPU kernel each path of ``impl`` ran: one-row (batch-1 decode) and multi-row."""
+    if impl not in ("dstp", "dstp_engine"):
+        return {"one_row": "PyTorch F.linear", "multi_row": "PyTorch F.linear (oneDNN)"}
+    from dstp import cpu_gemm, cpu_kernels
+
+    gemv = cpu_kernels.kernel()
+    return {
+        "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
+        "multi_row": f"{cpu_gemm.describe()} from {cpu_gemm.MIN_ROWS} rows",
+    }
+
+
 def _finish(plan: dict, result: dict, rank: int) -> None:
     from benchmarks import timing
 
+    result["kernels"] = kernels(plan["impl"])
     result["memory"]["phase_peaks_gb"] = PHASE_PEAKS
     result["complete"] = True
     _write(result)

@@ -52,9 +52,12 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summarize(wall: float, outputs: list[int], ttft: list[float], tpot: list[float]) -> dict:
+def summarize(
+    wall: float, prompts: list[int], outputs: list[int], ttft: list[float], tpot: list[float]
+) -> dict:
     return {
         "requests": len(outputs),
+        "prompt_tokens": sum(prompts),
         "output_tokens": sum(outputs),
         "wall_s": wall,
         "output_tok_s": sum(outputs) / wall,
@@ -69,7 +72,7 @@ def run_static(model: Any, spec: dict, vocab: int) -> dict:
     """HF ``generate`` with static batches (runs identically on every rank)."""
     reqs = requests(spec, vocab)
     size = spec.get("static_batch", 16)
-    ttft, tpot, outs = [], [], []
+    ttft, tpot, outs, prompts = [], [], [], []
     barrier()
     start = time.perf_counter()
     for i in range(0, len(reqs), size):
@@ -88,9 +91,13 @@ def run_static(model: Any, spec: dict, vocab: int) -> dict:
             ttft.append(s[0] - start)
             tpot.append((s[r.output_len - 1] - s[0]) / (r.output_len - 1))
             outs.append(r.output_len)
+            prompts.append(len(r.prompt))
         if agreed(time.perf_counter() - start > spec.get("budget_s", float("inf"))):
             break
-    return {"static_batch": size, **summarize(time.perf_counter() - start, outs, ttft, tpot)}
+    return {
+        "static_batch": size,
+        **summarize(time.perf_counter() - start, prompts, outs, ttft, tpot),
+    }
 
 
 def run_engine(engine: Any, spec: dict, vocab: int) -> dict:
@@ -115,7 +122,7 @@ def run_engine(engine: Any, spec: dict, vocab: int) -> dict:
         outs.append(n)
         ttft.append(res.first_token_time - res.arrival_time)
         tpot.append((res.finish_time - res.first_token_time) / max(1, n - 1))
-    summary = summarize(wall, outs, ttft, tpot)
+    summary = summarize(wall, [len(r.prompt) for r in reqs], outs, ttft, tpot)
     summary["engine_stats"] = engine.stats()
     return summary
 
