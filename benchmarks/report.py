@@ -188,20 +188,16 @@ def limits_markdown(summary: dict) -> str:
         f"{g['best']:.1f} GFLOP/s ({g['processes']} pinned single-thread processes, "
         f"{'x'.join(map(str, g['shape']))}: {kinds}) for prefill and batched work.",
         "",
-        "| config | one-row kernel | multi-row kernel | " + " | ".join(columns) + " |",
-        "|---|---|---|" + "---|" * len(columns),
+        "| config | bf16 linear kernels | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for name, entry in lim.items():
-        kernels = entry.get("kernels") or {}
+        kernels = "; ".join(f"{k}: {v}" for k, v in (entry.get("kernels") or {}).items())
         cells = [
             f"{100 * entry['fractions'][c]:.0f}%" if c in entry["fractions"] else "–"
             for c in columns
         ]
-        lines.append(
-            f"| {name} | {kernels.get('one_row', '?')} | {kernels.get('multi_row', '?')} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        lines.append(f"| {name} | {kernels or '?'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -218,16 +218,12 @@ def _skip_for_lm_head_copies(result: dict, copy_per_row: int, rows: int, what: s
 
 
 def kernels(impl: str) -> dict[str, str]:
-    """Which CPU kernel each path of ``impl`` ran: one-row (batch-1 decode) and multi-row."""
+    """Which CPU kernel ``impl`` ran for a bf16 linear of one, a few and many rows."""
     if impl not in ("dstp", "dstp_engine"):
-        return {"one_row": "PyTorch F.linear", "multi_row": "PyTorch F.linear (oneDNN)"}
-    from dstp import cpu_gemm, cpu_kernels
+        return {"one_row": "PyTorch F.linear", "2+ rows": "PyTorch F.linear (oneDNN)"}
+    from dstp import cpu_kernels
 
-    gemv = cpu_kernels.kernel()
-    return {
-        "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
-        "multi_row": f"{cpu_gemm.describe()} from {cpu_gemm.MIN_ROWS} rows",
-    }
+    return cpu_kernels.describe_paths()
 
 
 def _finish(plan: dict, result: dict, rank: int) -> None:

@@ -21,7 +21,7 @@ from . import cpu_features
 
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 TILE_BYTES = 2 << 20  # one widened fp32 block of weight rows (benchmarks/FINDINGS.md)
-MIN_ROWS = 4  # below this, widening costs more than the bf16 GEMM it replaces
+MIN_ROWS = 8  # below, widening costs more (cpu_kernels' few-row kernel takes 2-7 rows)
 
 _setting = "auto"
 _buffers = threading.local()
@@ -36,7 +36,7 @@ def set_compute_dtype(name: str) -> None:
 
 
 def widens(rows: int = MIN_ROWS) -> bool:
-    """Whether a bf16 linear of ``rows`` rows on CPU computes in fp32 on widened weight blocks."""
+    """Whether a bf16 linear of ``rows`` rows on CPU computes in fp32 on widened weights."""
     if rows < MIN_ROWS:
         return False
     if _setting == "auto":

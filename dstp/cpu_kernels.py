@@ -112,7 +112,8 @@ def _build_directory(ext: str) -> Path:
     """Where one kernel is built: torch's extensions root, one folder per torch version."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    path = Path(get_default_build_root()) / f"{ext}-torch{torch.__version__}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    path = Path(root) / f"{ext}-torch{torch.__version__}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -165,6 +166,26 @@ def gemv_bf16(
     return None if ops is None else ops.gemv_bf16(x, weight, bias)
 
 
+def gemm_few_bf16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``F.linear`` for a few contiguous bf16 rows on CPU (AVX2 build), or None without it."""
+    ops = _ops()
+    few = getattr(ops, "gemm_few_bf16", None)
+    return None if few is None else few(x, weight, bias)
+
+
+def describe_paths() -> dict[str, str]:
+    """What computes a bf16 linear of one, a few and many rows here (logs, benchmarks)."""
+    gemv = kernel()
+    few = gemv is not None and hasattr(_ops(), "gemm_few_bf16") and cpu_gemm.widens()
+    return {
+        "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
+        f"2-{cpu_gemm.MIN_ROWS - 1} rows": f"dstp {gemv} few-row kernel" if few else "oneDNN",
+        f"{cpu_gemm.MIN_ROWS}+ rows": cpu_gemm.describe(),
+    }
+
+
 def linear_2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -179,15 +200,22 @@ def linear_2d(
       thread: 2.8 vs 1.5 ms), and dstp's four-stream kernel about 1.3x ATen's
       on Zen 4 (AVX512-BF16), ~1.8x on an AVX2-only EPYC (benchmarks/gemv.py);
       from two rows on oneDNN is faster.
-    - From a few rows on a CPU without bf16 dot products, fp32 GEMMs on
-      widened weight blocks (:mod:`dstp.cpu_gemm`).
+    - On a CPU without bf16 dot products, from 2 rows dstp's few-row kernel
+      (AVX2 build: weights widened in registers, read once), from
+      ``cpu_gemm.MIN_ROWS`` fp32 GEMMs on widened weight blocks
+      (:mod:`dstp.cpu_gemm`).
     """
     flat = x.reshape(-1, x.shape[-1])
     bf16_on_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-    if bf16_on_cpu and flat.shape[0] == 1:
+    rows = flat.shape[0]
+    if bf16_on_cpu and rows == 1:
         out = _single_row_bf16(flat, weight, bias)
-    elif bf16_on_cpu and cpu_gemm.widens(flat.shape[0]) and not _needs_grad(weight):
+    elif bf16_on_cpu and cpu_gemm.widens(rows) and not _needs_grad(weight):
         out = cpu_gemm.widened_linear(flat, weight, bias)
+    elif bf16_on_cpu and cpu_gemm.widens() and _few_rows_ok(weight, bias):
+        out = gemm_few_bf16(flat.contiguous(), weight, bias)
+        if out is None:
+            out = F.linear(flat, weight, bias)
     else:
         out = F.linear(flat, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
@@ -205,6 +233,12 @@ def _single_row_bf16(
                 return out
     with _aten_cpu_kernels():
         return F.linear(x, weight, bias)
+
+
+def _few_rows_ok(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """What dstp's few-row kernel takes: no autograd, a contiguous weight and bf16 bias."""
+    bias_ok = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
+    return not _needs_grad(weight) and weight.is_contiguous() and bias_ok
 
 
 def _needs_grad(weight: torch.Tensor) -> bool:

@@ -141,12 +141,8 @@ class ModelRunner:
     def _log_layout(self, seconds: float) -> None:
         heads, shape = self.sharded.heads, self.cache.shape
         if self.tp.device.type == "cpu":
-            log.info(
-                "CPU linears: one row %s; %d or more rows: %s",
-                f"dstp's {cpu_kernels.kernel()} GEMV" if cpu_kernels.kernel() else "ATen's GEMV",
-                cpu_gemm.MIN_ROWS,
-                cpu_gemm.describe(),
-            )
+            paths = cpu_kernels.describe_paths()
+            log.info("CPU bf16 linears: %s", "; ".join(f"{k}: {v}" for k, v in paths.items()))
         log.info(
             "KV cache per rank: %d blocks x %d tokens = %d tokens, %.1f KiB per token, %.2f GiB "
             "(%d of %d KV heads per rank; sized by %s); max_model_len=%d; ready in %.1fs",

@@ -78,7 +78,7 @@ def test_linear_2d_widens_from_a_few_rows(monkeypatch, compute_dtype):
     monkeypatch.setattr(cpu_gemm, "widened_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     w = torch.randn(64, 128).bfloat16()
     compute_dtype("float32")
-    linear_2d(torch.randn(2, 3, 128).bfloat16(), w)  # a 3-D batch flattens to 6 rows
+    linear_2d(torch.randn(2, cpu_gemm.MIN_ROWS, 128).bfloat16(), w)  # a 3-D batch flattens
     linear_2d(torch.randn(1, 128).bfloat16(), w)  # one row: the GEMV, never widened
     few = cpu_gemm.MIN_ROWS - 1
     linear_2d(torch.randn(few, 128).bfloat16(), w)  # too few rows to pay for widening
@@ -86,7 +86,7 @@ def test_linear_2d_widens_from_a_few_rows(monkeypatch, compute_dtype):
     w.requires_grad_(True)
     with torch.enable_grad():
         linear_2d(torch.randn(4, 128).bfloat16(), w)  # training: F.linear's backward
-    assert calls == [(6, 128)]
+    assert calls == [(2 * cpu_gemm.MIN_ROWS, 128)]
     compute_dtype("bfloat16")
     x = torch.randn(5, 128).bfloat16()
     assert torch.equal(linear_2d(x, w.detach()), F.linear(x, w.detach()))
@@ -132,11 +132,13 @@ def test_the_model_through_widened_blocks_is_as_close_to_hf_as_bf16_compute(
     exact_model = load_reference(bf16_model)
     hf_bf16 = load_reference(bf16_model).to(torch.bfloat16)
     exact_model.load_state_dict({k: v.float() for k, v in hf_bf16.state_dict().items()})
-    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(0))
-    exact = _logprobs(exact_model, ids)
-    hf_error = (_logprobs(hf_bf16, ids) - exact).abs().max()
-    for setting in ("float32", "bfloat16"):
-        compute_dtype(setting)
-        ours = dstp.load(str(bf16_model), torch.bfloat16)
-        error = (_logprobs(ours, ids) - exact).abs().max()
-        assert error <= 1.5 * hf_error + 0.02, (setting, error, hf_error)
+    gen = torch.Generator().manual_seed(0)
+    # 24 rows: widened blocks; 5 rows: the few-row kernel where the CPU has AVX2
+    for ids in (torch.randint(3, 256, (1, n), generator=gen) for n in (24, 5)):
+        exact = _logprobs(exact_model, ids)
+        hf_error = (_logprobs(hf_bf16, ids) - exact).abs().max()
+        for setting in ("float32", "bfloat16"):
+            compute_dtype(setting)
+            ours = dstp.load(str(bf16_model), torch.bfloat16)
+            error = (_logprobs(ours, ids) - exact).abs().max()
+            assert error <= 1.5 * hf_error + 0.02, (setting, ids.shape, error, hf_error)

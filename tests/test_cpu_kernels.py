@@ -112,6 +112,68 @@ def test_matches_pytorch_within_bf16_rounding(chosen, n, k, bias):
     assert torch.allclose(got.float(), F.linear(x, w, b).float(), rtol=2**-7, atol=1e-2)
 
 
+@pytest.fixture
+def avx2(monkeypatch, fresh_dispatch):
+    """The AVX2 build in use (it alone has the few-row kernel)."""
+    monkeypatch.setenv(cpu_kernels.ENV_KERNEL, "avx2")
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    "m,n,k,bias",
+    [
+        (2, 1023, 2048, True),  # 4 weight rows per pass, then the rest one by one
+        (3, 37, 100, False),  # K with a tail of 4
+        (4, 64, 4096, True),  # several column chunks
+        (5, 17, 31, True),  # K below one vector: all tail
+        (7, 4097, 2056, False),
+        (8, 33, 16, True),
+        (9, 100, 300, False),  # a group of 8 x rows, then a group of 1
+        (17, 5, 1040, True),
+    ],
+)
+def test_few_rows_match_fp32_math_rounded_once(avx2, m, n, k, bias):
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    exact = F.linear(x.float(), w.float(), None if b is None else b.float())
+    got = cpu_kernels.gemm_few_bf16(x, w, b)
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    tol = exact.abs() * 2**-8 + 1e-3 * exact.abs().max()
+    assert ((got.float() - exact).abs() <= tol).all()
+    assert (got == exact.bfloat16()).float().mean() >= 0.9
+
+
+@needs_avx2
+def test_linear_2d_takes_the_few_row_kernel_below_the_widened_gemm(avx2, monkeypatch):
+    calls = []
+    real = cpu_kernels.gemm_few_bf16
+    monkeypatch.setattr(
+        cpu_kernels, "gemm_few_bf16", lambda x, *a: calls.append(x.shape[0]) or real(x, *a)
+    )
+    w = torch.randn(64, 128).bfloat16()
+    monkeypatch.setattr(cpu_gemm, "_setting", "float32")
+    for rows in (1, 2, cpu_gemm.MIN_ROWS - 1, cpu_gemm.MIN_ROWS):
+        linear_2d(torch.randn(rows, 128).bfloat16(), w)
+    linear_2d(torch.randn(3, 128).bfloat16(), torch.randn(64, 256).bfloat16()[:, ::2])  # strided
+    assert calls == [2, cpu_gemm.MIN_ROWS - 1]
+    monkeypatch.setattr(cpu_gemm, "_setting", "bfloat16")  # oneDNN's bf16 GEMM, as asked
+    x = torch.randn(3, 128).bfloat16()
+    assert torch.equal(linear_2d(x, w), F.linear(x, w))
+    assert len(calls) == 2
+
+
+def test_few_rows_fall_back_where_the_build_lacks_the_kernel(monkeypatch):
+    """The AVX512-BF16 build has no few-row kernel: oneDNN computes (natively there)."""
+    monkeypatch.setattr(cpu_kernels, "_ops", lambda: object())
+    monkeypatch.setattr(cpu_gemm, "_setting", "float32")
+    w, x = torch.randn(64, 128).bfloat16(), torch.randn(3, 128).bfloat16()
+    assert cpu_kernels.gemm_few_bf16(x, w) is None
+    assert torch.equal(linear_2d(x, w), F.linear(x, w))
+
+
 def test_rounds_to_nearest_even_and_keeps_specials(chosen):
     # exact sums (small integers times powers of two): the only error is the final rounding
     k = 40
@@ -188,7 +250,7 @@ def test_failed_build_falls_back_to_pytorch(monkeypatch, fresh_dispatch, caplog)
 
 def test_batched_and_other_dtypes_bypass_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "gemv_bf16", lambda *a: pytest.fail("kernel called"))
-    monkeypatch.setattr(cpu_gemm, "widens", lambda rows: False)  # see test_cpu_gemm for True
+    monkeypatch.setattr(cpu_gemm, "widens", lambda rows=0: False)  # see test_cpu_gemm for True
     w = torch.randn(64, 128).bfloat16()
     x2 = torch.randn(2, 128).bfloat16()
     assert torch.equal(linear_2d(x2, w), F.linear(x2, w))  # batch 2: F.linear (oneDNN)

@@ -13,11 +13,16 @@
 // fp32 once, split the same way (even, odd), so the FMAs line up. fp32
 // accumulation, horizontal sums at the end, one rounding to bf16 (nearest
 // even, as PyTorch rounds), bias included.
+//
+// gemm_few_bf16 does the same for a few rows of x (batched decode, below the
+// row count where dstp/cpu_gemm.py's widened fp32 GEMM pays): each widened
+// weight vector serves every x row, so the weights stream from memory once.
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -87,7 +92,147 @@ void dot_rows(const float* x_even, const float* x_odd, const float* x_tail, int6
   }
 }
 
+// x for the few-row GEMM, widened to fp32 and packed per group of up to 8 rows so the
+// inner loop reads it sequentially: for each 16 columns j, for each row m of the group,
+// 8 even then 8 odd elements (matching the widened weights). Columns past the last full 16
+// go to a plain [rows, tail] array.
+struct PackedRows {
+  std::vector<float> body, tail;
+  int64_t k_vec, tail_len;
+};
+
+PackedRows pack_rows(const uint16_t* xp, int64_t m_size, int64_t k_size, int group_size) {
+  PackedRows x{{}, {}, k_size / 16 * 16, k_size % 16};
+  x.body.resize(static_cast<size_t>(m_size * x.k_vec));
+  x.tail.resize(static_cast<size_t>(m_size * x.tail_len));
+  for (int64_t m0 = 0; m0 < m_size; m0 += group_size) {
+    const int64_t group = std::min<int64_t>(group_size, m_size - m0);
+    float* dst = x.body.data() + m0 * x.k_vec;
+    for (int64_t j = 0; j < x.k_vec / 16; ++j)
+      for (int64_t m = 0; m < group; ++m, dst += 16) {
+        const uint16_t* src = xp + (m0 + m) * k_size + j * 16;
+        for (int i = 0; i < 8; ++i) {
+          dst[i] = bf16_to_float(src[2 * i]);
+          dst[8 + i] = bf16_to_float(src[2 * i + 1]);
+        }
+      }
+  }
+  for (int64_t m = 0; m < m_size; ++m)
+    for (int64_t t = 0; t < x.tail_len; ++t)
+      x.tail[m * x.tail_len + t] = bf16_to_float(xp[m * k_size + x.k_vec + t]);
+  return x;
+}
+
+// M packed x rows against R consecutive weight rows over columns [k0, k1) (multiples of 16),
+// added to out[m * out_stride + r]; the tail columns too when k1 is the last full column.
+template <int M, int R>
+void dot_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_vec,
+             int64_t k_size, int64_t k0, int64_t k1, const uint16_t* w, float* out,
+             int64_t out_stride) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = k0; k < k1; k += 16) {
+    const float* xj = xg + (k / 16) * M * 16;
+    for (int r = 0; r < R; ++r) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * k_size + k));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+      for (int m = 0; m < M; ++m) {
+        acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xj + m * 16), we, acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xj + m * 16 + 8), wo, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int r = 0; r < R; ++r) {
+      float sum = hsum(acc[m][r]);
+      if (k1 == k_vec)
+        for (int64_t t = 0; t < tail_len; ++t)
+          sum += x_tail[m * tail_len + t] * bf16_to_float(w[r * k_size + k_vec + t]);
+      out[m * out_stride + r] += sum;
+    }
+  }
+}
+
+// Weight rows [0, rows) against a group of M packed x rows, summed into out (zeroed by the
+// caller). Columns go in chunks whose slice of x stays in L1 across the weight rows; rows go
+// R at a time (M * R accumulators within the 16 AVX2 registers), then one at a time.
+template <int M>
+void rows_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_vec,
+              int64_t k_size, const uint16_t* wp, int64_t rows, float* out,
+              int64_t out_stride) {
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  constexpr int64_t kChunk = 4096 / M / 16 * 16;  // 16 KiB of x stays in L1
+  int64_t k0 = 0;
+  do {
+    const int64_t k1 = std::min(k_vec, k0 + kChunk);
+    int64_t n = 0;
+    for (; n + R <= rows; n += R)
+      dot_few<M, R>(xg, x_tail, tail_len, k_vec, k_size, k0, k1, wp + n * k_size, out + n,
+                    out_stride);
+    for (; n < rows; ++n)
+      dot_few<M, 1>(xg, x_tail, tail_len, k_vec, k_size, k0, k1, wp + n * k_size, out + n,
+                    out_stride);
+    k0 = k1;
+  } while (k0 < k_vec);
+}
+
+using RowsFew = void (*)(const float*, const float*, int64_t, int64_t, int64_t, const uint16_t*,
+                         int64_t, float*, int64_t);
+constexpr int kMaxGroup = 8;  // x rows per pass over a block of weight rows
+constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>, rows_few<3>, rows_few<4>,
+                                         rows_few<5>, rows_few<6>, rows_few<7>, rows_few<8>};
+
 }  // namespace
+
+// y = x W^T (+ b) for a few bf16 rows (batched decode): the weights are read from memory
+// once, each block of weight rows serving every group of up to 8 x rows from cache.
+torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weight,
+                            const c10::optional<torch::Tensor>& bias) {
+  RECORD_FUNCTION("dstp::gemm_few_bf16_avx2", std::vector<c10::IValue>({x_in, weight}));
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "gemm_few_bf16: bf16 inputs only");
+  TORCH_CHECK(x_in.is_contiguous() && x_in.dim() == 2 && weight.is_contiguous() &&
+                  weight.dim() == 2,
+              "gemm_few_bf16: contiguous 2-D x and weight only");
+  const int64_t m_size = x_in.size(0), n_size = weight.size(0), k_size = weight.size(1);
+  TORCH_CHECK(x_in.size(1) == k_size, "gemm_few_bf16: x has ", x_in.size(1),
+              " columns, weight wants ", k_size);
+  const uint16_t* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
+                    bias->numel() == n_size,
+                "gemm_few_bf16: bias must be a contiguous bf16 vector of ", n_size);
+    bp = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+  }
+  const auto x = pack_rows(reinterpret_cast<const uint16_t*>(x_in.data_ptr<at::BFloat16>()),
+                           m_size, k_size, kMaxGroup);
+  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  auto y = torch::empty({m_size, n_size}, x_in.options());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  constexpr int64_t kBlock = 16;  // weight rows kept in cache across the groups of x rows
+  at::parallel_for(0, (n_size + kBlock - 1) / kBlock, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> out(static_cast<size_t>(kMaxGroup * kBlock));
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t begin = block * kBlock, end = std::min(n_size, begin + kBlock);
+      for (int64_t m0 = 0; m0 < m_size; m0 += kMaxGroup) {
+        const int group = static_cast<int>(std::min<int64_t>(kMaxGroup, m_size - m0));
+        std::fill(out.begin(), out.end(), 0.0f);
+        kRowsFew[group - 1](x.body.data() + m0 * x.k_vec, x.tail.data() + m0 * x.tail_len,
+                            x.tail_len, x.k_vec, k_size, wp + begin * k_size, end - begin,
+                            out.data(), kBlock);
+        for (int m = 0; m < group; ++m)
+          for (int64_t n = begin; n < end; ++n) {
+            const float v = out[m * kBlock + (n - begin)];
+            yp[(m0 + m) * n_size + n] = float_to_bf16(bp ? v + bf16_to_float(bp[n]) : v);
+          }
+      }
+    }
+  });
+  return y;
+}
 
 torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
                         const c10::optional<torch::Tensor>& bias) {
@@ -144,4 +289,5 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T (+ b) for one bf16 row (AVX2 + FMA)");
+  m.def("gemm_few_bf16", &gemm_few_bf16, "y = x W^T (+ b) for a few bf16 rows (AVX2 + FMA)");
 }
