@@ -163,6 +163,7 @@ def main(plan_path: str) -> None:
     result["affinity"] = sorted(os.sched_getaffinity(0))
     if tp is not None:
         result["fast_all_reduce"] = tp.fast_all_reduce
+    result["kernels"] = kernels(plan["impl"])  # before any phase: partial results have it too
     PARTIAL.update(result)
     result = PARTIAL
     vocab = model.config.vocab_size
@@ -229,7 +230,7 @@ def kernels(impl: str) -> dict[str, str]:
 def _finish(plan: dict, result: dict, rank: int) -> None:
     from benchmarks import timing
 
-    result["kernels"] = kernels(plan["impl"])
+    result.setdefault("kernels", kernels(plan["impl"]))
     result["memory"]["phase_peaks_gb"] = PHASE_PEAKS
     result["complete"] = True
     _write(result)
