@@ -35,18 +35,22 @@ def set_compute_dtype(name: str) -> None:
     _setting = name
 
 
-def widens(rows: int = MIN_ROWS) -> bool:
-    """Whether a bf16 linear of ``rows`` rows on CPU computes in fp32 on widened weights."""
-    if rows < MIN_ROWS:
-        return False
+def computes_in_fp32() -> bool:
+    """Whether bf16 linears of two or more rows on CPU compute in fp32 on widened weights
+    (the setting, and for "auto" the CPU's lack of a bf16 dot product)."""
     if _setting == "auto":
         return not cpu_features.has_native_bf16_dot()
     return _setting == "float32"
 
 
+def widens(rows: int) -> bool:
+    """Whether a bf16 linear of ``rows`` rows on CPU takes :func:`widened_linear`."""
+    return rows >= MIN_ROWS and computes_in_fp32()
+
+
 def describe() -> str:
     """The multi-row path in use, for start-up logs and benchmark records."""
-    if widens():
+    if computes_in_fp32():
         why = "asked for" if _setting == "float32" else "no bf16 dot product on this CPU"
         return f"fp32 on widened bf16 weight blocks ({why})"
     return "oneDNN bf16 GEMM"

@@ -178,7 +178,7 @@ def gemm_few_bf16(
 def describe_paths() -> dict[str, str]:
     """What computes a bf16 linear of one, a few and many rows here (logs, benchmarks)."""
     gemv = kernel()
-    few = gemv is not None and hasattr(_ops(), "gemm_few_bf16") and cpu_gemm.widens()
+    few = gemv is not None and hasattr(_ops(), "gemm_few_bf16") and cpu_gemm.computes_in_fp32()
     return {
         "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
         f"2-{cpu_gemm.MIN_ROWS - 1} rows": f"dstp {gemv} few-row kernel" if few else "oneDNN",
@@ -212,7 +212,7 @@ def linear_2d(
         out = _single_row_bf16(flat, weight, bias)
     elif bf16_on_cpu and cpu_gemm.widens(rows) and not _needs_grad(weight):
         out = cpu_gemm.widened_linear(flat, weight, bias)
-    elif bf16_on_cpu and cpu_gemm.widens() and _few_rows_ok(weight, bias):
+    elif bf16_on_cpu and cpu_gemm.computes_in_fp32() and _kernel_takes(weight, bias):
         out = gemm_few_bf16(flat.contiguous(), weight, bias)
         if out is None:
             out = F.linear(flat, weight, bias)
@@ -225,18 +225,17 @@ def _single_row_bf16(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """dstp's streaming GEMV when built (see gemv_bf16), else ATen's (not oneDNN's)."""
-    if not _needs_grad(weight):  # the kernel has no backward
-        bias_ok = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
-        if weight.is_contiguous() and bias_ok:
-            out = gemv_bf16(x.contiguous(), weight, bias)
-            if out is not None:
-                return out
+    if _kernel_takes(weight, bias):
+        out = gemv_bf16(x.contiguous(), weight, bias)
+        if out is not None:
+            return out
     with _aten_cpu_kernels():
         return F.linear(x, weight, bias)
 
 
-def _few_rows_ok(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """What dstp's few-row kernel takes: no autograd, a contiguous weight and bf16 bias."""
+def _kernel_takes(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """What dstp's kernels take: no autograd (they have no backward), a contiguous weight,
+    no bias or a contiguous bf16 one."""
     bias_ok = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
     return not _needs_grad(weight) and weight.is_contiguous() and bias_ok
 

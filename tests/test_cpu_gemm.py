@@ -68,7 +68,7 @@ def test_the_choice_follows_the_cpu_and_the_flag(
 ):
     monkeypatch.setattr(cpu_features, "flags", lambda: frozenset(flags))
     compute_dtype(setting)
-    assert cpu_gemm.widens() is widens
+    assert cpu_gemm.computes_in_fp32() is widens
     assert ("widened" in cpu_gemm.describe()) is widens
 
 

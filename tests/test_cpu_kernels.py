@@ -250,7 +250,7 @@ def test_failed_build_falls_back_to_pytorch(monkeypatch, fresh_dispatch, caplog)
 
 def test_batched_and_other_dtypes_bypass_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "gemv_bf16", lambda *a: pytest.fail("kernel called"))
-    monkeypatch.setattr(cpu_gemm, "widens", lambda rows=0: False)  # see test_cpu_gemm for True
+    monkeypatch.setattr(cpu_gemm, "computes_in_fp32", lambda: False)  # see test_cpu_gemm for True
     w = torch.randn(64, 128).bfloat16()
     x2 = torch.randn(2, 128).bfloat16()
     assert torch.equal(linear_2d(x2, w), F.linear(x2, w))  # batch 2: F.linear (oneDNN)
