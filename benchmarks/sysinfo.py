@@ -95,9 +95,7 @@ def _stream(core: int, mib: int, start_at: float, seconds: float) -> int:
     """Bytes one single-threaded process pinned to ``core`` reads in ``seconds`` from ``start_at``."""
     import torch
 
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {core})
-    torch.set_num_threads(1)
+    _pin(core)
     src = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
     time.sleep(max(0.0, start_at - time.time()))
     done, end = 0, time.time() + seconds
@@ -113,22 +111,36 @@ def bandwidth_pinned(processes: int, mib: int = 512, seconds: float = 3.0) -> di
     This is how TP ranks read weights (one pinned process per core), and it can
     exceed what one process's threads reach with ``torch.sum``.
     """
+    start_at = time.time() + 3.0  # after every child has faulted its buffer in
+    total = sum(_run_pinned(processes, f"_stream({{core}}, {mib}, {start_at}, {seconds})"))
+    return {"processes": processes, "read_gbs": total / seconds / 1e9}
+
+
+def _pin(core: int) -> None:
+    """This process on ``core`` alone, with one torch thread (how a TP rank runs)."""
+    import torch
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+
+
+def _run_pinned(processes: int, call: str) -> list[float]:
+    """Runs ``call`` (a call of this module's, ``{core}`` filled in) in ``processes``
+    children at once, one per core, and returns what each printed."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    start_at = time.time() + 3.0  # after every child has faulted its buffer in
     children = []
     for i in range(processes):
         core = cores[i % len(cores)] if cores else i
         code = (
             "import sys; sys.path.insert(0, sys.argv[1]);"
-            "from benchmarks.sysinfo import _stream;"
-            f"print(_stream({core}, {mib}, {start_at}, {seconds}))"
+            f"from benchmarks import sysinfo; print(sysinfo.{call.format(core=core)})"
         )
         children.append(
             subprocess.Popen([sys.executable, "-c", code, root], stdout=subprocess.PIPE, text=True)
         )
-    total = sum(int(c.communicate()[0].strip().splitlines()[-1]) for c in children)
-    return {"processes": processes, "read_gbs": total / seconds / 1e9}
+    return [float(c.communicate()[0].strip().splitlines()[-1]) for c in children]
 
 
 # GEMM shape of the peak test: a 512-token prefill through a 1B model's MLP shard at TP=2
@@ -143,9 +155,7 @@ def _gemm(core: int, kind: str, seconds: float) -> float:
 
     from dstp import cpu_gemm
 
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {core})
-    torch.set_num_threads(1)
+    _pin(core)
     m, n, k = GEMM_SHAPE
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
@@ -162,24 +172,10 @@ def _gemm(core: int, kind: str, seconds: float) -> float:
 def gemm_peaks(processes: int, seconds: float = 4.0) -> dict[str, float]:
     """Aggregate GFLOP/s of ``processes`` pinned single-thread processes (one per TP rank)
     for each compute type, run one type at a time; ``best`` is the machine's compute limit."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    peaks: dict[str, float] = {}
-    for kind in COMPUTE_TYPES:
-        children = []
-        for i in range(processes):
-            core = cores[i % len(cores)] if cores else i
-            code = (
-                "import sys; sys.path.insert(0, sys.argv[1]);"
-                "from benchmarks.sysinfo import _gemm;"
-                f"print(_gemm({core}, {kind!r}, {seconds}))"
-            )
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", code, root], stdout=subprocess.PIPE, text=True
-                )
-            )
-        peaks[kind] = sum(float(c.communicate()[0].strip().splitlines()[-1]) for c in children)
+    peaks = {
+        kind: sum(_run_pinned(processes, f"_gemm({{core}}, {kind!r}, {seconds})"))
+        for kind in COMPUTE_TYPES
+    }
     peaks["best"] = max(peaks.values())
     return {"processes": processes, "shape": list(GEMM_SHAPE), **peaks}
 
