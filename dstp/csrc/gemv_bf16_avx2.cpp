@@ -185,6 +185,16 @@ constexpr int kMaxGroup = 8;  // x rows per pass over a block of weight rows
 constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>, rows_few<3>, rows_few<4>,
                                          rows_few<5>, rows_few<6>, rows_few<7>, rows_few<8>};
 
+// The bias as bf16 bits, or nullptr without one; checked to be a contiguous bf16 [n_size].
+const uint16_t* bias_bits(const c10::optional<torch::Tensor>& bias, int64_t n_size,
+                          const char* op) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
+                  bias->numel() == n_size,
+              op, ": bias must be a contiguous bf16 vector of ", n_size);
+  return reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+}
+
 }  // namespace
 
 // y = x W^T (+ b) for a few bf16 rows (batched decode): the weights are read from memory
@@ -200,13 +210,7 @@ torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weig
   const int64_t m_size = x_in.size(0), n_size = weight.size(0), k_size = weight.size(1);
   TORCH_CHECK(x_in.size(1) == k_size, "gemm_few_bf16: x has ", x_in.size(1),
               " columns, weight wants ", k_size);
-  const uint16_t* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
-                    bias->numel() == n_size,
-                "gemm_few_bf16: bias must be a contiguous bf16 vector of ", n_size);
-    bp = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-  }
+  const uint16_t* bp = bias_bits(bias, n_size, "gemm_few_bf16");
   const auto x = pack_rows(reinterpret_cast<const uint16_t*>(x_in.data_ptr<at::BFloat16>()),
                            m_size, k_size, kMaxGroup);
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
@@ -243,13 +247,7 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
               "gemv_bf16: contiguous x and 2-D weight only");
   const int64_t n_size = weight.size(0), k_size = weight.size(1);
   TORCH_CHECK(x.numel() == k_size, "gemv_bf16: x has ", x.numel(), " values, weight wants ", k_size);
-  const uint16_t* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
-                    bias->numel() == n_size,
-                "gemv_bf16: bias must be a contiguous bf16 vector of ", n_size);
-    bp = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-  }
+  const uint16_t* bp = bias_bits(bias, n_size, "gemv_bf16");
   auto y = torch::empty({1, n_size}, x.options());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
