@@ -48,6 +48,9 @@ class TPGroup:
     replica: int = 0
     num_replicas: int = 1
     world_cpu_group: object | None = None  # gloo over the whole world (start-up only)
+    # DeepSpeed's CPU shared-memory kernel sums 16-bit floats only with AVX512BW; on other
+    # CPUs (AVX2) it sums fp32 only and would send bf16 over gloo, ~300x slower.
+    all_reduce_in_fp32: bool = False
 
     @property
     def is_driver(self) -> bool:
@@ -73,6 +76,10 @@ class TPGroup:
         import deepspeed.comm as dist
 
         if self.fast_all_reduce and tensor.dtype in _SHM_DTYPES:
+            if self.all_reduce_in_fp32 and tensor.dtype != torch.float32:
+                wide = tensor.float()  # exact; summed in fp32 and rounded once, as the kernel does
+                dist.inference_all_reduce(wide, group=self.group)
+                return tensor.copy_(wide)
             dist.inference_all_reduce(tensor, group=self.group)
         else:
             dist.all_reduce(tensor, group=self.group)
@@ -212,7 +219,7 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
     replicas = world // tp
     replica = rank // tp
     group = cpu_group = world_cpu = None
-    fast = False
+    fast = in_fp32 = False
     backend = os.environ.get("DSTP_DIST_BACKEND") or accel.communication_backend_name()
     if world > 1:
         import deepspeed
@@ -240,6 +247,9 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
         if replicas > 1:
             group, cpu_group = _replica_groups(world, tp, replica, backend)
         fast = tp > 1 and _fast_all_reduce_available(accel.device_name(), world, local_size)
+        if fast and accel.device_name() == "cpu":
+            level = _shm_kernel_level()
+            fast, in_fp32 = level >= 1, level == 1
         if fast and replicas > 1 and accel.device_name() == "cpu":
             # DeepSpeed's shared-memory all-reduce ignores its group: it would sum
             # over every rank of the host, every replica's together.
@@ -270,14 +280,16 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
         replica=replica,
         num_replicas=replicas,
         world_cpu_group=world_cpu,
+        all_reduce_in_fp32=in_fp32,
     )
     log.debug(
-        "TP group: rank %d/%d of %s on %s, fast all-reduce=%s",
+        "TP group: rank %d/%d of %s on %s, fast all-reduce=%s (16-bit sums in fp32: %s)",
         rank % tp,
         tp,
         _TP.describe(),
         device,
         fast,
+        in_fp32,
     )
     return _TP
 
@@ -372,6 +384,18 @@ def _fast_all_reduce_available(device_name: str, world: int, local_size: int) ->
     if not has_op:
         log.warning("DeepSpeed shared-memory all-reduce unavailable: falling back to gloo (slow)")
     return has_op
+
+
+def _shm_kernel_level() -> int:
+    """Which dtypes DeepSpeed's shm kernel sums on this CPU: 2 all, 1 fp32 only, 0 none.
+
+    Below 2 (no AVX512BW) DeepSpeed hands bf16/fp16 ``inference_all_reduce``
+    calls to the process group (gloo over TCP) instead of shared memory.
+    Versions without ``shm_vector_kernel_level`` sum every dtype in shared memory.
+    """
+    from deepspeed.comm import comm
+
+    return getattr(comm.cdb, "shm_vector_kernel_level", 2)
 
 
 def _pin_cpu_threads(local_rank: int, local_size: int) -> None:
