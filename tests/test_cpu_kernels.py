@@ -131,6 +131,7 @@ def avx2(monkeypatch, fresh_dispatch):
         (8, 33, 16, True),
         (9, 100, 300, False),  # a group of 8 x rows, then a group of 1
         (17, 5, 1040, True),
+        (31, 70, 48, True),  # the most rows it takes: three groups of 8, one of 7
     ],
 )
 def test_few_rows_match_fp32_math_rounded_once(avx2, m, n, k, bias):

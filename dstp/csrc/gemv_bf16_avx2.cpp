@@ -123,18 +123,33 @@ PackedRows pack_rows(const uint16_t* xp, int64_t m_size, int64_t k_size, int gro
   return x;
 }
 
+// Streams the next block of weight rows (contiguous in memory) into cache a line at a time
+// while the current block is computed: the block's rows are read in short column chunks,
+// too short for the hardware prefetchers to follow from DRAM.
+struct BlockPrefetch {
+  const char* next;
+  const char* end;
+  inline void step() {
+    if (next < end) {
+      _mm_prefetch(next, _MM_HINT_T0);
+      next += 64;
+    }
+  }
+};
+
 // M packed x rows against R consecutive weight rows over columns [k0, k1) (multiples of 16),
 // added to out[m * out_stride + r]; the tail columns too when k1 is the last full column.
 template <int M, int R>
 void dot_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_vec,
              int64_t k_size, int64_t k0, int64_t k1, const uint16_t* w, float* out,
-             int64_t out_stride) {
+             int64_t out_stride, BlockPrefetch& prefetch) {
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t k = k0; k < k1; k += 16) {
     const float* xj = xg + (k / 16) * M * 16;
+    prefetch.step();
     for (int r = 0; r < R; ++r) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * k_size + k));
       const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
@@ -162,7 +177,7 @@ void dot_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_v
 template <int M>
 void rows_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_vec,
               int64_t k_size, const uint16_t* wp, int64_t rows, float* out,
-              int64_t out_stride) {
+              int64_t out_stride, BlockPrefetch& prefetch) {
   constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
   constexpr int64_t kChunk = 4096 / M / 16 * 16;  // 16 KiB of x stays in L1
   int64_t k0 = 0;
@@ -171,16 +186,16 @@ void rows_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_
     int64_t n = 0;
     for (; n + R <= rows; n += R)
       dot_few<M, R>(xg, x_tail, tail_len, k_vec, k_size, k0, k1, wp + n * k_size, out + n,
-                    out_stride);
+                    out_stride, prefetch);
     for (; n < rows; ++n)
       dot_few<M, 1>(xg, x_tail, tail_len, k_vec, k_size, k0, k1, wp + n * k_size, out + n,
-                    out_stride);
+                    out_stride, prefetch);
     k0 = k1;
   } while (k0 < k_vec);
 }
 
 using RowsFew = void (*)(const float*, const float*, int64_t, int64_t, int64_t, const uint16_t*,
-                         int64_t, float*, int64_t);
+                         int64_t, float*, int64_t, BlockPrefetch&);
 constexpr int kMaxGroup = 8;  // x rows per pass over a block of weight rows
 constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>, rows_few<3>, rows_few<4>,
                                          rows_few<5>, rows_few<6>, rows_few<7>, rows_few<8>};
@@ -198,7 +213,8 @@ const uint16_t* bias_bits(const c10::optional<torch::Tensor>& bias, int64_t n_si
 }  // namespace
 
 // y = x W^T (+ b) for a few bf16 rows (batched decode): the weights are read from memory
-// once, each block of weight rows serving every group of up to 8 x rows from cache.
+// once, each block of weight rows serving every group of up to 8 x rows from cache while
+// the next block streams in.
 torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("dstp::gemm_few_bf16_avx2", std::vector<c10::IValue>({x_in, weight}));
@@ -221,12 +237,15 @@ torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weig
     std::vector<float> out(static_cast<size_t>(kMaxGroup * kBlock));
     for (int64_t block = first; block < last; ++block) {
       const int64_t begin = block * kBlock, end = std::min(n_size, begin + kBlock);
+      const int64_t next_end = std::min(n_size, end + kBlock);
+      BlockPrefetch prefetch{reinterpret_cast<const char*>(wp + end * k_size),
+                             reinterpret_cast<const char*>(wp + next_end * k_size)};
       for (int64_t m0 = 0; m0 < m_size; m0 += kMaxGroup) {
         const int group = static_cast<int>(std::min<int64_t>(kMaxGroup, m_size - m0));
         std::fill(out.begin(), out.end(), 0.0f);
         kRowsFew[group - 1](x.body.data() + m0 * x.k_vec, x.tail.data() + m0 * x.tail_len,
                             x.tail_len, x.k_vec, k_size, wp + begin * k_size, end - begin,
-                            out.data(), kBlock);
+                            out.data(), kBlock, prefetch);
         for (int m = 0; m < group; ++m)
           for (int64_t n = begin; n < end; ++n) {
             const float v = out[m * kBlock + (n - begin)];
