@@ -34,12 +34,16 @@ CSRC = Path(__file__).with_name("csrc")
 ENV_SWITCH = "DSTP_CPU_KERNELS"  # "0": no dstp kernels at all
 ENV_KERNEL = "DSTP_CPU_KERNEL"  # "avx2": the AVX2 build even where AVX512-BF16 is there
 
-# kernel name -> (extension name, source, extra compiler flags, what it needs, for the log)
+# kernel name -> (extension name, sources, extra compiler flags, what it needs, for the log)
 KERNELS = {
-    "avx512_bf16": ("dstp_cpu_kernels", CSRC / "gemv_bf16.cpp", [], "AVX512-BF16"),
-    "avx2": ("dstp_cpu_kernels_avx2", CSRC / "gemv_bf16_avx2.cpp", ["-mavx2", "-mfma"], "AVX2+FMA"),
+    "avx512_bf16": ("dstp_cpu_kernels", [CSRC / "gemv_bf16.cpp"], [], "AVX512-BF16"),
+    "avx2": (
+        "dstp_cpu_kernels_avx2",
+        [CSRC / "gemv_bf16_avx2.cpp", CSRC / "decode_attention_avx2.cpp"],
+        ["-mavx2", "-mfma"],
+        "AVX2+FMA",
+    ),
 }
-SOURCE = KERNELS["avx512_bf16"][1]
 
 
 def _choose_kernel() -> str | None:
@@ -76,7 +80,7 @@ def _ops() -> ModuleType | None:
 @functools.cache
 def _build(name: str) -> ModuleType | None:
     """Builds (or loads the cached build of) one kernel; None, with a warning, if it fails."""
-    ext, source, flags, needs = KERNELS[name]
+    ext, sources, flags, needs = KERNELS[name]
     try:
         from torch.utils.cpp_extension import load
 
@@ -85,7 +89,7 @@ def _build(name: str) -> ModuleType | None:
         with _exclusive_build(build_dir):
             ops = load(
                 name=ext,
-                sources=[str(source)],
+                sources=[str(source) for source in sources],
                 extra_cflags=["-O3", *flags],
                 build_directory=str(build_dir),
             )
@@ -175,6 +179,12 @@ def gemm_few_bf16(
     return None if few is None else few(x, weight, bias)
 
 
+def decode_attention_ops() -> ModuleType | None:
+    """The AVX2 build's paged decode attention (bf16 caches), or None where it is not built."""
+    ops = _ops()
+    return ops if hasattr(ops, "decode_scores_bf16") else None
+
+
 def describe_paths() -> dict[str, str]:
     """What computes a bf16 linear of one, a few and many rows here (logs, benchmarks)."""
     gemv = kernel()
@@ -183,6 +193,9 @@ def describe_paths() -> dict[str, str]:
         "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
         f"2-{cpu_gemm.MIN_ROWS - 1} rows": f"dstp {gemv} few-row kernel" if few else "oneDNN",
         f"{cpu_gemm.MIN_ROWS}+ rows": cpu_gemm.describe(),
+        "decode attention": "dstp avx2 paged kernel (bf16 cache)"
+        if decode_attention_ops() is not None
+        else "PyTorch matmuls",
     }
 
 

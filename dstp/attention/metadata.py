@@ -37,6 +37,7 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # [D] their packed-token rows (device)
     decode_blocks: torch.Tensor | None  # [D, B] their block tables (device)
     decode_valid: torch.Tensor | None  # [D, B * block_size] keys each may see (device)
+    decode_lens: torch.Tensor | None  # [D] their context lengths (device)
 
     @classmethod
     def build(
@@ -64,6 +65,7 @@ class AttentionMetadata:
             decode_rows=inputs.decode_rows,
             decode_blocks=inputs.decode_blocks,
             decode_valid=decode_valid,
+            decode_lens=inputs.decode_lens,
         )
 
 

@@ -2,8 +2,8 @@
 
 Prefill chunks go through ``F.scaled_dot_product_attention`` one sequence at a
 time; decode tokens (one new token per sequence) are batched into one grouped
-matmul over whole gathered blocks. It is the CPU backend and the fallback on
-devices without a backend of their own.
+matmul over whole gathered blocks. It is the fallback on devices without a
+backend of their own, and :mod:`.cpu` builds on it.
 """
 
 from __future__ import annotations
@@ -106,6 +106,16 @@ def _decode(
     return out.transpose(1, 2).reshape(heads, d_seqs, dim)
 
 
+def decode_keys_visible(step: AttentionMetadata, sliding_window: int | None) -> torch.Tensor:
+    """``[D, B * block_size]``: the keys each decoding sequence attends to (its window's)."""
+    valid = step.decode_valid
+    if sliding_window is not None:
+        lens = valid.sum(-1, keepdim=True)
+        keys = torch.arange(valid.shape[-1], device=valid.device)
+        valid = valid & (keys >= lens - sliding_window)
+    return valid
+
+
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     """``[KV, slots, d]`` cache -> ``[KV, D, B * block_size, d]`` for ``[D, B]`` block tables."""
     kv, _, dim = cache.shape
@@ -169,11 +179,7 @@ class SdpaBackend:
         softcap: float | None,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        valid = step.decode_valid
-        if sliding_window is not None:
-            lens = valid.sum(-1, keepdim=True)
-            keys = torch.arange(valid.shape[-1], device=valid.device)
-            valid = valid & (keys >= lens - sliding_window)
+        valid = decode_keys_visible(step, sliding_window)
         bs = step.cache.shape.block_size
         k = _gather_blocks(k_cache, step.decode_blocks, bs)  # [KV, D, ctx, d]
         v = _gather_blocks(v_cache, step.decode_blocks, bs)
