@@ -110,9 +110,8 @@ def decode_keys_visible(step: AttentionMetadata, sliding_window: int | None) -> 
     """``[D, B * block_size]``: the keys each decoding sequence attends to (its window's)."""
     valid = step.decode_valid
     if sliding_window is not None:
-        lens = valid.sum(-1, keepdim=True)
         keys = torch.arange(valid.shape[-1], device=valid.device)
-        valid = valid & (keys >= lens - sliding_window)
+        valid = valid & (keys >= step.decode_lens.unsqueeze(1) - sliding_window)
     return valid
 
 
