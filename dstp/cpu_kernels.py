@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -85,11 +86,11 @@ def _build(name: str) -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         start = time.perf_counter()
-        build_dir = _build_directory(ext)
+        build_dir = _build_directory(name)
         with _exclusive_build(build_dir):
             ops = load(
                 name=ext,
-                sources=[str(source) for source in sources],
+                sources=[str(source) for source in _copy_sources(sources, build_dir / "src")],
                 extra_cflags=["-O3", *flags],
                 build_directory=str(build_dir),
             )
@@ -112,14 +113,37 @@ def _build(name: str) -> ModuleType | None:
         return None
 
 
-def _build_directory(ext: str) -> Path:
-    """Where one kernel is built: torch's extensions root, one folder per torch version."""
+def _build_directory(name: str) -> Path:
+    """Where one kernel is built: torch's extensions root, one folder per build's content.
+
+    Keyed by the sources' bytes, the flags and torch's version, not by where dstp is
+    installed: a wheel and a checkout of the same code share one build instead of each
+    rebuilding it over the other's (ninja rebuilds when a source's path changes).
+    """
     from torch.utils.cpp_extension import get_default_build_root
 
+    ext, sources, flags, _ = KERNELS[name]
+    digest = hashlib.sha256(f"{torch.__version__} {flags}".encode())
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    path = Path(root) / f"{ext}-torch{torch.__version__}"
+    path = Path(root) / f"{ext}-torch{torch.__version__}-{digest.hexdigest()[:12]}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _copy_sources(sources: list[Path], folder: Path) -> list[Path]:
+    """The sources copied into the build folder (untouched when already there, so ninja's
+    timestamps hold): the build then names the same paths from every installation."""
+    folder.mkdir(exist_ok=True)
+    copies = []
+    for source in sources:
+        copy = folder / source.name
+        data = source.read_bytes()
+        if not copy.exists() or copy.read_bytes() != data:
+            copy.write_bytes(data)
+        copies.append(copy)
+    return copies
 
 
 @contextlib.contextmanager

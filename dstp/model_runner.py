@@ -140,7 +140,7 @@ class ModelRunner:
 
     def _log_layout(self, seconds: float) -> None:
         heads, shape = self.sharded.heads, self.cache.shape
-        if self.tp.device.type == "cpu":
+        if self.tp.device.type == "cpu" and shape.dtype == torch.bfloat16:
             paths = cpu_kernels.describe_paths()
             log.info("CPU bf16 linears: %s", "; ".join(f"{k}: {v}" for k, v in paths.items()))
         log.info(

@@ -270,8 +270,7 @@ sys.exit(0 if cpu_kernels._build(sys.argv[1]) is not None else 1)
 @needs_avx2
 def test_a_build_killed_midway_does_not_hang_the_next_start():
     """torch's ``lock`` file outlives a killed build; the next start must not wait on it."""
-    ext = cpu_kernels.KERNELS["avx2"][0]
-    stale = cpu_kernels._build_directory(ext) / "lock"
+    stale = cpu_kernels._build_directory("avx2") / "lock"
     stale.touch()
     child = subprocess.run(
         [sys.executable, "-c", BUILD_IN_A_CHILD, "avx2"],
@@ -282,6 +281,49 @@ def test_a_build_killed_midway_does_not_hang_the_next_start():
     assert child.returncode == 0, child.stderr[-2000:]
     assert "left by a kernel build that did not finish" in child.stderr
     assert not stale.exists()
+
+
+BUILD_FROM_A_COPY = """
+import shutil, sys
+from pathlib import Path
+from dstp import cpu_kernels
+ext, sources, flags, needs = cpu_kernels.KERNELS["avx2"]
+copies = [Path(shutil.copy(source, sys.argv[1])) for source in sources]
+cpu_kernels.KERNELS["avx2"] = (ext, copies, flags, needs)
+sys.exit(0 if cpu_kernels._build("avx2") is not None else 1)
+"""
+
+
+@needs_avx2
+def test_a_second_installation_of_the_same_sources_reuses_the_build(tmp_path):
+    """A wheel and a checkout hold the sources at different paths: neither rebuilds."""
+    assert cpu_kernels._build("avx2") is not None
+    built = sorted(cpu_kernels._build_directory("avx2").glob("*.so"))
+    assert built, "the build folder should hold the built extension"
+    before = [path.stat().st_mtime_ns for path in built]
+    child = subprocess.run(
+        [sys.executable, "-c", BUILD_FROM_A_COPY, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert [path.stat().st_mtime_ns for path in built] == before, "rebuilt from the copy"
+
+
+def test_the_build_folder_follows_the_sources_not_their_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    ext, sources, flags, needs = cpu_kernels.KERNELS["avx2"]
+    here = cpu_kernels._build_directory("avx2")
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    copies = [copy / source.name for source in sources]
+    for source, target in zip(sources, copies, strict=True):
+        target.write_bytes(source.read_bytes())
+    monkeypatch.setitem(cpu_kernels.KERNELS, "avx2", (ext, copies, flags, needs))
+    assert cpu_kernels._build_directory("avx2") == here
+    copies[0].write_bytes(copies[0].read_bytes() + b"\n// changed\n")
+    assert cpu_kernels._build_directory("avx2") != here
 
 
 def test_a_stale_lock_of_another_extension_is_removed_a_fresh_one_kept(tmp_path, monkeypatch):

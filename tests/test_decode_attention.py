@@ -147,3 +147,17 @@ def test_the_engine_through_the_kernel_is_as_close_to_hf_as_pytorch_attention(
     without, _ = _engine_logprob_error(bf16_llama, monkeypatch, kernel=False)
     assert calls >= 2 * 11, "every layer of every batched decode step should ask for the kernel"
     assert with_kernel <= 1.5 * without + 0.02, (with_kernel, without)
+
+
+def test_a_float32_model_never_builds_the_bf16_kernels(bf16_llama, monkeypatch):
+    """Building them takes a minute or two on first use; a float32 server has no use for them."""
+    from dstp.engine import Engine, EngineConfig
+    from dstp.sampling_params import SamplingParams
+
+    asked = []
+    monkeypatch.setattr(cpu_kernels, "_ops", lambda: asked.append(1))
+    engine = Engine(EngineConfig(model=str(bf16_llama), dtype="float32", num_blocks=64))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    results = engine.generate([[5, 9, 33], [1, 2, 3, 4, 5]], params)
+    assert all(len(result.outputs[0].token_ids) == 4 for result in results)
+    assert not asked, "a float32 model asked for the bf16 kernels"

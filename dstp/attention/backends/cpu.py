@@ -66,8 +66,9 @@ class CpuBackend(SdpaBackend):
         softcap: float | None,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        ops = cpu_kernels.decode_attention_ops()
-        if ops is None or not fits(query, k_cache):
+        # fits() first: asking for the ops builds them, which a float32 model never needs
+        ops = cpu_kernels.decode_attention_ops() if fits(query, k_cache) else None
+        if ops is None:
             return super()._decode_batch(
                 query, k_cache, v_cache, step, scaling, softcap, sliding_window
             )
