@@ -21,7 +21,7 @@ from . import cpu_features
 
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 TILE_BYTES = 2 << 20  # one widened fp32 block of weight rows (benchmarks/FINDINGS.md)
-MIN_ROWS = 32  # below, widening costs more (cpu_kernels' few-row kernel takes 2-31 rows)
+MIN_ROWS = 56  # below, widening costs more (cpu_kernels' few-row kernel takes 2-55 rows)
 
 _setting = "auto"
 _buffers = threading.local()

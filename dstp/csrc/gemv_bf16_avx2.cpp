@@ -92,7 +92,7 @@ void dot_rows(const float* x_even, const float* x_odd, const float* x_tail, int6
   }
 }
 
-// x for the few-row GEMM, widened to fp32 and packed per group of up to 8 rows so the
+// x for the few-row GEMM, widened to fp32 and packed per group of up to kMaxGroup rows so the
 // inner loop reads it sequentially: for each 16 columns j, for each row m of the group,
 // 8 even then 8 odd elements (matching the widened weights). Columns past the last full 16
 // go to a plain [rows, tail] array.
@@ -173,12 +173,13 @@ void dot_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_v
 
 // Weight rows [0, rows) against a group of M packed x rows, summed into out (zeroed by the
 // caller). Columns go in chunks whose slice of x stays in L1 across the weight rows; rows go
-// R at a time (M * R accumulators within the 16 AVX2 registers), then one at a time.
+// R at a time, M * R = 12 accumulators (with the two widened weight halves, 14 of the 16
+// AVX2 registers; fewer accumulators leave the FMA units waiting), then one at a time.
 template <int M>
 void rows_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_vec,
               int64_t k_size, const uint16_t* wp, int64_t rows, float* out,
               int64_t out_stride, BlockPrefetch& prefetch) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  constexpr int R = 12 / M;
   constexpr int64_t kChunk = 4096 / M / 16 * 16;  // 16 KiB of x stays in L1
   int64_t k0 = 0;
   do {
@@ -196,9 +197,8 @@ void rows_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_
 
 using RowsFew = void (*)(const float*, const float*, int64_t, int64_t, int64_t, const uint16_t*,
                          int64_t, float*, int64_t, BlockPrefetch&);
-constexpr int kMaxGroup = 8;  // x rows per pass over a block of weight rows
-constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>, rows_few<3>, rows_few<4>,
-                                         rows_few<5>, rows_few<6>, rows_few<7>, rows_few<8>};
+constexpr int kMaxGroup = 3;  // x rows per pass over a block of weight rows (R = 4 each)
+constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>, rows_few<3>};
 
 // The bias as bf16 bits, or nullptr without one; checked to be a contiguous bf16 [n_size].
 const uint16_t* bias_bits(const c10::optional<torch::Tensor>& bias, int64_t n_size,
@@ -213,7 +213,7 @@ const uint16_t* bias_bits(const c10::optional<torch::Tensor>& bias, int64_t n_si
 }  // namespace
 
 // y = x W^T (+ b) for a few bf16 rows (batched decode): the weights are read from memory
-// once, each block of weight rows serving every group of up to 8 x rows from cache while
+// once, each block of weight rows serving every group of up to 3 x rows from cache while
 // the next block streams in.
 torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias) {
@@ -232,7 +232,8 @@ torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weig
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   auto y = torch::empty({m_size, n_size}, x_in.options());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  constexpr int64_t kBlock = 16;  // weight rows kept in cache across the groups of x rows
+  constexpr int64_t kBlock = 48;  // weight rows kept in cache across the groups of x rows
+                                  // (a multiple of every R: no row left to the 1-row path)
   at::parallel_for(0, (n_size + kBlock - 1) / kBlock, 1, [&](int64_t first, int64_t last) {
     std::vector<float> out(static_cast<size_t>(kMaxGroup * kBlock));
     for (int64_t block = first; block < last; ++block) {

@@ -102,8 +102,8 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
         default="auto",
         choices=("auto", "bfloat16", "float32"),
         help="CPU: how bf16 linears of two or more rows (prefill, batched decode) compute; "
-        "auto: in fp32 on bf16 weights widened on the fly (in registers for 2-31 rows, in "
-        "cache-sized blocks from 32) where the CPU has no bf16 dot product (no AVX512-BF16 or "
+        "auto: in fp32 on bf16 weights widened on the fly (in registers for 2-55 rows, in "
+        "cache-sized blocks from 56) where the CPU has no bf16 dot product (no AVX512-BF16 or "
         "AMX), else oneDNN's bf16; weights stay bf16 in memory either way",
     )
     m.add_argument(
