@@ -123,13 +123,13 @@ def avx2(monkeypatch, fresh_dispatch):
 @pytest.mark.parametrize(
     "m,n,k,bias",
     [
-        (2, 1023, 2048, True),  # 6 weight rows per pass; a last block of 15, 3 rows alone
+        (2, 1023, 2048, True),  # 4 weight rows per pass; a last block of 15, 3 rows alone
         (3, 37, 100, False),  # K with a tail of 4
-        (4, 64, 4096, True),  # several column chunks; groups of 3 and 1 x rows
+        (4, 64, 4096, True),  # several column chunks
         (5, 17, 31, True),  # K below one vector: all tail
         (7, 4097, 2056, False),
         (8, 33, 16, True),
-        (9, 100, 300, False),  # three groups of 3; blocks of 48, 48 and 4 weight rows
+        (9, 100, 300, False),  # four pairs of x rows and one alone; blocks of 48, 48, 4
         (17, 5, 1040, True),
         (cpu_gemm.MIN_ROWS - 1, 70, 48, True),  # the most rows it takes
     ],

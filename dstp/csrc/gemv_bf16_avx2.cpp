@@ -173,13 +173,14 @@ void dot_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_v
 
 // Weight rows [0, rows) against a group of M packed x rows, summed into out (zeroed by the
 // caller). Columns go in chunks whose slice of x stays in L1 across the weight rows; rows go
-// R at a time, M * R = 12 accumulators (with the two widened weight halves, 14 of the 16
-// AVX2 registers; fewer accumulators leave the FMA units waiting), then one at a time.
+// R at a time, then one at a time. M * R = 8 accumulators, 2 * M x vectors (the compiler
+// keeps them in registers across the R weight rows) and the two widened weight halves fill
+// 14 of the 16 AVX2 registers: with more accumulators some live on the stack (objdump).
 template <int M>
 void rows_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_vec,
               int64_t k_size, const uint16_t* wp, int64_t rows, float* out,
               int64_t out_stride, BlockPrefetch& prefetch) {
-  constexpr int R = 12 / M;
+  constexpr int R = 8 / M;
   constexpr int64_t kChunk = 4096 / M / 16 * 16;  // 16 KiB of x stays in L1
   int64_t k0 = 0;
   do {
@@ -197,8 +198,8 @@ void rows_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_
 
 using RowsFew = void (*)(const float*, const float*, int64_t, int64_t, int64_t, const uint16_t*,
                          int64_t, float*, int64_t, BlockPrefetch&);
-constexpr int kMaxGroup = 3;  // x rows per pass over a block of weight rows (R = 4 each)
-constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>, rows_few<3>};
+constexpr int kMaxGroup = 2;  // x rows per pass over a block of weight rows (R = 4 each)
+constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>};
 
 // The bias as bf16 bits, or nullptr without one; checked to be a contiguous bf16 [n_size].
 const uint16_t* bias_bits(const c10::optional<torch::Tensor>& bias, int64_t n_size,
@@ -213,7 +214,7 @@ const uint16_t* bias_bits(const c10::optional<torch::Tensor>& bias, int64_t n_si
 }  // namespace
 
 // y = x W^T (+ b) for a few bf16 rows (batched decode): the weights are read from memory
-// once, each block of weight rows serving every group of up to 3 x rows from cache while
+// once, each block of weight rows serving every pair of x rows from cache while
 // the next block streams in.
 torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias) {
