@@ -198,7 +198,7 @@ void rows_few(const float* xg, const float* x_tail, int64_t tail_len, int64_t k_
 
 using RowsFew = void (*)(const float*, const float*, int64_t, int64_t, int64_t, const uint16_t*,
                          int64_t, float*, int64_t, BlockPrefetch&);
-constexpr int kMaxGroup = 2;  // x rows per pass over a block of weight rows (R = 4 each)
+constexpr int kMaxGroup = 2;  // x rows per pass over a block of weight rows
 constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>};
 
 // The bias as bf16 bits, or nullptr without one; checked to be a contiguous bf16 [n_size].
