@@ -18,8 +18,10 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -71,40 +73,61 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& cache,
                 lp[s], " keys, outside [1, ", max_len, "]");
 }
 
+// The group size G is a template argument: with a run-time count GCC keeps the accumulator
+// array on the stack (a load and a store around every FMA); with G known, in registers.
+
 // scores[g, j] for one (KV head, sequence): G dot products per key row.
-void scores_one(const float* q, int group, int64_t dim, const Paged& keys, int64_t len,
-                float scaling, float* scores, int64_t max_len) {
+template <int G>
+void scores_one(const float* q, int64_t dim, const Paged& keys, int64_t len, float scaling,
+                float* scores, int64_t max_len) {
   for (int64_t j = 0; j < len; ++j) {
     const uint16_t* k = keys.row(j);
-    __m256 acc[kMaxGroup];
-    for (int g = 0; g < group; ++g) acc[g] = _mm256_setzero_ps();
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t c = 0; c < dim; c += 8) {
       const __m256 kv = widen8(k + c);
-      for (int g = 0; g < group; ++g)
+      for (int g = 0; g < G; ++g)
         acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * dim + c), kv, acc[g]);
     }
-    for (int g = 0; g < group; ++g) scores[g * max_len + j] = hsum(acc[g]) * scaling;
+    for (int g = 0; g < G; ++g) scores[g * max_len + j] = hsum(acc[g]) * scaling;
   }
   const float masked = -std::numeric_limits<float>::infinity();
-  for (int g = 0; g < group; ++g)
+  for (int g = 0; g < G; ++g)
     for (int64_t j = len; j < max_len; ++j) scores[g * max_len + j] = masked;
 }
 
 // out[g, :] for one (KV head, sequence): the probability-weighted sum of its value rows,
 // 8 columns of every head at a time so the accumulators stay in registers.
-void values_one(const float* probs, int group, int64_t dim, const Paged& values, int64_t len,
+template <int G>
+void values_one(const float* probs, int64_t dim, const Paged& values, int64_t len,
                 int64_t max_len, float* out, int64_t out_stride) {
   for (int64_t c = 0; c < dim; c += 8) {
-    __m256 acc[kMaxGroup];
-    for (int g = 0; g < group; ++g) acc[g] = _mm256_setzero_ps();
+    __m256 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; ++j) {
       const __m256 v = widen8(values.row(j) + c);
-      for (int g = 0; g < group; ++g)
+      for (int g = 0; g < G; ++g)
         acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(probs[g * max_len + j]), v, acc[g]);
     }
-    for (int g = 0; g < group; ++g) _mm256_storeu_ps(out + g * out_stride + c, acc[g]);
+    for (int g = 0; g < G; ++g) _mm256_storeu_ps(out + g * out_stride + c, acc[g]);
   }
 }
+
+using ScoresOne = void (*)(const float*, int64_t, const Paged&, int64_t, float, float*, int64_t);
+using ValuesOne = void (*)(const float*, int64_t, const Paged&, int64_t, int64_t, float*,
+                           int64_t);
+
+// kScores[G - 1] / kValues[G - 1]: the kernels for G query heads per KV head, 1..kMaxGroup.
+template <int... I>
+constexpr std::array<ScoresOne, sizeof...(I)> scores_kernels(std::integer_sequence<int, I...>) {
+  return {{scores_one<I + 1>...}};
+}
+template <int... I>
+constexpr std::array<ValuesOne, sizeof...(I)> values_kernels(std::integer_sequence<int, I...>) {
+  return {{values_one<I + 1>...}};
+}
+constexpr auto kScores = scores_kernels(std::make_integer_sequence<int, kMaxGroup>{});
+constexpr auto kValues = values_kernels(std::make_integer_sequence<int, kMaxGroup>{});
 
 }  // namespace
 
@@ -131,8 +154,8 @@ torch::Tensor decode_scores_bf16(const torch::Tensor& q, const torch::Tensor& k_
       for (int g = 0; g < group; ++g)  // this pair's query heads, contiguous
         std::copy_n(qp + ((h * group + g) * seqs + s) * dim, dim, qg.data() + g * dim);
       const Paged keys{cp + h * slots * dim, bt + s * width, block_size, dim};
-      scores_one(qg.data(), group, dim, keys, lp[s], static_cast<float>(scaling),
-                 sp + i * group * max_len, max_len);
+      kScores[group - 1](qg.data(), dim, keys, lp[s], static_cast<float>(scaling),
+                         sp + i * group * max_len, max_len);
     }
   });
   return scores;
@@ -159,8 +182,8 @@ torch::Tensor decode_values_bf16(const torch::Tensor& probs, const torch::Tensor
     for (int64_t i = first; i < last; ++i) {
       const int64_t h = i / seqs, s = i % seqs;
       const Paged values{cp + h * slots * dim, bt + s * width, block_size, dim};
-      values_one(pp + i * group * max_len, static_cast<int>(group), dim, values, lp[s],
-                 max_len, op + (h * group * seqs + s) * dim, seqs * dim);
+      kValues[group - 1](pp + i * group * max_len, dim, values, lp[s], max_len,
+                         op + (h * group * seqs + s) * dim, seqs * dim);
     }
   });
   return out;
