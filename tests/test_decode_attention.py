@@ -94,6 +94,20 @@ def test_lengths_outside_the_tables_are_refused_not_read(ops):
             ops.decode_scores_bf16(q, k, step.decode_blocks, torch.tensor(bad), 4, 8, 1.0)
 
 
+@needs_kernel
+def test_group_sizes_outside_1_to_16_are_refused(ops):
+    """The kernels are picked from a table by group size: no size may index past it."""
+    k, v, step = _step(2, 8, 4, [3, 8], seed=0)
+    for heads in (0, 3, 34):  # no heads, not a multiple of the KV heads, 17 per KV head
+        q = torch.randn(heads, 2, 8)
+        with pytest.raises(RuntimeError, match="query heads per KV head"):
+            ops.decode_scores_bf16(q, k, step.decode_blocks, step.decode_lens, 4, 8, 1.0)
+    for group in (0, 17):
+        probs = torch.rand(2, 2, group, 8)
+        with pytest.raises(RuntimeError, match="query heads per KV head"):
+            ops.decode_values_bf16(probs, v, step.decode_blocks, step.decode_lens, 4)
+
+
 def test_the_cpu_backend_takes_only_what_the_kernel_takes():
     assert backend_for(torch.device("cpu")) is cpu_backend.BACKEND
     bf16 = torch.zeros(2, 16, 64, dtype=torch.bfloat16)

@@ -58,8 +58,9 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& cache,
               "decode attention: the cache must be contiguous bf16 [kv heads, slots, dim]");
   TORCH_CHECK(dim % 8 == 0 && cache.size(2) == dim, "decode attention: head dim ", dim,
               " must be a multiple of 8 and match the cache");
-  TORCH_CHECK(q.size(0) % cache.size(0) == 0 && q.size(0) / cache.size(0) <= kMaxGroup,
-              "decode attention: at most ", kMaxGroup, " query heads per KV head");
+  TORCH_CHECK(cache.size(0) > 0 && q.size(0) > 0 && q.size(0) % cache.size(0) == 0 &&
+                  q.size(0) / cache.size(0) <= kMaxGroup,
+              "decode attention: 1 to ", kMaxGroup, " query heads per KV head");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous() &&
                   block_tables.size(0) == q.size(1),
               "decode attention: block tables must be contiguous int64 [seqs, blocks]");
@@ -113,21 +114,17 @@ void values_one(const float* probs, int64_t dim, const Paged& values, int64_t le
   }
 }
 
-using ScoresOne = void (*)(const float*, int64_t, const Paged&, int64_t, float, float*, int64_t);
-using ValuesOne = void (*)(const float*, int64_t, const Paged&, int64_t, int64_t, float*,
-                           int64_t);
+struct GroupKernels {  // both passes for one group size
+  void (*scores)(const float*, int64_t, const Paged&, int64_t, float, float*, int64_t);
+  void (*values)(const float*, int64_t, const Paged&, int64_t, int64_t, float*, int64_t);
+};
 
-// kScores[G - 1] / kValues[G - 1]: the kernels for G query heads per KV head, 1..kMaxGroup.
+// kKernels[G - 1]: the kernels for G query heads per KV head, 1..kMaxGroup.
 template <int... I>
-constexpr std::array<ScoresOne, sizeof...(I)> scores_kernels(std::integer_sequence<int, I...>) {
-  return {{scores_one<I + 1>...}};
+constexpr std::array<GroupKernels, sizeof...(I)> group_kernels(std::integer_sequence<int, I...>) {
+  return {{{scores_one<I + 1>, values_one<I + 1>}...}};
 }
-template <int... I>
-constexpr std::array<ValuesOne, sizeof...(I)> values_kernels(std::integer_sequence<int, I...>) {
-  return {{values_one<I + 1>...}};
-}
-constexpr auto kScores = scores_kernels(std::make_integer_sequence<int, kMaxGroup>{});
-constexpr auto kValues = values_kernels(std::make_integer_sequence<int, kMaxGroup>{});
+constexpr auto kKernels = group_kernels(std::make_integer_sequence<int, kMaxGroup>{});
 
 }  // namespace
 
@@ -154,7 +151,7 @@ torch::Tensor decode_scores_bf16(const torch::Tensor& q, const torch::Tensor& k_
       for (int g = 0; g < group; ++g)  // this pair's query heads, contiguous
         std::copy_n(qp + ((h * group + g) * seqs + s) * dim, dim, qg.data() + g * dim);
       const Paged keys{cp + h * slots * dim, bt + s * width, block_size, dim};
-      kScores[group - 1](qg.data(), dim, keys, lp[s], static_cast<float>(scaling),
+      kKernels[group - 1].scores(qg.data(), dim, keys, lp[s], static_cast<float>(scaling),
                          sp + i * group * max_len, max_len);
     }
   });
@@ -182,7 +179,7 @@ torch::Tensor decode_values_bf16(const torch::Tensor& probs, const torch::Tensor
     for (int64_t i = first; i < last; ++i) {
       const int64_t h = i / seqs, s = i % seqs;
       const Paged values{cp + h * slots * dim, bt + s * width, block_size, dim};
-      kValues[group - 1](pp + i * group * max_len, dim, values, lp[s], max_len,
+      kKernels[group - 1].values(pp + i * group * max_len, dim, values, lp[s], max_len,
                          op + (h * group * seqs + s) * dim, seqs * dim);
     }
   });
