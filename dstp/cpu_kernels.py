@@ -37,10 +37,15 @@ ENV_KERNEL = "DSTP_CPU_KERNEL"  # "avx2": the AVX2 build even where AVX512-BF16 
 
 # kernel name -> (extension name, sources, extra compiler flags, what it needs, for the log)
 KERNELS = {
-    "avx512_bf16": ("dstp_cpu_kernels", [CSRC / "gemv_bf16.cpp"], [], "AVX512-BF16"),
+    "avx512_bf16": (
+        "dstp_cpu_kernels",
+        [CSRC / "gemv_bf16.cpp", CSRC / "rms_norm.cpp"],
+        [],
+        "AVX512-BF16",
+    ),
     "avx2": (
         "dstp_cpu_kernels_avx2",
-        [CSRC / "gemv_bf16_avx2.cpp", CSRC / "decode_attention_avx2.cpp"],
+        [CSRC / "gemv_bf16_avx2.cpp", CSRC / "decode_attention_avx2.cpp", CSRC / "rms_norm.cpp"],
         ["-mavx2", "-mfma"],
         "AVX2+FMA",
     ),
@@ -201,6 +206,12 @@ def gemm_few_bf16(
     ops = _ops()
     few = getattr(ops, "gemm_few_bf16", None)
     return None if few is None else few(x, weight, bias)
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """Llama's RMSNorm of contiguous bf16 CPU rows in one call (HF's rounding), or None."""
+    norm = getattr(_ops(), "rms_norm_bf16", None)
+    return None if norm is None else norm(x, weight, eps)
 
 
 def decode_attention_ops() -> ModuleType | None:

@@ -37,6 +37,7 @@ from .layers import (
 from .loading import Checkpoint, finish_staged_reads, load_config, release_free_heap
 from .meta_model import build_meta_model
 from .moe import shard_experts
+from .norms import fused_replacements
 from .stacked_source import StackedSource
 
 log = logging.getLogger("dstp")
@@ -288,6 +289,15 @@ def materialize(
         raise TPConfigError(f"parameters never loaded: {leftover[:5]}")
 
 
+def _fuse_rms_norms(model: nn.Module) -> None:
+    """Swap each RMSNorm the CPU kernel reproduces for one kernel call (:mod:`dstp.norms`)."""
+    swapped = 0
+    for name, fused in list(fused_replacements(model)):
+        _set_module(model, name, fused)
+        swapped += 1
+    log.debug("%d RMSNorm modules run dstp's CPU kernel", swapped)
+
+
 def shard_model(
     path: str,
     tp: TPGroup,
@@ -322,6 +332,7 @@ def shard_model(
     release_free_heap()
     if dtype == torch.bfloat16 and tp.device.type == "cpu":
         cpu_kernels.available()  # build the batch-1 GEMV now, not on the first request
+        _fuse_rms_norms(model)
     sharded = ShardedModel(model, policy, heads, config, ckpt.nbytes())
     if tp.is_driver:
         log.info(
