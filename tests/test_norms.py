@@ -64,6 +64,23 @@ def test_the_kernel_rounds_as_hf_llama_rms_norm(shape, scale, eps):
 
 
 @needs_kernel
+def test_rows_split_over_threads_come_out_the_same():
+    norm = _hf_norm(96)
+    x = torch.randn(301, 96, generator=torch.Generator().manual_seed(2)).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = cpu_kernels.rms_norm_bf16(x, norm.weight, norm.variance_epsilon)
+        torch.set_num_threads(1)
+        whole = cpu_kernels.rms_norm_bf16(x, norm.weight, norm.variance_epsilon)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, whole)
+    with torch.no_grad():
+        _assert_within_rounding(whole, norm(x))
+
+
+@needs_kernel
 def test_only_norms_the_kernel_reproduces_are_swapped():
     model = nn.Module()
     model.llama = _hf_norm(64)

@@ -6,6 +6,7 @@
 // in fp32 rounded to bf16 (HF's `.to(input_dtype)`), then times the bf16 weight in
 // fp32 rounded to bf16 again (a bf16 * bf16 ATen multiply). Only the summation order
 // of the mean differs from ATen's, so an output may rarely differ by one bf16 ulp.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -14,6 +15,7 @@
 namespace {
 
 constexpr int kLanes = 16;  // independent partial sums: vectorised, and a shorter chain
+constexpr int64_t kRowsPerTask = 16;  // prefill's thousands of rows split over torch's threads
 
 float mean_of_squares(const c10::BFloat16* x, int64_t n) {
   float partial[kLanes] = {};
@@ -49,14 +51,16 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
   const auto* wp = weight.data_ptr<c10::BFloat16>();
   auto* op = out.data_ptr<c10::BFloat16>();
   const float epsilon = static_cast<float>(eps);  // ATen adds a Python float to fp32 as fp32
-  for (int64_t r = 0; r < rows; ++r) {
-    const c10::BFloat16* row = xp + r * width;
-    c10::BFloat16* dest = op + r * width;
-    const float scale = 1.0f / std::sqrt(mean_of_squares(row, width) + epsilon);
-    for (int64_t i = 0; i < width; ++i) {
-      const c10::BFloat16 normed(static_cast<float>(row[i]) * scale);
-      dest[i] = c10::BFloat16(static_cast<float>(wp[i]) * static_cast<float>(normed));
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const c10::BFloat16* row = xp + r * width;
+      c10::BFloat16* dest = op + r * width;
+      const float scale = 1.0f / std::sqrt(mean_of_squares(row, width) + epsilon);
+      for (int64_t i = 0; i < width; ++i) {
+        const c10::BFloat16 normed(static_cast<float>(row[i]) * scale);
+        dest[i] = c10::BFloat16(static_cast<float>(wp[i]) * static_cast<float>(normed));
+      }
     }
-  }
+  });
   return out;
 }
