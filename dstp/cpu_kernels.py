@@ -35,6 +35,11 @@ CSRC = Path(__file__).with_name("csrc")
 ENV_SWITCH = "DSTP_CPU_KERNELS"  # "0": no dstp kernels at all
 ENV_KERNEL = "DSTP_CPU_KERNEL"  # "avx2": the AVX2 build even where AVX512-BF16 is there
 
+# -fopenmp: without it at::parallel_for compiles to a serial loop and every kernel runs
+# on one thread however many a rank has. Not linked: the GOMP symbols resolve to the
+# libgomp torch has already loaded (as DeepSpeed's shm op does).
+COMMON_FLAGS = ["-O3", "-fopenmp"]
+
 # kernel name -> (extension name, sources, extra compiler flags, what it needs, for the log)
 KERNELS = {
     "avx512_bf16": (
@@ -96,7 +101,7 @@ def _build(name: str) -> ModuleType | None:
             ops = load(
                 name=ext,
                 sources=[str(source) for source in _copy_sources(sources, build_dir / "src")],
-                extra_cflags=["-O3", *flags],
+                extra_cflags=[*COMMON_FLAGS, *flags],
                 build_directory=str(build_dir),
             )
         ops.dstp_kernel = name
@@ -128,7 +133,7 @@ def _build_directory(name: str) -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     ext, sources, flags, _ = KERNELS[name]
-    digest = hashlib.sha256(f"{torch.__version__} {flags}".encode())
+    digest = hashlib.sha256(f"{torch.__version__} {COMMON_FLAGS + flags}".encode())
     for source in sources:
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()

@@ -52,6 +52,16 @@ def test_kernel_builds_where_the_cpu_supports_it(chosen):
     assert cpu_kernels.kernel() == chosen
 
 
+def test_each_build_runs_its_loops_on_the_ranks_threads(chosen):
+    """Without -fopenmp, at::parallel_for compiles to a serial loop: one thread per kernel
+    however many a rank has. A built .so that calls into OpenMP names GOMP_parallel."""
+    from pathlib import Path
+
+    ops = cpu_kernels._ops()
+    assert ops is not None
+    assert b"GOMP_parallel" in Path(ops.__file__).read_bytes()
+
+
 def test_dispatch_by_cpu_flags(monkeypatch, fresh_dispatch):
     monkeypatch.delenv(cpu_kernels.ENV_KERNEL, raising=False)
     for flags, expected in [
