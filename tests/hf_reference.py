@@ -38,3 +38,23 @@ def greedy_continuations(model, prompts: list[list[int]], new_tokens: int) -> li
             )
         outs.append(out[0, len(prompt) :].tolist())
     return outs
+
+
+def worst_greedy_logprob_error(engine, path: Path, prompts: list[list[int]]) -> float:
+    """Worst |logprob - HF's| over 12 greedy tokens of ``prompts`` decoding together.
+
+    HF runs in fp32 on the same bf16-rounded weights, so what remains is the engine's own
+    bf16 arithmetic.
+    """
+    from dstp.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    results = engine.generate(prompts, params)
+    hf = load_reference(path).to(torch.bfloat16).float()
+    worst = 0.0
+    for prompt, result in zip(prompts, results, strict=True):
+        out = result.outputs[0]
+        rows = logprob_rows(hf, prompt, out.token_ids)
+        for row, token, lp in zip(rows, out.token_ids, out.logprobs, strict=True):
+            worst = max(worst, abs(lp.logprob - row[token].item()))
+    return worst

@@ -128,8 +128,7 @@ def bf16_llama(tmp_path_factory):
 def _engine_logprob_error(path, monkeypatch, kernel: bool) -> tuple[float, int]:
     """Worst |logprob - HF's| over greedy tokens of 4 sequences decoding together."""
     from dstp.engine import Engine, EngineConfig
-    from dstp.sampling_params import SamplingParams
-    from tests.hf_reference import load_reference, logprob_rows
+    from tests.hf_reference import worst_greedy_logprob_error
 
     calls = []
     real = cpu_kernels.decode_attention_ops
@@ -141,16 +140,7 @@ def _engine_logprob_error(path, monkeypatch, kernel: bool) -> tuple[float, int]:
     monkeypatch.setattr(cpu_kernels, "decode_attention_ops", counted)
     engine = Engine(EngineConfig(model=str(path), dtype="bfloat16", num_blocks=64))
     prompts = [[5, 9, 33, 7], [1] + list(range(40, 70)), [3, 3], list(range(100, 117))]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
-    results = engine.generate(prompts, params)
-    hf = load_reference(path).to(torch.bfloat16).float()  # same bf16-rounded weights, fp32 math
-    worst = 0.0
-    for prompt, result in zip(prompts, results, strict=True):
-        out = result.outputs[0]
-        rows = logprob_rows(hf, prompt, out.token_ids)
-        for row, token, lp in zip(rows, out.token_ids, out.logprobs, strict=True):
-            worst = max(worst, abs(lp.logprob - row[token].item()))
-    return worst, len(calls)
+    return worst_greedy_logprob_error(engine, path, prompts), len(calls)
 
 
 @needs_kernel
