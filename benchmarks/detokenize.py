@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from dstp.detokenizer import Detokenizer
+from dstp.engine.detokenizer import Detokenizer
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
 

@@ -30,8 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dstp import cpu_kernels
-from dstp.cpu_kernels import _aten_cpu_kernels
+from dstp.cpu import kernels as cpu_kernels
+from dstp.cpu.kernels import _aten_cpu_kernels
 
 SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192), (64128, 2048)]  # [N, K]: out x in
 

@@ -125,8 +125,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def check_engine(ctx: Context, rec: Record) -> None:
     """32 concurrent requests equal HF generate; a prefix-cache hit; a preemption."""
-    from dstp.engine import Engine, EngineConfig
-    from dstp.sampling_params import SamplingParams
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
 
     path = ctx.tiny_model()
     ref = _hf(path, torch.float32, ctx.device)
@@ -253,8 +253,8 @@ def check_speed(ctx: Context, rec: Record) -> None:
         raise SkipCheck("--quick")
     from benchmarks import workload
     from benchmarks.checkpoint import LLAMA_1B, ensure_checkpoint
-    from dstp.engine import Engine, EngineConfig
-    from dstp.sampling_params import SamplingParams
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
 
     path = ensure_checkpoint(REPO / "runs" / "bench" / "models", LLAMA_1B)
     vocab = LLAMA_1B.vocab_size
@@ -303,8 +303,8 @@ def check_sync_debug(ctx: Context, rec: Record) -> None:
     """Engine steps under torch.cuda.set_sync_debug_mode('warn'): the syncs it reports."""
     if ctx.device.type != "cuda":
         raise SkipCheck("CUDA only")
-    from dstp.engine import Engine, EngineConfig
-    from dstp.sampling_params import SamplingParams
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
 
     engine = Engine(EngineConfig(str(ctx.tiny_model()), dtype="float32"))
     prompts = [_prompt(512, n=10, seed=i) for i in range(8)]

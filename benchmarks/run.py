@@ -107,7 +107,7 @@ def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[
         if name not in plans:
             raise SystemExit(f"unknown config {name!r}; choose from {sorted(plans)}")
         if name == "dstp_engine" and not engine_available():
-            print("  dstp_engine: dstp/engine.py not present yet, skipped")
+            print("  dstp_engine: dstp/engine/llm_engine.py not present yet, skipped")
             continue
         plan, ranks, env = plans[name]
         plan = {"impl": name, **plan, "config": name}

@@ -153,7 +153,7 @@ def _gemm(core: int, kind: str, seconds: float) -> float:
     import torch
     import torch.nn.functional as F
 
-    from dstp import cpu_gemm
+    from dstp.cpu import gemm as cpu_gemm
 
     _pin(core)
     m, n, k = GEMM_SHAPE

@@ -111,7 +111,7 @@ def run_engine(plan: dict, result: dict) -> None:
     """Engine decode rates and workload: memory includes the KV cache the engine allocates."""
     from benchmarks import timing, workload
     from benchmarks.memory import PeakSampler
-    from dstp.engine import Engine, EngineConfig
+    from dstp.engine.llm_engine import Engine, EngineConfig
 
     start = time.perf_counter()
     with PeakSampler() as sampler:
@@ -222,7 +222,7 @@ def kernels(impl: str) -> dict[str, str]:
     """Which CPU kernel ``impl`` ran for a bf16 linear of one, a few and many rows."""
     if impl not in ("dstp", "dstp_engine"):
         return {"one_row": "PyTorch F.linear", "2+ rows": "PyTorch F.linear (oneDNN)"}
-    from dstp import cpu_kernels
+    from dstp.cpu import kernels as cpu_kernels
 
     return cpu_kernels.describe_paths()
 

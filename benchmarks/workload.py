@@ -102,7 +102,7 @@ def run_static(model: Any, spec: dict, vocab: int) -> dict:
 
 def run_engine(engine: Any, spec: dict, vocab: int) -> dict:
     """dstp's engine on rank 0 (other ranks must be in ``engine.run_follower()``)."""
-    from dstp.sampling_params import SamplingParams
+    from dstp.engine.sampling_params import SamplingParams
 
     reqs = requests(spec, vocab)
     params = [
@@ -133,7 +133,7 @@ def run_engine_decode(engine: Any, batch: int, prompt: int, new_tokens: int, voc
     All prompts arrive together and prefill in one step, so every sequence
     then decodes in every step; the rate counts tokens 2..N of each.
     """
-    from dstp.sampling_params import SamplingParams
+    from dstp.engine.sampling_params import SamplingParams
 
     prompts = prompt_ids(batch, prompt, vocab).tolist()
     params = SamplingParams(

@@ -27,8 +27,8 @@ def load(
     full-vocabulary logits on every rank and ``model.generate`` works. The TP
     size is the world size the launcher started (1 for a plain script).
     """
-    from .distributed import init_tp
-    from .inject import shard_model
+    from dstp.distributed import init_tp
+    from dstp.model.inject import shard_model
 
     tp = init_tp()
     sharded = shard_model(

@@ -256,7 +256,7 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
         # does not); unset, the kernel is never initialised and crashes.
         os.environ.setdefault("LOCAL_SIZE", str(local_size))
         if accel.device_name() == "cpu":
-            from .cpu_kernels import clear_stale_extension_lock
+            from dstp.cpu.kernels import clear_stale_extension_lock
 
             clear_stale_extension_lock("deepspeed_shm_comm")
         deepspeed.init_distributed(

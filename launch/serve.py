@@ -10,7 +10,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout: make `dstp` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dstp.server.main import build_parser, main  # noqa: E402
+from dstp.server.serve import build_parser, main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(build_parser().parse_args()))

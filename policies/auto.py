@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from dstp.meta_model import meta_model
+from dstp.model.meta_model import meta_model
 
 from .base import (
     Col,

@@ -109,7 +109,7 @@ Style = Col | Row | Experts
 class Part:
     """One parsed entry of a style's ``parts``: its kind and head_dims per unit.
 
-    Parsed here only, so the policy check and the partitioner in dstp.layers
+    Parsed here only, so the policy check and the partitioner in dstp.model.layers
     agree on the grammar (``"q"``, ``"kv"``, ``"q:3"``, ``"even"``).
     """
 

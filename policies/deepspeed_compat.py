@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dstp.meta_model import meta_model
+from dstp.model.meta_model import meta_model
 
 from .auto import assemble_policy, layers_from_block
 from .base import Experts, Policy, Row, TPConfigError

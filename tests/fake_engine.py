@@ -1,4 +1,4 @@
-"""A deterministic stand-in for ``dstp.engine.Engine`` for HTTP-layer tests.
+"""A deterministic stand-in for ``dstp.engine.llm_engine.Engine`` for HTTP-layer tests.
 
 It follows the engine's contract (add_request / abort / step / has_unfinished /
 heartbeat / stats / shutdown, one token per running sequence per step, block
@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from dstp.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from dstp.sampling_params import InvalidRequest, SamplingParams
+from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from dstp.engine.sampling_params import InvalidRequest, SamplingParams
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
 

@@ -46,7 +46,7 @@ def worst_greedy_logprob_error(engine, path: Path, prompts: list[list[int]]) -> 
     HF runs in fp32 on the same bf16-rounded weights, so what remains is the engine's own
     bf16 arithmetic.
     """
-    from dstp.sampling_params import SamplingParams
+    from dstp.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
     results = engine.generate(prompts, params)

@@ -1,9 +1,9 @@
 """The test oracle: dstp's first sampler, per row on the CPU, kept verbatim.
 
-dstp/sampler.py replaced it with a sampler batched over rows on the logits'
+dstp/engine/sampler.py replaced it with a sampler batched over rows on the logits'
 device; tests/test_sampler.py checks the new one against this one (exactly for
 greedy rows, filters and logprobs, in distribution for sampled rows). It
-accepts dstp.sampler.SampleState too: it reads only the fields both share.
+accepts dstp.engine.sampler.SampleState too: it reads only the fields both share.
 
 Original docstring: turn gathered logits into tokens, on rank 0 only (so every
 rank agrees).
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dstp.outputs import TokenLogprob
-from dstp.sampling_params import SamplingParams
+from dstp.engine.outputs import TokenLogprob
+from dstp.engine.sampling_params import SamplingParams
 
 
 @dataclass

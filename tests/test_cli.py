@@ -1,4 +1,4 @@
-"""``dstp serve`` / ``python -m dstp.serve`` flags: vLLM's command line with vLLM's meanings,
+"""``dstp serve`` / ``python -m dstp serve`` flags: vLLM's command line with vLLM's meanings,
 dstp's own names kept, and what each flag reaches (engine settings, server config, requests)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dstp.config import (
+from dstp.engine.config import (
     SAMPLING_DEFAULTS,
     EngineConfig,
     SamplingDefaults,
@@ -154,8 +154,8 @@ def test_tp_size_against_the_launcher():
         parse("-tp", "2", world=1)
     text = str(info.value)
     assert "does not fit the 1 rank(s) the launcher started" in text
-    assert "deepspeed --num_gpus 2 --module dstp.serve" in text
-    assert "torchrun --nproc_per_node 2 -m dstp.serve" in text and "\n" not in text
+    assert "deepspeed --num_gpus 2 --module dstp serve" in text
+    assert "torchrun --nproc_per_node 2 -m dstp serve" in text and "\n" not in text
     with pytest.raises(FlagError, match=r"sizes that fit: \[1, 2, 4\]"):
         parse("-tp", "3", world=4)
     with pytest.raises(FlagError):
@@ -231,7 +231,7 @@ def test_requests_get_the_server_defaults():
 
 
 def test_flags_reach_the_server_config():
-    from dstp.server.main import _apply_chat_template, _server_config
+    from dstp.server.serve import _apply_chat_template, _server_config
 
     args = parse(
         "--model", "org/m", "--served-model-name", "a", "b", "--enable-log-requests", world=1
@@ -251,21 +251,21 @@ def test_flags_reach_the_server_config():
 
 
 def test_module_entry_point_help():
-    """``python -m dstp.serve`` (what ``deepspeed --module`` and ``torchrun -m`` run)."""
+    """``python -m dstp serve`` (what ``deepspeed --module`` and ``torchrun -m`` run)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "dstp.serve", "--help"],
+        [sys.executable, "-m", "dstp", "serve", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "python -m dstp.serve" in proc.stdout and "--tensor-parallel-size" in proc.stdout
+    assert "python -m dstp serve" in proc.stdout and "--tensor-parallel-size" in proc.stdout
 
 
 def test_tp_mismatch_exits_with_one_line():
     proc = subprocess.run(
-        [sys.executable, "-m", "dstp.serve", "-tp", "2", "--port", "0"],
+        [sys.executable, "-m", "dstp", "serve", "-tp", "2", "--port", "0"],
         cwd=REPO,
         env={**os.environ, "WORLD_SIZE": "1"},
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Multi-row bf16 linears computed in fp32 on widened weight blocks (dstp.cpu_gemm)."""
+"""Multi-row bf16 linears computed in fp32 on widened weight blocks (dstp.cpu.gemm)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dstp import cpu_features, cpu_gemm
-from dstp.cpu_kernels import linear_2d
+from dstp.cpu import features as cpu_features
+from dstp.cpu import gemm as cpu_gemm
+from dstp.cpu.kernels import linear_2d
 from dstp.server.cli import build_parser
-from dstp.server.main import _engine_config
+from dstp.server.serve import _engine_config
 
 
 @pytest.fixture

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.cpp_extension import _get_build_directory
 
-from dstp import cpu_features, cpu_gemm, cpu_kernels
-from dstp.cpu_kernels import _aten_cpu_kernels, linear_2d
+from dstp.cpu import features as cpu_features
+from dstp.cpu import gemm as cpu_gemm
+from dstp.cpu import kernels as cpu_kernels
+from dstp.cpu.kernels import _aten_cpu_kernels, linear_2d
 
 needs_kernel = pytest.mark.skipif(
     not cpu_features.has_avx512_bf16(), reason="CPU without AVX512-BF16"
@@ -272,7 +274,7 @@ def test_batched_and_other_dtypes_bypass_the_kernel(monkeypatch):
 BUILD_IN_A_CHILD = """
 import logging, sys
 logging.basicConfig(level=logging.INFO)
-from dstp import cpu_kernels
+from dstp.cpu import kernels as cpu_kernels
 sys.exit(0 if cpu_kernels._build(sys.argv[1]) is not None else 1)
 """
 
@@ -296,7 +298,7 @@ def test_a_build_killed_midway_does_not_hang_the_next_start():
 BUILD_FROM_A_COPY = """
 import shutil, sys
 from pathlib import Path
-from dstp import cpu_kernels
+from dstp.cpu import kernels as cpu_kernels
 ext, sources, flags, needs = cpu_kernels.KERNELS["avx2"]
 copies = [Path(shutil.copy(source, sys.argv[1])) for source in sources]
 cpu_kernels.KERNELS["avx2"] = (ext, copies, flags, needs)

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dstp import cpu_features, cpu_kernels
-from dstp.attention.backends import backend_for
-from dstp.attention.backends import cpu as cpu_backend
-from dstp.attention.backends.sdpa import SdpaBackend
+from dstp.cpu import features as cpu_features
+from dstp.cpu import kernels as cpu_kernels
+from dstp.worker.attention.backends import backend_for
+from dstp.worker.attention.backends import cpu as cpu_backend
+from dstp.worker.attention.backends.sdpa import SdpaBackend
 
 needs_kernel = pytest.mark.skipif(
     not cpu_features.has_avx2_fma() or cpu_features.has_avx512_bf16(),
@@ -127,7 +128,7 @@ def bf16_llama(tmp_path_factory):
 
 def _engine_logprob_error(path, monkeypatch, kernel: bool) -> tuple[float, int]:
     """Worst |logprob - HF's| over greedy tokens of 4 sequences decoding together."""
-    from dstp.engine import Engine, EngineConfig
+    from dstp.engine.llm_engine import Engine, EngineConfig
     from tests.hf_reference import worst_greedy_logprob_error
 
     calls = []
@@ -155,8 +156,8 @@ def test_the_engine_through_the_kernel_is_as_close_to_hf_as_pytorch_attention(
 
 def test_a_float32_model_never_builds_the_bf16_kernels(bf16_llama, monkeypatch):
     """Building them takes a minute or two on first use; a float32 server has no use for them."""
-    from dstp.engine import Engine, EngineConfig
-    from dstp.sampling_params import SamplingParams
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
 
     asked = []
     monkeypatch.setattr(cpu_kernels, "_ops", lambda: asked.append(1))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dstp.engine import Engine, EngineConfig
-from dstp.sampling_params import InvalidRequest, SamplingParams
+from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.engine.sampling_params import InvalidRequest, SamplingParams
 from tests.tiny_models import STORIES
 
 pytestmark = pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/models/stories260k")

@@ -14,9 +14,9 @@ import random
 
 import pytest
 
-from dstp.detokenizer import Detokenizer, find_stop, partial_stop_len
-from dstp.engine import Engine, EngineConfig
-from dstp.sampling_params import SamplingParams
+from dstp.engine.detokenizer import Detokenizer, find_stop, partial_stop_len
+from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.engine.sampling_params import SamplingParams
 from tests.text_tokenizers import CORPUS, byte_level_bpe
 from tests.tiny_models import STORIES, llama_config, save_random_model
 

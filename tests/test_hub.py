@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from dstp import hub
-from dstp.default_model import STORIES
-from dstp.hub import ModelNotFoundError, resolve, resolve_on_ranks
+from dstp.model import hub
+from dstp.model.default_model import STORIES
+from dstp.model.hub import ModelNotFoundError, resolve, resolve_on_ranks
 from tests.launcher import REPO, run_ranks
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -263,7 +263,7 @@ def _serve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     import os
 
     return subprocess.run(
-        [sys.executable, "-m", "dstp.serve", *args],
+        [sys.executable, "-m", "dstp", "serve", *args],
         cwd=REPO,
         env={**os.environ, **env},
         capture_output=True,
@@ -275,7 +275,9 @@ def _serve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_every_rank_exits_with_one_line(tmp_path):
     """Two ranks, an unknown hub id offline: both exit non-zero, one ERROR line, no traceback."""
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
-    procs = run_ranks(2, ["-m", "dstp.serve", "--model", "org/absent", "--port", "0"], 120, **env)
+    procs = run_ranks(
+        2, ["-m", "dstp", "serve", "--model", "org/absent", "--port", "0"], 120, **env
+    )
     for rank, proc in enumerate(procs):
         assert proc.returncode != 0, proc.stdout[-2000:]
         assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
@@ -306,7 +308,7 @@ def test_pickle_only_local_folder_single_process(tmp_path):
 
 
 def test_builtin_names_and_existing_paths(tmp_path, monkeypatch):
-    from dstp.default_model import STORIES, resolve_model
+    from dstp.model.default_model import STORIES, resolve_model
 
     assert resolve_model("stories260k") == (str(STORIES.locate()), STORIES)
     monkeypatch.chdir(tmp_path)

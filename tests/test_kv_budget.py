@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dstp import kv_budget
-from dstp.engine import Engine, EngineConfig
+from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.worker import kv_budget
 from tests.tiny_models import STORIES, llama_config, save_random_model
 
 GIB = 2**30

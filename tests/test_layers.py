@@ -6,7 +6,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dstp.distributed import get_tp
-from dstp.layers import ParallelLMHead, split_units
+from dstp.model.layers import ParallelLMHead, split_units
 
 
 def test_lm_head_on_a_strided_last_token_view_copies_no_weight():
@@ -40,7 +40,7 @@ def test_split_units_replicates_kv_heads_when_ranks_outnumber_them():
 
 
 def test_single_row_bf16_linear_uses_aten_and_restores_onednn():
-    from dstp.cpu_kernels import linear_2d
+    from dstp.cpu.kernels import linear_2d
 
     weight = torch.randn(64, 32, dtype=torch.bfloat16)
     x = torch.randn(1, 1, 32, dtype=torch.bfloat16)

@@ -11,7 +11,7 @@ import torch
 from dstp.policies import TPConfigError, policy_for
 
 import dstp
-from dstp.loading import CheckpointError
+from dstp.model.loading import CheckpointError
 from tests.launcher import run_ranks
 from tests.tiny_models import llama_config, save_random_model
 

@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dstp import loading
-from dstp.loading import Checkpoint
+from dstp.model import loading
+from dstp.model.loading import Checkpoint
 
 TENSORS = {
     "w_bf16": torch.randn(37, 29).to(torch.bfloat16),

@@ -11,7 +11,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from dstp.default_model import build_tokenizer
+from dstp.model.default_model import build_tokenizer
 from dstp.server.app import create_app
 from dstp.server.driver import EngineDriver
 from dstp.server.request_log import StatsLogger

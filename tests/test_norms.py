@@ -7,8 +7,10 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from dstp import cpu_features, cpu_kernels, norms
-from dstp.norms import FusedRMSNorm, fused_replacements
+from dstp.cpu import features as cpu_features
+from dstp.cpu import kernels as cpu_kernels
+from dstp.model import norms
+from dstp.model.norms import FusedRMSNorm, fused_replacements
 
 needs_kernel = pytest.mark.skipif(
     not (cpu_features.has_avx2_fma() or cpu_features.has_avx512_bf16()),
@@ -118,11 +120,11 @@ def bf16_llama(tmp_path_factory):
 
 def _engine_logprob_error(path, monkeypatch, fuse: bool) -> tuple[float, int]:
     """Worst |logprob - HF's| over 12 greedy tokens of 3 prompts, and the kernel calls made."""
-    from dstp.engine import Engine, EngineConfig
+    from dstp.engine.llm_engine import Engine, EngineConfig
     from tests.hf_reference import worst_greedy_logprob_error
 
     if not fuse:
-        monkeypatch.setattr("dstp.inject.fused_replacements", lambda model: iter(()))
+        monkeypatch.setattr("dstp.model.inject.fused_replacements", lambda model: iter(()))
     calls = []
     real = cpu_kernels.rms_norm_bf16
     monkeypatch.setattr(cpu_kernels, "rms_norm_bf16", lambda *a: calls.append(1) or real(*a))

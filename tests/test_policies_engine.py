@@ -113,7 +113,7 @@ def test_engine_matches_hf_for_every_architecture(tp, checkpoints, hf_greedy, tm
 def test_engine_refuses_models_without_attention_backend(tmp_path):
     from dstp.policies import TPConfigError
 
-    from dstp.engine import Engine, EngineConfig
+    from dstp.engine.llm_engine import Engine, EngineConfig
 
     path = build_architectures(tmp_path, ["gpt_neo"])["gpt_neo"]
     with pytest.raises(TPConfigError, match="AttentionInterface.*dstp.load"):

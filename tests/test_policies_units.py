@@ -119,7 +119,7 @@ def test_injection_policy_errors(llama):
 
 # -- fused expert checkpoints ---------------------------------------------------
 def test_stacked_source_reads_the_fused_tensor_lazily():
-    from dstp.stacked_source import StackedSource
+    from dstp.model.stacked_source import StackedSource
 
     w1 = [torch.randn(6, 4) for _ in range(3)]
     w3 = [torch.randn(6, 4) for _ in range(3)]
@@ -132,7 +132,7 @@ def test_stacked_source_reads_the_fused_tensor_lazily():
 
 
 def test_local_config_view_overrides_and_reads_through(llama):
-    from dstp.inject import LocalConfigView
+    from dstp.model.inject import LocalConfigView
 
     view = LocalConfigView(llama, {"num_attention_heads": 2})
     assert view.num_attention_heads == 2 and view.hidden_size == llama.hidden_size
@@ -148,11 +148,11 @@ def _llama_70b():
 
 
 def test_plan_recommends_4_or_8_for_llama_70b_on_80gib(tmp_path):
-    from dstp.cli import main
+    from dstp.__main__ import main
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
-    from dstp.loading import load_config
-    from dstp.planner import make_plan
+    from dstp.model.loading import load_config
+    from dstp.tools.planner import make_plan
 
     plan = make_plan(load_config(str(tmp_path / "config.json")), 80)
     assert plan.recommended in (4, 8)
@@ -168,10 +168,10 @@ def test_plan_recommends_4_or_8_for_llama_70b_on_80gib(tmp_path):
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt2", "phi3", "gemma"])
 def test_planned_bytes_match_the_built_shards(arch):
-    from dstp.inject import swap_modules
-    from dstp.inspection import virtual_tp
-    from dstp.meta_model import meta_model
-    from dstp.planner import parameter_bytes_per_rank
+    from dstp.model.inject import swap_modules
+    from dstp.model.meta_model import meta_model
+    from dstp.tools.inspection import virtual_tp
+    from dstp.tools.planner import parameter_bytes_per_rank
 
     config = make_config(arch)
     policy = policy_for(config)
@@ -186,7 +186,7 @@ def test_planned_bytes_match_the_built_shards(arch):
 
 # -- inspect ------------------------------------------------------------------
 def test_inspect_shows_policy_shapes_and_bytes(tmp_path, capsys):
-    from dstp.cli import main
+    from dstp.__main__ import main
 
     make_config("phi3").save_pretrained(tmp_path)
     assert main(["inspect", "--model", str(tmp_path), "--tp", "2"]) == 0
@@ -251,7 +251,7 @@ def test_derived_logit_steps_follow_the_models_forward():
     from dstp.policies.auto import logit_steps
     from transformers import HyperCLOVAXConfig, MptConfig
 
-    from dstp.meta_model import meta_model
+    from dstp.model.meta_model import meta_model
 
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, vocab_size=64)
     hcx = HyperCLOVAXConfig(**small, num_attention_heads=4, logits_scaling=0.5)

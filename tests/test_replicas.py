@@ -15,8 +15,8 @@ import json
 
 import pytest
 
+from dstp.engine.sampling_params import SamplingParams
 from dstp.replicas import ReplicaLayout, Router
-from dstp.sampling_params import SamplingParams
 from tests.launcher import run_ranks
 from tests.tiny_models import STORIES
 
@@ -52,7 +52,7 @@ def test_layout_resolves_and_checks():
 
 
 def _out(rid, new, finished=False):
-    from dstp.outputs import CompletionOutput, RequestOutput
+    from dstp.engine.outputs import CompletionOutput, RequestOutput
 
     return RequestOutput(rid, [], [CompletionOutput(0, [], "", new_token_ids=new)], finished)
 
@@ -106,9 +106,9 @@ LLAMA_8B = {
 
 
 def test_plan_recommends_tp_and_replicas_for_a_device_count(tmp_path, capsys):
-    from dstp.cli import main
-    from dstp.loading import load_config
-    from dstp.planner import make_plan
+    from dstp.__main__ import main
+    from dstp.model.loading import load_config
+    from dstp.tools.planner import make_plan
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
 

@@ -17,9 +17,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from dstp import sampler
-from dstp.sampler import SampleState, make_generator, sample
-from dstp.sampling_params import InvalidRequest, SamplingParams
+from dstp.engine import sampler
+from dstp.engine.sampler import SampleState, make_generator, sample
+from dstp.engine.sampling_params import InvalidRequest, SamplingParams
 from tests import reference_sampler as oracle
 from tests.reference_sampler import _filter, _penalise
 
@@ -39,7 +39,7 @@ def hf_filtered(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def new_probs(logits: torch.Tensor, states: list[SampleState]) -> torch.Tensor:
-    """dstp.sampler's filtered distribution of each (sampled) row, as dense [B, V]."""
+    """dstp.engine.sampler's filtered distribution of each (sampled) row, as dense [B, V]."""
     x = logits.float().clone()
     rows = list(range(len(states)))
     with torch.inference_mode(), sampler._written(x, sampler._edits(x, states)):
@@ -62,7 +62,7 @@ def oracle_probs(logits: torch.Tensor, state: SampleState) -> torch.Tensor:
 
 
 def new_penalised(logits: torch.Tensor, state: SampleState) -> torch.Tensor:
-    """One row after dstp.sampler's penalty and stop-id edits."""
+    """One row after dstp.engine.sampler's penalty and stop-id edits."""
     x = logits.clone().unsqueeze(0)
     with torch.inference_mode():
         for where, values in sampler._edits(x, [state]):
@@ -89,7 +89,7 @@ def test_filters_match_hf(kwargs):
         ours = torch.softmax(_filter(logits.clone(), p), -1)
         theirs = torch.softmax(hf_filtered(logits.clone(), p), -1)
         assert torch.allclose(ours, theirs, atol=1e-6)
-    logits = torch.randn(5, 4096) * 3  # dstp.sampler, over a 1024-token prefix of 4096
+    logits = torch.randn(5, 4096) * 3  # dstp.engine.sampler, over a 1024-token prefix of 4096
     ours = new_probs(logits, [SampleState(p, [0], [], None) for _ in range(5)])
     for row, theirs in zip(ours, logits, strict=True):
         assert torch.allclose(row, torch.softmax(hf_filtered(theirs, p), -1), atol=1e-6)
@@ -210,7 +210,7 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     assert "non-finite" in str(results[1]) and "masked" in str(results[3])
 
 
-# -- dstp.sampler against the per-row oracle ------------------------------------------------
+# -- dstp.engine.sampler against the per-row oracle ------------------------------------------------
 
 
 def test_a_row_whose_inputs_break_fails_alone():

@@ -74,8 +74,8 @@ def references(model_dir, server):  # server: boots meanwhile
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dstp.engine import Engine, EngineConfig
-    from dstp.sampling_params import SamplingParams
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

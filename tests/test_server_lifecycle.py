@@ -30,7 +30,7 @@ def test_help_explains_every_flag():
 
 
 def test_cli_has_serve_with_the_same_flags():
-    from dstp.cli import build_parser as cli_parser
+    from dstp.__main__ import build_parser as cli_parser
 
     args = cli_parser().parse_args(["serve", "--port", "0", "--dtype", "float32"])
     assert args.port == 0 and args.host == "127.0.0.1" and args.model is None
@@ -38,7 +38,7 @@ def test_cli_has_serve_with_the_same_flags():
 
 def test_cli_version(capsys):
     from dstp import __version__
-    from dstp.cli import main
+    from dstp.__main__ import main
 
     with pytest.raises(SystemExit) as info:
         main(["--version"])
@@ -76,7 +76,7 @@ def test_default_model_under_torchrun(torchrun_default):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dstp.default_model import STORIES
+    from dstp.model.default_model import STORIES
 
     server = torchrun_default
     path = STORIES.locate()
@@ -104,7 +104,7 @@ def test_default_model_under_torchrun(torchrun_default):
 
 
 def test_builtin_models_resolve(tmp_path, monkeypatch):
-    from dstp.default_model import RANDOM, STORIES, resolve_model
+    from dstp.model.default_model import RANDOM, STORIES, resolve_model
 
     path, builtin = resolve_model(None)
     assert builtin is STORIES and (Path(path) / "model.safetensors").is_file()
@@ -150,7 +150,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_default_tokenizer_is_local_and_round_trips():
-    from dstp.default_model import CHAT_TEMPLATE, build_tokenizer
+    from dstp.model.default_model import CHAT_TEMPLATE, build_tokenizer
 
     tok = build_tokenizer()  # built with `tokenizers`, no download
     text = "héllo wörld 🌍 <tag>\n\ttabs"

@@ -68,8 +68,8 @@ def nodes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tp1(nodes):  # nodes: they boot while this computes
     """Greedy token ids and text from dstp's engine at TP=1 (this process)."""
-    from dstp.engine import Engine, EngineConfig
-    from dstp.sampling_params import SamplingParams
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
 
     engine = Engine(EngineConfig(model=str(STORIES), dtype="float32", kv_cache_memory_gib=0.02))
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))

@@ -18,7 +18,7 @@ import openai
 import pytest
 import requests
 
-from dstp.default_model import build_tokenizer
+from dstp.model.default_model import build_tokenizer
 from dstp.server.app import create_app
 from dstp.server.driver import EngineDriver
 from dstp.server.limits import http_threads

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dstp.step_inputs import StepUploader
-from dstp.step_plan import StepPlan
+from dstp.worker.step_inputs import StepUploader
+from dstp.worker.step_plan import StepPlan
 
 
 def _plan() -> StepPlan:

@@ -1,6 +1,6 @@
 """An installed wheel starts the server: build it (``pip wheel --no-deps``), install it into a
 fresh venv (``--system-site-packages``, so torch / deepspeed / transformers come from here),
-and run ``deepspeed --num_gpus 2 --module dstp.serve`` from a folder outside the repository,
+and run ``deepspeed --num_gpus 2 --module dstp serve`` from a folder outside the repository,
 on a hub id found in a Hugging Face cache laid out by the test (``HF_HUB_OFFLINE=1``).
 
 Slow-ish (~30-50 s on 2 cores): one wheel build, one TP=2 server start.
@@ -77,7 +77,7 @@ def test_wheel_holds_the_package(venv):
         [
             str(venv["python"]),
             "-c",
-            "import dstp, dstp.serve, dstp.hub, dstp.attention, dstp.policies, dstp.default_model as d;"
+            "import dstp, dstp.server.serve, dstp.model.hub, dstp.worker.attention, dstp.policies, dstp.model.default_model as d;"
             "print(dstp.__file__); print(d.STORIES.locate() / 'model.safetensors')",
         ],
         venv["cwd"],
@@ -105,7 +105,8 @@ def test_deepspeed_module_serves_from_the_wheel(venv):
         "--master_port",
         str(free_port()),
         "--module",
-        "dstp.serve",
+        "dstp",
+        "serve",
         "--model",
         "dstp-test/stories",
         "--download-dir",

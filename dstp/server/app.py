@@ -12,11 +12,11 @@ import time
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .. import __version__
-from .driver import EngineDriver
-from .metrics import CONTENT_TYPE
-from .protocol import APIError, internal_error, parse_body, retry_later, unknown_model
-from .serving import ServerConfig, Serving
+from dstp import __version__
+from dstp.server.driver import EngineDriver
+from dstp.server.metrics import CONTENT_TYPE
+from dstp.server.protocol import APIError, internal_error, parse_body, retry_later, unknown_model
+from dstp.server.serving import ServerConfig, Serving
 
 log = logging.getLogger("dstp")
 ENDPOINTS = (

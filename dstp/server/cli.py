@@ -8,8 +8,8 @@ import argparse
 import logging
 import os
 
-from ..config import DTYPE_CHOICES
-from .limits import (
+from dstp.engine.config import DTYPE_CHOICES
+from dstp.server.limits import (
     DRAIN_MAX_BYTES,
     FAST_THREADS,
     IDLE_TIMEOUT_S,
@@ -401,7 +401,7 @@ def check_tp_size(args: argparse.Namespace, world_size: int) -> None:
     tp = args.tensor_parallel_size
     dp = getattr(args, "data_parallel_size", None)
     if dp is not None:
-        from ..replicas import ReplicaLayout
+        from dstp.replicas import ReplicaLayout
 
         try:
             args.tensor_parallel_size = ReplicaLayout.resolve(world_size, tp, dp).tp
@@ -415,8 +415,8 @@ def check_tp_size(args: argparse.Namespace, world_size: int) -> None:
         f"--tensor-parallel-size {tp} does not fit the {world_size} rank(s) the launcher "
         f"started (WORLD_SIZE={world_size}; sizes that fit: {valid}). dstp runs one process "
         "per rank and the launcher decides how many: start it as `deepspeed --num_gpus "
-        f"{max(tp, 1)} --module dstp.serve ...` or `torchrun --nproc_per_node {max(tp, 1)} "
-        "-m dstp.serve ...` (across nodes: the ranks of every node together); a world of "
+        f"{max(tp, 1)} --module dstp serve ...` or `torchrun --nproc_per_node {max(tp, 1)} "
+        "-m dstp serve ...` (across nodes: the ranks of every node together); a world of "
         "W ranks at TP=T serves W/T replicas"
     )
 

@@ -18,10 +18,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..outputs import RequestOutput
-from ..sampling_params import InvalidRequest, SamplingParams
-from .metrics import FinishedRequest, ServerMetrics
-from .request_log import STATS_INTERVAL_S, StatsLogger, log_request
+from dstp.engine.outputs import RequestOutput
+from dstp.engine.sampling_params import InvalidRequest, SamplingParams
+from dstp.server.metrics import FinishedRequest, ServerMetrics
+from dstp.server.request_log import STATS_INTERVAL_S, StatsLogger, log_request
 
 log = logging.getLogger("dstp")
 

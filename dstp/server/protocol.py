@@ -17,8 +17,8 @@ import typing
 import uuid
 from dataclasses import dataclass
 
-from ..config import SAMPLING_DEFAULTS
-from ..sampling_params import InvalidRequest, SamplingParams, is_int, is_number
+from dstp.engine.config import SAMPLING_DEFAULTS
+from dstp.engine.sampling_params import InvalidRequest, SamplingParams, is_int, is_number
 
 log = logging.getLogger("dstp")
 

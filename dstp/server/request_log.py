@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from .metrics import FinishedRequest
+from dstp.server.metrics import FinishedRequest
 
 log = logging.getLogger("dstp")
 STATS_INTERVAL_S = 10.0

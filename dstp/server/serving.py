@@ -16,10 +16,16 @@ from itertools import accumulate
 
 from flask import Response
 
-from ..outputs import CompletionOutput, RequestOutput, TokenLogprob
-from ..sampling_params import InvalidRequest
-from .driver import EngineDriver, EngineUnavailable, QueueFull, RequestFailed, RequestGroup
-from .protocol import (
+from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from dstp.engine.sampling_params import InvalidRequest
+from dstp.server.driver import (
+    EngineDriver,
+    EngineUnavailable,
+    QueueFull,
+    RequestFailed,
+    RequestGroup,
+)
+from dstp.server.protocol import (
     APIError,
     ParsedRequest,
     bad,

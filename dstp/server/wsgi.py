@@ -20,7 +20,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import Error as WaitressError
 
-from .limits import (
+from dstp.server.limits import (
     DRAIN_MAX_BYTES,
     FAST_PATHS,
     FAST_THREADS,
@@ -30,7 +30,7 @@ from .limits import (
     REQUEST_READ_TIMEOUT_S,
     connection_limit,
 )
-from .protocol import APIError
+from dstp.server.protocol import APIError
 
 log = logging.getLogger("dstp")
 

@@ -9,14 +9,14 @@ import json
 import sys
 from pathlib import Path
 
-import dstp.engine
+import dstp.engine.llm_engine
 from dstp.distributed import shutdown
-from dstp.engine import Engine, EngineConfig
-from dstp.sampling_params import SamplingParams
+from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.engine.sampling_params import SamplingParams
 
 tokenizer_loads = []
-_load = dstp.engine.load_tokenizer
-dstp.engine.load_tokenizer = lambda *args: tokenizer_loads.append(args) or _load(*args)
+_load = dstp.engine.llm_engine.load_tokenizer
+dstp.engine.llm_engine.load_tokenizer = lambda *args: tokenizer_loads.append(args) or _load(*args)
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # deepspeed adds it
 job = json.loads(Path(argv[0]).read_text())

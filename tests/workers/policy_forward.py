@@ -17,8 +17,8 @@ from dstp.policies import derive_policy, from_injection_policy, policy_for
 from safetensors.torch import save_file
 
 from dstp.distributed import init_tp, shutdown
-from dstp.inject import shard_model
-from dstp.loading import load_config
+from dstp.model.inject import shard_model
+from dstp.model.loading import load_config
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 job = json.loads(Path(argv[0]).read_text())

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: benchm
 from benchmarks import workload  # noqa: E402
 from dstp import replicas  # noqa: E402
 from dstp.distributed import shutdown  # noqa: E402
-from dstp.engine import Engine, EngineConfig  # noqa: E402
+from dstp.engine.llm_engine import Engine, EngineConfig  # noqa: E402
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 model, tp_size, out = argv[0], int(argv[1]), argv[2]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from dstp import replicas
 from dstp.distributed import shutdown
-from dstp.engine import Engine, EngineConfig
-from dstp.sampling_params import SamplingParams
+from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.engine.sampling_params import SamplingParams
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 job = json.loads(Path(argv[0]).read_text())

@@ -15,9 +15,9 @@ from pathlib import Path
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dstp.distributed import shutdown
-from dstp.engine import Engine, EngineConfig
-from dstp.model_runner import ModelRunner
-from dstp.sampling_params import SamplingParams
+from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.engine.sampling_params import SamplingParams
+from dstp.worker.model_runner import ModelRunner
 
 # On a GPU each of these waits for the device (a scalar read, a data-dependent
 # shape) or copies host data to it (a tensor built from a Python list).

@@ -1,0 +1,309 @@
+"""dstp's own CPU kernels, compiled on first use (the way DeepSpeed builds its CPU ops).
+
+Only where they beat PyTorch's: a single-row bf16 GEMV (batch-1 decode), in
+two builds chosen at run time by the CPU's flags in ``/proc/cpuinfo``:
+``avx512_bf16`` gets ``csrc/gemv_bf16.cpp`` (native bf16 dot products), else
+``avx2`` + ``fma`` gets ``csrc/gemv_bf16_avx2.cpp`` (bf16 widened to fp32 in
+registers). Anything else, a CPU without either, no compiler, or
+``DSTP_CPU_KERNELS=0`` falls back to PyTorch, with one log line saying why.
+``DSTP_CPU_KERNEL=avx2`` forces the AVX2 build on an AVX512-BF16 CPU (to test
+both on one machine). :func:`linear_2d` is the dispatch every TP layer calls:
+this kernel, ATen's GEMV, or ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from dstp.cpu import features as cpu_features
+from dstp.cpu import gemm as cpu_gemm
+
+log = logging.getLogger("dstp")
+
+CSRC = Path(__file__).with_name("csrc")
+ENV_SWITCH = "DSTP_CPU_KERNELS"  # "0": no dstp kernels at all
+ENV_KERNEL = "DSTP_CPU_KERNEL"  # "avx2": the AVX2 build even where AVX512-BF16 is there
+
+# -fopenmp: without it at::parallel_for compiles to a serial loop and every kernel runs
+# on one thread however many a rank has. Not linked: the GOMP symbols resolve to the
+# libgomp torch has already loaded (as DeepSpeed's shm op does).
+COMMON_FLAGS = ["-O3", "-fopenmp"]
+
+# kernel name -> (extension name, sources, extra compiler flags, what it needs, for the log)
+KERNELS = {
+    "avx512_bf16": (
+        "dstp_cpu_kernels",
+        [CSRC / "gemv_bf16.cpp", CSRC / "rms_norm.cpp"],
+        [],
+        "AVX512-BF16",
+    ),
+    "avx2": (
+        "dstp_cpu_kernels_avx2",
+        [CSRC / "gemv_bf16_avx2.cpp", CSRC / "decode_attention_avx2.cpp", CSRC / "rms_norm.cpp"],
+        ["-mavx2", "-mfma"],
+        "AVX2+FMA",
+    ),
+}
+
+
+def _choose_kernel() -> str | None:
+    """The GEMV this CPU runs best: AVX512-BF16's, else AVX2+FMA's, else None (PyTorch's)."""
+    if os.environ.get(ENV_KERNEL) == "avx2" and cpu_features.has_avx2_fma():
+        return "avx2"
+    if cpu_features.has_avx512_bf16():
+        return "avx512_bf16"
+    if cpu_features.has_avx2_fma():
+        return "avx2"
+    return None
+
+
+def kernel() -> str | None:
+    """The name of the GEMV in use ("avx512_bf16", "avx2"), or None for PyTorch's."""
+    ops = _ops()
+    return None if ops is None else ops.dstp_kernel
+
+
+@functools.cache
+def _ops() -> ModuleType | None:
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    name = _choose_kernel()
+    if name is None:
+        log.info(
+            "neither AVX512-BF16 nor AVX2+FMA on this CPU: single-row bf16 linears use "
+            "PyTorch's kernel"
+        )
+        return None
+    return _build(name)
+
+
+@functools.cache
+def _build(name: str) -> ModuleType | None:
+    """Builds (or loads the cached build of) one kernel; None, with a warning, if it fails."""
+    ext, sources, flags, needs = KERNELS[name]
+    try:
+        from torch.utils.cpp_extension import load
+
+        start = time.perf_counter()
+        build_dir = _build_directory(name)
+        with _exclusive_build(build_dir):
+            ops = load(
+                name=ext,
+                sources=[str(source) for source in _copy_sources(sources, build_dir / "src")],
+                extra_cflags=[*COMMON_FLAGS, *flags],
+                build_directory=str(build_dir),
+            )
+        ops.dstp_kernel = name
+        log.info(
+            "dstp's %s GEMV (%s) is ready for batch-1 decode (%.1f s; built once, then cached)",
+            needs,
+            name,
+            time.perf_counter() - start,
+        )
+        return ops
+    except Exception as exc:  # no compiler, old compiler, no ninja: PyTorch's kernel still works
+        log.warning(
+            "could not build dstp's %s CPU kernel (%s); single-row bf16 linears use PyTorch's "
+            "kernel. Install a C++ compiler and ninja, or set %s=0 to silence this.",
+            needs,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            ENV_SWITCH,
+        )
+        return None
+
+
+def _build_directory(name: str) -> Path:
+    """Where one kernel is built: torch's extensions root, one folder per build's content.
+
+    Keyed by the sources' bytes, the flags and torch's version, not by where dstp is
+    installed: a wheel and a checkout of the same code share one build instead of each
+    rebuilding it over the other's (ninja rebuilds when a source's path changes).
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    ext, sources, flags, _ = KERNELS[name]
+    digest = hashlib.sha256(f"{torch.__version__} {COMMON_FLAGS + flags}".encode())
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    path = Path(root) / f"{ext}-torch{torch.__version__}-{digest.hexdigest()[:12]}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _copy_sources(sources: list[Path], folder: Path) -> list[Path]:
+    """The sources copied into the build folder (untouched when already there, so ninja's
+    timestamps hold): the build then names the same paths from every installation."""
+    folder.mkdir(exist_ok=True)
+    copies = []
+    for source in sources:
+        copy = folder / source.name
+        data = source.read_bytes()
+        if not copy.exists() or copy.read_bytes() != data:
+            copy.write_bytes(data)
+        copies.append(copy)
+    return copies
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path) -> Iterator[None]:
+    """One builder at a time per folder, under a lock the OS drops when its holder dies.
+
+    torch's own lock is a plain ``lock`` file that a killed build leaves behind, and every
+    later start then waits for it forever. Holding this ``flock`` proves no live process is
+    building here, so a ``lock`` file found under it is stale and is removed.
+    """
+    with open(build_dir / "dstp-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a kernel build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def clear_stale_extension_lock(name: str, older_than_s: float = 900.0) -> None:
+    """Removes torch's build ``lock`` of another package's extension if a dead build left it.
+
+    For extensions dstp does not build itself (DeepSpeed's shared-memory all-reduce):
+    without a lock of our own, a ``lock`` file older than any real build is taken as stale.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > older_than_s:
+            log.warning("removing %s, left by a build that did not finish", lock)
+            lock.unlink()
+
+
+def available() -> bool:
+    """Whether the kernels are built (building them now if this is the first call)."""
+    return _ops() is not None
+
+
+def gemv_bf16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``F.linear`` for one contiguous bf16 row ``[1, K]`` on CPU, or None when unavailable."""
+    ops = _ops()
+    return None if ops is None else ops.gemv_bf16(x, weight, bias)
+
+
+def gemm_few_bf16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``F.linear`` for a few contiguous bf16 rows on CPU (AVX2 build), or None without it."""
+    ops = _ops()
+    few = getattr(ops, "gemm_few_bf16", None)
+    return None if few is None else few(x, weight, bias)
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """Llama's RMSNorm of contiguous bf16 CPU rows in one call (HF's rounding), or None."""
+    norm = getattr(_ops(), "rms_norm_bf16", None)
+    return None if norm is None else norm(x, weight, eps)
+
+
+def decode_attention_ops() -> ModuleType | None:
+    """The AVX2 build's paged decode attention (bf16 caches), or None where it is not built."""
+    ops = _ops()
+    return ops if hasattr(ops, "decode_scores_bf16") else None
+
+
+def describe_paths() -> dict[str, str]:
+    """What computes a bf16 linear of one, a few and many rows here (logs, benchmarks)."""
+    gemv = kernel()
+    few = gemv is not None and hasattr(_ops(), "gemm_few_bf16") and cpu_gemm.computes_in_fp32()
+    return {
+        "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
+        f"2-{cpu_gemm.MIN_ROWS - 1} rows": f"dstp {gemv} few-row kernel" if few else "oneDNN",
+        f"{cpu_gemm.MIN_ROWS}+ rows": cpu_gemm.describe(),
+        "decode attention": "dstp avx2 paged kernel (bf16 cache)"
+        if decode_attention_ops() is not None
+        else "PyTorch matmuls",
+    }
+
+
+def linear_2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear`` on a flattened input, with the faster CPU kernel for one row.
+
+    - For a strided 3-D view (HF's ``hidden[:, -1:, :]``) and a weight that
+      does not require grad, ``matmul`` takes its bmm path, which copies the
+      transposed weight once per batch row: 263 MB per sequence for a 1B
+      model's LM-head shard, seconds per prefill. A 2-D input is one GEMM.
+    - For a single bf16 row on CPU (batch-1 decode), oneDNN's GEMV streams
+      about half the memory bandwidth of ATen's own kernel (8192x2048, one
+      thread: 2.8 vs 1.5 ms), and dstp's four-stream kernel about 1.3x ATen's
+      on Zen 4 (AVX512-BF16), ~1.8x on an AVX2-only EPYC (benchmarks/gemv.py);
+      from two rows on oneDNN is faster.
+    - On a CPU without bf16 dot products, from 2 rows dstp's few-row kernel
+      (AVX2 build: weights widened in registers, read once), from
+      ``cpu_gemm.MIN_ROWS`` fp32 GEMMs on widened weight blocks
+      (:mod:`dstp.cpu.gemm`).
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    bf16_on_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+    rows = flat.shape[0]
+    if bf16_on_cpu and rows == 1:
+        out = _single_row_bf16(flat, weight, bias)
+    elif bf16_on_cpu and cpu_gemm.widens(rows) and not _needs_grad(weight):
+        out = cpu_gemm.widened_linear(flat, weight, bias)
+    elif bf16_on_cpu and cpu_gemm.computes_in_fp32() and _kernel_takes(weight, bias):
+        out = gemm_few_bf16(flat.contiguous(), weight, bias)
+        if out is None:
+            out = F.linear(flat, weight, bias)
+    else:
+        out = F.linear(flat, weight, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _single_row_bf16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """dstp's streaming GEMV when built (see gemv_bf16), else ATen's (not oneDNN's)."""
+    if _kernel_takes(weight, bias):
+        out = gemv_bf16(x.contiguous(), weight, bias)
+        if out is not None:
+            return out
+    with _aten_cpu_kernels():
+        return F.linear(x, weight, bias)
+
+
+def _kernel_takes(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """What dstp's kernels take: no autograd (they have no backward), a contiguous weight,
+    no bias or a contiguous bf16 one."""
+    bias_ok = bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())
+    return not _needs_grad(weight) and weight.is_contiguous() and bias_ok
+
+
+def _needs_grad(weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and weight.requires_grad
+
+
+@contextlib.contextmanager
+def _aten_cpu_kernels() -> Iterator[None]:
+    """oneDNN off for the enclosed ops (thread-local enough: one engine thread per process)."""
+    previous = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(previous)

@@ -1,0 +1,376 @@
+"""``dstp serve``: the engine on every rank, HTTP on global rank 0, and stopping together.
+
+A rank that stops alone would leave the others hanging in a collective, so rank 0 decides
+every stop (a signal, or a rank found dead) and releases or outlives the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from dstp.server.cli import FlagError, add_arguments, build_parser, check_args, size_http_pool
+from dstp.server.limits import connection_limit
+
+if TYPE_CHECKING:
+    from dstp.model.default_model import BuiltinModel
+
+__all__ = ["add_arguments", "build_parser", "main"]
+
+log = logging.getLogger("dstp")
+
+
+def _setup_logging(level: str, rank: int) -> None:
+    fmt = f"%(asctime)s [dstp rank{rank}] %(levelname)s %(message)s"
+    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("dstp").setLevel(getattr(logging, level))
+    for noisy in ("DeepSpeed", "urllib3", "waitress.queue"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _engine_config(args: argparse.Namespace, model: str, name: str | None = None):
+    """EngineConfig from the flags, passing only the fields this engine version has."""
+    from dstp.engine.config import resolve_dtype
+    from dstp.engine.llm_engine import EngineConfig
+
+    dtype = resolve_dtype(args.dtype, model)
+    if args.dtype != dtype:
+        log.info("--dtype %s: %s", args.dtype, dtype)
+    wanted = {
+        "model": model,
+        "dtype": dtype,
+        "cpu_compute_dtype": args.cpu_compute_dtype,
+        "kv_cache_memory_gib": args.kv_cache_memory,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "block_size": args.block_size,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len,
+        "enable_prefix_caching": getattr(args, "prefix_caching", not args.no_prefix_caching),
+        "allow_pickle": args.allow_pickle,
+        "trust_remote_code": args.trust_remote_code,
+        "model_name": name,
+        "num_blocks": args.num_kv_blocks,
+        "tensor_parallel_size": args.tensor_parallel_size,
+    }
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    missing = sorted(k for k in set(wanted) - fields if wanted[k] is not None)
+    if missing:
+        log.warning("this engine has no setting for: %s (ignored)", ", ".join(missing))
+    return EngineConfig(**{k: v for k, v in wanted.items() if k in fields})
+
+
+def main(args: argparse.Namespace) -> int:
+    """Serve until stopped, then leave the process group together and exit with the code."""
+    from dstp.distributed import shutdown
+
+    shutdown(exit_code=_run(args))
+    return 1  # not reached: shutdown exits
+
+
+def _run(args: argparse.Namespace) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(args.log_level, rank)
+    if not size_http_pool(args, warn=rank == 0):
+        return 1
+    try:  # every rank checks the same flags: each fails alone, without a collective
+        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except FlagError as exc:
+        log.error("%s", exc)
+        return 1
+    if rank != 0:
+        # Rank 0 coordinates a stop: it fails in-flight requests, then releases
+        # us through the engine. Launchers signal every rank at once, and a
+        # follower that died right away would strand rank 0 mid-collective
+        # (a shared-memory all-reduce waits forever), so its clients would get a
+        # cut stream instead of an error. Wait to be released; exit regardless
+        # after a grace period (rank 0 may be gone too).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _follower_sigterm)
+
+    from dstp.model.default_model import resolve_model
+
+    model, builtin = resolve_model(args.model)
+    if builtin is not None:
+        log.warning(
+            "serving the built-in '%s' (%s): %s", builtin.model_id, model, builtin.description
+        )
+    names = list(args.served_model_name or [])
+    if not names:  # vLLM: the --model value as given (a hub id, or the path)
+        names = [builtin.model_id if builtin else args.model]
+
+    lazy = server = None
+    if rank == 0:
+        from dstp.server.wsgi import LazyApp, make_wsgi_server
+
+        lazy = LazyApp()
+        _raise_fd_limit(connection_limit(args.http_threads) + 256)
+        try:  # bind before loading: a taken port fails in seconds, not after the load
+            server = make_wsgi_server(
+                lazy,
+                args.host,
+                args.port,
+                args.http_threads,
+                args.max_body_bytes,
+                request_read_timeout_s=args.request_read_timeout,
+            )
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+            return 1
+
+    try:
+        from dstp.model.hub import resolve_on_ranks, world_min_of
+
+        if builtin is None:  # a folder or a hub id: each node's first rank fetches it
+            from dstp.distributed import init_tp
+
+            tp = init_tp(args.tensor_parallel_size)
+            model = resolve_on_ranks(
+                args.model,
+                local_rank=tp.local_rank,
+                world_min=world_min_of(tp),
+                revision=args.revision,
+                download_dir=args.download_dir,
+                trust_remote_code=args.trust_remote_code,
+                allow_pickle=args.allow_pickle,
+            ).path
+        from dstp.engine.llm_engine import Engine
+
+        engine = Engine(_engine_config(args, model, names[0]))
+        from dstp import replicas
+
+        link = replicas.connect(engine)  # every rank: the other replicas' drivers to rank 0
+    except Exception as exc:
+        if not _is_model_error(exc):
+            log.exception("engine start-up failed")
+        return 1
+
+    tp = engine.tp
+    if tp.num_replicas > 1:
+        log.info("global rank %d is rank %d of %s", tp.global_rank, tp.rank, tp.describe())
+    if tp.is_driver and tp.replica != 0:  # another replica's driver: rank 0 routes to it
+        code = replicas.serve_replica(engine, link, heartbeat_interval_s=args.heartbeat_interval)
+        if code != 0:
+            logging.shutdown()
+            os._exit(code)  # its group or rank 0 is gone: no exit-time barrier
+        return code
+    if tp.is_driver and link:
+        engine = replicas.ReplicatedEngine(
+            engine, link, liveness_timeout_s=args.rank_timeout, step_timeout_s=args.step_timeout
+        )
+        log.info(
+            "%d replicas of TP=%d: %s",
+            engine.num_replicas,
+            tp.size,
+            ", ".join(engine.layout.describe(r) for r in range(engine.num_replicas)),
+        )
+    if not engine.tp.is_driver:
+        log.info("rank %d/%d ready: following rank 0", engine.tp.rank, engine.tp.size)
+        try:
+            engine.run_follower()
+        except Exception as exc:
+            log.error(
+                "rank %d: the group broke (rank 0 or another rank died): %s", engine.tp.rank, exc
+            )
+            return 1
+        log.info("rank %d: released by rank 0, exiting", engine.tp.rank)
+        return 0
+    return _serve(args, engine, server, lazy, model, builtin)
+
+
+def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None) -> int:
+    from dstp.engine.tokenizer import load_tokenizer
+    from dstp.server.app import create_app
+    from dstp.server.driver import EngineDriver, EngineUnavailable
+
+    stop = threading.Event()
+    fatal: list[BaseException] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        fatal.append(exc)
+        stop.set()
+
+    driver = EngineDriver(
+        engine,
+        max_queued_requests=args.max_queued_requests,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.rank_timeout,
+        step_timeout_s=args.step_timeout,
+        on_fatal=on_fatal,
+    )
+    try:
+        driver.start(ready_timeout_s=max(60.0, args.rank_timeout))
+    except EngineUnavailable as exc:
+        log.error("%s", exc)
+        os._exit(1)  # a rank is gone: skip the exit-time barrier that would wait for it
+
+    config = _server_config(args, engine, model, builtin)
+    tokenizer = load_tokenizer(model, args.trust_remote_code)  # the HTTP threads' own copy
+    _apply_chat_template(args, tokenizer)
+    _configure_sampling_defaults(args, model)
+    lazy.app = create_app(driver, tokenizer, config)
+
+    def on_signal(signum, _frame):
+        if stop.is_set():
+            log.warning("%s while stopping: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _log_serving(args, server, engine, config)
+    _pump(server, stop)  # until a signal or a fatal engine error
+    code = _shut_down(server, driver, lazy, fatal)
+    if code != 0:
+        logging.shutdown()
+        os._exit(code)  # peers are gone: an exit-time barrier would only wait for them
+    return code
+
+
+def _server_config(args: argparse.Namespace, engine, model: str, builtin: BuiltinModel | None):
+    from dstp.server.serving import ServerConfig
+
+    served = list(args.served_model_name or [])
+    name = served[0] if served else (builtin.model_id if builtin else args.model)
+    others = [n for n in dict.fromkeys([*served[1:], args.model, model, engine.model_name]) if n]
+    return ServerConfig(
+        model_name=name,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+        api_key=args.api_key or os.environ.get("DSTP_API_KEY") or None,
+        max_body_bytes=args.max_body_bytes,
+        model_aliases=tuple(n for n in others if n != name),
+        model_description=builtin.description if builtin else None,
+        tp_size=engine.tp.size,
+        log_requests=bool(getattr(args, "enable_log_requests", False)),
+    )
+
+
+def _is_model_error(exc: BaseException) -> bool:
+    """Log a start-up failure that names its own cause (a bad --model, a checkpoint that
+    cannot be read or split, another rank's failure) as one line; True if it was one."""
+    from dstp.model.loading import CheckpointError
+    from dstp.policies import TPConfigError
+
+    if isinstance(exc, CheckpointError | TPConfigError):
+        log.error("%s: %s", exc.__class__.__name__, exc)
+        return True
+    if isinstance(exc, RuntimeError) and "another rank failed" in str(exc):
+        log.error("%s", exc)
+        return True
+    return False
+
+
+def _apply_chat_template(args: argparse.Namespace, tokenizer) -> None:
+    """``--chat-template`` replaces the tokenizer's (the HTTP threads' copy renders chats)."""
+    template = getattr(args, "chat_template_text", None)
+    if template is None:
+        return
+    if tokenizer is None:
+        log.warning("--chat-template ignored: this model has no tokenizer")
+        return
+    tokenizer.chat_template = template
+    log.info("chat template from --chat-template (%d characters)", len(template))
+
+
+def _configure_sampling_defaults(args: argparse.Namespace, model: str) -> None:
+    """``--generation-config`` and ``--seed``: defaults for what a request leaves out."""
+    from dstp.engine.config import SAMPLING_DEFAULTS, generation_defaults
+
+    source = args.generation_config
+    fields = {}
+    if source not in ("vllm", "none"):
+        fields = generation_defaults(model if source == "auto" else os.path.expanduser(source))
+    SAMPLING_DEFAULTS.configure(fields, args.seed)
+    if fields:
+        log.info(
+            "default sampling parameters from generation_config.json: %s (requests override "
+            "them; --generation-config vllm turns them off)",
+            ", ".join(f"{k}={v}" for k, v in fields.items()),
+        )
+
+
+def _log_serving(args: argparse.Namespace, server, engine, config) -> None:
+    host, port = server.effective_host, server.effective_port
+    log.info(
+        "serving '%s' on http://%s:%s (TP=%d x %d replica(s), max_model_len=%d, API key %s) "
+        "endpoints: /v1/completions /v1/chat/completions /v1/models /generate /tokenize "
+        "/detokenize /health /metrics /version",
+        config.model_name,
+        host,
+        port,
+        engine.tp.size,
+        engine.tp.num_replicas,
+        engine.max_model_len,
+        "required" if config.api_key else "off",
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach it may use it", host)
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Every open connection is a file descriptor: lift a low soft limit (often 1024)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft >= needed:
+            return
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            log.warning("open-file limit %d is below the %d connections may need", target, needed)
+    except (ImportError, OSError, ValueError) as exc:
+        log.warning("could not raise the open-file limit: %s", exc)
+
+
+FOLLOWER_GRACE_S = 20.0
+
+
+def _follower_sigterm(signum: int, _frame: object) -> None:
+    log.info("SIGTERM: waiting up to %.0f s for rank 0 to release this rank", FOLLOWER_GRACE_S)
+    timer = threading.Timer(FOLLOWER_GRACE_S, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
+
+
+def _pump(server, stop: threading.Event) -> None:
+    """Run waitress's event loop in slices so a stop request is seen within ~0.2 s."""
+    from dstp.server.wsgi import pump_once
+
+    while not stop.is_set():
+        pump_once(server)
+
+
+def _shut_down(server, driver, lazy, fatal: list[BaseException]) -> int:
+    """Fail in-flight requests, keep the loop running until their errors are written."""
+    from dstp.server.wsgi import pump_once
+
+    stopper = threading.Thread(
+        target=driver.stop,
+        kwargs={"reason": "server shutting down" if not fatal else "engine failed"},
+        daemon=True,
+    )
+    stopper.start()
+    deadline = time.monotonic() + 15.0
+    while (stopper.is_alive() or lazy.active > 0) and time.monotonic() < deadline:
+        pump_once(server, 0.1)
+    for _ in range(5):  # flush what the last responses wrote
+        pump_once(server, 0.05)
+    server.close()
+    if fatal:
+        log.error("exiting with an error: %r", fatal[0])
+        return 1
+    if stopper.is_alive():
+        log.error("engine did not stop in time")
+        return 1
+    log.info("stopped")
+    return 0

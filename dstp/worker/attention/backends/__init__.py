@@ -1,0 +1,52 @@
+"""Attention kernels behind :func:`dstp.worker.attention.paged_attention`, one module per device type.
+
+A backend for a device lives in ``backends/<device type>.py`` (``cuda.py``,
+``xpu.py``, ...) and exposes ``BACKEND``; :func:`backend_for` picks it once
+when the model runner starts, and falls back to :mod:`.sdpa` (PyTorch's own
+kernels, the CPU backend) when no such module exists. Adding a kernel for a
+device therefore touches that one new file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Protocol
+
+import torch
+
+log = logging.getLogger("dstp")
+
+
+class AttentionBackend(Protocol):
+    """Writes one layer's new K/V into the paged cache and attends over it."""
+
+    name: str
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [H, T, d] this rank's query heads, packed tokens
+        key: torch.Tensor,  # [KV, T, d] new keys (rotated)
+        value: torch.Tensor,  # [KV, T, d]
+        k_cache: torch.Tensor,  # [KV, slots, d] this layer's cache
+        v_cache: torch.Tensor,
+        step: object,  # dstp.worker.attention.metadata.AttentionMetadata
+        scaling: float,
+        softcap: float | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # [H, T, d]
+        ...
+
+
+def backend_for(device: torch.device) -> AttentionBackend:
+    """The device's own backend module if there is one, else PyTorch SDPA."""
+    name = f"{__name__}.{device.type}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        module = importlib.import_module(f"{__name__}.sdpa")
+    backend = module.BACKEND
+    log.debug("attention backend for %s: %s", device, backend.name)
+    return backend

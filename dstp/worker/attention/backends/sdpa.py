@@ -1,0 +1,189 @@
+"""The default attention backend: PyTorch's SDPA and two matmuls, on any device.
+
+Prefill chunks go through ``F.scaled_dot_product_attention`` one sequence at a
+time; decode tokens (one new token per sequence) are batched into one grouped
+matmul over whole gathered blocks. It is the fallback on devices without a
+backend of their own, and :mod:`.cpu` builds on it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dstp.worker.attention.metadata import AttentionMetadata
+
+
+def _fresh_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """A sequence's first chunk: plain causal attention over its own new tokens."""
+    # 4-D inputs reach the fused (flash) CPU kernel; 3-D ones do not (5-10x slower).
+    out = F.scaled_dot_product_attention(
+        q[None],
+        k[None],
+        v[None],
+        is_causal=True,
+        scale=scaling,
+        enable_gqa=q.shape[0] != k.shape[0],
+    )
+    return out[0]
+
+
+def _continued_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, offset: int
+) -> torch.Tensor:
+    """Later chunks (and lone decode tokens): query i sees keys <= offset + i.
+
+    The query heads that share a KV head are folded into the query length
+    (``[KV, G * q_len, d]``), so the call needs neither ``enable_gqa`` nor
+    expanded K/V: SDPA's mask-capable fused kernels (memory-efficient on
+    CUDA, flash on CPU) accept it, where a mask with ``enable_gqa`` falls back
+    to the math kernel on CUDA.
+    """
+    heads, q_len, dim = q.shape
+    kv = k.shape[0]
+    groups = heads // kv
+    mask = None
+    if q_len > 1:  # one token sees its whole context
+        rows = torch.arange(q_len, device=q.device).unsqueeze(1) + offset
+        mask = (torch.arange(k.shape[-2], device=q.device) <= rows).repeat(groups, 1)
+    folded = q.reshape(kv, groups * q_len, dim)
+    out = F.scaled_dot_product_attention(
+        folded[None], k[None], v[None], attn_mask=mask, scale=scaling
+    )
+    return out[0].view(heads, q_len, dim)
+
+
+def _masked_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    offset: int,
+    softcap: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Soft-capped or windowed attention (Gemma 2 and friends): explicit scores."""
+    q_len, ctx = q.shape[-2], k.shape[-2]
+    rows = torch.arange(q_len, device=q.device).unsqueeze(1) + offset
+    keys = torch.arange(ctx, device=q.device).unsqueeze(0)
+    allowed = keys <= rows
+    if sliding_window is not None:
+        allowed &= keys > rows - sliding_window
+    groups = q.shape[0] // k.shape[0]
+    scores = torch.matmul(q, k.repeat_interleave(groups, 0).transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.matmul(probs.to(v.dtype), v.repeat_interleave(groups, 0))
+
+
+def _decode(
+    q: torch.Tensor,  # [H, D, d]: one new token per sequence
+    k: torch.Tensor,  # [KV, D, ctx, d]
+    v: torch.Tensor,
+    valid: torch.Tensor,  # [D, ctx] keys each sequence may see
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Batched single-token attention, grouping query heads per KV head; returns [H, D, d].
+
+    Faster on CPU than SDPA with a mask and ``enable_gqa`` for decode shapes
+    (benchmarks/FINDINGS.md), and it never expands K/V to the query head count. K and V
+    arrive head-major and contiguous (gathered block by block from the cache),
+    so both matmuls run on them in place.
+    """
+    heads, d_seqs, dim = q.shape
+    kv = k.shape[0]
+    grouped = q.view(kv, heads // kv, d_seqs, dim).transpose(1, 2)  # [KV, D, G, d]
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scaling  # [KV, D, G, ctx]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)  # [KV, D, G, d]
+    return out.transpose(1, 2).reshape(heads, d_seqs, dim)
+
+
+def decode_keys_visible(step: AttentionMetadata, sliding_window: int | None) -> torch.Tensor:
+    """``[D, B * block_size]``: the keys each decoding sequence attends to (its window's)."""
+    valid = step.decode_valid
+    if sliding_window is not None:
+        keys = torch.arange(valid.shape[-1], device=valid.device)
+        valid = valid & (keys >= step.decode_lens.unsqueeze(1) - sliding_window)
+    return valid
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[KV, slots, d]`` cache -> ``[KV, D, B * block_size, d]`` for ``[D, B]`` block tables."""
+    kv, _, dim = cache.shape
+    per_block = cache.view(kv, -1, block_size * dim)
+    picked = per_block.index_select(1, blocks.flatten())
+    return picked.view(kv, blocks.shape[0], blocks.shape[1] * block_size, dim)
+
+
+class SdpaBackend:
+    name = "sdpa"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        step: AttentionMetadata,
+        scaling: float,
+        softcap: float | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        k_cache.index_copy_(1, step.slot_mapping, key.to(k_cache.dtype))
+        v_cache.index_copy_(1, step.slot_mapping, value.to(v_cache.dtype))
+        out = torch.empty_like(query)
+        plain = softcap is None and sliding_window is None
+        for s, ctx in enumerate(step.context_lens):
+            if s in step.decode_seqs:
+                continue
+            a, b = step.query_starts[s], step.query_starts[s + 1]
+            offset = ctx - (b - a)
+            if offset == 0:  # fresh prefill: the new K/V are the whole context
+                k, v = key[:, a:b], value[:, a:b]
+            else:
+                slots = step.block_slots[s, :ctx]
+                k, v = k_cache.index_select(1, slots), v_cache.index_select(1, slots)
+            if not plain:
+                out[:, a:b] = _masked_prefill(
+                    query[:, a:b], k, v, scaling, offset, softcap, sliding_window
+                )
+            elif offset == 0:
+                out[:, a:b] = _fresh_prefill(query[:, a:b], k, v, scaling)
+            else:
+                out[:, a:b] = _continued_prefill(query[:, a:b], k, v, scaling, offset)
+        if step.decode_seqs:
+            out.index_copy_(
+                1,
+                step.decode_rows,
+                self._decode_batch(query, k_cache, v_cache, step, scaling, softcap, sliding_window),
+            )
+        return out
+
+    @staticmethod
+    def _decode_batch(
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        step: AttentionMetadata,
+        scaling: float,
+        softcap: float | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        valid = decode_keys_visible(step, sliding_window)
+        bs = step.cache.shape.block_size
+        k = _gather_blocks(k_cache, step.decode_blocks, bs)  # [KV, D, ctx, d]
+        v = _gather_blocks(v_cache, step.decode_blocks, bs)
+        q = query.index_select(1, step.decode_rows)
+        return _decode(q, k, v, valid, scaling, softcap)
+
+
+BACKEND = SdpaBackend()

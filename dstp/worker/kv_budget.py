@@ -1,0 +1,97 @@
+"""How much memory each rank's KV cache gets, when the user does not say.
+
+vLLM's contract on CUDA: the weights, the largest step's activations and the
+KV cache together use ``--gpu-memory-utilization`` of the device, so the
+cache gets what is left after loading and one profiled forward of
+``max_num_batched_tokens`` tokens. On CPU there is no device to fill: the
+cache takes what ``max_num_seqs`` sequences of ``max_model_len`` tokens need,
+at most a quarter of the host's available memory per local rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dstp.worker.step_plan import StepPlan
+
+CPU_MEMORY_FRACTION = 0.25  # of the host's available memory, shared by its local ranks
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    nbytes: int
+    reason: str  # how it was chosen, for the start-up log and warnings
+    fix: str  # the flag that gives more
+
+
+def explicit(gib: float) -> KVBudget:
+    return KVBudget(int(gib * 2**30), f"--kv-cache-memory {gib:g} GiB", "--kv-cache-memory")
+
+
+def device_budget(total: int, in_use: int, activation_peak: int, utilization: float) -> KVBudget:
+    """What ``utilization`` of the device leaves after what is in use and the step's peak."""
+    nbytes = max(0, int(total * utilization) - in_use - activation_peak)
+    reason = (
+        f"--gpu-memory-utilization {utilization:g} of {total / 2**30:.1f} GiB, less "
+        f"{in_use / 2**30:.2f} GiB in use and a {activation_peak / 2**30:.2f} GiB activation peak"
+    )
+    return KVBudget(nbytes, reason, "--gpu-memory-utilization (or --kv-cache-memory)")
+
+
+def host_budget(
+    available: int, local_ranks: int, wanted_tokens: int, bytes_per_token: int
+) -> KVBudget:
+    """What the wanted tokens need, capped at this rank's share of the available memory."""
+    share = int(available * CPU_MEMORY_FRACTION) // max(1, local_ranks)
+    needed = wanted_tokens * bytes_per_token
+    if needed <= share:
+        reason = f"{wanted_tokens} tokens (max_num_seqs x max_model_len)"
+    else:
+        reason = (
+            f"{CPU_MEMORY_FRACTION:.0%} of {available / 2**30:.1f} GiB available memory "
+            f"over {local_ranks} local rank(s)"
+        )
+    return KVBudget(min(needed, share), reason, "--kv-cache-memory or --num-kv-blocks")
+
+
+def available_host_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def profile_plan(num_tokens: int, max_len: int, max_seqs: int, block_size: int) -> StepPlan:
+    """The largest step the scheduler can send: fresh prefills filling ``num_tokens``.
+
+    Sequences are at most ``max_len`` tokens (a model's position limit) and
+    their blocks are numbered from 0, for a scratch cache of
+    :func:`profile_blocks` blocks.
+    """
+    lengths = []
+    while sum(lengths) < num_tokens and len(lengths) < max_seqs:
+        lengths.append(min(max_len, num_tokens - sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    widths = [-(-n // block_size) for n in lengths]
+    first_block = torch.tensor([0, *widths]).cumsum(0)
+    tables = torch.zeros((len(lengths), max(widths)), dtype=torch.long)
+    for i, width in enumerate(widths):
+        tables[i, :width] = torch.arange(width) + first_block[i]
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    slots = (first_block[seq_of_token] * block_size) + positions
+    return StepPlan(
+        input_ids=torch.zeros(len(positions), dtype=torch.long),
+        positions=positions,
+        slot_mapping=slots,
+        query_starts=starts,
+        context_lens=torch.tensor(lengths),
+        block_tables=tables,
+        sample_rows=starts[1:] - 1,
+        copies=torch.zeros((0, 2), dtype=torch.long),
+    )
+
+
+def profile_blocks(plan: StepPlan) -> int:
+    return int(plan.block_tables.max()) + 1

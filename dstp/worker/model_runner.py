@@ -1,0 +1,195 @@
+"""What every rank runs: its shard of the model, its KV heads' cache, the forward of a step.
+
+Rank 0's engine turns scheduled requests into a :class:`StepPlan` and
+broadcasts it; every rank, rank 0 included, hands the plan to
+:meth:`ModelRunner.execute`, which runs the Hugging Face model's own forward
+over this rank's shards and cache. A follower rank runs this and nothing
+else: no tokenizer, scheduler or server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from dstp.cpu import gemm as cpu_gemm
+from dstp.cpu import kernels as cpu_kernels
+from dstp.distributed import TPGroup
+from dstp.engine.config import EngineConfig
+from dstp.model.inject import shard_model
+from dstp.worker import attention, kv_budget
+from dstp.worker.kv_budget import KVBudget
+from dstp.worker.kv_cache import CacheShape, PagedKVCache
+from dstp.worker.step_inputs import StepUploader
+from dstp.worker.step_plan import Command, StepPlan, receive
+
+log = logging.getLogger("dstp")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, tp: TPGroup) -> None:
+        self.tp = tp
+        started = time.perf_counter()
+        cpu_gemm.set_compute_dtype(config.cpu_compute_dtype)
+        attention.register()
+        self.sharded = shard_model(
+            config.model,
+            tp,
+            config.torch_dtype,
+            attn_implementation=attention.ATTN_IMPLEMENTATION,
+            allow_pickle=config.allow_pickle,
+            trust_remote_code=config.trust_remote_code,
+        )
+        self.model = self.sharded.model
+        self.base_model = getattr(self.model, self.model.base_model_prefix)
+        self.lm_head = self.model.get_submodule(self.sharded.policy.lm_head)
+        self.vocab_size: int = self.lm_head.vocab_size  # token ids a prompt may use
+        self.logit_ops = self.sharded.policy.logit_ops(self.sharded.config)
+        self.block_size = config.block_size
+        self.attention_backend = attention.backend_for(tp.device)
+        self.uploader = StepUploader(tp.device)
+        self.num_blocks, self.cache = self._make_cache(config)
+        self.max_model_len = self._context_limit(config)
+        if tp.is_driver:
+            self._log_layout(time.perf_counter() - started)
+
+    def _cache_shape(self, config: EngineConfig) -> CacheShape:
+        heads = self.sharded.heads
+        return CacheShape(
+            self.sharded.config.num_hidden_layers,
+            heads.local_kv_heads,
+            heads.head_dim,
+            config.block_size,
+            config.torch_dtype,
+        )
+
+    def _make_cache(self, config: EngineConfig) -> tuple[int, PagedKVCache]:
+        shape = self._cache_shape(config)
+        if config.num_blocks:
+            self.kv_budget = KVBudget(0, "--num-kv-blocks", "--num-kv-blocks")
+            num_blocks = config.num_blocks
+        else:
+            self.kv_budget = self._kv_budget(config, shape)
+            num_blocks = shape.blocks_for(self.kv_budget.nbytes)
+        num_blocks = self.tp.min_over_ranks(num_blocks)  # ranks' devices may differ
+        return num_blocks, self.tp.agree(lambda: PagedKVCache(shape, num_blocks, self.tp.device))
+
+    def _kv_budget(self, config: EngineConfig, shape: CacheShape) -> KVBudget:
+        if config.kv_cache_memory_gib is not None:
+            return kv_budget.explicit(config.kv_cache_memory_gib)
+        device = self.tp.device
+        if device.type == "cuda":
+            peak = self._profile_activation_peak(config)
+            free, total = torch.cuda.mem_get_info(device)
+            return kv_budget.device_budget(total, total - free, peak, config.gpu_memory_utilization)
+        wanted = config.max_num_seqs * self._wanted_len(config)
+        return kv_budget.host_budget(
+            kv_budget.available_host_memory(), self.tp.local_size, wanted, shape.bytes_per_token
+        )
+
+    def _profile_activation_peak(self, config: EngineConfig) -> int:
+        """Device memory the largest step allocates beyond what is already held (CUDA)."""
+        torch.cuda.synchronize(self.tp.device)
+        torch.cuda.reset_peak_memory_stats(self.tp.device)
+        before = torch.cuda.memory_allocated(self.tp.device)
+        self.run_profile_step(config)
+        torch.cuda.synchronize(self.tp.device)
+        peak = torch.cuda.max_memory_allocated(self.tp.device) - before
+        torch.cuda.empty_cache()
+        return peak
+
+    def run_profile_step(self, config: EngineConfig) -> torch.Tensor | None:
+        """One forward of ``max_num_batched_tokens`` fresh tokens over a scratch cache."""
+        plan = kv_budget.profile_plan(
+            config.max_num_batched_tokens,
+            self._wanted_len(config),
+            config.max_num_seqs,
+            config.block_size,
+        )
+        scratch = PagedKVCache(
+            self._cache_shape(config), kv_budget.profile_blocks(plan), self.tp.device
+        )
+        kept, self.cache = getattr(self, "cache", None), scratch
+        try:
+            return self.execute(plan)
+        finally:
+            self.cache = kept
+
+    def _wanted_len(self, config: EngineConfig) -> int:
+        """The model's context, or the user's if smaller."""
+        wanted = getattr(self.sharded.config, "max_position_embeddings", None) or 2**31
+        return min(wanted, config.max_model_len or wanted)
+
+    def _context_limit(self, config: EngineConfig) -> int:
+        """The model's (or the user's) context, cut to what the KV cache holds, never silently."""
+        capacity = self.num_blocks * config.block_size
+        wanted = self._wanted_len(config)
+        if capacity < wanted and self.tp.is_driver:
+            log.warning(
+                "max_model_len cut from %d to %d tokens: that is what the KV cache holds "
+                "(%d blocks x %d tokens per rank, sized by %s); raise %s to serve the full "
+                "context",
+                wanted,
+                capacity,
+                self.num_blocks,
+                config.block_size,
+                self.kv_budget.reason,
+                self.kv_budget.fix,
+            )
+        return min(wanted, capacity)
+
+    def _log_layout(self, seconds: float) -> None:
+        heads, shape = self.sharded.heads, self.cache.shape
+        if self.tp.device.type == "cpu" and shape.dtype == torch.bfloat16:
+            paths = cpu_kernels.describe_paths()
+            log.info("CPU bf16 linears: %s", "; ".join(f"{k}: {v}" for k, v in paths.items()))
+        log.info(
+            "KV cache per rank: %d blocks x %d tokens = %d tokens, %.1f KiB per token, %.2f GiB "
+            "(%d of %d KV heads per rank; sized by %s); max_model_len=%d; ready in %.1fs",
+            self.num_blocks,
+            shape.block_size,
+            self.num_blocks * shape.block_size,
+            shape.bytes_per_token / 1024,
+            self.cache.nbytes / 2**30,
+            heads.local_kv_heads,
+            heads.num_kv_heads,
+            self.kv_budget.reason,
+            self.max_model_len,
+            seconds,
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """This rank's share of the forward; returns the sampled rows' logits on rank 0.
+
+        The plan stays on the host; its arrays reach the device in one upload,
+        and nothing in the forward reads a device value back.
+        """
+        if plan.copies.numel():
+            self.cache.copy_blocks(plan.copies)
+        inputs = self.uploader.upload(plan, self.block_size)
+        metadata = attention.AttentionMetadata.build(
+            plan, inputs, self.cache, self.attention_backend
+        )
+        with attention.step_context(metadata):
+            hidden = self.base_model(
+                input_ids=inputs.input_ids.unsqueeze(0),
+                position_ids=inputs.positions.unsqueeze(0),
+                use_cache=False,
+            ).last_hidden_state
+        logits = self.lm_head.logits_on_driver(hidden[0].index_select(0, inputs.sample_rows))
+        if logits is not None:
+            for op, value in self.logit_ops:  # what HF's *ForCausalLM.forward does after its head
+                logits = op.apply(logits, value)
+        return logits
+
+    def run_follower(self) -> None:
+        """Other ranks: execute rank 0's plans until it says shut down."""
+        while True:
+            command, plan = receive(self.tp)
+            if command == Command.SHUTDOWN:
+                return
+            if command == Command.STEP:
+                self.execute(plan)

@@ -1,0 +1,93 @@
+"""A step's metadata on the device: built on the host, uploaded with one copy.
+
+Every rank turns the host :class:`StepPlan` into the flat int64 arrays its
+forward indexes with (token ids, positions, cache slots, block tables, the
+sampled rows, the decode batch's rows, blocks and lengths), packs them into
+one (pinned, on an accelerator) host buffer and uploads it with one
+non-blocking copy. Nothing in the forward then builds a tensor from Python
+data or reads one back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dstp.worker.step_plan import StepPlan
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T]
+    block_tables: torch.Tensor  # [S, max_blocks]
+    sample_rows: torch.Tensor  # [R]
+    decode_rows: torch.Tensor | None  # [D] packed rows of the batched decode tokens
+    decode_blocks: torch.Tensor | None  # [D, B] their block tables, B = max blocks they use
+    decode_lens: torch.Tensor | None  # [D] their context lengths
+
+
+def _host_arrays(plan: StepPlan, block_size: int) -> list[torch.Tensor]:
+    arrays = [
+        plan.input_ids,
+        plan.positions,
+        plan.slot_mapping,
+        plan.block_tables,
+        plan.sample_rows,
+    ]
+    decode = plan.batched_decode_seqs()
+    if decode:
+        index = torch.tensor(decode, dtype=torch.long)
+        lens = plan.context_lens[index]
+        width = -(-int(lens.max()) // block_size)  # host tensor: no device sync
+        arrays += [plan.query_starts[index], plan.block_tables[index, :width], lens]
+    return arrays
+
+
+class StepUploader:
+    """Packs a step's arrays into one host buffer and uploads it in one copy.
+
+    Two host buffers alternate, each reused until a step needs a larger one;
+    on CUDA they are pinned and a buffer is rewritten only after the copy
+    that read it has finished (an event), so the upload never blocks the host.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * 2
+        self._done: list[object | None] = [None, None]
+        self._turn = 0
+
+    def upload(self, plan: StepPlan, block_size: int) -> StepInputs:
+        arrays = _host_arrays(plan, block_size)
+        parts = self._upload([a.reshape(-1) for a in arrays])
+        shaped = [p.view(a.shape) for p, a in zip(parts, arrays, strict=True)]
+        decode = shaped[5:] if len(shaped) > 5 else [None, None, None]
+        return StepInputs(*shaped[:5], *decode)
+
+    def _upload(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        total = sum(a.numel() for a in flat)
+        buffer = self._host_buffer(total)
+        torch.cat(flat, out=buffer[:total])
+        on_device = buffer[:total].to(self.device, non_blocking=self.pinned)
+        if self.pinned:
+            done = torch.cuda.Event()
+            done.record()
+            self._done[self._turn] = done
+        self._turn ^= 1
+        return list(torch.split(on_device, [a.numel() for a in flat]))
+
+    def _host_buffer(self, numel: int) -> torch.Tensor:
+        done = self._done[self._turn]
+        if done is not None:
+            done.synchronize()  # the copy that last read this buffer has finished
+        buffer = self._buffers[self._turn]
+        if buffer.numel() < numel:
+            buffer = torch.empty(
+                max(numel, 2 * buffer.numel()), dtype=torch.long, pin_memory=self.pinned
+            )
+            self._buffers[self._turn] = buffer
+        return buffer
