@@ -1,0 +1,145 @@
+"""Multi-row bf16 linears computed in fp32 on widened weight blocks (dstp.cpu.gemm)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dstp.cpu import features as cpu_features
+from dstp.cpu import gemm as cpu_gemm
+from dstp.cpu.kernels import linear_2d
+from dstp.server.cli import build_parser
+from dstp.server.serve import _engine_config
+
+
+@pytest.fixture
+def compute_dtype():
+    """Sets --cpu-compute-dtype for one test and puts back the default."""
+    yield cpu_gemm.set_compute_dtype
+    cpu_gemm.set_compute_dtype("auto")
+
+
+def _bf16_within_rounding(got: torch.Tensor, exact: torch.Tensor) -> None:
+    """Each value is the fp32 result rounded to bf16, give or take one bf16 step."""
+    step = exact.abs().clamp_min(1e-3) * 2**-7
+    assert ((got.float() - exact).abs() <= step).all()
+
+
+@pytest.mark.parametrize(
+    "rows,out_features,in_features,bias",
+    [
+        (2, 64, 128, False),
+        (7, 1000, 300, True),  # output rows not a multiple of the block
+        (33, 4097, 2048, True),
+        (3, 5, 300_000, False),  # one weight row wider than a block: one row per block
+        (300, 17, 64, True),
+    ],
+)
+def test_matches_fp32_math_rounded_once(rows, out_features, in_features, bias):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, in_features).bfloat16()
+    w = torch.randn(out_features, in_features).bfloat16()
+    b = torch.randn(out_features).bfloat16() if bias else None
+    exact = F.linear(x.float(), w.float(), None if b is None else b.float())
+    got = cpu_gemm.widened_linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    _bf16_within_rounding(got, exact)
+    _bf16_within_rounding(F.linear(x, w, b), exact)  # oneDNN's bf16 GEMM: the same contract
+
+
+def test_a_strided_weight_view():
+    w = torch.randn(64, 256).bfloat16()[:, ::2]
+    x = torch.randn(4, 128).bfloat16()
+    _bf16_within_rounding(cpu_gemm.widened_linear(x, w), F.linear(x.float(), w.float()))
+
+
+@pytest.mark.parametrize(
+    "flags,setting,widens",
+    [
+        ({"avx2", "fma"}, "auto", True),  # AVX2-only EPYC: bf16 GEMM is emulated
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, "auto", False),  # Zen 4
+        ({"avx2", "fma", "avx512f", "amx_bf16"}, "auto", False),  # Sapphire Rapids
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, "float32", True),
+        ({"avx2", "fma"}, "bfloat16", False),
+    ],
+)
+def test_the_choice_follows_the_cpu_and_the_flag(
+    monkeypatch, compute_dtype, flags, setting, widens
+):
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset(flags))
+    compute_dtype(setting)
+    assert cpu_gemm.computes_in_fp32() is widens
+    assert ("widened" in cpu_gemm.describe()) is widens
+
+
+def test_linear_2d_widens_from_a_few_rows(monkeypatch, compute_dtype):
+    calls = []
+    real = cpu_gemm.widened_linear
+    monkeypatch.setattr(cpu_gemm, "widened_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    w = torch.randn(64, 128).bfloat16()
+    compute_dtype("float32")
+    linear_2d(torch.randn(2, cpu_gemm.MIN_ROWS, 128).bfloat16(), w)  # a 3-D batch flattens
+    linear_2d(torch.randn(1, 128).bfloat16(), w)  # one row: the GEMV, never widened
+    few = cpu_gemm.MIN_ROWS - 1
+    linear_2d(torch.randn(few, 128).bfloat16(), w)  # too few rows to pay for widening
+    linear_2d(torch.randn(4, 128), w.float())  # fp32 weights: F.linear
+    w.requires_grad_(True)
+    with torch.enable_grad():
+        linear_2d(torch.randn(4, 128).bfloat16(), w)  # training: F.linear's backward
+    assert calls == [(2 * cpu_gemm.MIN_ROWS, 128)]
+    compute_dtype("bfloat16")
+    x = torch.randn(5, 128).bfloat16()
+    assert torch.equal(linear_2d(x, w.detach()), F.linear(x, w.detach()))
+    assert len(calls) == 1
+
+
+def test_unknown_compute_dtype_names_the_flag():
+    with pytest.raises(ValueError, match="--cpu-compute-dtype"):
+        cpu_gemm.set_compute_dtype("fp8")
+
+
+def test_the_flag_reaches_the_engine_config():
+    args = build_parser().parse_args(["--cpu-compute-dtype", "float32", "--dtype", "bfloat16"])
+    assert _engine_config(args, "some/model").cpu_compute_dtype == "float32"
+    args = build_parser().parse_args(["--dtype", "bfloat16"])
+    assert _engine_config(args, "some/model").cpu_compute_dtype == "auto"
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    from tests.helpers.tiny_models import llama_config, save_random_model
+
+    config = llama_config(
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, intermediate_size=352
+    )
+    return save_random_model(config, tmp_path_factory.mktemp("bf16") / "model")
+
+
+def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+
+
+def test_the_model_through_widened_blocks_is_as_close_to_hf_as_bf16_compute(
+    bf16_model, monkeypatch, compute_dtype
+):
+    """Oracle: HF unsharded at fp32 on the same bf16-rounded weights. dstp with widened
+    blocks (several per weight: TILE_BYTES shrunk) stays as close to it as HF's own bf16."""
+    import dstp
+    from tests.helpers.hf_reference import load_reference
+
+    monkeypatch.setattr(cpu_gemm, "TILE_BYTES", 4096)
+    exact_model = load_reference(bf16_model)
+    hf_bf16 = load_reference(bf16_model).to(torch.bfloat16)
+    exact_model.load_state_dict({k: v.float() for k, v in hf_bf16.state_dict().items()})
+    gen = torch.Generator().manual_seed(0)
+    # 40 rows: widened blocks; 5 and 20 rows: the few-row kernel where the CPU has AVX2
+    for ids in (torch.randint(3, 256, (1, n), generator=gen) for n in (40, 5, 20)):
+        exact = _logprobs(exact_model, ids)
+        hf_error = (_logprobs(hf_bf16, ids) - exact).abs().max()
+        for setting in ("float32", "bfloat16"):
+            compute_dtype(setting)
+            ours = dstp.load(str(bf16_model), torch.bfloat16)
+            error = (_logprobs(ours, ids) - exact).abs().max()
+            assert error <= 1.5 * hf_error + 0.02, (setting, ids.shape, error, hf_error)

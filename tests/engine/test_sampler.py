@@ -1,0 +1,421 @@
+"""The sampler against transformers' logits processors and against the per-row oracle.
+
+tests/reference_sampler.py is dstp's first sampler, kept verbatim as the oracle:
+greedy rows, filters, penalties and logprobs must agree with it exactly, and
+sampled rows in distribution (a seeded chi-square test).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from dstp.engine import sampler
+from dstp.engine.sampler import SampleState, make_generator, sample
+from dstp.engine.sampling_params import InvalidRequest, SamplingParams
+from tests.helpers import reference_sampler as oracle
+from tests.helpers.reference_sampler import _filter, _penalise
+
+
+def hf_filtered(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    scores = logits.unsqueeze(0)
+    ids = torch.zeros((1, 1), dtype=torch.long)
+    for proc in (
+        TemperatureLogitsWarper(p.temperature),
+        TopKLogitsWarper(p.top_k) if p.top_k > 0 else None,
+        TopPLogitsWarper(p.top_p) if p.top_p < 1 else None,
+        MinPLogitsWarper(p.min_p) if p.min_p > 0 else None,
+    ):
+        if proc is not None:
+            scores = proc(ids, scores)
+    return scores[0]
+
+
+def new_probs(logits: torch.Tensor, states: list[SampleState]) -> torch.Tensor:
+    """dstp.engine.sampler's filtered distribution of each (sampled) row, as dense [B, V]."""
+    x = logits.float().clone()
+    rows = list(range(len(states)))
+    with torch.inference_mode(), sampler._written(x, sampler._edits(x, states)):
+        found = sampler._candidates(x, rows, states, torch.zeros(len(rows), dtype=torch.bool))
+    out = torch.zeros_like(x)
+    if found.prefix_rows:
+        prefix = found.prefix_rows
+        out[prefix] = out[prefix].scatter(1, found.ids, found.prefix_probs)
+    if found.whole_rows:
+        out[found.whole_rows] = found.whole_probs
+    return out
+
+
+def oracle_probs(logits: torch.Tensor, state: SampleState) -> torch.Tensor:
+    """The oracle's filtered distribution of one row."""
+    row = logits.float().clone()
+    if len(state.output_ids) < state.params.min_tokens and state.stop_ids:
+        row[list(state.stop_ids)] = float("-inf")
+    return torch.softmax(_filter(_penalise(row, state), state.params), -1)
+
+
+def new_penalised(logits: torch.Tensor, state: SampleState) -> torch.Tensor:
+    """One row after dstp.engine.sampler's penalty and stop-id edits."""
+    x = logits.clone().unsqueeze(0)
+    with torch.inference_mode():
+        for where, values in sampler._edits(x, [state]):
+            x.view(-1)[where] = values
+    return x[0]
+
+
+FILTERS = [
+    dict(temperature=0.7),
+    dict(temperature=1.0, top_k=20),
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=0.9, top_k=50, top_p=0.9),
+    dict(temperature=1.0, min_p=0.05),
+    dict(temperature=0.8, top_k=100, top_p=0.95, min_p=0.02),
+]
+
+
+@pytest.mark.parametrize("kwargs", FILTERS)
+def test_filters_match_hf(kwargs):
+    torch.manual_seed(0)
+    p = SamplingParams(**kwargs)
+    for _ in range(5):  # the oracle
+        logits = torch.randn(512) * 3
+        ours = torch.softmax(_filter(logits.clone(), p), -1)
+        theirs = torch.softmax(hf_filtered(logits.clone(), p), -1)
+        assert torch.allclose(ours, theirs, atol=1e-6)
+    logits = torch.randn(5, 4096) * 3  # dstp.engine.sampler, over a 1024-token prefix of 4096
+    ours = new_probs(logits, [SampleState(p, [0], [], None) for _ in range(5)])
+    for row, theirs in zip(ours, logits, strict=True):
+        assert torch.allclose(row, torch.softmax(hf_filtered(theirs, p), -1), atol=1e-6)
+
+
+def test_repetition_penalty_matches_hf():
+    torch.manual_seed(1)
+    logits = torch.randn(100)
+    prompt, output = [3, 5, 7, 7], [9, 3, 50]
+    p = SamplingParams(repetition_penalty=1.3)
+    state = SampleState(p, prompt, output, None)
+    ours = _penalise(logits.clone(), state)
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(
+        torch.tensor([prompt + output]), logits.clone().unsqueeze(0)
+    )[0]
+    assert torch.allclose(ours, theirs)
+    assert torch.equal(new_penalised(logits, state), ours)
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    logits = torch.zeros(10)
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    state = SampleState(p, [1, 2], [4, 4, 4, 6], None)
+    expected = torch.zeros(10)
+    expected[4] = -(3 * 0.25 + 0.5)
+    expected[6] = -(1 * 0.25 + 0.5)
+    assert torch.equal(_penalise(logits.clone(), state), expected)  # prompt tokens are not
+    assert torch.equal(new_penalised(logits, state), expected)
+
+
+def test_min_tokens_suppresses_stop_ids_and_greedy_is_argmax():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]])
+    p = SamplingParams(temperature=0, min_tokens=2, max_tokens=4)
+    state = SampleState(p, [0], [], None, stop_ids=frozenset({1}))
+    assert sample(logits, [state])[0][0][0] == 3
+    state.output_ids = [3, 3]
+    assert sample(logits, [state])[0][0][0] == 1
+
+
+def test_seeded_draws_repeat_and_differ_by_seed():
+    logits = torch.randn(3, 1000)
+    p = SamplingParams(temperature=1.0)
+
+    def draw(seed):
+        states = [SampleState(p, [0], [], make_generator(seed, i)) for i in range(3)]
+        return [sample(logits, states) for _ in range(5)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_logprobs_report_raw_distribution():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
+    p = SamplingParams(temperature=0, logprobs=2)
+    ((token, lp),) = sample(logits, [SampleState(p, [0], [], None)])[0]
+    raw = torch.log_softmax(logits[0], -1)
+    assert token == 2 and lp.logprob == pytest.approx(float(raw[2]))
+    assert list(lp.top) == [2, 1] and lp.top[1] == pytest.approx(float(raw[1]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=-5), "top_k"),
+        (dict(n=0), "n"),
+        (dict(n=True), "n"),
+        (dict(stop=[""]), "stop"),
+        (dict(min_tokens=20, max_tokens=4), "min_tokens"),
+        (dict(logprobs=99), "logprobs"),
+        (dict(seed="x"), "seed"),
+        (dict(repetition_penalty=1e-300), "repetition_penalty"),
+        (dict(repetition_penalty=11), "repetition_penalty"),
+        (dict(presence_penalty=float("inf")), "presence_penalty"),
+        (dict(temperature=2.5), "temperature"),
+        (dict(stop=["x" * 257]), "stop"),
+    ],
+)
+def test_invalid_parameters_name_the_field(kwargs, field):
+    with pytest.raises(InvalidRequest, match=field) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == field
+
+
+def test_parameters_are_checked_against_the_model():
+    with pytest.raises(InvalidRequest, match=r"\[0, 100\)") as info:
+        SamplingParams(stop_token_ids=[5, 2**63]).check_against_model(100, frozenset({2}))
+    assert info.value.param == "stop_token_ids"
+    every = SamplingParams(stop_token_ids=list(range(99)), min_tokens=1)
+    with pytest.raises(InvalidRequest, match="whole vocabulary"):
+        every.check_against_model(100, frozenset({99}))
+    every.ignore_eos = True
+    every.check_against_model(100, frozenset({99}))  # EOS is not masked then
+
+
+def test_tiny_temperatures_are_greedy():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 0.5]]) * 1e3
+    for temperature in (1e-300, 5e-324, 1e-6):
+        p = SamplingParams(temperature=temperature)
+        assert p.greedy
+        assert sample(logits, [SampleState(p, [0], [], make_generator(1, 0))])[0] == [(1, None)]
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    logits = torch.randn(4, 16)
+    logits[1, 3] = float("nan")
+    logits[2, 7] = float("inf")
+    p = SamplingParams(temperature=0.8)
+    masked = SampleState(p, [0], [], make_generator(0, 0), stop_ids=frozenset(range(16)))
+    masked.params = SamplingParams(temperature=0.8, min_tokens=1)
+    states = [SampleState(p, [0], [], make_generator(i, 0)) for i in range(3)] + [masked]
+    results = sample(logits, states)
+    assert isinstance(results[0], list) and len(results[0]) == 1
+    assert [type(r).__name__ for r in results[1:]] == ["SamplingError"] * 3
+    assert "non-finite" in str(results[1]) and "masked" in str(results[3])
+
+
+# -- dstp.engine.sampler against the per-row oracle ------------------------------------------------
+
+
+def test_a_row_whose_inputs_break_fails_alone():
+    with torch.inference_mode():  # as the engine's logits are: edited in place all the same
+        logits = torch.randn(3, 16)
+    before = logits.clone()
+    bad_stop = SampleState(SamplingParams(min_tokens=2), [0], [], None, stop_ids=frozenset({99}))
+    bad_prompt = SampleState(SamplingParams(repetition_penalty=1.2), [5, 40], [], None)
+    fine = SampleState(SamplingParams(temperature=0, logprobs=1), [0], [], None)
+    results = sample(logits, [bad_stop, fine, bad_prompt])
+    assert isinstance(results[0], IndexError) and isinstance(results[2], IndexError)
+    assert results[1] == oracle.sample(logits[1:2], [fine])[0]
+    assert torch.equal(logits, before)
+
+
+GREEDY = [
+    dict(temperature=0),
+    dict(temperature=0, repetition_penalty=1.3),
+    dict(temperature=0, repetition_penalty=0.7, presence_penalty=0.5),
+    dict(temperature=0, frequency_penalty=-1.5, presence_penalty=-0.5, logprobs=3),
+    dict(temperature=0, frequency_penalty=2.0, repetition_penalty=2.0, logprobs=0),
+    dict(temperature=0, min_tokens=4, max_tokens=8, stop_token_ids=[1, 2, 3], logprobs=5),
+    dict(top_k=1, repetition_penalty=1.2, min_tokens=2, stop_token_ids=[1]),
+    dict(temperature=0, n=3, logprobs=2),
+]
+
+
+@pytest.mark.parametrize("vocab", [3000, 3001])  # 3001 is prime: the blocked argmax pads
+def test_greedy_rows_match_the_oracle_exactly(vocab):
+    """Penalties, min_tokens and logprobs over 6 steps, with sampled rows in the batch."""
+    gen = torch.Generator().manual_seed(vocab)
+    params = [SamplingParams(**kw) for kw in GREEDY] + [
+        SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.1, logprobs=2),
+        SamplingParams(temperature=1.0, seed=4),
+    ]
+    states = []
+    for p in params:
+        prompt = torch.randint(vocab, (40,), generator=gen).tolist() + [1, 2, 3, 4]
+        stop_ids = frozenset({1, 2, *p.stop_token_ids})
+        states.append(SampleState(p, prompt, [], make_generator(p.seed, 0), stop_ids))
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    for step in range(6):
+        logits = torch.randn(len(states), vocab, generator=gen) * 3
+        logits[:, 1:5] += 8  # the stop ids and prompt tokens lead: masks and penalties matter
+        logits[0, [17, vocab - 1]] = 50.0  # a tie: the first index wins
+        draws = [p.n if step == 0 else 1 for p in params]
+        before = logits.clone()
+        ours = sample(logits, states, draws)
+        assert torch.equal(logits, before)  # edits are undone
+        theirs = oracle.sample(logits, states, draws)
+        assert [ours[i] for i in greedy] == [theirs[i] for i in greedy]
+        for state, picks in zip(states, ours, strict=True):
+            state.output_ids = state.output_ids + [picks[0][0]]
+    assert all(s.output_ids[0] not in (1, 2, 3) for s in states[5:6])  # masked before min_tokens
+
+
+def test_sampled_rows_logprobs_match_the_oracle():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 2000) * 2
+    params = [SamplingParams(temperature=0.8, top_p=0.9, logprobs=k) for k in (0, 3, 20)]
+    states = [SampleState(p, [0], [], make_generator(i, 0)) for i, p in enumerate(params)]
+    raw = torch.log_softmax(logits, -1)
+    for i, picks in enumerate(sample(logits, states, [1, 2, 1])):
+        for token, logprob in picks:
+            assert logprob == oracle._logprob(raw, i, token, params[i].logprobs)
+
+
+FLAT, PEAKED = 0.02, 4.0  # logit scales: the prefix's mass is ~25 % of a flat row's, ~100 % else
+
+
+@pytest.mark.parametrize("scale", [FLAT, 1.0, PEAKED])
+def test_filtered_distributions_match_the_oracle(scale):
+    """Kept sets equal, probabilities equal to rounding, on both the prefix and whole-row paths."""
+    torch.manual_seed(5)
+    vocab = 4096
+    kwargs = FILTERS + [
+        dict(temperature=0.9, top_p=0.5, repetition_penalty=1.4, frequency_penalty=0.5),
+        dict(temperature=1.1, top_k=2000, top_p=0.7),  # top_k beyond the prefix
+        dict(temperature=1.0, min_p=0.9, presence_penalty=-1.0),
+        dict(temperature=0.6, top_p=0.95, min_tokens=3, stop_token_ids=[7, 8]),
+    ]
+    states = [
+        SampleState(SamplingParams(**kw), [7, 8, 9, 100], [9, 9, 4000], None, frozenset({7, 8}))
+        for kw in kwargs
+    ]
+    logits = torch.randn(len(states), vocab) * scale
+    logits[:, 7:10] += 3 * scale
+    ours = new_probs(logits, states)
+    for row, state, mine in zip(logits, states, ours, strict=True):
+        theirs = oracle_probs(row, state)
+        assert torch.equal(mine > 0, theirs > 0)
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-7)
+
+
+def test_top_p_fallback_row_is_the_oracles_filter_exactly():
+    """A flat row whose top 1024 hold less than top_p is filtered over its whole row."""
+    torch.manual_seed(6)
+    vocab = 128256
+    logits = torch.randn(3, vocab) * 0.01
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=0.7, min_p=0.95),
+        SamplingParams(temperature=1.0, top_k=5000, top_p=0.5),
+    ]
+    states = [SampleState(p, [0], [], None) for p in params]
+    with torch.inference_mode():
+        exact = sampler._prefix_candidates(logits, [0, 1], states)[2]
+    assert not exact.any()  # the prefix cannot decide these rows
+    ours = new_probs(logits, states)
+    for row, state, mine in zip(logits, states, ours, strict=True):
+        assert torch.equal(mine, oracle_probs(row, state))
+
+
+def chi_square_p(tokens: list[int], probs: torch.Tensor) -> float:
+    """p-value of the tokens' counts against ``probs`` (categories expected < 5 times pooled)."""
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(probs)).double()
+    assert counts[probs == 0].sum() == 0, "a token outside the kept set was drawn"
+    expected = probs.double() * len(tokens)
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum().view(1)])
+    expected = torch.cat([expected[big], expected[~big].sum().view(1)])
+    if expected[-1] < 5:  # too few to test apart: fold into the last big category
+        observed, expected = observed[:-1], expected[:-1]
+        observed[-1] += counts[~big].sum()
+        expected[-1] += probs.double()[~big].sum() * len(tokens)
+    stat = ((observed - expected) ** 2 / expected).sum()
+    df = torch.tensor(len(expected) - 1, dtype=torch.double)
+    return float(torch.special.gammaincc(df / 2, stat / 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, scale, draws",
+    [
+        (dict(temperature=0.9, top_p=0.9), PEAKED, 4000),  # prefix, whole-row normaliser
+        (dict(temperature=1.2, top_k=30, repetition_penalty=1.3, seed=5), 1.0, 4000),  # seeded
+        (dict(temperature=1.0, min_p=0.1, frequency_penalty=1.0), 1.0, 4000),
+        (dict(temperature=0.7), 1.0, 20000),  # whole row: the two-level race
+        (dict(temperature=1.0, top_p=0.5, seed=9), 0.05, 20000),  # a flat row: the fallback
+    ],
+)
+def test_sampled_rows_follow_the_oracle_distribution(kwargs, scale, draws):
+    torch.manual_seed(7)
+    vocab = 4096
+    p = SamplingParams(**kwargs)
+    state = SampleState(p, [1, 2, 3], [3, 3, 4], make_generator(p.seed, 0))
+    logits = torch.randn(1, vocab) * scale
+    logits[0, :5] += 2 * scale
+    (picks,) = sample(logits, [state], [draws])
+    assert chi_square_p([t for t, _ in picks], oracle_probs(logits[0], state)) > 1e-3
+
+
+SEEDED = {  # row -> parameters; the unseeded rows only change the batch around the seeded ones
+    0: dict(temperature=0.8, top_p=0.9, seed=11),
+    1: dict(temperature=1.0, seed=12),
+    2: dict(temperature=0.9, top_k=40, repetition_penalty=1.2, seed=13, n=3),
+    3: dict(temperature=1.0),
+    4: dict(temperature=1.0, top_p=0.95, seed=14),  # a flat row: the fallback
+    5: dict(temperature=0),
+}
+
+
+def test_seeded_rows_ignore_batch_composition_and_order():
+    torch.manual_seed(8)
+    logits = torch.randn(3, len(SEEDED), 4096) * 3
+    logits[:, 4] = torch.randn(3, 4096) * 0.02
+
+    def run(order: list[int]) -> dict[int, list[list[int]]]:
+        states = {}
+        for i in order:
+            p = SamplingParams(**SEEDED[i])
+            states[i] = SampleState(p, [i, 10, 11], [], make_generator(p.seed, 0))
+        drawn: dict[int, list[list[int]]] = {i: [] for i in order}
+        for step in range(3):
+            draws = [states[i].params.n if step == 0 else 1 for i in order]
+            picks = sample(logits[step, order], [states[i] for i in order], draws)
+            for i, row in zip(order, picks, strict=True):
+                drawn[i].append([t for t, _ in row])
+                states[i].output_ids = states[i].output_ids + [row[0][0]]
+        return {i: d for i, d in drawn.items() if SEEDED[i].get("seed") is not None}
+
+    full = run(list(range(len(SEEDED))))
+    assert len(full[2][0]) == 3
+    for order in ([5, 4, 3, 2, 1, 0], [2], [4, 0], [3, 1, 5], [0, 3, 4]):
+        for i, tokens in run(order).items():
+            assert tokens == full[i], (order, i)
+
+
+def test_token_counts_follow_the_output_incrementally():
+    p = SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.25)
+    state = SampleState(p, [3, 5, 5, 9], [], None)
+    counts = state.token_counts(torch.device("cpu"))
+    torch.manual_seed(9)
+    for out in ([], [5], [5, 7], [5, 7, 7, 2], [5, 7, 7, 2, 11]):
+        state.output_ids = out
+        assert state.token_counts(torch.device("cpu")) is counts  # updated, not rebuilt
+        seen = dict(zip(counts.ids.tolist(), counts.in_output.tolist(), strict=True))
+        assert seen == {t: float(out.count(t)) for t in {3, 5, 9, *out}}
+        logits = torch.randn(12)
+        assert torch.equal(new_penalised(logits, state), _penalise(logits.clone(), state))
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 1009, 128256])
+def test_blocked_argmax_is_torchs(vocab):
+    x = torch.randint(-3, 4, (4, vocab)).float()  # ties everywhere
+    x[1] = float("-inf")
+    x[2, -1] = 10.0  # in the last (maybe padded) block
+    row_max, argmax = sampler._max_and_argmax(x)
+    assert torch.equal(argmax, x.argmax(-1)) and torch.equal(row_max, x.amax(-1))

@@ -1,0 +1,119 @@
+"""Tiny random checkpoints of every architecture dstp has a policy for (and two it derives).
+
+Each config keeps 4 query heads (TP = 2 and 4 both valid) and, where the
+architecture has GQA, 2 KV heads (so TP=4 replicates each KV head on two
+ranks), an MLP width divisible by 4 and a vocabulary no TP size divides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.tiny_models import save_random_model
+
+COMMON = dict(vocab_size=250, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+LLAMA_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    **COMMON,
+)
+
+# name -> (config class name, overrides)
+ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mistral": ("MistralConfig", dict(LLAMA_SHAPE, sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(LLAMA_SHAPE, tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", dict(LLAMA_SHAPE, head_dim=16, tie_word_embeddings=False)),
+    "gemma": ("GemmaConfig", dict(LLAMA_SHAPE, head_dim=16)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            LLAMA_SHAPE,
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "phi3": ("Phi3Config", dict(LLAMA_SHAPE, original_max_position_embeddings=128)),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **COMMON,
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, **COMMON),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=128,
+            **COMMON,
+        ),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        dict(LLAMA_SHAPE, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    # no explicit policy: derived from base_model_tp_plan / from the module graph
+    # (Granite and Cohere also scale their logits: the derived policy must too)
+    "granite": (
+        "GraniteConfig",
+        dict(
+            LLAMA_SHAPE,
+            logits_scaling=0.25,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+        ),
+    ),
+    "cohere": ("CohereConfig", dict(LLAMA_SHAPE, logit_scale=4.0)),
+    "starcoder2": (
+        "Starcoder2Config",
+        dict(LLAMA_SHAPE, intermediate_size=128, use_bias=True),
+    ),
+    "gpt_neo": (
+        "GPTNeoConfig",
+        dict(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1]],
+            window_size=8,
+            max_position_embeddings=128,
+            **COMMON,
+        ),
+    ),
+}
+
+
+def make_config(name: str) -> Any:
+    import transformers
+
+    class_name, overrides = ARCHITECTURES[name]
+    return getattr(transformers, class_name)(**overrides)
+
+
+def build_architectures(root: Path, names: list[str] | None = None) -> dict[str, Path]:
+    """Save a random checkpoint for each architecture under ``root``."""
+    return {
+        name: save_random_model(make_config(name), root / name, seed=i)
+        for i, name in enumerate(names or ARCHITECTURES)
+    }

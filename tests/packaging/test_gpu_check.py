@@ -1,0 +1,43 @@
+"""`make gpu-check` skips cleanly without CUDA, and its checks run (on CPU) where none is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers.launcher import REPO
+
+
+def _run(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--out", str(out), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (out / "results.md").exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc, json.loads((out / "results.json").read_text())
+
+
+def test_without_cuda_every_check_is_skipped(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine the real run is `make gpu-check`
+    proc, results = _run(tmp_path)
+    assert proc.returncode == 0
+    assert {c["status"] for c in results["checks"]} == {"skipped"}
+    assert len(results["checks"]) == 6
+
+
+def test_the_correctness_checks_pass_on_cpu(tmp_path):
+    proc, results = _run(tmp_path, "--device", "cpu", "--quick", "--only", "tp1_logits,engine")
+    statuses = {c["name"]: c["status"] for c in results["checks"]}
+    assert proc.returncode == 0 and statuses == {"tp1_logits": "passed", "engine": "passed"}, (
+        proc.stdout[-3000:]
+    )
+    engine = next(c for c in results["checks"] if c["name"] == "engine")
+    assert engine["figures"]["preemptions"] >= 1 and engine["figures"]["prefix_cache_hits"] >= 1

@@ -1,0 +1,168 @@
+"""dstp's paged decode-attention kernel (CPU, AVX2 build) against fp32 math and HF.
+
+Oracle for the kernel: the sdpa backend's decode on the same cache widened to fp32
+(blocks gathered, two matmuls, softmax), for shuffled block tables, every length
+from 1 to a full table, 1-16 query heads per KV head, softcap and sliding windows.
+Oracle for the engine: HF unsharded at fp32 on the same bf16-rounded weights.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dstp.cpu import features as cpu_features
+from dstp.cpu import kernels as cpu_kernels
+from dstp.worker.attention.backends import backend_for
+from dstp.worker.attention.backends import cpu as cpu_backend
+from dstp.worker.attention.backends.sdpa import SdpaBackend
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_features.has_avx2_fma() or cpu_features.has_avx512_bf16(),
+    reason="the decode kernel is in the AVX2 build (CPUs with AVX2+FMA, no AVX512-BF16)",
+)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = cpu_kernels.decode_attention_ops()
+    assert ops is not None, "the AVX2 build should carry the decode kernel"
+    return ops
+
+
+def _step(kv: int, dim: int, block_size: int, lens: list[int], seed: int):
+    """A bf16 paged cache with shuffled block tables and the metadata of one decode step."""
+    gen = torch.Generator().manual_seed(seed)
+    width = (max(lens) + block_size - 1) // block_size
+    num_blocks = width * len(lens) + 3
+    k = torch.randn(kv, num_blocks * block_size, dim, generator=gen).bfloat16()
+    v = torch.randn(kv, num_blocks * block_size, dim, generator=gen).bfloat16()
+    tables = torch.randperm(num_blocks, generator=gen)[: width * len(lens)].view(len(lens), width)
+    lengths = torch.tensor(lens)
+    step = SimpleNamespace(
+        cache=SimpleNamespace(shape=SimpleNamespace(block_size=block_size)),
+        decode_blocks=tables,
+        decode_lens=lengths,
+        decode_rows=torch.arange(2, 2 + len(lens)),  # rows 0-1 are another sequence's
+        decode_valid=torch.arange(width * block_size)[None] < lengths[:, None],
+    )
+    return k, v, step
+
+
+def _fp32_reference(query, k, v, step, scaling, softcap=None, window=None):
+    return SdpaBackend._decode_batch(
+        query.float(), k.float(), v.float(), step, scaling, softcap, window
+    )
+
+
+CASES = [  # kv heads, query heads per kv head, head dim, block size, lengths
+    (2, 4, 64, 16, [1, 16, 17, 100, 64]),
+    (1, 1, 8, 1, [1, 2, 3]),
+    (4, 8, 128, 16, [250, 3]),
+    (2, 16, 72, 5, [1, 40, 39]),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv,group,dim,block_size,lens", CASES)
+def test_matches_fp32_attention_on_the_paged_cache(ops, kv, group, dim, block_size, lens):
+    k, v, step = _step(kv, dim, block_size, lens, seed=dim + group)
+    query = torch.randn(kv * group, len(lens) + 2, dim).bfloat16()
+    want = _fp32_reference(query, k, v, step, 0.3)
+    got = cpu_backend.paged_decode(ops, query.float(), k, v, step, 0.3, None, None)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("softcap,window", [(5.0, None), (None, 7), (30.0, 20)])
+def test_softcap_and_sliding_window_as_the_sdpa_backend(ops, softcap, window):
+    k, v, step = _step(2, 64, 16, [1, 9, 50, 33], seed=3)
+    query = torch.randn(8, 6, 64).bfloat16() * 4
+    want = _fp32_reference(query, k, v, step, 0.125, softcap, window)
+    got = cpu_backend.paged_decode(ops, query.float(), k, v, step, 0.125, softcap, window)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+@needs_kernel
+def test_lengths_outside_the_tables_are_refused_not_read(ops):
+    k, v, step = _step(1, 8, 4, [3, 8], seed=0)
+    q = torch.randn(1, 2, 8)
+    for bad in ([0, 8], [3, 9]):
+        with pytest.raises(RuntimeError, match="keys, outside"):
+            ops.decode_scores_bf16(q, k, step.decode_blocks, torch.tensor(bad), 4, 8, 1.0)
+
+
+@needs_kernel
+def test_group_sizes_outside_1_to_16_are_refused(ops):
+    """The kernels are picked from a table by group size: no size may index past it."""
+    k, v, step = _step(2, 8, 4, [3, 8], seed=0)
+    for heads in (0, 3, 34):  # no heads, not a multiple of the KV heads, 17 per KV head
+        q = torch.randn(heads, 2, 8)
+        with pytest.raises(RuntimeError, match="query heads per KV head"):
+            ops.decode_scores_bf16(q, k, step.decode_blocks, step.decode_lens, 4, 8, 1.0)
+    for group in (0, 17):
+        probs = torch.rand(2, 2, group, 8)
+        with pytest.raises(RuntimeError, match="query heads per KV head"):
+            ops.decode_values_bf16(probs, v, step.decode_blocks, step.decode_lens, 4)
+
+
+def test_the_cpu_backend_takes_only_what_the_kernel_takes():
+    assert backend_for(torch.device("cpu")) is cpu_backend.BACKEND
+    bf16 = torch.zeros(2, 16, 64, dtype=torch.bfloat16)
+    assert cpu_backend.fits(torch.zeros(8, 1, 64), bf16)
+    assert not cpu_backend.fits(torch.zeros(8, 1, 64), bf16.float())  # fp32 cache
+    assert not cpu_backend.fits(torch.zeros(8, 1, 60), bf16[..., :60])  # head dim 60
+    assert not cpu_backend.fits(torch.zeros(64, 1, 64), bf16)  # 32 heads per KV head
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    from tests.helpers.tiny_models import llama_config, save_random_model
+
+    config = llama_config(num_attention_heads=8, num_key_value_heads=2, vocab_size=256)
+    return save_random_model(config, tmp_path_factory.mktemp("bf16") / "model")
+
+
+def _engine_logprob_error(path, monkeypatch, kernel: bool) -> tuple[float, int]:
+    """Worst |logprob - HF's| over greedy tokens of 4 sequences decoding together."""
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from tests.helpers.hf_reference import worst_greedy_logprob_error
+
+    calls = []
+    real = cpu_kernels.decode_attention_ops
+
+    def counted():
+        calls.append(1)
+        return real() if kernel else None
+
+    monkeypatch.setattr(cpu_kernels, "decode_attention_ops", counted)
+    engine = Engine(EngineConfig(model=str(path), dtype="bfloat16", num_blocks=64))
+    prompts = [[5, 9, 33, 7], [1] + list(range(40, 70)), [3, 3], list(range(100, 117))]
+    return worst_greedy_logprob_error(engine, path, prompts), len(calls)
+
+
+@needs_kernel
+def test_the_engine_through_the_kernel_is_as_close_to_hf_as_pytorch_attention(
+    bf16_llama, monkeypatch
+):
+    with_kernel, calls = _engine_logprob_error(bf16_llama, monkeypatch, kernel=True)
+    without, _ = _engine_logprob_error(bf16_llama, monkeypatch, kernel=False)
+    assert calls >= 2 * 11, "every layer of every batched decode step should ask for the kernel"
+    assert with_kernel <= 1.5 * without + 0.02, (with_kernel, without)
+
+
+def test_a_float32_model_never_builds_the_bf16_kernels(bf16_llama, monkeypatch):
+    """Building them takes a minute or two on first use; a float32 server has no use for them."""
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
+
+    asked = []
+    monkeypatch.setattr(cpu_kernels, "_ops", lambda: asked.append(1))
+    engine = Engine(EngineConfig(model=str(bf16_llama), dtype="float32", num_blocks=64))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    results = engine.generate([[5, 9, 33], [1, 2, 3, 4, 5]], params)
+    assert all(len(result.outputs[0].token_ids) == 4 for result in results)
+    assert not asked, "a float32 model asked for the bf16 kernels"
