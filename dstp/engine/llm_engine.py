@@ -79,17 +79,21 @@ class Engine:
             SampleState(params, request.prompt_ids, [], make_generator(params.seed, 0), stop_ids),
         )
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def check_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int | None = None
+    ) -> None:
         """What :meth:`add_request` rejects (``InvalidRequest``), without adding it (a
-        router checks here before handing the request to another replica)."""
+        router checks here before handing the request to another replica, passing the
+        shortest context of its replicas as ``max_model_len``)."""
+        max_model_len = max_model_len or self.max_model_len
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        if len(prompt_token_ids) >= self.max_model_len:
+        if len(prompt_token_ids) >= max_model_len:
             raise InvalidRequest(
                 f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "
-                f"{self.max_model_len}: shorten it",
+                f"{max_model_len}: shorten it",
                 "prompt",
             )
         params.validate()

@@ -404,13 +404,7 @@ class ReplicatedEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         if self.router.replica_of(request_id) is not None:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        self.local.check_request(prompt_token_ids, params)
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequest(
-                f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "
-                f"{self.max_model_len}: shorten it",
-                "prompt",
-            )
+        self.local.check_request(prompt_token_ids, params, max_model_len=self.max_model_len)
         replica = self.router.choose(prompt_token_ids)
         if replica == 0:
             self.local.add_request(request_id, prompt_token_ids, params)
