@@ -15,7 +15,7 @@ import torch
 
 from dstp.cpu import features as cpu_features
 from dstp.cpu import kernels as cpu_kernels
-from dstp.worker.attention.backends import backend_for
+from dstp.worker.attention.backends import LayerAttention, backend_for
 from dstp.worker.attention.backends import cpu as cpu_backend
 from dstp.worker.attention.backends.sdpa import SdpaBackend
 
@@ -53,7 +53,7 @@ def _step(kv: int, dim: int, block_size: int, lens: list[int], seed: int):
 
 def _fp32_reference(query, k, v, step, scaling, softcap=None, window=None):
     return SdpaBackend._decode_batch(
-        query.float(), k.float(), v.float(), step, scaling, softcap, window
+        query.float(), k.float(), v.float(), step, LayerAttention(scaling, softcap, window)
     )
 
 
@@ -71,7 +71,7 @@ def test_matches_fp32_attention_on_the_paged_cache(ops, kv, group, dim, block_si
     k, v, step = _step(kv, dim, block_size, lens, seed=dim + group)
     query = torch.randn(kv * group, len(lens) + 2, dim).bfloat16()
     want = _fp32_reference(query, k, v, step, 0.3)
-    got = cpu_backend.paged_decode(ops, query.float(), k, v, step, 0.3, None, None)
+    got = cpu_backend.paged_decode(ops, query.float(), k, v, step, LayerAttention(0.3))
     assert got.shape == want.shape and got.dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 
@@ -82,7 +82,9 @@ def test_softcap_and_sliding_window_as_the_sdpa_backend(ops, softcap, window):
     k, v, step = _step(2, 64, 16, [1, 9, 50, 33], seed=3)
     query = torch.randn(8, 6, 64).bfloat16() * 4
     want = _fp32_reference(query, k, v, step, 0.125, softcap, window)
-    got = cpu_backend.paged_decode(ops, query.float(), k, v, step, 0.125, softcap, window)
+    got = cpu_backend.paged_decode(
+        ops, query.float(), k, v, step, LayerAttention(0.125, softcap, window)
+    )
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from dstp.worker.attention.backends import AttentionBackend, backend_for
+from dstp.worker.attention.backends import AttentionBackend, LayerAttention, backend_for
 from dstp.worker.attention.metadata import AttentionMetadata, current_step, step_context
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionBackend",
     "AttentionMetadata",
+    "LayerAttention",
     "backend_for",
     "paged_attention",
     "register",
@@ -43,9 +44,8 @@ def paged_attention(
     step = current_step()
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     k_cache, v_cache = step.cache.layer(module.layer_idx)  # [KV, slots, d]
-    out = step.backend.forward(
-        query[0], key[0], value[0], k_cache, v_cache, step, scaling, softcap, sliding_window
-    )
+    layer = LayerAttention(scaling, softcap, sliding_window)
+    out = step.backend.forward(query[0], key[0], value[0], k_cache, v_cache, step, layer)
     return out.transpose(0, 1).unsqueeze(0), None  # [1, T, H, d], as HF expects
 
 

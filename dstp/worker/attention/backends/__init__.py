@@ -11,11 +11,26 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 log = logging.getLogger("dstp")
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one attention layer asks of the kernel beyond its tensors (HF's kwargs)."""
+
+    scaling: float
+    softcap: float | None = None
+    sliding_window: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Neither soft-capped nor windowed: PyTorch's fused SDPA kernels apply."""
+        return self.softcap is None and self.sliding_window is None
 
 
 class AttentionBackend(Protocol):
@@ -31,9 +46,7 @@ class AttentionBackend(Protocol):
         k_cache: torch.Tensor,  # [KV, slots, d] this layer's cache
         v_cache: torch.Tensor,
         step: object,  # dstp.worker.attention.metadata.AttentionMetadata
-        scaling: float,
-        softcap: float | None,
-        sliding_window: int | None,
+        layer: LayerAttention,
     ) -> torch.Tensor:  # [H, T, d]
         ...
 

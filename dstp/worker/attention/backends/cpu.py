@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 
 from dstp.cpu import kernels as cpu_kernels
+from dstp.worker.attention.backends import LayerAttention
 from dstp.worker.attention.backends.sdpa import SdpaBackend, decode_keys_visible
 from dstp.worker.attention.metadata import AttentionMetadata
 
@@ -34,20 +35,20 @@ def paged_decode(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     step: AttentionMetadata,
-    scaling: float,
-    softcap: float | None,
-    sliding_window: int | None,
+    layer: LayerAttention,
 ) -> torch.Tensor:
     """``[H, D, d]`` attention outputs of the step's decoding sequences, in fp32 throughout."""
     bs = step.cache.shape.block_size
     blocks = step.decode_blocks.contiguous()
     lens = step.decode_lens.contiguous()
     q = query.index_select(1, step.decode_rows).float()  # [H, D, d]
-    scores = ops.decode_scores_bf16(q, k_cache, blocks, lens, bs, blocks.shape[1] * bs, scaling)
-    if softcap is not None or sliding_window is not None:
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        hidden = ~decode_keys_visible(step, sliding_window)[None, :, None, :]
+    scores = ops.decode_scores_bf16(
+        q, k_cache, blocks, lens, bs, blocks.shape[1] * bs, layer.scaling
+    )
+    if not layer.plain:
+        if layer.softcap is not None:
+            scores = torch.tanh(scores / layer.softcap) * layer.softcap
+        hidden = ~decode_keys_visible(step, layer.sliding_window)[None, :, None, :]
         scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return ops.decode_values_bf16(probs, v_cache, blocks, lens, bs).to(query.dtype)
@@ -62,17 +63,13 @@ class CpuBackend(SdpaBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         step: AttentionMetadata,
-        scaling: float,
-        softcap: float | None,
-        sliding_window: int | None,
+        layer: LayerAttention,
     ) -> torch.Tensor:
         # fits() first: asking for the ops builds them, which a float32 model never needs
         ops = cpu_kernels.decode_attention_ops() if fits(query, k_cache) else None
         if ops is None:
-            return super()._decode_batch(
-                query, k_cache, v_cache, step, scaling, softcap, sliding_window
-            )
-        return paged_decode(ops, query, k_cache, v_cache, step, scaling, softcap, sliding_window)
+            return super()._decode_batch(query, k_cache, v_cache, step, layer)
+        return paged_decode(ops, query, k_cache, v_cache, step, layer)
 
 
 BACKEND = CpuBackend()

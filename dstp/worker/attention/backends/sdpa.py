@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dstp.worker.attention.backends import LayerAttention
 from dstp.worker.attention.metadata import AttentionMetadata
 
 
@@ -134,14 +135,11 @@ class SdpaBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         step: AttentionMetadata,
-        scaling: float,
-        softcap: float | None,
-        sliding_window: int | None,
+        layer: LayerAttention,
     ) -> torch.Tensor:
         k_cache.index_copy_(1, step.slot_mapping, key.to(k_cache.dtype))
         v_cache.index_copy_(1, step.slot_mapping, value.to(v_cache.dtype))
         out = torch.empty_like(query)
-        plain = softcap is None and sliding_window is None
         for s, ctx in enumerate(step.context_lens):
             if s in step.decode_seqs:
                 continue
@@ -152,19 +150,19 @@ class SdpaBackend:
             else:
                 slots = step.block_slots[s, :ctx]
                 k, v = k_cache.index_select(1, slots), v_cache.index_select(1, slots)
-            if not plain:
+            if not layer.plain:
                 out[:, a:b] = _masked_prefill(
-                    query[:, a:b], k, v, scaling, offset, softcap, sliding_window
+                    query[:, a:b], k, v, layer.scaling, offset, layer.softcap, layer.sliding_window
                 )
             elif offset == 0:
-                out[:, a:b] = _fresh_prefill(query[:, a:b], k, v, scaling)
+                out[:, a:b] = _fresh_prefill(query[:, a:b], k, v, layer.scaling)
             else:
-                out[:, a:b] = _continued_prefill(query[:, a:b], k, v, scaling, offset)
+                out[:, a:b] = _continued_prefill(query[:, a:b], k, v, layer.scaling, offset)
         if step.decode_seqs:
             out.index_copy_(
                 1,
                 step.decode_rows,
-                self._decode_batch(query, k_cache, v_cache, step, scaling, softcap, sliding_window),
+                self._decode_batch(query, k_cache, v_cache, step, layer),
             )
         return out
 
@@ -174,16 +172,14 @@ class SdpaBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         step: AttentionMetadata,
-        scaling: float,
-        softcap: float | None,
-        sliding_window: int | None,
+        layer: LayerAttention,
     ) -> torch.Tensor:
-        valid = decode_keys_visible(step, sliding_window)
+        valid = decode_keys_visible(step, layer.sliding_window)
         bs = step.cache.shape.block_size
         k = _gather_blocks(k_cache, step.decode_blocks, bs)  # [KV, D, ctx, d]
         v = _gather_blocks(v_cache, step.decode_blocks, bs)
         q = query.index_select(1, step.decode_rows)
-        return _decode(q, k, v, valid, scaling, softcap)
+        return _decode(q, k, v, valid, layer.scaling, layer.softcap)
 
 
 BACKEND = SdpaBackend()
