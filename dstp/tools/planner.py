@@ -148,23 +148,10 @@ def make_plan(
         problems = policy.problems(config, tp)
         if problems:
             invalid[tp] = problems
-            continue
-        weights = parameter_bytes_per_rank(model, policy, config, tp, dtype_bytes)
-        per_token = kv_bytes_per_token(config, policy.head_layout(config, tp), dtype_bytes)
-        budget = max(0, usable - weights)
-        tokens = budget // per_token
-        options.append(
-            TPOption(
-                tp,
-                weights,
-                per_token,
-                budget,
-                tokens,
-                allreduce_ms(config, policy, tp, dtype_bytes, interconnect),
-                weights <= usable,
-                tokens >= target,
+        else:
+            options.append(
+                _option(config, policy, model, tp, dtype_bytes, usable, target, interconnect)
             )
-        )
     recommended, reason = _recommend(options, target, interconnect)
     replicas, replica_reason = None, ""
     if devices is not None:
@@ -184,6 +171,33 @@ def make_plan(
         devices,
         replicas,
         replica_reason,
+    )
+
+
+def _option(
+    config: Any,
+    policy: Any,
+    model: Any,
+    tp: int,
+    dtype_bytes: int,
+    usable: int,
+    target: int,
+    interconnect: str,
+) -> TPOption:
+    """One TP size's memory picture: weights, KV room and all-reduce cost per token."""
+    weights = parameter_bytes_per_rank(model, policy, config, tp, dtype_bytes)
+    per_token = kv_bytes_per_token(config, policy.head_layout(config, tp), dtype_bytes)
+    budget = max(0, usable - weights)
+    tokens = budget // per_token
+    return TPOption(
+        tp,
+        weights,
+        per_token,
+        budget,
+        tokens,
+        allreduce_ms(config, policy, tp, dtype_bytes, interconnect),
+        weights <= usable,
+        tokens >= target,
     )
 
 
