@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.reference_sampler
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers.reference_sampler
 
-from dstp.engine.sampler import SampleState, make_generator, sample  # noqa: E402
+from dstp.engine.sampling import SampleState, make_generator, sample  # noqa: E402
 from dstp.engine.sampling_params import SamplingParams  # noqa: E402
-from tests import reference_sampler  # noqa: E402
+from tests.helpers import reference_sampler  # noqa: E402
 
 
 def params(kind: str, row: int) -> SamplingParams:
@@ -96,7 +96,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         new = per_step_ms(sample, kind, args, args.steps)
         old = per_step_ms(reference_sampler.sample, kind, args, args.oracle_steps)
-        print(f"{kind:6s}  oracle {old:8.1f} ms/step   dstp.engine.sampler {new:7.1f} ms/step")
+        print(f"{kind:6s}  oracle {old:8.1f} ms/step   dstp.engine.sampling {new:7.1f} ms/step")
 
 
 if __name__ == "__main__":

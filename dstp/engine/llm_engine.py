@@ -21,7 +21,7 @@ from dstp.engine.block_allocator import BlockAllocator
 from dstp.engine.config import EngineConfig
 from dstp.engine.detokenizer import Detokenizer, find_stop, partial_stop_len
 from dstp.engine.outputs import CompletionOutput, RequestOutput
-from dstp.engine.sampler import Picks, SampleState, make_generator, sample
+from dstp.engine.sampling import Picks, SampleState, make_generator, sample
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams
 from dstp.engine.scheduler import Request, Schedule, Scheduler, Sequence
 from dstp.engine.tokenizer import load_tokenizer

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from dstp.engine.block_allocator import BlockAllocator, chain_hash
 from dstp.engine.detokenizer import TextStream
-from dstp.engine.sampler import SampleState
+from dstp.engine.sampling import SampleState
 from dstp.engine.sampling_params import SamplingParams
 
 

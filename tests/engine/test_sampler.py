@@ -1,6 +1,6 @@
 """The sampler against transformers' logits processors and against the per-row oracle.
 
-tests/reference_sampler.py is dstp's first sampler, kept verbatim as the oracle:
+tests/helpers/reference_sampler.py is dstp's first sampler, kept verbatim as the oracle:
 greedy rows, filters, penalties and logprobs must agree with it exactly, and
 sampled rows in distribution (a seeded chi-square test).
 """
@@ -17,8 +17,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from dstp.engine import sampler
-from dstp.engine.sampler import SampleState, make_generator, sample
+from dstp.engine.sampling import SampleState, make_generator, sample
+from dstp.engine.sampling.draw import max_and_argmax
+from dstp.engine.sampling.filters import candidates, prefix_candidates
+from dstp.engine.sampling.penalties import edits, written
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams
 from tests.helpers import reference_sampler as oracle
 from tests.helpers.reference_sampler import _filter, _penalise
@@ -39,11 +41,11 @@ def hf_filtered(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def new_probs(logits: torch.Tensor, states: list[SampleState]) -> torch.Tensor:
-    """dstp.engine.sampler's filtered distribution of each (sampled) row, as dense [B, V]."""
+    """dstp.engine.sampling's filtered distribution of each (sampled) row, as dense [B, V]."""
     x = logits.float().clone()
     rows = list(range(len(states)))
-    with torch.inference_mode(), sampler._written(x, sampler._edits(x, states)):
-        found = sampler._candidates(x, rows, states, torch.zeros(len(rows), dtype=torch.bool))
+    with torch.inference_mode(), written(x, edits(x, states)):
+        found = candidates(x, rows, states, torch.zeros(len(rows), dtype=torch.bool))
     out = torch.zeros_like(x)
     if found.prefix_rows:
         prefix = found.prefix_rows
@@ -62,10 +64,10 @@ def oracle_probs(logits: torch.Tensor, state: SampleState) -> torch.Tensor:
 
 
 def new_penalised(logits: torch.Tensor, state: SampleState) -> torch.Tensor:
-    """One row after dstp.engine.sampler's penalty and stop-id edits."""
+    """One row after dstp.engine.sampling's penalty and stop-id edits."""
     x = logits.clone().unsqueeze(0)
     with torch.inference_mode():
-        for where, values in sampler._edits(x, [state]):
+        for where, values in edits(x, [state]):
             x.view(-1)[where] = values
     return x[0]
 
@@ -89,7 +91,7 @@ def test_filters_match_hf(kwargs):
         ours = torch.softmax(_filter(logits.clone(), p), -1)
         theirs = torch.softmax(hf_filtered(logits.clone(), p), -1)
         assert torch.allclose(ours, theirs, atol=1e-6)
-    logits = torch.randn(5, 4096) * 3  # dstp.engine.sampler, over a 1024-token prefix of 4096
+    logits = torch.randn(5, 4096) * 3  # dstp.engine.sampling, over a 1024-token prefix of 4096
     ours = new_probs(logits, [SampleState(p, [0], [], None) for _ in range(5)])
     for row, theirs in zip(ours, logits, strict=True):
         assert torch.allclose(row, torch.softmax(hf_filtered(theirs, p), -1), atol=1e-6)
@@ -210,7 +212,7 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     assert "non-finite" in str(results[1]) and "masked" in str(results[3])
 
 
-# -- dstp.engine.sampler against the per-row oracle ------------------------------------------------
+# -- dstp.engine.sampling against the per-row oracle ------------------------------------------------
 
 
 def test_a_row_whose_inputs_break_fails_alone():
@@ -317,7 +319,7 @@ def test_top_p_fallback_row_is_the_oracles_filter_exactly():
     ]
     states = [SampleState(p, [0], [], None) for p in params]
     with torch.inference_mode():
-        exact = sampler._prefix_candidates(logits, [0, 1], states)[2]
+        exact = prefix_candidates(logits, [0, 1], states)[2]
     assert not exact.any()  # the prefix cannot decide these rows
     ours = new_probs(logits, states)
     for row, state, mine in zip(logits, states, ours, strict=True):
@@ -417,5 +419,5 @@ def test_blocked_argmax_is_torchs(vocab):
     x = torch.randint(-3, 4, (4, vocab)).float()  # ties everywhere
     x[1] = float("-inf")
     x[2, -1] = 10.0  # in the last (maybe padded) block
-    row_max, argmax = sampler._max_and_argmax(x)
+    row_max, argmax = max_and_argmax(x)
     assert torch.equal(argmax, x.argmax(-1)) and torch.equal(row_max, x.amax(-1))

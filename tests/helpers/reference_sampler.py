@@ -1,9 +1,9 @@
 """The test oracle: dstp's first sampler, per row on the CPU, kept verbatim.
 
-dstp/engine/sampler.py replaced it with a sampler batched over rows on the logits'
-device; tests/test_sampler.py checks the new one against this one (exactly for
+dstp/engine/sampling/ replaced it with a sampler batched over rows on the logits'
+device; tests/engine/test_sampler.py checks the new one against this one (exactly for
 greedy rows, filters and logprobs, in distribution for sampled rows). It
-accepts dstp.engine.sampler.SampleState too: it reads only the fields both share.
+accepts dstp.engine.sampling.SampleState too: it reads only the fields both share.
 
 Original docstring: turn gathered logits into tokens, on rank 0 only (so every
 rank agrees).
