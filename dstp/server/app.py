@@ -37,7 +37,7 @@ def create_app(driver: EngineDriver, tokenizer, config: ServerConfig) -> Flask:
     """The Flask app; ``driver`` must be started by the caller."""
     app = Flask("dstp")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    driver.metrics.model_name = config.model_name  # the model_name label of dstp:* metrics
+    driver.metrics.bind(config.model_name, driver, config.block_size)
     driver.log_requests = driver.log_requests or config.log_requests
     _add_checks(app, driver, config)
     _add_error_handlers(app, config)
@@ -108,7 +108,7 @@ def _add_checks(app: Flask, driver: EngineDriver, config: ServerConfig) -> None:
     @app.after_request
     def count(resp: Response) -> Response:
         endpoint = request.path if request.path in ENDPOINTS else "other"
-        driver.metrics.count_request(endpoint, resp.status_code)
+        driver.metrics.count_request(endpoint, request.method, resp.status_code)
         if driver.log_requests and resp.status_code >= 400 and request.method == "POST":
             log.info(  # admitted requests get their line from the driver when they end
                 "request rejected: %s %s status=%d", request.method, request.path,
@@ -201,5 +201,4 @@ def _add_info_routes(app: Flask, driver: EngineDriver, config: ServerConfig) -> 
 
     @app.get("/metrics")
     def metrics():
-        page = driver.metrics.render(driver, config.tp_size)
-        return Response(page, headers={"Content-Type": CONTENT_TYPE})
+        return Response(driver.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -17,8 +17,8 @@ import typing
 import uuid
 from dataclasses import dataclass
 
-from dstp.engine.config import SAMPLING_DEFAULTS
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams, is_int, is_number
+from dstp.server.defaults import SamplingDefaults
 
 log = logging.getLogger("dstp")
 
@@ -26,6 +26,7 @@ MAX_JSON_DEPTH = 64  # nesting levels a request body may have (OpenAI bodies nee
 MAX_PROMPTS = 128  # prompts one /v1/completions request may batch (each times n choices)
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 ANY = object  # a field type the endpoint's parser checks itself
+NO_DEFAULTS = SamplingDefaults()  # the OpenAI defaults: nothing filled in
 
 # -- the schema ---------------------------------------------------------------
 _HINTS = typing.get_type_hints(SamplingParams)
@@ -286,10 +287,12 @@ def _check(body: dict, schema: dict[str, object]) -> None:
             raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
 
 
-def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling(
+    body: dict, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults
+) -> SamplingParams:
     """Every SamplingParams field the body sets (a field the schema accepts always arrives)."""
     kwargs = {k: body[k] for k in SAMPLING_FIELDS if k not in _RESOLVED and body.get(k) is not None}
-    kwargs = SAMPLING_DEFAULTS.fill(kwargs)  # --generation-config, --seed
+    kwargs = defaults.fill(kwargs)  # --generation-config, --seed
     if kwargs.get("top_k") == 0:
         kwargs["top_k"] = -1  # OpenAI-style clients send 0 for "off"
     try:
@@ -333,13 +336,18 @@ def _check_token_ids(ids: object, param: str, vocab_size: int) -> list[int]:
 
 
 def _parsed(
-    body: dict, ids: list[int], max_tokens: int, logprobs: int | None, **kw
+    body: dict,
+    ids: list[int],
+    max_tokens: int,
+    logprobs: int | None,
+    defaults: SamplingDefaults,
+    **kw,
 ) -> ParsedRequest:
     stream = bool(body.get("stream", False))
     opts = body.get("stream_options") or {}
     include_usage = bool(opts.get("include_usage", False))
     continuous = bool(opts.get("continuous_usage_stats", False))
-    params = _sampling(body, max_tokens, logprobs)
+    params = _sampling(body, max_tokens, logprobs, defaults)
     return ParsedRequest(ids, params, stream, include_usage, continuous, **kw)
 
 
@@ -376,7 +384,11 @@ def _completion_prompts(body: dict, encode, vocab_size: int) -> list[tuple[list[
 
 
 def parse_completion(
-    body: dict, encode, vocab_size: int, max_model_len: int
+    body: dict,
+    encode,
+    vocab_size: int,
+    max_model_len: int,
+    defaults: SamplingDefaults = NO_DEFAULTS,
 ) -> list[ParsedRequest]:
     """/v1/completions, one ParsedRequest per prompt; ``encode(text) -> ids`` tokenizes with
     the model's special tokens."""
@@ -393,7 +405,9 @@ def parse_completion(
     parsed = []
     for ids, text in prompts:
         max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
-        parsed.append(_parsed(body, ids, max_tokens, logprobs, echo=echo, prompt_text=text))
+        parsed.append(
+            _parsed(body, ids, max_tokens, logprobs, defaults, echo=echo, prompt_text=text)
+        )
     return parsed
 
 
@@ -456,7 +470,9 @@ def chat_template_kwargs(body: dict) -> dict:
     return kwargs
 
 
-def parse_chat(body: dict, render, vocab_size: int, max_model_len: int) -> ParsedRequest:
+def parse_chat(
+    body: dict, render, max_model_len: int, defaults: SamplingDefaults = NO_DEFAULTS
+) -> ParsedRequest:
     """/v1/chat/completions; ``render(messages, **template_kwargs) -> ids`` applies the chat
     template."""
     _check(body, CHAT_FIELDS)
@@ -469,17 +485,19 @@ def parse_chat(body: dict, render, vocab_size: int, max_model_len: int) -> Parse
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
     ids = render(messages, **template_kwargs)
     max_tokens = _fit_context(len(ids), requested, None, max_model_len)
-    return _parsed(body, ids, max_tokens, logprobs)
+    return _parsed(body, ids, max_tokens, logprobs, defaults)
 
 
-def parse_generate(body: dict, vocab_size: int, max_model_len: int) -> ParsedRequest:
+def parse_generate(
+    body: dict, vocab_size: int, max_model_len: int, defaults: SamplingDefaults = NO_DEFAULTS
+) -> ParsedRequest:
     """Native /generate: token ids in, token ids out; SamplingParams fields at top level."""
     _check(body, GENERATE_FIELDS)
     if "prompt_token_ids" not in body:
         raise bad("'prompt_token_ids' is required", param="prompt_token_ids")
     ids = _check_token_ids(body["prompt_token_ids"], "prompt_token_ids", vocab_size)
     max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
-    return _parsed(body, ids, max_tokens, body.get("logprobs"))
+    return _parsed(body, ids, max_tokens, body.get("logprobs"), defaults)
 
 
 # -- /tokenize and /detokenize (vLLM's shapes) ----------------------------------

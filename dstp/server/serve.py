@@ -7,7 +7,6 @@ every stop (a signal, or a rank found dead) and releases or outlives the rest.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -36,35 +35,29 @@ def _setup_logging(level: str, rank: int) -> None:
 
 
 def _engine_config(args: argparse.Namespace, model: str, name: str | None = None):
-    """EngineConfig from the flags, passing only the fields this engine version has."""
-    from dstp.engine.config import resolve_dtype
-    from dstp.engine.llm_engine import EngineConfig
+    """EngineConfig from the flags (``check_args`` has run)."""
+    from dstp.engine.config import EngineConfig, resolve_dtype
 
     dtype = resolve_dtype(args.dtype, model)
     if args.dtype != dtype:
         log.info("--dtype %s: %s", args.dtype, dtype)
-    wanted = {
-        "model": model,
-        "dtype": dtype,
-        "cpu_compute_dtype": args.cpu_compute_dtype,
-        "kv_cache_memory_gib": args.kv_cache_memory,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "block_size": args.block_size,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_model_len": args.max_model_len,
-        "enable_prefix_caching": getattr(args, "prefix_caching", not args.no_prefix_caching),
-        "allow_pickle": args.allow_pickle,
-        "trust_remote_code": args.trust_remote_code,
-        "model_name": name,
-        "num_blocks": args.num_kv_blocks,
-        "tensor_parallel_size": args.tensor_parallel_size,
-    }
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    missing = sorted(k for k in set(wanted) - fields if wanted[k] is not None)
-    if missing:
-        log.warning("this engine has no setting for: %s (ignored)", ", ".join(missing))
-    return EngineConfig(**{k: v for k, v in wanted.items() if k in fields})
+    return EngineConfig(
+        model=model,
+        dtype=dtype,
+        cpu_compute_dtype=args.cpu_compute_dtype,
+        kv_cache_memory_gib=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.prefix_caching,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        model_name=name,
+        num_blocks=args.num_kv_blocks,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -214,7 +207,6 @@ def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None)
     config = _server_config(args, engine, model, builtin)
     tokenizer = load_tokenizer(model, args.trust_remote_code)  # the HTTP threads' own copy
     _apply_chat_template(args, tokenizer)
-    _configure_sampling_defaults(args, model)
     lazy.app = create_app(driver, tokenizer, config)
 
     def on_signal(signum, _frame):
@@ -250,7 +242,9 @@ def _server_config(args: argparse.Namespace, engine, model: str, builtin: Builti
         model_aliases=tuple(n for n in others if n != name),
         model_description=builtin.description if builtin else None,
         tp_size=engine.tp.size,
-        log_requests=bool(getattr(args, "enable_log_requests", False)),
+        log_requests=args.enable_log_requests,
+        block_size=engine.config.block_size,
+        sampling_defaults=_sampling_defaults(args, model),
     )
 
 
@@ -271,7 +265,7 @@ def _is_model_error(exc: BaseException) -> bool:
 
 def _apply_chat_template(args: argparse.Namespace, tokenizer) -> None:
     """``--chat-template`` replaces the tokenizer's (the HTTP threads' copy renders chats)."""
-    template = getattr(args, "chat_template_text", None)
+    template = args.chat_template_text
     if template is None:
         return
     if tokenizer is None:
@@ -281,21 +275,21 @@ def _apply_chat_template(args: argparse.Namespace, tokenizer) -> None:
     log.info("chat template from --chat-template (%d characters)", len(template))
 
 
-def _configure_sampling_defaults(args: argparse.Namespace, model: str) -> None:
+def _sampling_defaults(args: argparse.Namespace, model: str):
     """``--generation-config`` and ``--seed``: defaults for what a request leaves out."""
-    from dstp.engine.config import SAMPLING_DEFAULTS, generation_defaults
+    from dstp.server.defaults import SamplingDefaults, generation_defaults
 
     source = args.generation_config
     fields = {}
     if source not in ("vllm", "none"):
         fields = generation_defaults(model if source == "auto" else os.path.expanduser(source))
-    SAMPLING_DEFAULTS.configure(fields, args.seed)
     if fields:
         log.info(
             "default sampling parameters from generation_config.json: %s (requests override "
             "them; --generation-config vllm turns them off)",
             ", ".join(f"{k}={v}" for k, v in fields.items()),
         )
+    return SamplingDefaults(fields, args.seed)
 
 
 def _log_serving(args: argparse.Namespace, server, engine, config) -> None:

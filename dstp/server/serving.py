@@ -11,13 +11,14 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 from flask import Response
 
 from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from dstp.engine.sampling_params import InvalidRequest
+from dstp.server.defaults import SamplingDefaults
 from dstp.server.driver import (
     EngineDriver,
     EngineUnavailable,
@@ -54,6 +55,8 @@ class ServerConfig:
     model_description: str | None = None  # shown in /v1/models (what a built-in model is)
     tp_size: int = 1
     log_requests: bool = False  # --enable-log-requests
+    block_size: int = 1  # KV tokens per block: metrics count prefix-cache tokens as vLLM
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 class TokenizerAccess:
@@ -371,16 +374,19 @@ class Serving:
 
     def completions(self, body: dict, probe: Callable[[], bool] | None):
         cfg = self.config
-        prompts = parse_completion(body, self.tok.encode, cfg.vocab_size, cfg.max_model_len)
+        prompts = parse_completion(
+            body, self.tok.encode, cfg.vocab_size, cfg.max_model_len, cfg.sampling_defaults
+        )
         return self._respond(_Completions, prompts, probe)
 
     def chat(self, body: dict, probe: Callable[[], bool] | None):
         cfg = self.config
-        parsed = parse_chat(body, self.tok.render_chat, cfg.vocab_size, cfg.max_model_len)
+        parsed = parse_chat(body, self.tok.render_chat, cfg.max_model_len, cfg.sampling_defaults)
         return self._respond(_Chat, [parsed], probe)
 
     def generate(self, body: dict, probe: Callable[[], bool] | None):
-        parsed = parse_generate(body, self.config.vocab_size, self.config.max_model_len)
+        cfg = self.config
+        parsed = parse_generate(body, cfg.vocab_size, cfg.max_model_len, cfg.sampling_defaults)
         return self._respond(_Generate, [parsed], probe)
 
     def tokenize(self, body: dict) -> dict:

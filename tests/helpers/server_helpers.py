@@ -13,8 +13,12 @@ from dataclasses import dataclass
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 
 
+_MODEL_LABEL = re.compile(r'model_name="[^"]*",?')
+
+
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value}; raises on a malformed line."""
+    """Prometheus text -> {'name{labels}': value} without the ``model_name`` label that every
+    ``dstp:`` sample carries (``dstp:num_requests_running``); raises on a malformed line."""
     values: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -22,7 +26,8 @@ def parse_metrics(text: str) -> dict[str, float]:
             continue
         m = _METRIC.match(line)
         assert m, f"malformed metrics line: {line!r}"
-        values[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+        labels = _MODEL_LABEL.sub("", m.group(2) or "")
+        values[m.group(1) + ("" if labels == "{}" else labels)] = float(m.group(3))
     return values
 
 

@@ -11,16 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from dstp.engine.config import (
-    SAMPLING_DEFAULTS,
-    EngineConfig,
-    SamplingDefaults,
-    checkpoint_dtype,
-    generation_defaults,
-    resolve_dtype,
-)
+from dstp.engine.config import EngineConfig, checkpoint_dtype, resolve_dtype
 from dstp.server import cli
 from dstp.server.cli import FlagError, build_parser, check_args
+from dstp.server.defaults import SamplingDefaults, generation_defaults
 from tests.helpers.launcher import REPO
 
 VLLM_LINE = [
@@ -218,14 +212,11 @@ def test_requests_get_the_server_defaults():
     from dstp.server.protocol import parse_generate
 
     body = {"prompt_token_ids": [1, 2, 3], "max_tokens": 4}
-    try:
-        SAMPLING_DEFAULTS.configure({"temperature": 0.5, "top_k": 20}, seed=11)
-        params = parse_generate(dict(body), 100, 64).params
-        assert (params.temperature, params.top_k) == (0.5, 20) and params.seed is not None
-        params = parse_generate({**body, "temperature": 1.5, "seed": 4}, 100, 64).params
-        assert (params.temperature, params.top_k, params.seed) == (1.5, 20, 4)
-    finally:
-        SAMPLING_DEFAULTS.configure()
+    defaults = SamplingDefaults({"temperature": 0.5, "top_k": 20}, seed=11)
+    params = parse_generate(dict(body), 100, 64, defaults).params
+    assert (params.temperature, params.top_k) == (0.5, 20) and params.seed is not None
+    params = parse_generate({**body, "temperature": 1.5, "seed": 4}, 100, 64, defaults).params
+    assert (params.temperature, params.top_k, params.seed) == (1.5, 20, 4)
     params = parse_generate(dict(body), 100, 64).params
     assert (params.temperature, params.top_k, params.seed) == (1.0, -1, None)
 
@@ -237,14 +228,21 @@ def test_flags_reach_the_server_config():
         "--model", "org/m", "--served-model-name", "a", "b", "--enable-log-requests", world=1
     )
     engine = SimpleNamespace(
-        model_name="a", max_model_len=64, vocab_size=100, tp=SimpleNamespace(size=1)
+        model_name="a",
+        max_model_len=64,
+        vocab_size=100,
+        tp=SimpleNamespace(size=1),
+        config=SimpleNamespace(block_size=16),
     )
     config = _server_config(args, engine, "/cache/models--org--m/snapshots/x", None)
-    assert config.model_name == "a" and config.log_requests is True
+    assert config.model_name == "a" and config.log_requests is True and config.block_size == 16
     assert set(config.model_aliases) == {"b", "org/m", "/cache/models--org--m/snapshots/x"}
     # no --served-model-name: the --model value as given (the hub id, not the snapshot path)
     config = _server_config(parse("--model", "org/m"), engine, "/snap", None)
     assert config.model_name == "org/m" and "/snap" in config.model_aliases
+    assert config.sampling_defaults.seed is None and config.sampling_defaults.fields == {}
+    seeded = _server_config(parse("--seed", "5", "--generation-config", "vllm"), engine, "/m", None)
+    assert seeded.sampling_defaults.seed == 5
     tokenizer = SimpleNamespace(chat_template=None)
     _apply_chat_template(parse("--chat-template", "{{ 'x' }}"), tokenizer)
     assert tokenizer.chat_template == "{{ 'x' }}"

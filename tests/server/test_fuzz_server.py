@@ -287,8 +287,8 @@ def test_fuzzed_requests_never_take_the_server_down(server):
 
     def drained() -> bool:
         m = parse_metrics(requests.get(f"{server.url}/metrics", timeout=5).text)
-        idle = m["dstp_num_requests_running"] == m["dstp_num_requests_waiting"] == 0
-        return idle and m["dstp_kv_cache_free_blocks"] == m["dstp_kv_cache_blocks"]
+        idle = m["dstp:num_requests_running"] == m["dstp:num_requests_waiting"] == 0
+        return idle and m["dstp:kv_cache_usage_perc"] == 0
 
     assert wait_until(drained, timeout_s=20), requests.get(f"{server.url}/metrics").text
     assert server.proc.poll() is None

@@ -53,7 +53,10 @@ class _Served:
         self.driver = EngineDriver(engine, heartbeat_interval_s=0.1, **driver_kw)
         self.driver.start()
         cfg = ServerConfig(
-            model_name=MODEL, max_model_len=engine.max_model_len, vocab_size=engine.vocab_size
+            model_name=MODEL,
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+            block_size=engine.block_size,
         )
         self.server = InProcessServer.start(create_app(self.driver, engine.tokenizer, cfg))
         self.url = self.server.url
@@ -127,14 +130,17 @@ def test_vllm_metric_names_types_and_model_label(served):
     assert _value(n_hist, "dstp:request_params_n_bucket", le="2.0") >= 2
 
 
-def test_process_and_legacy_metrics(served):
+def test_process_http_and_admission_metrics(served):
     fams = served.scrape()
     for name in ("process_cpu_seconds", "process_resident_memory_bytes", "python_info"):
         assert name in fams, name
-    # dstp's earlier names stay for existing consumers (unlabelled)
-    assert _value(fams["dstp_healthy"], "dstp_healthy") == 1
-    assert _value(fams["dstp_kv_cache_blocks"], "dstp_kv_cache_blocks") == served.engine.num_blocks
-    assert "dstp_requests" in fams and "dstp_time_to_first_token_seconds" in fams
+    assert not [name for name in fams if name.startswith("dstp_")]  # one metric set
+    requests.get(f"{served.url}/v1/models", timeout=10)
+    fams = served.scrape()
+    http = fams["http_requests"]
+    assert _value(http, "http_requests_total", handler="/v1/models", method="GET", status="200")
+    in_flight = fams["dstp:num_requests_in_flight"]
+    assert _value(in_flight, "dstp:num_requests_in_flight", model_name=MODEL) == 0
 
 
 def test_request_log_line(served, caplog):

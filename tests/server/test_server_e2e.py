@@ -231,24 +231,24 @@ def test_concurrent_clients_mixed(url, references):
             ids.add(payload["id"])
     assert len(ids) == sum(kind != "bad" for kind, _ in jobs)
     print(f"40 concurrent clients served in {elapsed:.1f} s")
-    assert wait_until(lambda: _metrics(url)["dstp_num_requests_in_flight"] == 0, 10)
+    assert wait_until(lambda: _metrics(url)["dstp:num_requests_in_flight"] == 0, 10)
     m = _metrics(url)
-    assert m["dstp_kv_cache_free_blocks"] == m["dstp_kv_cache_blocks"], "KV blocks leaked"
-    assert m["dstp_num_requests_running"] == 0 and m["dstp_num_requests_waiting"] == 0
-    assert m['dstp_requests_total{endpoint="/v1/completions",status="400"}'] >= 10
-    assert m["dstp_prefix_cache_hits_total"] > 0  # identical prompts share blocks
+    assert m["dstp:kv_cache_usage_perc"] == 0, "KV blocks leaked"
+    assert m["dstp:num_requests_running"] == 0 and m["dstp:num_requests_waiting"] == 0
+    assert m['http_requests_total{handler="/v1/completions",method="POST",status="400"}'] >= 10
+    assert m["dstp:prefix_cache_hits_total"] > 0  # identical prompts share blocks
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
 
 
 def test_disconnect_mid_stream_frees_blocks(url):
     body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
     sock = open_stream(url, body)
-    assert _metrics(url)["dstp_num_requests_running"] == 1
+    assert _metrics(url)["dstp:num_requests_running"] == 1
     sock.close()
-    assert wait_until(lambda: _metrics(url)["dstp_num_requests_in_flight"] == 0, 15)
+    assert wait_until(lambda: _metrics(url)["dstp:num_requests_in_flight"] == 0, 15)
     m = _metrics(url)
-    assert m["dstp_kv_cache_free_blocks"] == m["dstp_kv_cache_blocks"]
-    assert m["dstp_generation_tokens_total"] > 0
+    assert m["dstp:kv_cache_usage_perc"] == 0
+    assert m["dstp:generation_tokens_total"] > 0
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
 
 
@@ -262,7 +262,7 @@ def test_admission_limit_and_fast_health_under_saturated_generation(url):
         for _ in range(ADMISSION_LIMIT):  # not read: the server's socket buffers take it
             socks.append(open_stream(url, body, events=0))
         assert wait_until(
-            lambda: _metrics(url)["dstp_num_requests_in_flight"] == ADMISSION_LIMIT, 30
+            lambda: _metrics(url)["dstp:num_requests_in_flight"] == ADMISSION_LIMIT, 30
         )
         before = _metrics(url)
         for _ in range(5):
@@ -281,9 +281,9 @@ def test_admission_limit_and_fast_health_under_saturated_generation(url):
             assert resp.json()["error"]["code"] == "queue_full"
             time.sleep(0.2)
         after = _metrics(url)
-        assert after["dstp_num_requests_in_flight"] == ADMISSION_LIMIT  # saturated throughout
-        assert after["dstp_num_requests_running"] > 0
-        assert after["dstp_generation_tokens_total"] > before["dstp_generation_tokens_total"]
+        assert after["dstp:num_requests_in_flight"] == ADMISSION_LIMIT  # saturated throughout
+        assert after["dstp:num_requests_running"] > 0
+        assert after["dstp:generation_tokens_total"] > before["dstp:generation_tokens_total"]
         print(
             "under saturation, max latency: "
             + ", ".join(f"{k} {max(v) * 1000:.0f} ms" for k, v in latencies.items())
@@ -293,9 +293,9 @@ def test_admission_limit_and_fast_health_under_saturated_generation(url):
     finally:
         for sock in socks:
             sock.close()
-    assert wait_until(lambda: _metrics(url)["dstp_num_requests_in_flight"] == 0, 30)
+    assert wait_until(lambda: _metrics(url)["dstp:num_requests_in_flight"] == 0, 30)
     m = _metrics(url)
-    assert m["dstp_kv_cache_free_blocks"] == m["dstp_kv_cache_blocks"]
+    assert m["dstp:kv_cache_usage_perc"] == 0
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
 
 

@@ -107,9 +107,12 @@ def test_models_health_metrics(main):
     assert requests.get(f"{url}/version", timeout=5).json() == {"version": __version__}
     assert requests.get(f"{url}/health", timeout=5).json()["status"] == "ok"
     metrics = parse_metrics(requests.get(f"{url}/metrics", timeout=5).text)
-    assert metrics["dstp_healthy"] == 1
-    assert metrics["dstp_kv_cache_blocks"] == engine.num_blocks
-    assert metrics["dstp_prefix_cache_hit_rate"] == pytest.approx(0.4)
+    assert metrics["dstp:kv_cache_usage_perc"] == 1 - engine.free_blocks / engine.num_blocks
+    hits, queries = (
+        metrics["dstp:prefix_cache_hits_total"],
+        metrics["dstp:prefix_cache_queries_total"],
+    )
+    assert hits / queries == pytest.approx(0.4)
 
 
 def test_completion_matches_engine(main):
@@ -592,11 +595,11 @@ def test_errors_counted_by_status(main):
     _, _, url = main
     requests.post(f"{url}/v1/completions", json={"prompt": "x", "n": 99}, timeout=10)
     metrics = parse_metrics(requests.get(f"{url}/metrics", timeout=5).text)
-    assert metrics['dstp_requests_total{endpoint="/v1/completions",status="400"}'] >= 1
-    assert metrics['dstp_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
-    assert metrics["dstp_time_to_first_token_seconds_count"] >= 1
-    assert metrics["dstp_time_per_output_token_seconds_count"] >= 1
-    assert metrics["dstp_generation_tokens_total"] >= 1
+    assert metrics['http_requests_total{handler="/v1/completions",method="POST",status="400"}'] >= 1
+    assert metrics['http_requests_total{handler="/v1/completions",method="POST",status="200"}'] >= 1
+    assert metrics["dstp:time_to_first_token_seconds_count"] >= 1
+    assert metrics["dstp:time_per_output_token_seconds_count"] >= 1
+    assert metrics["dstp:generation_tokens_total"] >= 1
 
 
 # -- disconnects ----------------------------------------------------------------------
@@ -749,8 +752,9 @@ def test_many_concurrent_clients_mixed(main):
     assert len(ids) == sum(k == "ok" for k, _ in jobs)  # one answer per request
     assert wait_until(lambda: driver.num_in_flight == 0, 5)
     metrics = parse_metrics(requests.get(f"{url}/metrics", timeout=5).text)
-    assert metrics["dstp_kv_cache_free_blocks"] == engine.num_blocks  # no block leaked
-    assert metrics["dstp_num_requests_in_flight"] == 0
+    assert engine.free_blocks == engine.num_blocks  # no block leaked
+    assert metrics["dstp:kv_cache_usage_perc"] == 0
+    assert metrics["dstp:num_requests_in_flight"] == 0
     assert requests.get(f"{url}/health", timeout=5).status_code == 200
     assert len(engine.thread_ids) == 1  # only the driver thread ever touched the engine
 

@@ -122,8 +122,11 @@ def test_admission_limit_bounds_work_and_health_stays_fast():
         streams[0].settimeout(5)
         assert b"data: " in streams[0].recv(65536)  # the admitted streams keep going
         metrics = parse_metrics(requests.get(f"{url}/metrics", timeout=5).text)
-        assert metrics["dstp_num_requests_in_flight"] == LIMIT
-        assert metrics['dstp_requests_total{endpoint="/v1/completions",status="429"}'] >= 25
+        assert metrics["dstp:num_requests_in_flight"] == LIMIT
+        assert (
+            metrics['http_requests_total{handler="/v1/completions",method="POST",status="429"}']
+            >= 25
+        )
         assert engine.num_steps < 250  # all of that while the first streams still ran
     finally:
         for sock in streams:
