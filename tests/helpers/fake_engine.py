@@ -1,11 +1,12 @@
 """A deterministic stand-in for ``dstp.engine.llm_engine.Engine`` for HTTP-layer tests.
 
-It follows the engine's contract (add_request / abort / step / has_unfinished /
-heartbeat / stats / shutdown, one token per running sequence per step, block
-accounting, stop strings, EOS, logprobs, n samples) with a trivial "model":
-the next token is a function of the sequence so far, so tests can compute
-the exact expected text with ``FakeEngine.reference``. The real engine is
-covered end to end in test_server_e2e.py.
+It implements ``dstp.engine.protocol.EngineClient`` as the engine does (request
+checks, one token per running sequence per step, block accounting, stop strings
+held back while they may still match, EOS and stop token ids, logprobs, n samples,
+running totals on the final output only) with a trivial "model": the next token is
+a function of the sequence so far, so tests can compute the exact expected text
+with ``FakeEngine.reference``. tests/engine/test_engine_client_contract.py runs the
+same assertions against it and the real engine.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from dstp.engine.detokenizer import find_stop, partial_stop_len
 from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams
 
@@ -61,6 +63,7 @@ class FakeEngine:
         self.free_blocks = num_blocks
         self.step_delay_s = step_delay_s
         self.eos_id = eos_id
+        self.eos_ids = frozenset({eos_id})
         self.tp = SimpleNamespace(rank=0, size=1, is_driver=True)
         self.vocab_size = len(tokenizer)
         self.letter_ids = [tokenizer.convert_tokens_to_ids(c if c != " " else "Ġ") for c in LETTERS]
@@ -95,13 +98,13 @@ class FakeEngine:
             while True:
                 tok = self.next_token(prompt, out, index, params)
                 out.append(tok)
-                if tok == self.eos_id:
+                if tok == self.eos_id or self._stops_on(tok, out, params):
                     finish = "stop"
                     break
                 text = self.tokenizer.decode([t for t in out if t != self.eos_id])
-                hit = next((s for s in params.stop if s in text), None)
+                hit = find_stop(text, 0, params.stop)
                 if hit is not None:
-                    text = text[: text.index(hit)]
+                    text = text[: hit[0]]
                     finish = "stop"
                     break
                 if len(out) >= params.max_tokens or len(prompt) + len(out) >= self.max_model_len:
@@ -109,9 +112,32 @@ class FakeEngine:
             results.append((text, out, finish))
         return results
 
+    @staticmethod
+    def _stops_on(token: int, out: list[int], params: SamplingParams) -> bool:
+        """A stop token id ends a sample once min_tokens are out (the engine masks it before)."""
+        return token in params.stop_token_ids and len(out) > params.min_tokens
+
     # -- engine API -------------------------------------------------------------------
     def _touch(self) -> None:
         self.thread_ids.add(threading.get_ident())
+
+    def check_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int | None = None
+    ) -> None:
+        """The engine's checks, in its order and with its messages."""
+        max_model_len = max_model_len or self.max_model_len
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        if len(prompt_token_ids) >= max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "
+                f"{max_model_len}: shorten it",
+                "prompt",
+            )
+        params.validate()
+        params.check_against_model(self.vocab_size, self.eos_ids)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -119,9 +145,7 @@ class FakeEngine:
         self._touch()
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequest("prompt too long")
-        params.validate()
+        self.check_request(prompt_token_ids, params)
         self.received[request_id] = params
         req = _Req(request_id, list(prompt_token_ids), params, [_Seq(i) for i in range(params.n)])
         need = math.ceil(len(prompt_token_ids) / self.block_size) * params.n
@@ -161,14 +185,17 @@ class FakeEngine:
                 if total % self.block_size == 1:
                     req.blocks += 1
                     self.free_blocks -= 1
-                if tok == self.eos_id:
+                if tok == self.eos_id and not req.params.ignore_eos:
                     s.finish = "stop"
                     continue
+                if self._stops_on(tok, s.out, req.params):
+                    s.finish, s.stop_reason = "stop", tok
+                    continue
                 s.text = self.tokenizer.decode(s.out)
-                hit = next((x for x in req.params.stop if x in s.text), None)
+                hit = find_stop(s.text, 0, req.params.stop)
                 if hit is not None:
-                    s.text = s.text[: s.text.index(hit)]
-                    s.finish, s.stop_reason = "stop", hit
+                    s.text = s.text[: hit[0]]
+                    s.finish, s.stop_reason = "stop", hit[1]
                 elif len(s.out) >= req.params.max_tokens or total >= self.max_model_len:
                     s.finish = "length"
             out = self._output(req)
@@ -180,6 +207,9 @@ class FakeEngine:
         return outputs
 
     def _output(self, req: _Req) -> RequestOutput:
+        """As the engine reports: running totals (token_ids, logprobs) on the final output
+        only, and text that may still become a stop string held back until it cannot."""
+        done = all(s.finish for s in req.seqs)
         comps = []
         for s in req.seqs:
             logprobs = None
@@ -187,21 +217,24 @@ class FakeEngine:
                 logprobs = [
                     TokenLogprob(t, -0.25, {t: -0.25, self.letter_ids[0]: -2.0}) for t in s.out
                 ]
+            visible = (
+                len(s.text) if s.finish else len(s.text) - partial_stop_len(s.text, req.params.stop)
+            )
             comps.append(
                 CompletionOutput(
                     index=s.index,
-                    token_ids=list(s.out),
-                    text=s.text,
+                    token_ids=list(s.out) if done else [],
+                    text=s.text[:visible],
                     new_token_ids=s.out[s.sent_tokens :],
-                    delta_text=s.text[s.sent_text :],
-                    logprobs=logprobs,
+                    delta_text=s.text[s.sent_text : visible],
+                    logprobs=logprobs if done else None,
                     finish_reason=s.finish,
                     stop_reason=s.stop_reason,
                     new_logprobs=logprobs[s.sent_tokens :] if logprobs is not None else None,
                 )
             )
-            s.sent_tokens, s.sent_text = len(s.out), len(s.text)
-        return RequestOutput(req.rid, req.prompt, comps, all(s.finish for s in req.seqs))
+            s.sent_tokens, s.sent_text = len(s.out), visible
+        return RequestOutput(req.rid, req.prompt, comps, done)
 
     def heartbeat(self) -> None:
         self._touch()
