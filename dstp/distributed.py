@@ -16,9 +16,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from dstp.replicas.layout import ReplicaLayout
 
 log = logging.getLogger("dstp")
 T = TypeVar("T")
@@ -64,9 +67,9 @@ class TPGroup:
 
     def describe(self) -> str:
         """'replica 1 (global ranks 2-3)': how logs name this rank's replica."""
-        last = self.first_rank + self.size - 1
-        ranks = f"rank {last}" if self.size == 1 else f"ranks {self.first_rank}-{last}"
-        return f"replica {self.replica} (global {ranks})"
+        from dstp.replicas.layout import ReplicaLayout
+
+        return ReplicaLayout(self.world_size, self.size).describe(self.replica)
 
     # -- collectives ---------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -156,25 +159,39 @@ class TPGroup:
             dist.barrier(group=self.group)
 
     def agree(self, check: Callable[[], T]) -> T:
-        """Run ``check`` on every rank and fail on every rank if it failed on any.
+        """:func:`agree` over this TP group's ranks."""
+        return agree(check, self.min_over_ranks)
 
-        A check that raises on one rank only (a file missing on one node) would
-        otherwise leave the other ranks waiting forever in the next collective.
-        """
-        error: BaseException | None = None
-        result = None
-        try:
-            result = check()
-        except Exception as exc:  # re-raised below, on every rank
-            error = exc
-        any_failed = self.min_over_ranks(0 if error else 1) == 0
-        if error is not None:
-            raise error
-        if any_failed:
-            raise RuntimeError(
-                "another rank failed during start-up (its log names the problem); stopping this one too"
-            )
-        return result
+
+class AnotherRankFailed(RuntimeError):
+    """A start-up check failed on another rank (whose log names the problem), not this one."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "another rank failed during start-up (its log names the problem); stopping this one too"
+        )
+
+
+def agree(check: Callable[[], T], min_over_ranks: Callable[[int], int]) -> T:
+    """Run ``check`` on every rank and fail on every rank if it failed on any: with its own
+    exception where it failed, :class:`AnotherRankFailed` elsewhere.
+
+    A check that raises on one rank only (a file missing on one node) would otherwise
+    leave the other ranks waiting forever in the next collective. ``min_over_ranks``: the
+    smallest value any rank holds (a collective over the ranks that must agree).
+    """
+    error: BaseException | None = None
+    result = None
+    try:
+        result = check()
+    except Exception as exc:  # re-raised below, on every rank
+        error = exc
+    any_failed = min_over_ranks(0 if error is not None else 1) == 0
+    if error is not None:
+        raise error
+    if any_failed:
+        raise AnotherRankFailed()
+    return result
 
 
 _TP: TPGroup | None = None
@@ -235,13 +252,10 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
         accel.set_device(index)
         device = torch.device(accel.device_name(index))
 
-    tp = tp_size if tp_size is not None else tp_size_from_env(world)
-    if tp < 1 or world % tp:
-        raise ValueError(
-            f"--tensor-parallel-size {tp} must divide the launcher's world of {world} rank(s)"
-        )
-    replicas = world // tp
-    replica = rank // tp
+    from dstp.replicas.layout import ReplicaLayout
+
+    layout = ReplicaLayout(world, tp_size if tp_size is not None else tp_size_from_env(world))
+    tp, replicas, replica = layout.tp, layout.num_replicas, layout.replica_of(rank)
     group = cpu_group = world_cpu = None
     fast = in_fp32 = False
     backend = os.environ.get("DSTP_DIST_BACKEND") or accel.communication_backend_name()
@@ -259,6 +273,11 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
             from dstp.cpu.kernels import clear_stale_extension_lock
 
             clear_stale_extension_lock("deepspeed_shm_comm")
+            if local_rank == 0 and not _shm_op_built():
+                log.info(
+                    "building DeepSpeed's shared-memory all-reduce op "
+                    "(first start only, about a minute)"
+                )
         deepspeed.init_distributed(
             dist_backend=backend,
             timeout=timedelta(seconds=timeout_s),
@@ -269,7 +288,7 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
         cpu_group = world_cpu
         atexit.register(shutdown)
         if replicas > 1:
-            group, cpu_group = _replica_groups(world, tp, replica, backend)
+            group, cpu_group = _replica_groups(layout, replica, backend)
         fast = tp > 1 and _fast_all_reduce_available(accel.device_name(), world, local_size)
         if fast and accel.device_name() == "cpu":
             level = _shm_kernel_level()
@@ -318,17 +337,17 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
     return _TP
 
 
-def _replica_groups(world: int, tp: int, mine: int, backend: str) -> tuple[object, object]:
+def _replica_groups(layout: ReplicaLayout, mine: int, backend: str) -> tuple[object, object]:
     """Every replica's (device, gloo) groups, made by every rank in the same order;
     returns this rank's pair (None for a TP=1 replica: it has no collectives)."""
     import torch.distributed as tdist
 
     group = cpu_group = None
-    for r in range(world // tp):
-        ranks = list(range(r * tp, (r + 1) * tp))
+    for r in range(layout.num_replicas):
+        ranks = list(layout.ranks(r))
         device_group = tdist.new_group(ranks)
         host_group = device_group if backend == "gloo" else tdist.new_group(ranks, backend="gloo")
-        if r == mine and tp > 1:
+        if r == mine and layout.tp > 1:
             group, cpu_group = device_group, host_group
     return group, cpu_group
 
@@ -408,6 +427,27 @@ def _fast_all_reduce_available(device_name: str, world: int, local_size: int) ->
     if not has_op:
         log.warning("DeepSpeed shared-memory all-reduce unavailable: falling back to gloo (slow)")
     return has_op
+
+
+def _shm_op_built() -> bool:
+    """Whether DeepSpeed's shared-memory all-reduce op is ready to load without a build.
+
+    DeepSpeed builds it with ninja on first use (JIT, about a minute on 2 cores) unless
+    it was installed prebuilt; the build lands in torch's extension folder. True when
+    DeepSpeed will not build it at all (prebuilt, or not for this machine).
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return True
+    if installed_ops.get(builder.name, False):
+        return True
+    folder = _get_build_directory(builder.name, verbose=False)
+    return os.path.exists(os.path.join(folder, f"{builder.name}.so"))
 
 
 def _shm_kernel_level() -> int:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dstp.distributed import agree
 from dstp.model.loading import SAFETENSORS_INDEX, CheckpointError
 
 log = logging.getLogger("dstp")
@@ -304,18 +305,17 @@ def resolve_on_ranks(
             raise outcome[0]
         return outcome[0] if outcome else None
 
-    first = _agree(world_min, leader_result)
+    first = agree(leader_result, world_min)
     # Every rank takes part in both agreements (collectives pair up in order).
-    return _agree(world_min, lambda: first if leader else resolve(model, local_only=True, **kwargs))
+    return agree(lambda: first if leader else resolve(model, local_only=True, **kwargs), world_min)
 
 
 def world_min_of(tp) -> Callable[[int], int] | None:
     """``world_min`` for :func:`resolve_on_ranks` over a :class:`~dstp.distributed.TPGroup`'s
     whole world (every replica's ranks, over gloo), or None for a single process."""
-    world = getattr(tp, "world_size", tp.size)
-    if world <= 1:
+    if tp.world_size <= 1:
         return None
-    group = getattr(tp, "world_cpu_group", None) or tp.cpu_group
+    group = tp.world_cpu_group
 
     def world_min(value: int) -> int:
         import torch
@@ -326,21 +326,3 @@ def world_min_of(tp) -> Callable[[int], int] | None:
         return int(wire[0])
 
     return world_min
-
-
-def _agree(world_min: Callable[[int], int], check):
-    """Run ``check`` on every rank; raise on every rank if it raised on any (its own error
-    where it failed, "another rank failed" elsewhere)."""
-    error = result = None
-    try:
-        result = check()
-    except Exception as exc:  # re-raised below, once every rank knows
-        error = exc
-    any_failed = world_min(0 if error is not None else 1) == 0
-    if error is not None:
-        raise error
-    if any_failed:
-        raise RuntimeError(
-            "another rank failed during start-up (its log names the problem); stopping this one too"
-        )
-    return result

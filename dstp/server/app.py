@@ -13,7 +13,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from dstp import __version__
-from dstp.server.driver import EngineDriver
+from dstp.server.engine_loop import EngineLoop
 from dstp.server.metrics import CONTENT_TYPE
 from dstp.server.protocol import APIError, internal_error, parse_body, retry_later, unknown_model
 from dstp.server.serving import ServerConfig, Serving
@@ -33,7 +33,7 @@ ENDPOINTS = (
 GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/generate")
 
 
-def create_app(driver: EngineDriver, tokenizer, config: ServerConfig) -> Flask:
+def create_app(driver: EngineLoop, tokenizer, config: ServerConfig) -> Flask:
     """The Flask app; ``driver`` must be started by the caller."""
     app = Flask("dstp")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -60,7 +60,7 @@ def _authorized(api_key: str) -> bool:
     )
 
 
-def _add_checks(app: Flask, driver: EngineDriver, config: ServerConfig) -> None:
+def _add_checks(app: Flask, driver: EngineLoop, config: ServerConfig) -> None:
     @app.before_request
     def check_api_key():
         if config.api_key is None or request.path == "/health" or _authorized(config.api_key):
@@ -165,7 +165,7 @@ def _add_generation_routes(app: Flask, serving: Serving) -> None:
         return serving.detokenize(body())
 
 
-def _add_info_routes(app: Flask, driver: EngineDriver, config: ServerConfig) -> None:
+def _add_info_routes(app: Flask, driver: EngineLoop, config: ServerConfig) -> None:
     created = int(time.time())
 
     @app.get("/health")

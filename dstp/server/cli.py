@@ -395,30 +395,17 @@ def load_chat_template(value: str | None) -> str | None:
 
 
 def check_tp_size(args: argparse.Namespace, world_size: int) -> None:
-    """``--tensor-parallel-size`` against the ranks the launcher started (the launcher, not
-    this flag, sets how many processes run): it must divide them; W ranks at TP=T serve
-    as W / T data-parallel replicas (dstp.replicas)."""
-    tp = args.tensor_parallel_size
-    dp = getattr(args, "data_parallel_size", None)
-    if dp is not None:
-        from dstp.replicas import ReplicaLayout
+    """``--tensor-parallel-size`` (and ``--data-parallel-size``) against the ranks the
+    launcher started: :class:`~dstp.replicas.ReplicaLayout` owns the rule and its message."""
+    from dstp.replicas import ReplicaLayout
 
-        try:
-            args.tensor_parallel_size = ReplicaLayout.resolve(world_size, tp, dp).tp
-        except ValueError as exc:
-            raise FlagError(str(exc)) from None
-        return
-    if tp is None or (tp >= 1 and world_size % tp == 0):
-        return
-    valid = [t for t in range(1, world_size + 1) if world_size % t == 0]
-    raise FlagError(
-        f"--tensor-parallel-size {tp} does not fit the {world_size} rank(s) the launcher "
-        f"started (WORLD_SIZE={world_size}; sizes that fit: {valid}). dstp runs one process "
-        "per rank and the launcher decides how many: start it as `deepspeed --num_gpus "
-        f"{max(tp, 1)} --module dstp serve ...` or `torchrun --nproc_per_node {max(tp, 1)} "
-        "-m dstp serve ...` (across nodes: the ranks of every node together); a world of "
-        "W ranks at TP=T serves W/T replicas"
-    )
+    dp = args.data_parallel_size
+    try:
+        layout = ReplicaLayout.resolve(world_size, args.tensor_parallel_size, dp)
+    except ValueError as exc:
+        raise FlagError(str(exc)) from None
+    if dp is not None:
+        args.tensor_parallel_size = layout.tp
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:

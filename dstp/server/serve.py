@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None) -> int:
     from dstp.engine.tokenizer import load_tokenizer
     from dstp.server.app import create_app
-    from dstp.server.driver import EngineDriver, EngineUnavailable
+    from dstp.server.engine_loop import EngineLoop, EngineUnavailable
 
     stop = threading.Event()
     fatal: list[BaseException] = []
@@ -190,7 +190,7 @@ def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None)
         fatal.append(exc)
         stop.set()
 
-    driver = EngineDriver(
+    driver = EngineLoop(
         engine,
         max_queued_requests=args.max_queued_requests,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -251,13 +251,14 @@ def _server_config(args: argparse.Namespace, engine, model: str, builtin: Builti
 def _is_model_error(exc: BaseException) -> bool:
     """Log a start-up failure that names its own cause (a bad --model, a checkpoint that
     cannot be read or split, another rank's failure) as one line; True if it was one."""
+    from dstp.distributed import AnotherRankFailed
     from dstp.model.loading import CheckpointError
     from dstp.policies import TPConfigError
 
     if isinstance(exc, CheckpointError | TPConfigError):
         log.error("%s: %s", exc.__class__.__name__, exc)
         return True
-    if isinstance(exc, RuntimeError) and "another rank failed" in str(exc):
+    if isinstance(exc, AnotherRankFailed):
         log.error("%s", exc)
         return True
     return False

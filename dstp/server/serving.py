@@ -19,8 +19,8 @@ from flask import Response
 from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from dstp.engine.sampling_params import InvalidRequest
 from dstp.server.defaults import SamplingDefaults
-from dstp.server.driver import (
-    EngineDriver,
+from dstp.server.engine_loop import (
+    EngineLoop,
     EngineUnavailable,
     QueueFull,
     RequestFailed,
@@ -361,7 +361,7 @@ def _str_keys(top: dict[int, float]) -> dict[str, float]:
 class Serving:
     """Turns a parsed request into the driver's work and the driver's outputs into answers."""
 
-    def __init__(self, driver: EngineDriver, tokenizer, config: ServerConfig) -> None:
+    def __init__(self, driver: EngineLoop, tokenizer, config: ServerConfig) -> None:
         self.driver, self.config = driver, config
         self.tok = TokenizerAccess(tokenizer)
         self.accepted_models = {config.model_name, *config.model_aliases}

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dstp.model.default_model import build_tokenizer
 from dstp.server.app import create_app
-from dstp.server.driver import EngineDriver
+from dstp.server.engine_loop import EngineLoop
 from dstp.server.request_log import StatsLogger
 from dstp.server.serving import ServerConfig
 from tests.helpers.fake_engine import FakeEngine
@@ -50,7 +50,7 @@ VLLM_METRICS = {
 class _Served:
     def __init__(self, engine: FakeEngine, **driver_kw) -> None:
         self.engine = engine
-        self.driver = EngineDriver(engine, heartbeat_interval_s=0.1, **driver_kw)
+        self.driver = EngineLoop(engine, heartbeat_interval_s=0.1, **driver_kw)
         self.driver.start()
         cfg = ServerConfig(
             model_name=MODEL,

@@ -1,6 +1,6 @@
 """HTTP layer on the production WSGI server, with a deterministic fake engine.
 
-The real EngineDriver, Flask app and waitress server run in-process; only the
+The real EngineLoop, Flask app and waitress server run in-process; only the
 engine is a test double (tests/fake_engine.py) so that validation, error
 shapes, SSE framing, concurrency, limits and disconnect handling are tested
 fast and exactly. The real engine behind the same server is test_server_e2e.py.
@@ -26,7 +26,7 @@ import requests
 from dstp.engine.sampling_params import SamplingParams
 from dstp.model.default_model import build_tokenizer
 from dstp.server.app import create_app
-from dstp.server.driver import EngineDriver
+from dstp.server.engine_loop import EngineLoop
 from dstp.server.limits import http_threads
 from dstp.server.serving import ServerConfig
 from tests.helpers.fake_engine import FakeEngine
@@ -36,7 +36,7 @@ API_KEY = "sk-test-123"
 
 
 def _serve(engine, **config):
-    driver = EngineDriver(engine, heartbeat_interval_s=0.2, **config.pop("driver", {}))
+    driver = EngineLoop(engine, heartbeat_interval_s=0.2, **config.pop("driver", {}))
     driver.start()
     cfg = ServerConfig(
         model_name="fake-model",

@@ -20,7 +20,7 @@ import requests
 
 from dstp.model.default_model import build_tokenizer
 from dstp.server.app import create_app
-from dstp.server.driver import EngineDriver
+from dstp.server.engine_loop import EngineLoop
 from dstp.server.limits import http_threads
 from dstp.server.serving import ServerConfig
 from tests.helpers.fake_engine import FakeEngine
@@ -31,7 +31,7 @@ FAST_S = 1.0  # /health and /metrics must answer within this, however busy
 
 
 def _serve(engine, max_queued: int, threads: int | None = None, **limits):
-    driver = EngineDriver(engine, heartbeat_interval_s=0.2, max_queued_requests=max_queued)
+    driver = EngineLoop(engine, heartbeat_interval_s=0.2, max_queued_requests=max_queued)
     driver.start()
     cfg = ServerConfig(
         model_name="fake-model", max_model_len=engine.max_model_len, vocab_size=engine.vocab_size

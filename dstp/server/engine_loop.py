@@ -1,9 +1,13 @@
-"""``EngineDriver``: one thread owns the engine; HTTP threads reach it through queues.
+"""The engine loop: one thread owns the engine; HTTP threads reach it through queues.
 
 The engine is not thread-safe and every ``step()`` is a collective over all ranks, so
-exactly one thread calls it. It heartbeats the ranks while idle and a watchdog bounds
-each call, so a dead or hung rank fails every request and stops the server (the
-launcher then ends the job) instead of leaving it hanging.
+exactly one thread calls it. Words as used here: the *engine loop* is that thread
+(:class:`StepLoop`; :class:`EngineLoop` on the HTTP rank, :mod:`dstp.replicas.server` on
+another replica's driver rank); the *driver rank* is rank 0 of a TP group, the one that
+runs the loop while the others follow its step plans. :class:`Liveness` is the one judge of
+whether the ranks answer: an engine call past its deadline, or a replica that stopped
+reporting, fails every request and stops the server (the launcher then ends the job)
+instead of leaving it hanging.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import queue
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from dstp.engine.outputs import RequestOutput
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams
@@ -24,6 +30,7 @@ from dstp.server.metrics import FinishedRequest, ServerMetrics
 from dstp.server.request_log import STATS_INTERVAL_S, StatsLogger, log_request
 
 log = logging.getLogger("dstp")
+T = TypeVar("T")
 
 
 class EngineUnavailable(RuntimeError):
@@ -38,88 +45,141 @@ class RequestFailed(RuntimeError):
     """An admitted request ended without a result (server stopping or a rank died)."""
 
 
-_END = object()
+# -- liveness -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Call:
+    """An engine call in progress: which one, and how long it has run so far."""
+
+    what: str  # "step" or "heartbeat"
+    elapsed_s: float
 
 
-@dataclass
+class Liveness:
+    """Deadlines for engine calls (collectives over every rank) and for a peer's reports.
+
+    A step may take ``step_timeout_s`` (long prompts); any other call, and the silence
+    of a replica that should report every fraction of a second, ``heartbeat_timeout_s``.
+    Past that a rank is hung or gone.
+    """
+
+    def __init__(self, heartbeat_timeout_s: float = 30.0, step_timeout_s: float = 600.0):
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.step_timeout_s = step_timeout_s
+        self._started: tuple[str, float] | None = None
+
+    def timed(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, noted as the call in progress while it runs."""
+        self._started = (what, time.monotonic())
+        try:
+            return fn()
+        finally:
+            self._started = None
+
+    def current(self) -> Call | None:
+        started = self._started
+        return None if started is None else Call(started[0], time.monotonic() - started[1])
+
+    def overdue(self, call: Call | None) -> str | None:
+        """Why ``call`` (this loop's own, or one a replica reported) means a hung rank."""
+        if call is None:
+            return None
+        limit = self.step_timeout_s if call.what == "step" else self.heartbeat_timeout_s
+        if call.elapsed_s <= limit:
+            return None
+        return (
+            f"engine {call.what} did not return within {limit:.0f} s: a rank is hung or unreachable"
+        )
+
+    def silent(self, last_seen: float) -> str | None:
+        """Why a peer last heard from at ``last_seen`` (monotonic) counts as gone."""
+        silent = time.monotonic() - last_seen
+        if silent <= self.heartbeat_timeout_s:
+            return None
+        return f"silent for {silent:.0f} s (its driver rank is hung or unreachable)"
+
+
+# -- the loop -------------------------------------------------------------------------------
+class StepLoop(ABC):
+    """Apply what arrived, step while there is work, heartbeat the ranks when idle.
+
+    Subclasses say where commands come from and where outputs go. Each engine call runs
+    under :attr:`liveness`, so a watchdog (or a peer) can tell a long step from a hung rank.
+    """
+
+    def __init__(self, engine: Any, liveness: Liveness, heartbeat_interval_s: float) -> None:
+        self.engine = engine
+        self.liveness = liveness
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    @abstractmethod
+    def take(self, timeout_s: float) -> list[Any]:
+        """The commands that arrived, waiting up to ``timeout_s`` for the first."""
+
+    @abstractmethod
+    def apply(self, command: Any) -> bool:
+        """Apply one command; False ends the loop."""
+
+    @abstractmethod
+    def stepped(self, outputs: list[RequestOutput], started: float) -> None:
+        """Hand on one step's outputs (``started``: when the step began, monotonic)."""
+
+    @abstractmethod
+    def beat(self) -> None:
+        """After an idle heartbeat (every rank answered)."""
+
+    def run_steps(self) -> None:
+        """Until a command ends it; an engine call that raises ends it too, raising."""
+        engine, last_call = self.engine, time.monotonic()
+        while True:
+            due = last_call + self.heartbeat_interval_s
+            wait = 0.0 if engine.has_unfinished() else max(0.0, due - time.monotonic())
+            for command in self.take(wait):
+                if not self.apply(command):
+                    return
+            if engine.has_unfinished():
+                started = time.monotonic()
+                self.stepped(self.liveness.timed("step", engine.step), started)
+                last_call = time.monotonic()
+            elif time.monotonic() >= due:
+                self.liveness.timed("heartbeat", engine.heartbeat)
+                self.beat()
+                last_call = time.monotonic()
+
+
+# -- requests -------------------------------------------------------------------------------
+@dataclass(eq=False)
 class RequestHandle:
-    """The HTTP side of one request: its outputs arrive on ``_outputs``."""
+    """One request's bookkeeping on the loop thread; its outputs go to its group's stream."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    driver: EngineDriver
-    _outputs: queue.Queue = field(default_factory=queue.Queue)
-    _accepted: threading.Event = field(default_factory=threading.Event)
-    _reject: BaseException | None = None
+    stream: queue.Queue  # (slot, output | exception | _END), shared by the group
+    slot: int = 0  # the prompt's position in its group
+    accepted: threading.Event = field(default_factory=threading.Event)
+    reject: BaseException | None = None
     submit_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None  # start of the first step that ran it
     first_token_time: float | None = None
     last_token_time: float | None = None
     output_tokens: int = 0  # so far, over every choice
-    done: bool = False  # set on the driver thread once the final output (or error) is queued
-    _sink: queue.Queue | None = None  # a RequestGroup's shared queue: (slot, item) go there
-    _slot: int = 0
+    done: bool = False  # set on the loop thread once the final output (or error) is queued
 
-    def _put(self, item: object) -> None:
-        if self._sink is not None:
-            self._sink.put((self._slot, item))
-        else:
-            self._outputs.put(item)
+    def put(self, item: object) -> None:
+        self.stream.put((self.slot, item))
 
-    def outputs(
-        self, poll_s: float = 0.25, disconnected: Callable[[], bool] | None = None
-    ) -> Iterator[RequestOutput]:
-        """Yield outputs until the final one; abort if the client goes away.
 
-        Raises ``RequestFailed`` when the engine failed or is shutting down.
-        """
-        finished = False
-        next_check = time.monotonic() + poll_s
-        try:
-            while True:
-                try:
-                    item = self._outputs.get(timeout=poll_s)
-                except queue.Empty:
-                    item = None
-                if disconnected is not None and time.monotonic() >= next_check:
-                    next_check = time.monotonic() + poll_s
-                    if disconnected():
-                        log.info("client of %s disconnected: aborting", self.request_id)
-                        return
-                if item is None:
-                    continue
-                if item is _END:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:  # consumer stopped early (disconnect, generator closed)
-                self.abort()
-
-    def result(self, disconnected: Callable[[], bool] | None = None) -> RequestOutput | None:
-        """The final output (None if the client went away first)."""
-        last = None
-        for out in self.outputs(disconnected=disconnected):
-            last = out
-        return last if last is not None and last.finished else None
-
-    def abort(self) -> None:
-        self.driver.abort(self.request_id)
+_END = object()  # on a stream: the request was aborted, nothing more comes
 
 
 class RequestGroup:
-    """Several requests submitted together (a /v1/completions prompt list); their outputs
-    arrive on one queue as (slot, output), slot being the prompt's position."""
+    """The requests of one HTTP request (one prompt, or a /v1/completions prompt list):
+    their outputs arrive on one stream as (slot, output), slot being the prompt's position."""
 
-    def __init__(self, handles: list[RequestHandle], sink: queue.Queue) -> None:
-        self.handles, self._sink = handles, sink
+    def __init__(
+        self, handles: list[RequestHandle], stream: queue.Queue, abort: Callable[[str], None]
+    ) -> None:
+        self.handles, self._stream, self._abort = handles, stream, abort
 
     @property
     def request_id(self) -> str:
@@ -129,14 +189,14 @@ class RequestGroup:
         self, poll_s: float = 0.25, disconnected: Callable[[], bool] | None = None
     ) -> Iterator[tuple[int, RequestOutput]]:
         """Yield (slot, output) until every member's final output; abort the unfinished
-        members if the client goes away or the consumer stops early. Raises like
-        ``RequestHandle.outputs``."""
+        members if the client goes away or the consumer stops early. Raises
+        ``RequestFailed`` when the engine failed or is shutting down."""
         pending = set(range(len(self.handles)))
         next_check = time.monotonic() + poll_s
         try:
             while pending:
                 try:
-                    slot, item = self._sink.get(timeout=poll_s)
+                    slot, item = self._stream.get(timeout=poll_s)
                 except queue.Empty:
                     slot, item = None, None
                 if disconnected is not None and time.monotonic() >= next_check:
@@ -157,7 +217,7 @@ class RequestGroup:
                     pending.discard(slot)
         finally:
             for slot in pending:
-                self.handles[slot].abort()
+                self._abort(self.handles[slot].request_id)
 
     def result(self, disconnected: Callable[[], bool] | None = None) -> list[RequestOutput] | None:
         """Every member's final output, by slot (None if the client went away first)."""
@@ -168,12 +228,28 @@ class RequestGroup:
         return done if all(o is not None and o.finished for o in done) else None
 
 
-class EngineDriver:
-    """Runs the engine loop on a dedicated thread; thread-safe front for HTTP handlers."""
+@dataclass(frozen=True)
+class _Add:
+    handles: list[RequestHandle]
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Wake:
+    """Sent by ``stop()``: end the loop now."""
+
+
+# -- the HTTP rank's loop -------------------------------------------------------------------
+class EngineLoop(StepLoop):
+    """Runs the engine on a dedicated thread; the thread-safe front HTTP handlers call."""
 
     def __init__(
         self,
-        engine,
+        engine: Any,
         *,
         max_queued_requests: int = 256,
         heartbeat_interval_s: float = 1.0,
@@ -184,17 +260,16 @@ class EngineDriver:
         log_requests: bool = False,
         stats_interval_s: float = STATS_INTERVAL_S,
     ) -> None:
-        self.engine = engine
+        super().__init__(
+            engine, Liveness(heartbeat_timeout_s, step_timeout_s), heartbeat_interval_s
+        )
         self.max_queued_requests = max_queued_requests
-        self.heartbeat_interval_s = heartbeat_interval_s
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.step_timeout_s = step_timeout_s
         self.metrics = metrics or ServerMetrics()
         self.on_fatal = on_fatal
         self.log_requests = log_requests  # --enable-log-requests: one line per request
         self._stats_log = StatsLogger(stats_interval_s)
         self._commands: queue.Queue = queue.Queue()
-        self._handles: dict[str, RequestHandle] = {}  # owned by the driver thread
+        self._handles: dict[str, RequestHandle] = {}  # owned by the loop thread
         self._lock = threading.Lock()
         self._in_flight = 0  # submitted and not yet finished (guarded by _lock)
         self._ids = itertools.count()
@@ -202,7 +277,6 @@ class EngineDriver:
         self._stop_reason = "server shutting down"
         self._ready = threading.Event()
         self.failure: BaseException | None = None
-        self._call: tuple[str, float, float] | None = None  # (what, started, deadline)
         self._stats: dict = {}
         self._thread = threading.Thread(target=self._run, name="dstp-engine", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="dstp-watchdog", daemon=True)
@@ -221,7 +295,7 @@ class EngineDriver:
         """Fail in-flight requests with ``reason``, release the followers, join."""
         self._stopping.set()
         self._stop_reason = reason
-        self._commands.put(("wake", None))
+        self._commands.put(_Wake())
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
@@ -239,50 +313,34 @@ class EngineDriver:
             return self._in_flight
 
     def stats(self) -> dict:
-        """Last engine stats snapshot (taken on the driver thread after each step)."""
+        """Last engine stats snapshot (taken on the loop thread after each step)."""
         return dict(self._stats)
 
     # -- HTTP side -------------------------------------------------------------
-    def submit(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-        accept_timeout_s: float = 120.0,
-    ) -> RequestHandle:
-        """Queue a request and wait until the engine admitted it into its queue.
-
-        Raises ``InvalidRequest`` (400), ``QueueFull`` (429), ``EngineUnavailable`` (503).
-        """
-        rid = request_id or self._new_id()
-        handle = RequestHandle(rid, list(prompt_token_ids), params, self)
-        self._admit([handle], accept_timeout_s)
-        return handle
-
     def submit_many(
         self, prompts: list[tuple[list[int], SamplingParams]], accept_timeout_s: float = 120.0
     ) -> RequestGroup:
-        """Queue several requests at once (the engine adds them all before its next step,
-        so they share batches); each counts against the admission limit. Raises as
-        ``submit``; when one is rejected, the others are aborted."""
-        sink: queue.Queue = queue.Queue()
-        base = self._new_id()
+        """Queue requests and wait until the engine admitted them (it adds them all before
+        its next step, so they share batches); each counts against the admission limit.
+
+        Raises ``InvalidRequest`` (400), ``QueueFull`` (429), ``EngineUnavailable`` (503);
+        when one is rejected, the others are aborted.
+        """
+        stream: queue.Queue = queue.Queue()
+        base = f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
         handles = [
-            RequestHandle(
-                base if i == 0 else f"{base}-{i}", list(ids), params, self, _sink=sink, _slot=i
-            )
+            RequestHandle(base if i == 0 else f"{base}-{i}", list(ids), params, stream, i)
             for i, (ids, params) in enumerate(prompts)
         ]
-        self._admit(handles, accept_timeout_s)
-        return RequestGroup(handles, sink)
+        self._reserve(len(handles))
+        self._commands.put(_Add(handles))
+        self._await_admission(handles, accept_timeout_s)
+        return RequestGroup(handles, stream, self.abort)
 
-    def _new_id(self) -> str:
-        return f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
-
-    def _admit(self, handles: list[RequestHandle], accept_timeout_s: float) -> None:
+    def _reserve(self, k: int) -> None:
+        """Count ``k`` requests in flight, or raise why they cannot be."""
         if not self.healthy:
             raise EngineUnavailable(self._unavailable_reason())
-        k = len(handles)
         if k > self.max_queued_requests:
             raise InvalidRequest(
                 f"{k} prompts in one request exceed the server's admission limit "
@@ -296,25 +354,26 @@ class EngineDriver:
                     f"(limit {self.max_queued_requests}); retry later"
                 )
             self._in_flight += k
-        self._commands.put(("add", handles))
+
+    def _await_admission(self, handles: list[RequestHandle], accept_timeout_s: float) -> None:
         deadline = time.monotonic() + accept_timeout_s
         for handle in handles:
-            while not handle._accepted.wait(0.25):
+            while not handle.accepted.wait(0.25):
                 if self.failure is not None or not self._thread.is_alive():
                     raise EngineUnavailable(self._unavailable_reason())
                 if time.monotonic() > deadline:
                     for h in handles:
                         self.abort(h.request_id)
                     raise EngineUnavailable("engine did not accept the request in time")
-        rejected = next((h._reject for h in handles if h._reject is not None), None)
+        rejected = next((h.reject for h in handles if h.reject is not None), None)
         if rejected is not None:
             for h in handles:
-                if h._reject is None:
+                if h.reject is None:
                     self.abort(h.request_id)
             raise rejected
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(_Abort(request_id))
 
     def _unavailable_reason(self) -> str:
         if self.failure is not None:
@@ -323,23 +382,15 @@ class EngineDriver:
             return "server is shutting down"
         return "engine is not ready yet"
 
-    # -- driver thread ---------------------------------------------------------
+    # -- the loop thread ---------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._timed("heartbeat", self.heartbeat_timeout_s, self.engine.heartbeat)
+            self.liveness.timed("heartbeat", self.engine.heartbeat)
             self._snapshot()
             self._ready.set()
-            log.info("engine driver ready: every rank answered the first heartbeat")
-            while not self._stopping.is_set():
-                self._drain_commands(block=not self.engine.has_unfinished())
-                if self._stopping.is_set():
-                    break
-                if self.engine.has_unfinished():
-                    started = time.monotonic()
-                    outputs = self._timed("step", self.step_timeout_s, self.engine.step)
-                    self._mark_scheduled(started)
-                    self._dispatch(outputs, started)
-                    self._snapshot()
+            log.info("engine loop ready: every rank answered the first heartbeat")
+            if not self._stopping.is_set():
+                self.run_steps()
         except BaseException as exc:  # the shared forward or a collective failed: fail fast
             if self._stopping.is_set():
                 log.info("engine loop ended while stopping: %s", exc)
@@ -348,50 +399,50 @@ class EngineDriver:
                 return
         self._finish_stop()
 
-    def _drain_commands(self, block: bool) -> None:
-        """Apply queued adds and aborts; when idle wait for one, heartbeating meanwhile."""
-        deadline = time.monotonic() + self.heartbeat_interval_s
-        while True:
-            try:
-                if block:
-                    timeout = deadline - time.monotonic()
-                    if timeout <= 0:
-                        self._timed("heartbeat", self.heartbeat_timeout_s, self.engine.heartbeat)
-                        self._snapshot()
-                        deadline = time.monotonic() + self.heartbeat_interval_s
-                        continue
-                    kind, arg = self._commands.get(timeout=timeout)
-                else:
-                    kind, arg = self._commands.get_nowait()
-            except queue.Empty:
-                if block:
-                    continue
-                return
-            if kind == "add":
-                for handle in arg:
-                    self._add(handle)
-            elif kind == "abort":
-                self._abort(arg)
-            elif kind == "wake":
-                return
-            if block:  # got work: go step it, but take whatever else is queued first
-                block = False
+    def take(self, timeout_s: float) -> list[Any]:
+        try:
+            if timeout_s > 0:
+                commands = [self._commands.get(timeout=timeout_s)]
+            else:
+                commands = [self._commands.get_nowait()]
+        except queue.Empty:
+            return []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                commands.append(self._commands.get_nowait())
+        return commands
+
+    def apply(self, command: Any) -> bool:
+        if isinstance(command, _Add):
+            for handle in command.handles:
+                self._add(handle)
+        elif isinstance(command, _Abort):
+            self._abort(command.request_id)
+        return not self._stopping.is_set()
+
+    def stepped(self, outputs: list[RequestOutput], started: float) -> None:
+        self._mark_scheduled(started)
+        self._dispatch(outputs, started)
+        self._snapshot()
+
+    def beat(self) -> None:
+        self._snapshot()
 
     def _add(self, handle: RequestHandle) -> None:
         try:
             self.engine.add_request(handle.request_id, handle.prompt_token_ids, handle.params)
         except InvalidRequest as exc:
-            handle._reject = exc
+            handle.reject = exc
         except Exception as exc:  # a bug for this request only: answer 500, keep serving
             log.exception("add_request failed for %s", handle.request_id)
-            handle._reject = exc
+            handle.reject = exc
         else:
             handle.submit_time = time.monotonic()
             self._handles[handle.request_id] = handle
             self.metrics.observe_prompt(len(handle.prompt_token_ids))
-        if handle._reject is not None:
+        if handle.reject is not None:
             self._release()
-        handle._accepted.set()
+        handle.accepted.set()
 
     def _abort(self, request_id: str) -> None:
         handle = self._handles.pop(request_id, None)
@@ -412,26 +463,15 @@ class EngineDriver:
             if handle is not None and handle.scheduled_time is None:
                 handle.scheduled_time = step_started
 
-    def _dispatch(self, outputs: list[RequestOutput], step_started: float | None = None) -> None:
+    def _dispatch(self, outputs: list[RequestOutput], step_started: float) -> None:
         now = time.monotonic()
         for out in outputs:
             handle = self._handles.get(out.request_id)
             if handle is None:
                 continue  # aborted by its client: nobody is listening
-            new = sum(len(c.new_token_ids) for c in out.outputs)
-            if new:
-                if handle.scheduled_time is None:
-                    handle.scheduled_time = step_started if step_started is not None else now
-                if handle.first_token_time is None:
-                    handle.first_token_time = now
-                    self.metrics.observe_ttft(now - handle.submit_time)
-                    self.metrics.observe_prefilled(len(handle.prompt_token_ids))
-                    self.metrics.observe_tokens(new, None)
-                else:
-                    self.metrics.observe_tokens(new, (now - handle.last_token_time) / new)
-                handle.last_token_time = now
+            self._observe_tokens(handle, out, step_started, now)
             handle.output_tokens = sum(len(c.token_ids) for c in out.outputs)
-            handle._put(out)
+            handle.put(out)
             if out.finished:
                 reasons = [c.finish_reason or "abort" for c in out.outputs]
                 status = "error" if "error" in reasons else "ok"
@@ -439,6 +479,23 @@ class EngineDriver:
                 self._finished(handle, reasons, status, now)
                 del self._handles[out.request_id]
                 self._close(handle, None)
+
+    def _observe_tokens(
+        self, handle: RequestHandle, out: RequestOutput, step_started: float, now: float
+    ) -> None:
+        new = sum(len(c.new_token_ids) for c in out.outputs)
+        if not new:
+            return
+        if handle.scheduled_time is None:
+            handle.scheduled_time = step_started
+        if handle.first_token_time is None:
+            handle.first_token_time = now
+            self.metrics.observe_ttft(now - handle.submit_time)
+            self.metrics.observe_prefilled(len(handle.prompt_token_ids))
+            self.metrics.observe_tokens(new, None)
+        else:
+            self.metrics.observe_tokens(new, (now - handle.last_token_time) / new)
+        handle.last_token_time = now
 
     def _finished(
         self, handle: RequestHandle, reasons: list[str], status: str, now: float | None = None
@@ -468,7 +525,7 @@ class EngineDriver:
             return
         handle.done = True
         if last is not None:
-            handle._put(last)
+            handle.put(last)
         self._release()
 
     def _release(self) -> None:
@@ -483,27 +540,12 @@ class EngineDriver:
         except Exception:  # stats are best effort; never take the server down
             log.debug("engine.stats() failed", exc_info=True)
 
-    def _timed(self, what: str, timeout_s: float, fn: Callable):
-        start = time.monotonic()
-        self._call = (what, start, start + timeout_s)
-        try:
-            return fn()
-        finally:
-            self._call = None
-
     def _watch(self) -> None:
         """Fail the server if one engine call (a collective) hangs: a rank is stuck."""
         while not self._stopping.is_set() and self.failure is None:
-            call = self._call
-            if call is not None and time.monotonic() > call[2]:
-                what, started, _ = call
-                self._fail(
-                    TimeoutError(
-                        f"engine {what} did not return within {call[2] - started:.0f} s: "
-                        "a rank is hung or unreachable"
-                    ),
-                    "watchdog",
-                )
+            why = self.liveness.overdue(self.liveness.current())
+            if why is not None:
+                self._fail(TimeoutError(why), "watchdog")
                 return
             time.sleep(0.5)
 
@@ -531,20 +573,19 @@ class EngineDriver:
         self._handles.clear()
         while True:  # requests still in the command queue
             try:
-                kind, arg = self._commands.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if kind == "add":
-                for handle in arg:
-                    handle._reject = EngineUnavailable(str(error))
+            if isinstance(command, _Add):
+                for handle in command.handles:
+                    handle.reject = EngineUnavailable(str(error))
                     self._release()
-                    handle._accepted.set()
+                    handle.accepted.set()
 
     def _finish_stop(self) -> None:
-        reason = self._stop_reason
-        self._fail_all(RequestFailed(reason))
+        self._fail_all(RequestFailed(self._stop_reason))
         try:
             self.engine.shutdown()
         except Exception as exc:
             log.warning("engine.shutdown() failed (a rank already gone?): %s", exc)
-        log.info("engine driver stopped")
+        log.info("engine loop stopped")
