@@ -408,10 +408,58 @@ def check_tp_size(args: argparse.Namespace, world_size: int) -> None:
         args.tensor_parallel_size = layout.tp
 
 
+# dest -> (flag, lowest allowed, what the flag is for); an omitted (None) optional flag passes
+_AT_LEAST = {
+    "max_num_seqs": ("--max-num-seqs", 1, "sequences per batch; 0 would schedule nothing"),
+    "max_num_batched_tokens": (
+        "--max-num-batched-tokens", 1, "tokens per engine step; 0 would schedule nothing",
+    ),
+    "block_size": ("--block-size", 1, "tokens per KV-cache block"),
+    "num_kv_blocks": ("--num-kv-blocks", 1, "KV-cache blocks per rank"),
+    "max_model_len": ("--max-model-len", 2, "a prompt token and a completion token at least"),
+    "max_body_bytes": ("--max-body-bytes", 1, "the largest request body"),
+    "port": ("--port", 0, "0 picks a free port"),
+}  # fmt: skip
+# dest -> flag of the settings that must be positive numbers of seconds or GiB
+_POSITIVE = {
+    "kv_cache_memory": "--kv-cache-memory",
+    "heartbeat_interval": "--heartbeat-interval",
+    "rank_timeout": "--rank-timeout",
+    "step_timeout": "--step-timeout",
+    "request_read_timeout": "--request-read-timeout",
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Numbers the engine or server cannot run with: refused at start-up, naming the fix,
+    instead of a crash or clients that hang later."""
+    values = vars(args)
+    for dest, (flag, lowest, meaning) in _AT_LEAST.items():
+        value = values[dest]
+        if value is not None and value < lowest:
+            raise FlagError(
+                f"{flag} {value} is too small ({meaning}): pass {lowest} or more, or leave "
+                "it out for the default"
+            )
+    if args.port > 65535:
+        raise FlagError(f"--port {args.port} is not a TCP port: pass 0-65535 (0: any free port)")
+    for dest, flag in _POSITIVE.items():
+        value = values[dest]
+        if value is not None and not value > 0:
+            raise FlagError(f"{flag} {value} must be above 0: pass a positive number")
+    util = args.gpu_memory_utilization
+    if not 0 < util <= 1:
+        raise FlagError(
+            f"--gpu-memory-utilization {util} is outside (0, 1]: it is the share of each "
+            "device's memory dstp may use; pass e.g. 0.9 (the default) for 90 %"
+        )
+
+
 def check_args(args: argparse.Namespace, world_size: int) -> None:
     """Every check that needs no model, run by every rank before anything starts; fills in
     ``args.chat_template_text`` and ``args.prefix_caching``. Raises :class:`FlagError`."""
     check_tp_size(args, world_size)
+    check_ranges(args)
     args.prefix_caching = prefix_caching_enabled(args)
     args.chat_template_text = load_chat_template(args.chat_template)
     if args.seed is not None and not 0 <= args.seed < 2**63:
@@ -422,3 +470,42 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             f"--generation-config {gen!r}: expected 'auto', 'vllm' or a folder holding "
             "generation_config.json"
         )
+
+
+ALLOW_LONG_ENV = "DSTP_ALLOW_LONG_MAX_MODEL_LEN"  # vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN
+
+
+def check_model_args(
+    args: argparse.Namespace, model_config, generation_eos: int | list[int] | None = None
+) -> None:
+    """The checks that need the checkpoint's config (a transformers ``PretrainedConfig``;
+    ``generation_eos``: generation_config.json's eos_token_id): ``--max-model-len`` within
+    its trained context, and its EOS ids inside its vocabulary."""
+    text = model_config.get_text_config()
+    trained = getattr(text, "max_position_embeddings", None)
+    wanted = args.max_model_len
+    if trained is not None and wanted is not None and wanted > trained:
+        if os.environ.get(ALLOW_LONG_ENV, "0") not in ("", "0"):
+            log.warning(
+                "--max-model-len %d exceeds the model's max_position_embeddings %d (allowed by "
+                "%s): outputs past the trained context may be wrong",
+                wanted, trained, ALLOW_LONG_ENV,
+            )  # fmt: skip
+        else:
+            raise FlagError(
+                f"--max-model-len {wanted} exceeds the model's max_position_embeddings "
+                f"{trained} (config.json): pass --max-model-len {trained} or less, or leave "
+                f"it out; to serve longer anyway, set {ALLOW_LONG_ENV}=1"
+            )
+    vocab = getattr(text, "vocab_size", None)  # a transformers config: fields vary by model
+    for file, eos in (
+        ("config.json", getattr(text, "eos_token_id", None)),
+        ("generation_config.json", generation_eos),
+    ):
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        outside = [e for e in eos_ids if vocab is not None and not 0 <= e < vocab]
+        if outside:
+            raise FlagError(
+                f"--model: eos_token_id {outside} in {file} is outside the model's vocabulary "
+                f"[0, {vocab}): correct it in the checkpoint's {file}"
+            )

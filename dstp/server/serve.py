@@ -15,7 +15,14 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from dstp.server.cli import FlagError, add_arguments, build_parser, check_args, size_http_pool
+from dstp.server.cli import (
+    FlagError,
+    add_arguments,
+    build_parser,
+    check_args,
+    check_model_args,
+    size_http_pool,
+)
 from dstp.server.limits import connection_limit
 
 if TYPE_CHECKING:
@@ -71,12 +78,7 @@ def main(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(args.log_level, rank)
-    if not size_http_pool(args, warn=rank == 0):
-        return 1
-    try:  # every rank checks the same flags: each fails alone, without a collective
-        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    except FlagError as exc:
-        log.error("%s", exc)
+    if not _flags_ok(args, rank):
         return 1
     if rank != 0:
         # Rank 0 coordinates a stop: it fails in-flight requests, then releases
@@ -95,29 +97,61 @@ def _run(args: argparse.Namespace) -> int:
         log.warning(
             "serving the built-in '%s' (%s): %s", builtin.model_id, model, builtin.description
         )
-    names = list(args.served_model_name or [])
-    if not names:  # vLLM: the --model value as given (a hub id, or the path)
-        names = [builtin.model_id if builtin else args.model]
-
     lazy = server = None
     if rank == 0:
-        from dstp.server.wsgi import LazyApp, make_wsgi_server
+        from dstp.server.wsgi import LazyApp
 
         lazy = LazyApp()
-        _raise_fd_limit(connection_limit(args.http_threads) + 256)
-        try:  # bind before loading: a taken port fails in seconds, not after the load
-            server = make_wsgi_server(
-                lazy,
-                args.host,
-                args.port,
-                args.http_threads,
-                args.max_body_bytes,
-                request_read_timeout_s=args.request_read_timeout,
-            )
-        except OSError as exc:
-            log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        server = _bind(args, lazy)  # before loading: a taken port fails in seconds
+        if server is None:
             return 1
+    started = _start_engine(args, model, builtin)
+    if started is None:
+        return 1
+    engine, link, model = started
+    return _run_role(args, engine, link, server, lazy, model, builtin)
 
+
+def _flags_ok(args: argparse.Namespace, rank: int) -> bool:
+    """Every rank checks the same flags: each fails alone, without a collective."""
+    if not size_http_pool(args, warn=rank == 0):
+        return False
+    try:
+        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except FlagError as exc:
+        log.error("%s", exc)
+        return False
+    return True
+
+
+def _bind(args: argparse.Namespace, lazy):
+    """The HTTP server on its port (None, logged, if the port cannot be had)."""
+    from dstp.server.wsgi import make_wsgi_server
+
+    _raise_fd_limit(connection_limit(args.http_threads) + 256)
+    try:
+        return make_wsgi_server(
+            lazy,
+            args.host,
+            args.port,
+            args.http_threads,
+            args.max_body_bytes,
+            request_read_timeout_s=args.request_read_timeout,
+        )
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        return None
+
+
+def _served_name(args: argparse.Namespace, builtin: BuiltinModel | None) -> str:
+    """The first --served-model-name, else --model as given (vLLM), else the built-in's id."""
+    if args.served_model_name:
+        return args.served_model_name[0]
+    return builtin.model_id if builtin else args.model
+
+
+def _start_engine(args: argparse.Namespace, model: str, builtin: BuiltinModel | None):
+    """(engine, replica link, model folder) on every rank, or None once the cause is logged."""
     try:
         from dstp.model.hub import resolve_on_ranks, world_min_of
 
@@ -134,16 +168,39 @@ def _run(args: argparse.Namespace) -> int:
                 trust_remote_code=args.trust_remote_code,
                 allow_pickle=args.allow_pickle,
             ).path
+        _check_model(args, model)
+        from dstp import replicas
         from dstp.engine.llm_engine import Engine
 
-        engine = Engine(_engine_config(args, model, names[0]))
-        from dstp import replicas
-
+        engine = Engine(_engine_config(args, model, _served_name(args, builtin)))
         link = replicas.connect(engine)  # every rank: the other replicas' drivers to rank 0
+    except FlagError as exc:
+        log.error("%s", exc)
+        return None
     except Exception as exc:
         if not _is_model_error(exc):
             log.exception("engine start-up failed")
-        return 1
+        return None
+    return engine, link, model
+
+
+def _check_model(args: argparse.Namespace, model: str) -> None:
+    """The flag checks that need the checkpoint's config (:func:`check_model_args`)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+    generation = Path(model) / "generation_config.json"
+    eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    check_model_args(args, config, eos)
+
+
+def _run_role(args, engine, link, server, lazy, model: str, builtin: BuiltinModel | None) -> int:
+    """What this rank does once the engine runs: serve HTTP (global rank 0), drive another
+    replica, or follow its group's driver."""
+    from dstp import replicas
 
     tp = engine.tp
     if tp.num_replicas > 1:
@@ -164,18 +221,21 @@ def _run(args: argparse.Namespace) -> int:
             tp.size,
             ", ".join(engine.layout.describe(r) for r in range(engine.num_replicas)),
         )
-    if not engine.tp.is_driver:
-        log.info("rank %d/%d ready: following rank 0", engine.tp.rank, engine.tp.size)
-        try:
-            engine.run_follower()
-        except Exception as exc:
-            log.error(
-                "rank %d: the group broke (rank 0 or another rank died): %s", engine.tp.rank, exc
-            )
-            return 1
-        log.info("rank %d: released by rank 0, exiting", engine.tp.rank)
-        return 0
+    if not tp.is_driver:
+        return _follow(engine)
     return _serve(args, engine, server, lazy, model, builtin)
+
+
+def _follow(engine) -> int:
+    """A non-driver rank: run the steps its driver broadcasts until released."""
+    log.info("rank %d/%d ready: following rank 0", engine.tp.rank, engine.tp.size)
+    try:
+        engine.run_follower()
+    except Exception as exc:
+        log.error("rank %d: the group broke (rank 0 or another rank died): %s", engine.tp.rank, exc)
+        return 1
+    log.info("rank %d: released by rank 0, exiting", engine.tp.rank)
+    return 0
 
 
 def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None) -> int:
@@ -231,7 +291,7 @@ def _server_config(args: argparse.Namespace, engine, model: str, builtin: Builti
     from dstp.server.serving import ServerConfig
 
     served = list(args.served_model_name or [])
-    name = served[0] if served else (builtin.model_id if builtin else args.model)
+    name = _served_name(args, builtin)
     others = [n for n in dict.fromkeys([*served[1:], args.model, model, engine.model_name]) if n]
     return ServerConfig(
         model_name=name,

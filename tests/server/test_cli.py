@@ -279,3 +279,102 @@ def test_every_flag_has_a_help_text():
     parser = cli.build_parser()
     for action in parser._actions:
         assert action.help and len(action.help) > 10, action.option_strings
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--max-num-seqs", "0"], "--max-num-seqs"),
+        (["--max-num-seqs", "-4"], "--max-num-seqs"),
+        (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
+        (["--max-num-batched-tokens", "-1"], "--max-num-batched-tokens"),
+        (["--block-size", "0"], "--block-size"),
+        (["--num-kv-blocks", "0"], "--num-kv-blocks"),
+        (["--max-model-len", "1"], "--max-model-len"),
+        (["--max-body-bytes", "0"], "--max-body-bytes"),
+        (["--port", "-1"], "--port"),
+        (["--port", "65536"], "--port"),
+        (["--kv-cache-memory", "0.0"], "--kv-cache-memory"),
+        (["--rank-timeout", "0.0"], "--rank-timeout"),
+        (["--heartbeat-interval", "-1.0"], "--heartbeat-interval"),
+        (["--step-timeout", "0.0"], "--step-timeout"),
+        (["--request-read-timeout", "0.0"], "--request-read-timeout"),
+        (["--gpu-memory-utilization", "0.0"], "--gpu-memory-utilization"),
+        (["--gpu-memory-utilization", "1.01"], "--gpu-memory-utilization"),
+        (["--gpu-memory-utilization", "-0.5"], "--gpu-memory-utilization"),
+    ],
+)
+def test_unusable_numbers_fail_at_start_naming_the_fix(argv, flag):
+    """vLLM's behaviour: a value the engine cannot run with is refused before anything
+    starts (0 sequences or tokens per step used to admit requests that never ran)."""
+    with pytest.raises(FlagError) as info:
+        parse(*argv)
+    text = str(info.value)
+    assert text.startswith(f"{flag} {argv[1]} ") and "\n" not in text, text
+    assert "pass " in text  # the fix: what to pass instead
+
+
+def test_edge_values_are_accepted():
+    args = parse("--max-num-seqs", "1", "--max-num-batched-tokens", "1", "--block-size", "1")
+    assert (args.max_num_seqs, args.max_num_batched_tokens, args.block_size) == (1, 1, 1)
+    assert parse("--gpu-memory-utilization", "1").gpu_memory_utilization == 1.0
+    assert parse("--port", "0", "--max-model-len", "2").port == 0
+
+
+def _llama_config(**kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{"max_position_embeddings": 512, "vocab_size": 512, **kw})
+
+
+def test_max_model_len_above_the_trained_context_is_refused(monkeypatch, caplog):
+    monkeypatch.delenv(cli.ALLOW_LONG_ENV, raising=False)
+    cli.check_model_args(parse("--max-model-len", "512"), _llama_config(eos_token_id=2))
+    cli.check_model_args(parse(), _llama_config(eos_token_id=2))  # the model's own
+    with pytest.raises(FlagError) as info:
+        cli.check_model_args(parse("--max-model-len", "1024"), _llama_config(eos_token_id=2))
+    text = str(info.value)
+    assert text.startswith("--max-model-len 1024 exceeds the model's max_position_embeddings 512")
+    assert "--max-model-len 512 or less" in text and "DSTP_ALLOW_LONG_MAX_MODEL_LEN=1" in text
+    monkeypatch.setenv(cli.ALLOW_LONG_ENV, "1")  # vLLM's override, under dstp's name
+    cli.check_model_args(parse("--max-model-len", "1024"), _llama_config(eos_token_id=2))
+    assert "DSTP_ALLOW_LONG_MAX_MODEL_LEN" in caplog.text
+
+
+def test_eos_ids_outside_the_vocabulary_are_refused():
+    with pytest.raises(FlagError, match=r"eos_token_id \[600\] in config.json .*\[0, 512\)"):
+        cli.check_model_args(parse(), _llama_config(eos_token_id=600))
+    with pytest.raises(FlagError, match=r"eos_token_id \[-1\] in generation_config.json"):
+        cli.check_model_args(parse(), _llama_config(eos_token_id=2), [2, -1])
+    cli.check_model_args(parse(), _llama_config(eos_token_id=[1, 2]), 2)
+
+
+def test_model_checks_read_the_checkpoint(tmp_path):
+    """serve's wiring: config.json and generation_config.json of the folder it serves."""
+    from dstp.server.serve import _check_model
+    from tests.helpers.tiny_models import STORIES
+
+    for item in ("config.json", "generation_config.json"):
+        if (STORIES / item).is_file():
+            (tmp_path / item).write_text((STORIES / item).read_text())
+    _check_model(parse("--max-model-len", "512"), str(tmp_path))
+    with pytest.raises(FlagError, match="max_position_embeddings 512"):
+        _check_model(parse("--max-model-len", "513"), str(tmp_path))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 512}))
+    with pytest.raises(FlagError, match="generation_config.json"):
+        _check_model(parse(), str(tmp_path))
+
+
+def test_model_check_exits_with_one_line():
+    """The whole path: the built-in stories260K (512 positions) refuses --max-model-len 4096."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dstp", "serve", "--max-model-len", "4096", "--port", "0"],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != cli.ALLOW_LONG_ENV} | {"WORLD_SIZE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "--max-model-len 4096" in errors[0], proc.stderr[-2000:]
