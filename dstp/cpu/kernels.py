@@ -41,6 +41,8 @@ ENV_KERNEL = "DSTP_CPU_KERNEL"  # "avx2": the AVX2 build even where AVX512-BF16 
 # libgomp torch has already loaded (as DeepSpeed's shm op does).
 COMMON_FLAGS = ["-O3", "-fopenmp"]
 
+# headers every kernel may include (hashed and copied with each build's sources)
+HEADERS = sorted(CSRC.glob("*.h"))
 # kernel name -> (extension name, sources, extra compiler flags, what it needs, for the log)
 KERNELS = {
     "avx512_bf16": (
@@ -101,7 +103,9 @@ def _build(name: str) -> ModuleType | None:
         with _exclusive_build(build_dir):
             ops = load(
                 name=ext,
-                sources=[str(source) for source in _copy_sources(sources, build_dir / "src")],
+                sources=[
+                    str(s) for s in _copy_sources(sources, build_dir / "src") if s.suffix == ".cpp"
+                ],
                 extra_cflags=[*COMMON_FLAGS, *flags],
                 build_directory=str(build_dir),
             )
@@ -135,7 +139,7 @@ def _build_directory(name: str) -> Path:
 
     ext, sources, flags, _ = KERNELS[name]
     digest = hashlib.sha256(f"{torch.__version__} {COMMON_FLAGS + flags}".encode())
-    for source in sources:
+    for source in [*sources, *HEADERS]:
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     path = Path(root) / f"{ext}-torch{torch.__version__}-{digest.hexdigest()[:12]}"
@@ -148,7 +152,7 @@ def _copy_sources(sources: list[Path], folder: Path) -> list[Path]:
     timestamps hold): the build then names the same paths from every installation."""
     folder.mkdir(exist_ok=True)
     copies = []
-    for source in sources:
+    for source in [*sources, *HEADERS]:
         copy = folder / source.name
         data = source.read_bytes()
         if not copy.exists() or copy.read_bytes() != data:

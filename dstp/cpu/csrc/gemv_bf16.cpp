@@ -12,6 +12,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "bf16.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -20,20 +22,8 @@ namespace {
 
 constexpr int kStreams = 4;
 
-inline float bf16_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-inline uint16_t float_to_bf16(float v) {  // round to nearest even, as PyTorch does
-  if (std::isnan(v)) return 0x7FC0;
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using dstp::bf16_to_float;
+using dstp::float_to_bf16;
 
 template <int S>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows(

@@ -22,6 +22,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -42,20 +44,8 @@ namespace {
 #endif
 constexpr int kStreams = DSTP_GEMV_STREAMS;
 
-inline float bf16_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-inline uint16_t float_to_bf16(float v) {  // round to nearest even, as PyTorch does
-  if (std::isnan(v)) return 0x7FC0;
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using dstp::bf16_to_float;
+using dstp::float_to_bf16;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
