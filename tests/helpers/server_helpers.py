@@ -234,3 +234,50 @@ SIMPLE_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+
+
+# -- in-process servers with the fake engine -----------------------------------------------
+API_KEY = "sk-test-123"  # the ``strict`` server's (tests/server/conftest.py)
+
+
+def serve_fake(engine, **config):
+    """(engine loop, InProcessServer) for a fake engine, named 'fake-model'; ``config``:
+    ServerConfig fields, and ``driver``: EngineLoop keyword arguments."""
+    from dstp.server.app import create_app
+    from dstp.server.engine_loop import EngineLoop
+    from dstp.server.limits import http_threads
+    from dstp.server.serving import ServerConfig
+
+    driver = EngineLoop(engine, heartbeat_interval_s=0.2, **config.pop("driver", {}))
+    driver.start()
+    cfg = ServerConfig(
+        model_name="fake-model",
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+        block_size=engine.block_size,
+        **config,
+    )
+    server = InProcessServer.start(
+        create_app(driver, engine.tokenizer, cfg),
+        threads=http_threads(driver.max_queued_requests),  # sized as in production
+        max_body_bytes=cfg.max_body_bytes,
+    )
+    return driver, server
+
+
+def openai_client(url: str, key: str = "unused", timeout: float = 30):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=timeout)
+
+
+def encode(engine, text: str) -> list[int]:
+    return engine.tokenizer.encode(text)
+
+
+def chat_ids(engine, messages) -> list[int]:
+    """The ids the chat template renders for ``messages`` (what the server sends the engine)."""
+    text = engine.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    return engine.tokenizer.encode(text, add_special_tokens=False)
