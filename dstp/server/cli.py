@@ -10,9 +10,6 @@ import os
 
 from dstp.engine.config import DTYPE_CHOICES
 from dstp.server.limits import (
-    DRAIN_MAX_BYTES,
-    FAST_THREADS,
-    IDLE_TIMEOUT_S,
     REQUEST_READ_TIMEOUT_S,
     RESERVE_THREADS,
     http_threads,
@@ -30,13 +27,9 @@ Run it under a launcher that sets the rank environment::
     torchrun --nproc_per_node 2 launch/serve.py --model PATH
     dstp serve --model PATH                      # one process, TP=1
 
-Every rank builds the engine (its shard of the model and of the KV cache).
-Global rank 0 also owns the scheduler and serves HTTP with waitress; the other
-ranks execute the steps rank 0 broadcasts. Stopping: SIGTERM or Ctrl-C on rank
-0 fails in-flight requests with an error, releases the other ranks and exits.
-If a rank dies, rank 0 notices (heartbeats when idle, a watchdog on every
-collective), answers in-flight requests with an error and exits non-zero, so
-the launcher ends the whole job instead of hanging.
+Global rank 0 serves HTTP. SIGTERM or Ctrl-C on rank 0 stops every rank, failing
+in-flight requests with an error; if a rank dies, the job exits non-zero instead
+of hanging. docs/serving.md explains every flag in full.
 """
 
 
@@ -63,13 +56,9 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
     m.add_argument(
         "--model",
         default=None,
-        help="a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer) or a "
-        "hub id such as meta-llama/Llama-3.2-1B, looked up in the Hugging Face cache first "
-        "and fetched otherwise (safetensors, config, tokenizer and generation files only; "
-        "nothing with HF_HUB_OFFLINE=1). Omitted: the built-in stories260K, a "
-        "260K-parameter Llama trained on TinyStories (MIT) that ships with dstp and writes "
-        "short children's stories. 'random': a small RANDOMLY INITIALISED Llama, generated "
-        "once under ~/.cache/dstp/ (gibberish output; for benchmarks)",
+        help="the model to serve: a checkpoint folder or a Hugging Face hub id (fetched once "
+        "if not cached). Omitted: the built-in stories260K, a tiny Llama that writes "
+        "children's stories; 'random': a small random Llama (gibberish, for benchmarks)",
     )
     m.add_argument(
         "--revision",
@@ -101,10 +90,8 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
         "--cpu-compute-dtype",
         default="auto",
         choices=("auto", "bfloat16", "float32"),
-        help="CPU: how bf16 linears of two or more rows (prefill, batched decode) compute; "
-        "auto: in fp32 on bf16 weights widened on the fly (in registers for 2-55 rows, in "
-        "cache-sized blocks from 56) where the CPU has no bf16 dot product (no AVX512-BF16 or "
-        "AMX), else oneDNN's bf16; weights stay bf16 in memory either way",
+        help="CPU: the precision bf16 matrix products of prefill and batched decode compute "
+        "in; auto picks the faster on this CPU (docs/serving.md says how)",
     )
     m.add_argument(
         "--max-model-len",
@@ -116,10 +103,9 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
         "--generation-config",
         default="auto",
         metavar="auto|vllm|FOLDER",
-        help="default sampling parameters (temperature, top_p, top_k, min_p, "
-        "repetition_penalty) for requests that leave them out: 'auto' takes those the "
-        "checkpoint's generation_config.json sets, FOLDER those of FOLDER/generation_config.json, "
-        "'vllm' (or 'none') none, i.e. the OpenAI defaults",
+        help="where requests' default temperature, top_p, top_k, min_p and "
+        "repetition_penalty come from: the checkpoint's generation_config.json (auto), "
+        "FOLDER's, or none, i.e. OpenAI's (vllm)",
     )
     m.add_argument(
         "--chat-template",
@@ -130,9 +116,8 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
     _switch(
         m,
         "--allow-pickle",
-        "allow loading pickled (*.bin) weights from a local folder; unsafe for untrusted "
-        "checkpoints, which can run arbitrary code when unpickled. Off: safetensors only "
-        "(a hub --model never fetches pickles)",
+        "allow pickled (*.bin) weights from a local folder; unsafe: an untrusted pickle can "
+        "run code. Off: safetensors only",
     )
     _switch(
         m,
@@ -147,42 +132,37 @@ def _engine_flags(e: argparse._ArgumentGroup) -> None:
         "-tp",
         type=int,
         default=None,
-        help="ranks per tensor-parallel group (default: every rank the launcher starts: "
-        "deepspeed --num_gpus N / torchrun --nproc_per_node N, times the nodes). It must "
-        "divide those ranks; W ranks at TP=T serve as W/T data-parallel replicas",
+        help="ranks that split one copy of the model (default: every rank the launcher "
+        "starts); it must divide them, and W ranks at TP=T serve W/T replicas",
     )
     e.add_argument(
         "--data-parallel-size",
         "-dp",
         type=int,
         default=None,
-        help="engine replicas (each a TP group of consecutive ranks, with its own KV cache "
-        "and scheduler; global rank 0 routes requests to the least loaded). Optional: it "
-        "follows from the ranks and --tensor-parallel-size; given, they must agree",
+        help="copies of the model behind one endpoint, requests going to the least loaded "
+        "(default: the ranks / --tensor-parallel-size)",
     )
     e.add_argument(
         "--seed",
         type=int,
         default=None,
-        help="seed of the generator that draws a seed for every request that gives none, so "
-        "a server run answers the same sequence of requests the same way (vLLM's --seed); "
-        "default: unseeded requests are not reproducible",
+        help="makes a server run answer the same sequence of requests the same way (requests "
+        "without a seed get one drawn from it); default: unseeded requests vary",
     )
     e.add_argument(
         "--kv-cache-memory",
         type=float,
         default=None,
-        help="KV-cache budget per rank in GiB (each rank holds only its KV heads). Default: "
-        "on CUDA what --gpu-memory-utilization leaves after the weights and the largest "
-        "step's activations; on CPU what --max-num-seqs sequences of --max-model-len tokens "
-        "need, at most a quarter of the host's available memory shared by its local ranks",
+        help="KV-cache memory per rank in GiB (default: sized from the device's free memory; "
+        "docs/serving.md says how)",
     )
     e.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
-        help="CUDA: the share of each device's memory dstp may use in all (weights, "
-        "activations and KV cache), as in vLLM; ignored with --kv-cache-memory or on CPU",
+        help="CUDA: the share of each device's memory dstp may use in all, in (0, 1]; ignored "
+        "with --kv-cache-memory or on CPU",
     )
     e.add_argument(
         "--num-kv-blocks",
@@ -232,41 +212,27 @@ def _http_flags(h: argparse._ArgumentGroup) -> None:
         "--max-queued-requests",
         type=int,
         default=256,
-        help="admission limit: generation requests in flight at once (running or waiting "
-        "for the engine); beyond it a request gets 429 + Retry-After at once. Each admitted "
-        "request holds an HTTP thread until its answer is written, so this also sizes the "
-        "thread pool (--http-threads)",
+        help="generation requests in flight at once (running or waiting); beyond it a "
+        "request gets 429 with Retry-After at once",
     )
     h.add_argument(
         "--max-body-bytes",
         type=int,
         default=4 * _MIB,
-        help="largest request body; a larger one gets a JSON 413 once it has been read "
-        f"(and dropped) to its end, up to {DRAIN_MAX_BYTES >> 20} MiB; beyond that the connection "
-        "closes right after the 413 (request headers: 64 KiB at most, else 431)",
+        help="largest request body in bytes; a larger one gets 413",
     )
     h.add_argument(
         "--http-threads",
         type=int,
         default=None,
-        help=f"HTTP worker threads. Default: --max-queued-requests + {RESERVE_THREADS}, "
-        "which lets the admission limit, not the threads, bound the work: every admitted "
-        "request (streaming or not) holds one thread until its last byte is written, and "
-        f"the {RESERVE_THREADS} spare ones answer rejections (429, 4xx) and quick requests. "
-        f"A smaller value lowers the admission limit to it minus {RESERVE_THREADS} (with a "
-        "warning) so that 429 still engages before the threads run out. GET /health, "
-        f"/metrics and /v1/models have {FAST_THREADS} threads of their own and answer "
-        "however busy generation is",
+        help=f"HTTP worker threads (default: --max-queued-requests + {RESERVE_THREADS}); fewer "
+        f"lower the admission limit to them minus {RESERVE_THREADS}",
     )
     h.add_argument(
         "--request-read-timeout",
         type=float,
         default=REQUEST_READ_TIMEOUT_S,
-        help="seconds a client may take to send one whole request (headers and body, from "
-        "its first byte); a slower one is disconnected, so a client trickling bytes cannot "
-        f"hold a connection. Also: an idle keep-alive connection closes after {IDLE_TIMEOUT_S} s, "
-        f"and at most 2 x (HTTP threads + {FAST_THREADS}) connections (100 at least) are "
-        "open at once; more wait to be accepted",
+        help="seconds a client may take to send one whole request; a slower one is disconnected",
     )
     h.add_argument(
         "--enable-log-requests",
