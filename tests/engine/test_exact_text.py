@@ -1,11 +1,15 @@
 """Every text the engine returns is the tokenizer's own ``decode``.
 
-The property: ``decode(prompt) + completion_text == decode(prompt + output)``
-(special tokens skipped), and streamed deltas concatenate to the final text,
-also when a stop string spans tokens. Checked on the real stories260k
-SentencePiece-style tokenizer and on a byte-level BPE trained here, on random
-token sequences (byte runs, invalid UTF-8, special tokens) and through the
-engine (TP=1, in process), greedy and sampled.
+The property, on the full decode (special tokens skipped): the completion text is
+exactly how ``decode(prompt + output)`` ends, and what comes before it is
+``decode(prompt)``, except where the output continues the prompt's end: an
+incomplete last character (U+FFFD) it completes, or a trailing run of byte tokens
+(SentencePiece's byte fallback decodes a run as one group: a run left invalid turns
+every byte into U+FFFD, the prompt's included). Streamed deltas concatenate to the final text, also when a stop string
+spans tokens. Checked on the real stories260k SentencePiece-style tokenizer and on
+a byte-level BPE trained here, on random token sequences (byte runs, invalid
+UTF-8, special tokens), alone and through the engine (TP=1, in process), greedy
+and sampled.
 """
 
 from __future__ import annotations
@@ -37,10 +41,27 @@ def decode(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True)
 
 
+def stable_prompt(tok, prompt: list[int]) -> list[int]:
+    """The prompt without its trailing run of byte fallback (or special) tokens, which
+    the output may continue."""
+    run = Detokenizer(tok).byte_tokens
+    end = len(prompt)
+    while end > 0 and prompt[end - 1] in run:
+        end -= 1
+    return prompt[:end]
+
+
 def assert_exact(tok, prompt: list[int], output: list[int], text: str) -> None:
-    prompt_text, full = decode(tok, prompt), decode(tok, prompt + output)
-    if full.startswith(prompt_text):  # else the prompt's own text changes (a byte run spans)
-        assert prompt_text + text == full, (prompt_text, text, full)
+    """The completion is the tail of the full decode; before it, the prompt's text."""
+    full = decode(tok, prompt + output)
+    assert full.endswith(text), (text, full)
+    head = full[: len(full) - len(text)]
+    # an incomplete last character (U+FFFD) may be completed by the output
+    settled = decode(tok, stable_prompt(tok, prompt)).rstrip("\ufffd")
+    if settled == decode(tok, prompt):  # nothing to continue: the prompt reads as alone
+        assert head == settled, (settled, text, full)
+    else:
+        assert head.startswith(settled), (settled, text, full)
 
 
 @pytest.mark.parametrize("make", TOKENIZERS.values(), ids=TOKENIZERS.keys())
@@ -49,10 +70,7 @@ def test_random_token_sequences_stream_exactly(make):
     detok = Detokenizer(tok)
     rng = random.Random(0)
     for _ in range(600):
-        source = rng.choice(CORPUS)
-        start = rng.randrange(len(source))
-        prompt = tok.encode(source[start : start + rng.randrange(1, 40)] or "x")
-        output = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 40))]
+        prompt, output = random_case(tok, rng)
         stream = detok.stream(prompt)
         text = "".join(stream.step(t) for t in output) + stream.flush()
         assert_exact(tok, prompt, output, text)
@@ -67,6 +85,17 @@ def test_stop_string_search_and_hold_back():
     assert partial_stop_len("Once upon", ["time"]) == 0
     assert partial_stop_len("abab", ["abac"]) == 2
     assert partial_stop_len("x", ["x"]) == 0  # a whole match is found, not held
+
+
+def random_case(tok, rng: random.Random) -> tuple[list[int], list[int]]:
+    """(prompt, output): text from the corpus, or random ids (byte runs at the boundary)."""
+    if rng.random() < 0.5:
+        source = rng.choice(CORPUS)
+        start = rng.randrange(len(source))
+        prompt = tok.encode(source[start : start + rng.randrange(1, 40)] or "x")
+    else:
+        prompt = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 20))]
+    return prompt, [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 40))]
 
 
 # -- through the engine ------------------------------------------------------------
@@ -85,10 +114,31 @@ def engines(tmp_path_factory):
     bpe.save_pretrained(path)
     made["byte_bpe"] = path
     made["sentencepiece"] = STORIES
+    sp = _stories_tokenizer()
+    path = tmp_path_factory.mktemp("sentencepiece_random")  # random tokens, bytes included
+    save_random_model(
+        llama_config(vocab_size=len(sp), num_attention_heads=4, num_key_value_heads=2), path
+    )
+    sp.save_pretrained(path)
+    made["sentencepiece_random"] = path
     return {
         name: Engine(EngineConfig(model=str(p), dtype="float32", num_blocks=128, max_model_len=96))
         for name, p in made.items()
     }
+
+
+def run_many(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> dict:
+    """Finish every prompt in one batch: request id -> (streamed text, final output)."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    deltas: dict[str, str] = {}
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas[out.request_id] = deltas.get(out.request_id, "") + out.outputs[0].delta_text
+            if out.finished:
+                final[out.request_id] = out
+    return {rid: (deltas[rid], out.outputs[0]) for rid, out in final.items()}
 
 
 def run_streamed(engine: Engine, prompt: list[int], params: SamplingParams) -> list:
@@ -142,3 +192,20 @@ def test_stop_string_spanning_tokens_is_held_back_while_streaming(engines):
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[never])
     ((streamed, out),) = run_streamed(engine, prompt, params)
     assert streamed == out.text == free.text and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("name", ["sentencepiece_random", "byte_bpe"])
+def test_random_sequences_through_the_engine(engines, name):
+    """60 random prompts per tokenizer (byte runs at the boundary among them), each
+    continued by a random-weight model sampling over the whole vocabulary."""
+    engine = engines[name]
+    tok = engine.tokenizer
+    rng = random.Random(1)
+    prompts = [random_case(tok, rng)[0] for _ in range(60)]
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    done = run_many(engine, prompts, params)
+    assert len(done) == len(prompts)
+    for rid, (streamed, out) in done.items():
+        assert streamed == out.text and len(out.token_ids) == 12
+        assert_exact(tok, prompts[int(rid)], out.token_ids, out.text)
+    assert engine.scheduler.allocator.all_free()
