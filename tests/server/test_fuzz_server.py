@@ -1,6 +1,6 @@
 """No request can take the server down, and its text is the tokenizer's, over real HTTP.
 
-One real server for the module: the ``deepspeed`` launcher, TP=2, stories260k
+The session's real server (conftest.py): the ``deepspeed`` launcher, TP=2, stories260k
 (fp32, a small KV cache so the load preempts). First the exact-text property
 through the official ``openai`` client, streamed and not, greedy and sampled.
 Then a seeded, time-bounded fuzz: 500+ requests, 16 at a time, drawn from the
@@ -23,37 +23,23 @@ import pytest
 import requests
 
 from tests.helpers.server_helpers import (
-    SIMPLE_TEMPLATE,
-    ServerProcess,
     parse_metrics,
     rank_pids,
     sse_events,
     wait_until,
-    with_chat_template,
 )
-from tests.helpers.tiny_models import STORIES
 
-MAX_MODEL_LEN = 256
 FUZZ_REQUESTS = 600
 FUZZ_CONCURRENCY = 16
 FUZZ_SECONDS = 150  # the loop stops drawing new requests after this
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return with_chat_template(STORIES, tmp_path_factory.mktemp("stories_fuzz"), SIMPLE_TEMPLATE)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("logs") / "server.log"
-    flags = ("--num-kv-blocks", "96", "--max-model-len", str(MAX_MODEL_LEN))
-    proc = ServerProcess.stories_tp2(model_dir, log_path, *flags)
-    try:
-        proc.wait_healthy()
-        yield proc
-    finally:
-        proc.stop()
+def server(tp2_server):
+    """The session's TP=2 server (tests/server/conftest.py): a small KV cache, so the load
+    preempts."""
+    tp2_server.wait_healthy()
+    return tp2_server
 
 
 @pytest.fixture(scope="module")

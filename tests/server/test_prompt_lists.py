@@ -14,32 +14,16 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.server_helpers import ServerProcess, sse_events, wait_until, with_chat_template
-from tests.helpers.tiny_models import STORIES
+from tests.helpers.server_helpers import sse_events, wait_until
 
 PROMPTS = ["Once upon a time", "Lily and Ben went to the park", "The sun was hot and"]
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if shout %}LOUD {% endif %}{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return with_chat_template(STORIES, tmp_path_factory.mktemp("stories_kw"), TEMPLATE)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("logs") / "server.log"
-    proc = ServerProcess.stories_tp2(
-        model_dir, log_path, "--kv-cache-memory", "0.02", "--enable-log-requests"
-    )
-    try:
-        proc.wait_healthy()
-        yield proc
-    finally:
-        proc.stop()
+def server(tp2_server):
+    """The session's TP=2 server (conftest.py), which runs with --enable-log-requests."""
+    tp2_server.wait_healthy()
+    return tp2_server
 
 
 @pytest.fixture(scope="module")

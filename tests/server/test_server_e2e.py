@@ -1,6 +1,6 @@
 """End to end: the server under the real ``deepspeed --num_gpus 2`` launcher, real weights.
 
-One server for the whole module (stories260k at fp32, TP=2). The official
+The session's shared server (stories260k at fp32, TP=2; tests/server/conftest.py). The official
 ``openai`` client calls completions and chat completions, streaming and not;
 greedy text must equal Hugging Face ``generate`` and dstp's engine at TP=1.
 Then 40 concurrent clients mixing valid and invalid requests, a mid-stream
@@ -19,16 +19,13 @@ import pytest
 import requests
 
 from tests.helpers.server_helpers import (
-    SIMPLE_TEMPLATE,
-    ServerProcess,
     open_stream,
     parse_metrics,
     rank_pids,
     sse_events,
     wait_until,
-    with_chat_template,
 )
-from tests.helpers.tiny_models import STORIES
+from tests.server.conftest import TP2_ADMISSION_LIMIT
 
 PROMPTS = [
     "Once upon a time",
@@ -41,29 +38,15 @@ PROMPTS = [
     "There was a cat named Tim who liked to",
 ]
 MAX_TOKENS = 24
-ADMISSION_LIMIT = 32  # > the 30 valid requests test_concurrent_clients_mixed sends at once
+# the shared server's --max-queued-requests: > the 30 valid requests of the mixed test
+ADMISSION_LIMIT = TP2_ADMISSION_LIMIT
 CHAT = [{"role": "user", "content": "Tell me a story about a frog."}]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return with_chat_template(STORIES, tmp_path_factory.mktemp("stories_chat"), SIMPLE_TEMPLATE)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    proc = ServerProcess.stories_tp2(
-        model_dir,
-        tmp_path_factory.mktemp("logs") / "server.log",
-        "--kv-cache-memory",
-        "0.02",
-        "--max-queued-requests",  # small, so the pressure test can saturate it (48 threads)
-        str(ADMISSION_LIMIT),
-    )
-    try:
-        yield proc  # boots while the references below are computed
-    finally:
-        proc.stop()
+def server(tp2_server):
+    """The session's TP=2 server (conftest.py); it may still be booting."""
+    return tp2_server
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +194,7 @@ def test_concurrent_clients_mixed(url, references):
             return resp.status_code, sse_events(resp.iter_lines())
         return resp.status_code, resp.json()
 
+    before = _metrics(url)  # the server is shared: count this test's own requests
     t0 = time.monotonic()
     with ThreadPoolExecutor(40) as pool:
         results = list(pool.map(run, jobs))
@@ -235,8 +219,14 @@ def test_concurrent_clients_mixed(url, references):
     m = _metrics(url)
     assert m["dstp:kv_cache_usage_perc"] == 0, "KV blocks leaked"
     assert m["dstp:num_requests_running"] == 0 and m["dstp:num_requests_waiting"] == 0
-    assert m['http_requests_total{handler="/v1/completions",method="POST",status="400"}'] >= 10
-    assert m["dstp:prefix_cache_hits_total"] > 0  # identical prompts share blocks
+    bad = 'http_requests_total{handler="/v1/completions",method="POST",status="400"}'
+    assert m[bad] - before.get(bad, 0) >= 10
+    hits = "dstp:prefix_cache_hits_total"
+    long_prompt = " ".join(PROMPTS)  # several whole KV blocks, which the prefix cache shares
+    for _ in range(2):
+        body = {"prompt": long_prompt, "max_tokens": 1}
+        assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+    assert _metrics(url)[hits] > before[hits]  # identical prompts share blocks
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
 
 
@@ -299,8 +289,9 @@ def test_admission_limit_and_fast_health_under_saturated_generation(url):
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
 
 
+@pytest.mark.kills_tp2_server
 def test_killing_rank1_ends_launcher_nonzero(server, url):
-    """Last in the module: it takes the server down."""
+    """Last of the shared server's users (conftest.py orders it): it takes the server down."""
     ranks = rank_pids(server.proc.pid)
     assert sorted(ranks) == [0, 1], ranks
     import os
