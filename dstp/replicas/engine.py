@@ -7,13 +7,13 @@ import queue
 import time
 from typing import Any
 
+from dstp.engine.loop import Liveness
 from dstp.engine.outputs import RequestOutput
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams
 from dstp.replicas.layout import ReplicaLayout
 from dstp.replicas.proxy import RemoteReplica
 from dstp.replicas.router import Router
 from dstp.replicas.transport import Link
-from dstp.server.engine_loop import Liveness
 
 IDLE_WAIT_S = 0.01  # rank 0, idle itself, waits this long for remote outputs per step()
 LOCAL_HEARTBEAT_S = 1.0  # replica 0's ranks are probed this often while only others work

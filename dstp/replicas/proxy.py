@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 
+from dstp.engine.loop import Call, Liveness
 from dstp.engine.sampling_params import SamplingParams
 from dstp.replicas.transport import (
     Abort,
@@ -20,7 +21,6 @@ from dstp.replicas.transport import (
     Outputs,
     Shutdown,
 )
-from dstp.server.engine_loop import Call, Liveness
 
 log = logging.getLogger("dstp")
 

@@ -1,5 +1,5 @@
 """The engine loop of another replica's driver rank: commands from global rank 0's link,
-outputs back over it (:class:`~dstp.server.engine_loop.StepLoop`, as on the HTTP rank)."""
+outputs back over it (:class:`~dstp.engine.loop.StepLoop`, as on the HTTP rank)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import logging
 import threading
 from typing import Any
 
+from dstp.engine.loop import Liveness, StepLoop
 from dstp.engine.outputs import CompletionOutput, RequestOutput
 from dstp.engine.sampling_params import SamplingParams
 from dstp.replicas.transport import Abort, Add, Alive, Bye, Failed, Link, Outputs, Shutdown
-from dstp.server.engine_loop import Liveness, StepLoop
 
 log = logging.getLogger("dstp")
 

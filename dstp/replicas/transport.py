@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from dstp.engine.loop import Call
 from dstp.engine.outputs import RequestOutput
 from dstp.engine.sampling_params import SamplingParams
-from dstp.server.engine_loop import Call
 
 KEY_BYTES = 32
 

@@ -1,13 +1,11 @@
-"""The engine loop: one thread owns the engine; HTTP threads reach it through queues.
+"""``EngineLoop``: the HTTP rank's engine loop; HTTP threads reach it through queues.
 
 The engine is not thread-safe and every ``step()`` is a collective over all ranks, so
-exactly one thread calls it. Words as used here: the *engine loop* is that thread
-(:class:`StepLoop`; :class:`EngineLoop` on the HTTP rank, :mod:`dstp.replicas.server` on
-another replica's driver rank); the *driver rank* is rank 0 of a TP group, the one that
-runs the loop while the others follow its step plans. :class:`Liveness` is the one judge of
-whether the ranks answer: an engine call past its deadline, or a replica that stopped
-reporting, fails every request and stops the server (the launcher then ends the job)
-instead of leaving it hanging.
+exactly one thread calls it (a :class:`~dstp.engine.loop.StepLoop`, the same loop another
+replica's driver rank runs in :mod:`dstp.replicas.server`). Its watchdog fails every
+request and stops the server when an engine call overruns its
+:class:`~dstp.engine.loop.Liveness` deadline (a dead or hung rank), so the launcher ends
+the job instead of leaving it hanging.
 """
 
 from __future__ import annotations
@@ -19,18 +17,18 @@ import queue
 import threading
 import time
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
+from dstp.engine.loop import Liveness, StepLoop
 from dstp.engine.outputs import RequestOutput
+from dstp.engine.protocol import EngineClient
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams
 from dstp.server.metrics import FinishedRequest, ServerMetrics
 from dstp.server.request_log import STATS_INTERVAL_S, StatsLogger, log_request
 
 log = logging.getLogger("dstp")
-T = TypeVar("T")
 
 
 class EngineUnavailable(RuntimeError):
@@ -43,107 +41,6 @@ class QueueFull(RuntimeError):
 
 class RequestFailed(RuntimeError):
     """An admitted request ended without a result (server stopping or a rank died)."""
-
-
-# -- liveness -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Call:
-    """An engine call in progress: which one, and how long it has run so far."""
-
-    what: str  # "step" or "heartbeat"
-    elapsed_s: float
-
-
-class Liveness:
-    """Deadlines for engine calls (collectives over every rank) and for a peer's reports.
-
-    A step may take ``step_timeout_s`` (long prompts); any other call, and the silence
-    of a replica that should report every fraction of a second, ``heartbeat_timeout_s``.
-    Past that a rank is hung or gone.
-    """
-
-    def __init__(self, heartbeat_timeout_s: float = 30.0, step_timeout_s: float = 600.0):
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.step_timeout_s = step_timeout_s
-        self._started: tuple[str, float] | None = None
-
-    def timed(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()``, noted as the call in progress while it runs."""
-        self._started = (what, time.monotonic())
-        try:
-            return fn()
-        finally:
-            self._started = None
-
-    def current(self) -> Call | None:
-        started = self._started
-        return None if started is None else Call(started[0], time.monotonic() - started[1])
-
-    def overdue(self, call: Call | None) -> str | None:
-        """Why ``call`` (this loop's own, or one a replica reported) means a hung rank."""
-        if call is None:
-            return None
-        limit = self.step_timeout_s if call.what == "step" else self.heartbeat_timeout_s
-        if call.elapsed_s <= limit:
-            return None
-        return (
-            f"engine {call.what} did not return within {limit:.0f} s: a rank is hung or unreachable"
-        )
-
-    def silent(self, last_seen: float) -> str | None:
-        """Why a peer last heard from at ``last_seen`` (monotonic) counts as gone."""
-        silent = time.monotonic() - last_seen
-        if silent <= self.heartbeat_timeout_s:
-            return None
-        return f"silent for {silent:.0f} s (its driver rank is hung or unreachable)"
-
-
-# -- the loop -------------------------------------------------------------------------------
-class StepLoop(ABC):
-    """Apply what arrived, step while there is work, heartbeat the ranks when idle.
-
-    Subclasses say where commands come from and where outputs go. Each engine call runs
-    under :attr:`liveness`, so a watchdog (or a peer) can tell a long step from a hung rank.
-    """
-
-    def __init__(self, engine: Any, liveness: Liveness, heartbeat_interval_s: float) -> None:
-        self.engine = engine
-        self.liveness = liveness
-        self.heartbeat_interval_s = heartbeat_interval_s
-
-    @abstractmethod
-    def take(self, timeout_s: float) -> list[Any]:
-        """The commands that arrived, waiting up to ``timeout_s`` for the first."""
-
-    @abstractmethod
-    def apply(self, command: Any) -> bool:
-        """Apply one command; False ends the loop."""
-
-    @abstractmethod
-    def stepped(self, outputs: list[RequestOutput], started: float) -> None:
-        """Hand on one step's outputs (``started``: when the step began, monotonic)."""
-
-    @abstractmethod
-    def beat(self) -> None:
-        """After an idle heartbeat (every rank answered)."""
-
-    def run_steps(self) -> None:
-        """Until a command ends it; an engine call that raises ends it too, raising."""
-        engine, last_call = self.engine, time.monotonic()
-        while True:
-            due = last_call + self.heartbeat_interval_s
-            wait = 0.0 if engine.has_unfinished() else max(0.0, due - time.monotonic())
-            for command in self.take(wait):
-                if not self.apply(command):
-                    return
-            if engine.has_unfinished():
-                started = time.monotonic()
-                self.stepped(self.liveness.timed("step", engine.step), started)
-                last_call = time.monotonic()
-            elif time.monotonic() >= due:
-                self.liveness.timed("heartbeat", engine.heartbeat)
-                self.beat()
-                last_call = time.monotonic()
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -249,7 +146,7 @@ class EngineLoop(StepLoop):
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineClient,
         *,
         max_queued_requests: int = 256,
         heartbeat_interval_s: float = 1.0,

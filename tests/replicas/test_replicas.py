@@ -311,7 +311,7 @@ def test_http_disconnect_frees_blocks_on_its_replica(url):
         return _per_replica(m, "kv_cache_free_blocks") == _per_replica(m, "kv_cache_blocks")
 
     assert wait_until(all_free, 15)
-    assert _metrics(url)["dstp_num_requests_in_flight"] == 0
+    assert _metrics(url)["dstp:num_requests_in_flight"] == 0
 
 
 def test_http_rank_death_in_replica_1_stops_the_job_naming_it(server, url):
