@@ -47,8 +47,8 @@ HEADERS = sorted(CSRC.glob("*.h"))
 KERNELS = {
     "avx512_bf16": (
         "dstp_cpu_kernels",
-        [CSRC / "gemv_bf16.cpp", CSRC / "rms_norm.cpp"],
-        [],
+        [CSRC / "gemv_bf16.cpp", CSRC / "decode_attention_avx2.cpp", CSRC / "rms_norm.cpp"],
+        ["-mavx2", "-mfma"],  # for the decode attention source; every AVX512-BF16 CPU has both
         "AVX512-BF16",
     ),
     "avx2": (
@@ -225,7 +225,7 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 
 def decode_attention_ops() -> ModuleType | None:
-    """The AVX2 build's paged decode attention (bf16 caches), or None where it is not built."""
+    """The paged decode attention (bf16 caches) both builds carry, or None without a build."""
     ops = _ops()
     return ops if hasattr(ops, "decode_scores_bf16") else None
 
@@ -238,7 +238,7 @@ def describe_paths() -> dict[str, str]:
         "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
         f"2-{cpu_gemm.MIN_ROWS - 1} rows": f"dstp {gemv} few-row kernel" if few else "oneDNN",
         f"{cpu_gemm.MIN_ROWS}+ rows": cpu_gemm.describe(),
-        "decode attention": "dstp avx2 paged kernel (bf16 cache)"
+        "decode attention": "dstp paged kernel (bf16 cache)"
         if decode_attention_ops() is not None
         else "PyTorch matmuls",
     }

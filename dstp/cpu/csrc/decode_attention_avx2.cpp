@@ -1,5 +1,6 @@
 // Batched single-token (decode) attention over the paged bf16 KV cache, for CPUs with
-// AVX2 + FMA. Linked into the dstp_cpu_kernels_avx2 extension (gemv_bf16_avx2.cpp binds it).
+// AVX2 + FMA. Linked into both of dstp's CPU extensions (shared_ops.h binds it): AVX512-BF16
+// CPUs have AVX2 + FMA too.
 //
 // Why: a decode step's attention is G query heads per KV head against each sequence's
 // keys, tiny matrices ([G, d] x [d, ctx]) that PyTorch runs as hundreds of small bf16

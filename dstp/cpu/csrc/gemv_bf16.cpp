@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #include "bf16.h"
+#include "shared_ops.h"
 
 #include <cmath>
 #include <cstdint>
@@ -88,10 +89,7 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
   return y;
 }
 
-// rms_norm.cpp, linked into this extension
-torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T (+ b) for one bf16 row (AVX512-BF16)");
-  m.def("rms_norm_bf16", &rms_norm_bf16, "Llama's RMSNorm over bf16 rows, HF's rounding");
+  bind_shared_ops(m);
 }

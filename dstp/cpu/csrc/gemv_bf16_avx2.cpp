@@ -23,6 +23,7 @@
 #include <torch/extension.h>
 
 #include "bf16.h"
+#include "shared_ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -296,20 +297,8 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
   return y;
 }
 
-// decode_attention_avx2.cpp, linked into this extension
-torch::Tensor decode_scores_bf16(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                 const torch::Tensor& block_tables, const torch::Tensor& lens,
-                                 int64_t block_size, int64_t max_len, double scaling);
-torch::Tensor decode_values_bf16(const torch::Tensor& probs, const torch::Tensor& v_cache,
-                                 const torch::Tensor& block_tables, const torch::Tensor& lens,
-                                 int64_t block_size);
-// rms_norm.cpp, linked into this extension
-torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T (+ b) for one bf16 row (AVX2 + FMA)");
   m.def("gemm_few_bf16", &gemm_few_bf16, "y = x W^T (+ b) for a few bf16 rows (AVX2 + FMA)");
-  m.def("decode_scores_bf16", &decode_scores_bf16, "paged decode attention, pass 1: q . k");
-  m.def("decode_values_bf16", &decode_values_bf16, "paged decode attention, pass 2: p . v");
-  m.def("rms_norm_bf16", &rms_norm_bf16, "Llama's RMSNorm over bf16 rows, HF's rounding");
+  bind_shared_ops(m);
 }

@@ -1,4 +1,4 @@
-"""The CPU backend: PyTorch SDPA for prefill, dstp's paged AVX2 kernel for batched decode.
+"""The CPU backend: PyTorch SDPA for prefill, dstp's paged kernel for batched decode.
 
 A decode step attends G query heads per KV head to each sequence's keys: tiny matmuls
 that PyTorch runs one by one, after copying every sequence's blocks out of the cache
@@ -6,7 +6,7 @@ that PyTorch runs one by one, after copying every sequence's blocks out of the c
 keys and values in place through its block table instead, in two passes; the softmax
 (with softcap and sliding window, as in :mod:`.sdpa`) stays in PyTorch between them.
 It takes bf16 caches with head dims that are multiples of 8 and up to 16 query heads
-per KV head; anything else, or a CPU without the AVX2 build, goes to :mod:`.sdpa`.
+per KV head; anything else, or a CPU without dstp's kernels, goes to :mod:`.sdpa`.
 """
 
 from __future__ import annotations

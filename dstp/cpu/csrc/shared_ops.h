@@ -1,0 +1,20 @@
+// The ops both of dstp's CPU extensions link in and bind beside their own GEMV:
+// RMSNorm (rms_norm.cpp) and paged decode attention (decode_attention_avx2.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor decode_scores_bf16(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                 const torch::Tensor& block_tables, const torch::Tensor& lens,
+                                 int64_t block_size, int64_t max_len, double scaling);
+torch::Tensor decode_values_bf16(const torch::Tensor& probs, const torch::Tensor& v_cache,
+                                 const torch::Tensor& block_tables, const torch::Tensor& lens,
+                                 int64_t block_size);
+
+// Binds the shared ops into an extension module.
+inline void bind_shared_ops(pybind11::module& m) {
+  m.def("decode_scores_bf16", &decode_scores_bf16, "paged decode attention, pass 1: q . k");
+  m.def("decode_values_bf16", &decode_values_bf16, "paged decode attention, pass 2: p . v");
+  m.def("rms_norm_bf16", &rms_norm_bf16, "Llama's RMSNorm over bf16 rows, HF's rounding");
+}
