@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dstp.cpu import features as cpu_features
 from dstp.cpu import gemm as cpu_gemm
 from dstp.cpu.kernels import linear_2d
-from dstp.server.cli import build_parser
+from dstp.server.cli import build_parser, check_args
 from dstp.server.serve import _engine_config
 
 
@@ -98,10 +98,16 @@ def test_unknown_compute_dtype_names_the_flag():
         cpu_gemm.set_compute_dtype("fp8")
 
 
+def _checked(argv: list[str]):
+    args = build_parser().parse_args(argv)
+    check_args(args, world_size=1)
+    return args
+
+
 def test_the_flag_reaches_the_engine_config():
-    args = build_parser().parse_args(["--cpu-compute-dtype", "float32", "--dtype", "bfloat16"])
+    args = _checked(["--cpu-compute-dtype", "float32", "--dtype", "bfloat16"])
     assert _engine_config(args, "some/model").cpu_compute_dtype == "float32"
-    args = build_parser().parse_args(["--dtype", "bfloat16"])
+    args = _checked(["--dtype", "bfloat16"])
     assert _engine_config(args, "some/model").cpu_compute_dtype == "auto"
 
 
