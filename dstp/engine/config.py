@@ -63,3 +63,30 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         """``dtype`` as a torch dtype ("auto": the checkpoint's, "half" / "float": vLLM's)."""
         return DTYPES[resolve_dtype(self.dtype, self.model)]
+
+
+ALLOW_LONG_ENV = "DSTP_ALLOW_LONG_MAX_MODEL_LEN"  # vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN
+
+
+def context_length(requested: int | None, trained: int | None) -> int:
+    """The context a model is served with: ``max_model_len`` if given, else its trained
+    ``max_position_embeddings``. Past the trained context is refused (outputs there may be
+    wrong, as vLLM refuses) unless ``DSTP_ALLOW_LONG_MAX_MODEL_LEN=1`` says otherwise."""
+    import logging
+    import os
+
+    trained = trained or 2**31
+    if requested is None or requested <= trained:
+        return requested or trained
+    if os.environ.get(ALLOW_LONG_ENV, "0") in ("", "0"):
+        raise ValueError(
+            f"--max-model-len {requested} exceeds the model's max_position_embeddings "
+            f"{trained} (config.json): pass --max-model-len {trained} or less, or leave "
+            f"it out; to serve longer anyway, set {ALLOW_LONG_ENV}=1"
+        )
+    logging.getLogger("dstp").warning(
+        "--max-model-len %d exceeds the model's max_position_embeddings %d (allowed by %s): "
+        "outputs past the trained context may be wrong",
+        requested, trained, ALLOW_LONG_ENV,
+    )  # fmt: skip
+    return requested

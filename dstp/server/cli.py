@@ -8,7 +8,7 @@ import argparse
 import logging
 import os
 
-from dstp.engine.config import DTYPE_CHOICES
+from dstp.engine.config import DTYPE_CHOICES, context_length
 from dstp.server.limits import (
     REQUEST_READ_TIMEOUT_S,
     RESERVE_THREADS,
@@ -438,9 +438,6 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         )
 
 
-ALLOW_LONG_ENV = "DSTP_ALLOW_LONG_MAX_MODEL_LEN"  # vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN
-
-
 def check_model_args(
     args: argparse.Namespace, model_config, generation_eos: int | list[int] | None = None
 ) -> None:
@@ -448,21 +445,10 @@ def check_model_args(
     ``generation_eos``: generation_config.json's eos_token_id): ``--max-model-len`` within
     its trained context, and its EOS ids inside its vocabulary."""
     text = model_config.get_text_config()
-    trained = getattr(text, "max_position_embeddings", None)
-    wanted = args.max_model_len
-    if trained is not None and wanted is not None and wanted > trained:
-        if os.environ.get(ALLOW_LONG_ENV, "0") not in ("", "0"):
-            log.warning(
-                "--max-model-len %d exceeds the model's max_position_embeddings %d (allowed by "
-                "%s): outputs past the trained context may be wrong",
-                wanted, trained, ALLOW_LONG_ENV,
-            )  # fmt: skip
-        else:
-            raise FlagError(
-                f"--max-model-len {wanted} exceeds the model's max_position_embeddings "
-                f"{trained} (config.json): pass --max-model-len {trained} or less, or leave "
-                f"it out; to serve longer anyway, set {ALLOW_LONG_ENV}=1"
-            )
+    try:
+        context_length(args.max_model_len, getattr(text, "max_position_embeddings", None))
+    except ValueError as exc:
+        raise FlagError(str(exc)) from None
     vocab = getattr(text, "vocab_size", None)  # a transformers config: fields vary by model
     for file, eos in (
         ("config.json", getattr(text, "eos_token_id", None)),

@@ -17,7 +17,7 @@ import torch
 from dstp.cpu import gemm as cpu_gemm
 from dstp.cpu import kernels as cpu_kernels
 from dstp.distributed import TPGroup
-from dstp.engine.config import EngineConfig
+from dstp.engine.config import EngineConfig, context_length
 from dstp.model.inject import shard_model
 from dstp.worker import attention, kv_budget
 from dstp.worker.kv_budget import KVBudget
@@ -118,9 +118,9 @@ class ModelRunner:
             self.cache = kept
 
     def _wanted_len(self, config: EngineConfig) -> int:
-        """The model's context, or the user's if smaller."""
-        wanted = getattr(self.sharded.config, "max_position_embeddings", None) or 2**31
-        return min(wanted, config.max_model_len or wanted)
+        """The model's context, or the user's (see :func:`context_length`)."""
+        trained = getattr(self.sharded.config, "max_position_embeddings", None)
+        return context_length(config.max_model_len, trained)
 
     def _context_limit(self, config: EngineConfig) -> int:
         """The model's (or the user's) context, cut to what the KV cache holds, never silently."""

@@ -159,3 +159,15 @@ def test_a_context_cut_to_the_kv_cache_is_a_warning(caplog):
     assert small.max_model_len == 32
     assert "max_model_len cut from 512 to 32" in caplog.text
     assert "raise --num-kv-blocks" in caplog.text
+
+
+def test_a_context_past_the_trained_one_is_refused_unless_allowed(monkeypatch):
+    """One rule for the server's flag check and the library: no silent clamp either way."""
+    from dstp.engine.config import ALLOW_LONG_ENV
+
+    config = EngineConfig(model=str(STORIES), dtype="float32", num_blocks=80, max_model_len=1024)
+    monkeypatch.delenv(ALLOW_LONG_ENV, raising=False)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings 512"):
+        Engine(config)
+    monkeypatch.setenv(ALLOW_LONG_ENV, "1")
+    assert Engine(config).max_model_len == 1024  # 80 blocks x 16 hold it: not cut to 512

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dstp.engine.config import EngineConfig, checkpoint_dtype, resolve_dtype
+from dstp.engine.config import ALLOW_LONG_ENV, EngineConfig, checkpoint_dtype, resolve_dtype
 from dstp.server import cli
 from dstp.server.cli import FlagError, build_parser, check_args
 from dstp.server.defaults import SamplingDefaults, generation_defaults
@@ -328,7 +328,7 @@ def _llama_config(**kw):
 
 
 def test_max_model_len_above_the_trained_context_is_refused(monkeypatch, caplog):
-    monkeypatch.delenv(cli.ALLOW_LONG_ENV, raising=False)
+    monkeypatch.delenv(ALLOW_LONG_ENV, raising=False)
     cli.check_model_args(parse("--max-model-len", "512"), _llama_config(eos_token_id=2))
     cli.check_model_args(parse(), _llama_config(eos_token_id=2))  # the model's own
     with pytest.raises(FlagError) as info:
@@ -336,7 +336,7 @@ def test_max_model_len_above_the_trained_context_is_refused(monkeypatch, caplog)
     text = str(info.value)
     assert text.startswith("--max-model-len 1024 exceeds the model's max_position_embeddings 512")
     assert "--max-model-len 512 or less" in text and "DSTP_ALLOW_LONG_MAX_MODEL_LEN=1" in text
-    monkeypatch.setenv(cli.ALLOW_LONG_ENV, "1")  # vLLM's override, under dstp's name
+    monkeypatch.setenv(ALLOW_LONG_ENV, "1")  # vLLM's override, under dstp's name
     cli.check_model_args(parse("--max-model-len", "1024"), _llama_config(eos_token_id=2))
     assert "DSTP_ALLOW_LONG_MAX_MODEL_LEN" in caplog.text
 
@@ -370,7 +370,7 @@ def test_model_check_exits_with_one_line():
     proc = subprocess.run(
         [sys.executable, "-m", "dstp", "serve", "--max-model-len", "4096", "--port", "0"],
         cwd=REPO,
-        env={k: v for k, v in os.environ.items() if k != cli.ALLOW_LONG_ENV} | {"WORLD_SIZE": "1"},
+        env={k: v for k, v in os.environ.items() if k != ALLOW_LONG_ENV} | {"WORLD_SIZE": "1"},
         capture_output=True,
         text=True,
         timeout=120,
