@@ -2,7 +2,7 @@
 
     python benchmarks/detokenize.py [--tokens 1000] [--model PATH]
 
-The tokenizer is the model's (default: ../shared/models/stories260k, a
+The tokenizer is the model's (default: the packaged stories260k, a
 SentencePiece-style one); token ids are random, so byte runs and invalid UTF-8
 are in the mix. Prints milliseconds for the whole sequence.
 """
@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from dstp.engine.detokenizer import Detokenizer
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
+STORIES = Path(__file__).resolve().parents[1] / "dstp" / "assets" / "stories260k"
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-STORIES = REPO / "dstp" / "models" / "stories260k"
+STORIES = REPO / "dstp" / "assets" / "stories260k"
 NEW_TOKENS = 32
 
 
