@@ -107,6 +107,9 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self._driver_scheduler().has_unfinished or bool(self._aborted)
 
+    def running_request_ids(self) -> set[str]:
+        return {seq.request.request_id for seq in self._driver_scheduler().running}
+
     def stats(self) -> dict[str, float]:
         stats = self._driver_scheduler().stats()
         stats["num_steps"] = self.num_steps

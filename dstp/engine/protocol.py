@@ -1,11 +1,11 @@
 """``EngineClient``: what the server asks of an engine (after vLLM's ``engine/protocol.py``).
 
-The driver loop (dstp/server/driver.py) and the serving layer talk to one of three
+The engine loop (dstp/server/engine_loop.py) and the serving layer talk to one of three
 engines: :class:`dstp.engine.llm_engine.Engine` (one TP group), ``ReplicatedEngine``
 (several groups behind rank 0) and the tests' fake. This protocol is that contract in
-one place; tests/engine/test_engine_client_contract.py checks that the fake and the real
-engine behave alike under it. Every method runs on one thread (the driver's): engines
-are not thread-safe.
+one place; tests/engine/test_engine_client_contract.py checks that the three behave
+alike under it. Every method runs on one thread (the engine loop's): engines are not
+thread-safe.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class EngineClient(Protocol):
         request's last output has ``finished`` set and a ``finish_reason`` per sample;
         after it the request id is free again. Raises only when the engine itself failed
         (a rank died): one request's failure finishes it with ``finish_reason`` "error"."""
+
+    def running_request_ids(self) -> set[str]:
+        """Ids of the requests in the running batch (admitted, not waiting): the loop
+        ends their queue time. Those on another replica need not be listed: their queue
+        time ends at their first output."""
 
     def heartbeat(self) -> None:
         """Prove every rank is alive while idle; raises if one is gone."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dstp.engine.loop import Liveness
 from dstp.engine.outputs import RequestOutput
@@ -14,6 +14,9 @@ from dstp.replicas.layout import ReplicaLayout
 from dstp.replicas.proxy import RemoteReplica
 from dstp.replicas.router import Router
 from dstp.replicas.transport import Link
+
+if TYPE_CHECKING:
+    from dstp.engine.llm_engine import Engine
 
 IDLE_WAIT_S = 0.01  # rank 0, idle itself, waits this long for remote outputs per step()
 LOCAL_HEARTBEAT_S = 1.0  # replica 0's ranks are probed this often while only others work
@@ -31,7 +34,7 @@ class ReplicatedEngine:
 
     def __init__(
         self,
-        local: Any,
+        local: Engine,
         links: dict[int, Link],
         liveness_timeout_s: float = 30.0,
         step_timeout_s: float = 600.0,
@@ -57,27 +60,35 @@ class ReplicatedEngine:
         self._local_beat = time.monotonic()
 
     @property
-    def scheduler(self) -> Any:
-        """Replica 0's scheduler (the engine loop reads which of its requests run)."""
-        return self.local.scheduler
-
-    @property
     def num_replicas(self) -> int:
         return self.layout.num_replicas
 
     # -- requests -------------------------------------------------------------------------
+    def check_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int | None = None
+    ) -> None:
+        """Replica 0's checks against the shortest context of the replicas (a request may go
+        to any of them)."""
+        self.local.check_request(
+            prompt_token_ids, params, max_model_len=max_model_len or self.max_model_len
+        )
+
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
         if self.router.replica_of(request_id) is not None:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        self.local.check_request(prompt_token_ids, params, max_model_len=self.max_model_len)
+        self.check_request(prompt_token_ids, params)
         replica = self.router.choose(prompt_token_ids)
         if replica == 0:
             self.local.add_request(request_id, prompt_token_ids, params)
         else:
             self.remotes[replica].add(request_id, prompt_token_ids, params)
         self.router.assign(request_id, replica, prompt_token_ids, params)
+
+    def running_request_ids(self) -> set[str]:
+        """Replica 0's (the others' requests end their queue time at their first output)."""
+        return self.local.running_request_ids()
 
     def abort(self, request_id: str) -> None:
         replica = self.router.replica_of(request_id)

@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dstp.engine.loop import Liveness, StepLoop
 from dstp.engine.outputs import CompletionOutput, RequestOutput
+from dstp.engine.protocol import EngineClient
 from dstp.engine.sampling_params import SamplingParams
 from dstp.replicas.transport import Abort, Add, Alive, Bye, Failed, Link, Outputs, Shutdown
+
+if TYPE_CHECKING:
+    from dstp.engine.llm_engine import Engine
 
 log = logging.getLogger("dstp")
 
@@ -26,7 +30,7 @@ class ReplicaServer(StepLoop):
     """Adds and aborts arrive in batches; each step's outputs and stats go back as one
     message; idle, it heartbeats its own followers and reports their stats."""
 
-    def __init__(self, engine: Any, link: Link, heartbeat_interval_s: float) -> None:
+    def __init__(self, engine: EngineClient, link: Link, heartbeat_interval_s: float) -> None:
         super().__init__(engine, Liveness(), heartbeat_interval_s)
         self.link = link
 
@@ -65,7 +69,7 @@ class ReplicaServer(StepLoop):
 
 
 def serve_replica(
-    engine: Any,
+    engine: Engine,
     link: Link,
     heartbeat_interval_s: float = 1.0,
     alive_interval_s: float = ALIVE_INTERVAL_S,

@@ -351,12 +351,10 @@ class EngineLoop(StepLoop):
         self._close(handle, _END)
 
     def _mark_scheduled(self, step_started: float) -> None:
-        """Note when each request first ran (its queue time ends), from the scheduler's
-        running set (engines without one: at its first output)."""
-        running = getattr(getattr(self.engine, "scheduler", None), "running", None) or ()
-        for seq in running:
-            request = getattr(seq, "request", None)
-            handle = self._handles.get(getattr(request, "request_id", None))
+        """Note when each request first ran (its queue time ends); a request the engine
+        does not list as running gets it at its first output."""
+        for request_id in self.engine.running_request_ids():
+            handle = self._handles.get(request_id)
             if handle is not None and handle.scheduled_time is None:
                 handle.scheduled_time = step_started
 

@@ -1,9 +1,9 @@
-"""One contract, two engines: the fake the server tests use and the real one behave alike.
+"""One contract, three engines: the fake the server tests use and the real ones behave alike.
 
-Every assertion here runs against ``tests/helpers/fake_engine.FakeEngine`` and a real
-:class:`Engine` (TP=1 in process, stories260k at fp32): what the server's driver loop
-and serving layer rely on from an :class:`EngineClient`. Where the fake and the engine
-differ, the fake is wrong.
+Every assertion here runs against ``tests/helpers/fake_engine.FakeEngine``, a real
+:class:`Engine` (TP=1 in process, stories260k at fp32) and a ``ReplicatedEngine`` over
+that engine with no remote replica: what the server's engine loop and serving layer rely
+on from an :class:`EngineClient`. Where the fake and the engine differ, the fake is wrong.
 """
 
 from __future__ import annotations
@@ -45,9 +45,16 @@ def _fake() -> FakeEngine:
     return FakeEngine(build_tokenizer(), max_model_len=MAX_MODEL_LEN, num_blocks=64)
 
 
-@pytest.fixture(params=["fake", "engine"])
+@pytest.fixture(params=["fake", "engine", "replicated"])
 def engine(request) -> EngineClient:
-    made = _fake() if request.param == "fake" else request.getfixturevalue("real_engine")
+    if request.param == "fake":
+        made = _fake()
+    elif request.param == "engine":
+        made = request.getfixturevalue("real_engine")
+    else:
+        from dstp.replicas import ReplicatedEngine
+
+        made = ReplicatedEngine(request.getfixturevalue("real_engine"), {})
     yield made
     assert not made.has_unfinished(), "a test left requests behind"
 
@@ -79,18 +86,6 @@ def test_the_engines_are_engine_clients(engine):
     assert isinstance(engine, EngineClient)
 
 
-def _replicated_lacks() -> list[str]:
-    from dstp.replicas import ReplicatedEngine
-
-    needed = ["check_request", "add_request", "abort", "has_unfinished", "step", "heartbeat"]
-    return [name for name in needed + ["stats", "shutdown"] if not hasattr(ReplicatedEngine, name)]
-
-
-@pytest.mark.xfail(
-    bool(_replicated_lacks()),
-    reason=f"ReplicatedEngine lacks {_replicated_lacks()} (owner: dstp/replicas)",
-    strict=True,
-)
 def test_the_replicated_engine_is_an_engine_client(real_engine):
     from dstp.replicas import ReplicatedEngine
 
@@ -112,6 +107,16 @@ def test_a_request_ends_in_one_final_output(engine):
     assert all(o.outputs[0].token_ids == [] for o in outs[:-1])  # totals on the final only
     assert_all_blocks_free(engine)
     assert run(engine, "one", prompt, greedy(max_tokens=2))[-1].finished  # the id is free again
+
+
+def test_a_request_runs_from_its_first_step_to_its_end(engine):
+    engine.add_request("r", engine.tokenizer.encode(PROMPT), greedy(max_tokens=3))
+    assert engine.running_request_ids() == set()  # waiting until a step admits it
+    engine.step()
+    assert engine.running_request_ids() == {"r"}
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.running_request_ids() == set()
 
 
 def test_logprobs_come_per_token_and_in_total_at_the_end(engine):

@@ -42,6 +42,7 @@ class _Req:
     params: SamplingParams
     seqs: list[_Seq]
     blocks: int = 0
+    running: bool = False  # stepped at least once (before that it waits, as in the engine)
 
 
 class FakeEngine:
@@ -176,6 +177,7 @@ class FakeEngine:
             time.sleep(self.step_delay_s)
         outputs, self._pending_final = self._pending_final, []
         for req in list(self.requests.values()):
+            req.running = True
             for s in req.seqs:
                 if s.finish:
                     continue
@@ -235,6 +237,9 @@ class FakeEngine:
             )
             s.sent_tokens, s.sent_text = len(s.out), visible
         return RequestOutput(req.rid, req.prompt, comps, done)
+
+    def running_request_ids(self) -> set[str]:
+        return {rid for rid, req in self.requests.items() if req.running}
 
     def heartbeat(self) -> None:
         self._touch()
