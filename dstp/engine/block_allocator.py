@@ -64,6 +64,8 @@ class BlockAllocator:
         return block
 
     def release(self, block: int) -> None:
+        if self.refcount[block] <= 0:
+            raise RuntimeError(f"KV block {block} released but nobody holds it (a double free)")
         self.refcount[block] -= 1
         if self.refcount[block] > 0:
             return

@@ -30,6 +30,15 @@ def test_a_shared_block_is_freed_by_its_last_holder():
     assert a.refcount[block] == 0 and a.num_free == 2 and a.all_free()
 
 
+def test_releasing_a_block_nobody_holds_raises():
+    a = BlockAllocator(2)
+    block = a.allocate()
+    a.release(block)
+    with pytest.raises(RuntimeError, match=f"KV block {block} released but nobody holds it"):
+        a.release(block)
+    assert a.refcount[block] == 0 and a.num_free == 2 and list(a.free).count(block) == 1
+
+
 def test_a_full_block_stays_cached_after_release_and_is_found_again():
     a = BlockAllocator(4)
     h = chain_hash(None, [1, 2, 3, 4])
