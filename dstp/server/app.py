@@ -33,16 +33,16 @@ ENDPOINTS = (
 GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/generate")
 
 
-def create_app(driver: EngineLoop, tokenizer, config: ServerConfig) -> Flask:
-    """The Flask app; ``driver`` must be started by the caller."""
+def create_app(loop: EngineLoop, tokenizer, config: ServerConfig) -> Flask:
+    """The Flask app; ``loop`` must be started by the caller."""
     app = Flask("dstp")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    driver.metrics.bind(config.model_name, driver, config.block_size)
-    driver.log_requests = driver.log_requests or config.log_requests
-    _add_checks(app, driver, config)
+    loop.metrics.bind(config.model_name, loop, config.block_size)
+    loop.log_requests = loop.log_requests or config.log_requests
+    _add_checks(app, loop, config)
     _add_error_handlers(app, config)
-    _add_generation_routes(app, Serving(driver, tokenizer, config))
-    _add_info_routes(app, driver, config)
+    _add_generation_routes(app, Serving(loop, tokenizer, config))
+    _add_info_routes(app, loop, config)
     return app
 
 
@@ -60,7 +60,7 @@ def _authorized(api_key: str) -> bool:
     )
 
 
-def _add_checks(app: Flask, driver: EngineLoop, config: ServerConfig) -> None:
+def _add_checks(app: Flask, loop: EngineLoop, config: ServerConfig) -> None:
     @app.before_request
     def check_api_key():
         if config.api_key is None or request.path == "/health" or _authorized(config.api_key):
@@ -95,9 +95,9 @@ def _add_checks(app: Flask, driver: EngineLoop, config: ServerConfig) -> None:
     @app.before_request
     def admit_early():
         """429 before parsing or tokenizing when the admission limit is already reached
-        (``driver.submit`` decides atomically; this only saves a doomed request's work)."""
+        (``loop.submit_many`` decides atomically; this only saves a doomed request's work)."""
         if request.method == "POST" and request.path in GENERATION_ENDPOINTS:
-            in_flight, limit = driver.num_in_flight, driver.max_queued_requests
+            in_flight, limit = loop.num_in_flight, loop.max_queued_requests
             if in_flight >= limit:
                 message = (
                     f"server busy: {in_flight} requests in flight (limit {limit}); retry later"
@@ -108,9 +108,9 @@ def _add_checks(app: Flask, driver: EngineLoop, config: ServerConfig) -> None:
     @app.after_request
     def count(resp: Response) -> Response:
         endpoint = request.path if request.path in ENDPOINTS else "other"
-        driver.metrics.count_request(endpoint, request.method, resp.status_code)
-        if driver.log_requests and resp.status_code >= 400 and request.method == "POST":
-            log.info(  # admitted requests get their line from the driver when they end
+        loop.metrics.count_request(endpoint, request.method, resp.status_code)
+        if loop.log_requests and resp.status_code >= 400 and request.method == "POST":
+            log.info(  # admitted requests get their line from the engine loop when they end
                 "request rejected: %s %s status=%d", request.method, request.path,
                 resp.status_code,
             )  # fmt: skip
@@ -165,14 +165,14 @@ def _add_generation_routes(app: Flask, serving: Serving) -> None:
         return serving.detokenize(body())
 
 
-def _add_info_routes(app: Flask, driver: EngineLoop, config: ServerConfig) -> None:
+def _add_info_routes(app: Flask, loop: EngineLoop, config: ServerConfig) -> None:
     created = int(time.time())
 
     @app.get("/health")
     def health():
-        if driver.healthy:
+        if loop.healthy:
             return {"status": "ok", "tp_size": config.tp_size}
-        reason = "failed" if driver.failure else "stopping" if driver.stopping else "starting"
+        reason = "failed" if loop.failure else "stopping" if loop.stopping else "starting"
         return {"status": reason}, 503
 
     card = {
@@ -201,4 +201,4 @@ def _add_info_routes(app: Flask, driver: EngineLoop, config: ServerConfig) -> No
 
     @app.get("/metrics")
     def metrics():
-        return Response(driver.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return Response(loop.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

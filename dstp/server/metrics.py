@@ -3,8 +3,8 @@
 
 Keeping vLLM's names, meanings and buckets lets a vLLM Grafana dashboard work after replacing
 ``vllm:`` by ``dstp:``; docs/serving.md lists every metric. Requests are observed from the
-engine driver's thread and the HTTP threads (``prometheus_client``'s metrics are thread-safe);
-the engine's gauges and counters are read from the driver's last stats snapshot at scrape time.
+engine loop's thread and the HTTP threads (``prometheus_client``'s metrics are thread-safe);
+the engine's gauges and counters are read from the loop's last stats snapshot at scrape time.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def buckets_1_2_5(max_value: int) -> tuple[float, ...]:
 
 @dataclass
 class FinishedRequest:
-    """What the driver knows about a request when it ends (monotonic seconds)."""
+    """What the engine loop knows about a request when it ends (monotonic seconds)."""
 
     prompt_tokens: int
     output_tokens: int
@@ -104,7 +104,7 @@ class FinishedRequest:
 
 
 class StatsSource(Protocol):
-    """What the scrape reads: the driver's last engine stats and its admission count."""
+    """What the scrape reads: the engine loop's last engine stats and its admission count."""
 
     num_in_flight: int
 
@@ -246,7 +246,7 @@ class ServerMetrics:
 
     def observe_prompt(self, num_tokens: int) -> None:
         """Admission: nothing to count (prompt tokens count once prefilled, as in vLLM).
-        Kept until the driver stops calling it."""
+        Kept until the engine loop stops calling it."""
 
     def observe_prefilled(self, num_tokens: int) -> None:
         """A request's prompt was processed (its first token came out)."""

@@ -250,7 +250,7 @@ def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None)
         fatal.append(exc)
         stop.set()
 
-    driver = EngineLoop(
+    loop = EngineLoop(
         engine,
         max_queued_requests=args.max_queued_requests,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -259,7 +259,7 @@ def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None)
         on_fatal=on_fatal,
     )
     try:
-        driver.start(ready_timeout_s=max(60.0, args.rank_timeout))
+        loop.start(ready_timeout_s=max(60.0, args.rank_timeout))
     except EngineUnavailable as exc:
         log.error("%s", exc)
         os._exit(1)  # a rank is gone: skip the exit-time barrier that would wait for it
@@ -267,7 +267,7 @@ def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None)
     config = _server_config(args, engine, model, builtin)
     tokenizer = load_tokenizer(model, args.trust_remote_code)  # the HTTP threads' own copy
     _apply_chat_template(args, tokenizer)
-    lazy.app = create_app(driver, tokenizer, config)
+    lazy.app = create_app(loop, tokenizer, config)
 
     def on_signal(signum, _frame):
         if stop.is_set():
@@ -280,7 +280,7 @@ def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None)
     signal.signal(signal.SIGINT, on_signal)
     _log_serving(args, server, engine, config)
     _pump(server, stop)  # until a signal or a fatal engine error
-    code = _shut_down(server, driver, lazy, fatal)
+    code = _shut_down(server, loop, lazy, fatal)
     if code != 0:
         logging.shutdown()
         os._exit(code)  # peers are gone: an exit-time barrier would only wait for them
@@ -405,12 +405,12 @@ def _pump(server, stop: threading.Event) -> None:
         pump_once(server)
 
 
-def _shut_down(server, driver, lazy, fatal: list[BaseException]) -> int:
-    """Fail in-flight requests, keep the loop running until their errors are written."""
+def _shut_down(server, loop, lazy, fatal: list[BaseException]) -> int:
+    """Fail in-flight requests, keep the event loop running until their errors are written."""
     from dstp.server.wsgi import pump_once
 
     stopper = threading.Thread(
-        target=driver.stop,
+        target=loop.stop,
         kwargs={"reason": "server shutting down" if not fatal else "engine failed"},
         daemon=True,
     )

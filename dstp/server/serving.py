@@ -1,4 +1,4 @@
-"""The generation endpoints: parse, hand the request to the driver, shape its outputs.
+"""The generation endpoints: parse, hand the request to the engine loop, shape its outputs.
 
 Completions, chat and the native /generate differ only in the JSON they answer with
 (one small class each); submitting, waiting, streaming and failing are written once,
@@ -359,10 +359,10 @@ def _str_keys(top: dict[int, float]) -> dict[str, float]:
 
 # -- the handlers --------------------------------------------------------------------------
 class Serving:
-    """Turns a parsed request into the driver's work and the driver's outputs into answers."""
+    """Turns a parsed request into the engine loop's work and its outputs into answers."""
 
-    def __init__(self, driver: EngineLoop, tokenizer, config: ServerConfig) -> None:
-        self.driver, self.config = driver, config
+    def __init__(self, loop: EngineLoop, tokenizer, config: ServerConfig) -> None:
+        self.loop, self.config = loop, config
         self.tok = TokenizerAccess(tokenizer)
         self.accepted_models = {config.model_name, *config.model_aliases}
 
@@ -432,7 +432,7 @@ class Serving:
     def _submit(self, prompts: list[ParsedRequest]) -> RequestGroup:
         retry_s = self.config.retry_after_s
         try:
-            return self.driver.submit_many([(p.prompt_token_ids, p.params) for p in prompts])
+            return self.loop.submit_many([(p.prompt_token_ids, p.params) for p in prompts])
         except InvalidRequest as exc:
             raise bad(str(exc), param=exc.param) from None
         except QueueFull as exc:

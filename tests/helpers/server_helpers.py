@@ -242,14 +242,14 @@ API_KEY = "sk-test-123"  # the ``strict`` server's (tests/server/conftest.py)
 
 def serve_fake(engine, **config):
     """(engine loop, InProcessServer) for a fake engine, named 'fake-model'; ``config``:
-    ServerConfig fields, and ``driver``: EngineLoop keyword arguments."""
+    ServerConfig fields, and ``loop``: EngineLoop keyword arguments."""
     from dstp.server.app import create_app
     from dstp.server.engine_loop import EngineLoop
     from dstp.server.limits import http_threads
     from dstp.server.serving import ServerConfig
 
-    driver = EngineLoop(engine, heartbeat_interval_s=0.2, **config.pop("driver", {}))
-    driver.start()
+    loop = EngineLoop(engine, heartbeat_interval_s=0.2, **config.pop("loop", {}))
+    loop.start()
     cfg = ServerConfig(
         model_name="fake-model",
         max_model_len=engine.max_model_len,
@@ -258,11 +258,11 @@ def serve_fake(engine, **config):
         **config,
     )
     server = InProcessServer.start(
-        create_app(driver, engine.tokenizer, cfg),
-        threads=http_threads(driver.max_queued_requests),  # sized as in production
+        create_app(loop, engine.tokenizer, cfg),
+        threads=http_threads(loop.max_queued_requests),  # sized as in production
         max_body_bytes=cfg.max_body_bytes,
     )
-    return driver, server
+    return loop, server
 
 
 def openai_client(url: str, key: str = "unused", timeout: float = 30):

@@ -36,9 +36,9 @@ KILLS_SERVER = "kills_tp2_server"  # the marker of a test that ends the shared s
 def main():
     """The main server: fake engine, no API key, default limits."""
     engine = FakeEngine(build_tokenizer())
-    driver, server = serve_fake(engine)
-    yield engine, driver, server.url
-    driver.stop()
+    loop, server = serve_fake(engine)
+    yield engine, loop, server.url
+    loop.stop()
     server.close()
 
 
@@ -48,11 +48,11 @@ def strict():
     tokenizer = build_tokenizer()
     tokenizer.chat_template = None
     engine = FakeEngine(tokenizer, step_delay_s=0.05)
-    driver, server = serve_fake(
-        engine, api_key=API_KEY, max_body_bytes=2048, driver={"max_queued_requests": 2}
+    loop, server = serve_fake(
+        engine, api_key=API_KEY, max_body_bytes=2048, loop={"max_queued_requests": 2}
     )
-    yield engine, driver, server.url
-    driver.stop()
+    yield engine, loop, server.url
+    loop.stop()
     server.close()
 
 

@@ -20,7 +20,7 @@ from tests.helpers.server_helpers import (
 
 
 def test_models_health_metrics(main):
-    engine, driver, url = main
+    engine, loop, url = main
     models = openai_client(url).models.list()
     assert [m.id for m in models.data] == ["fake-model"]
     assert openai_client(url).models.retrieve("fake-model").id == "fake-model"

@@ -30,7 +30,7 @@ from tests.server.test_http_validation import BAD_COMPLETIONS  # the same invali
 # -- concurrency ----------------------------------------------------------------------
 def test_many_concurrent_clients_mixed(main):
     """40 clients at once, a third of them invalid; each valid one answered exactly and once."""
-    engine, driver, url = main
+    engine, loop, url = main
     engine.step_delay_s = 0.002
     rng = random.Random(0)
     jobs = []
@@ -78,13 +78,13 @@ def test_many_concurrent_clients_mixed(main):
             assert payload["choices"][0]["finish_reason"] == finish
             ids.add(payload["id"])
     assert len(ids) == sum(k == "ok" for k, _ in jobs)  # one answer per request
-    assert wait_until(lambda: driver.num_in_flight == 0, 5)
+    assert wait_until(lambda: loop.num_in_flight == 0, 5)
     metrics = parse_metrics(requests.get(f"{url}/metrics", timeout=5).text)
     assert engine.free_blocks == engine.num_blocks  # no block leaked
     assert metrics["dstp:kv_cache_usage_perc"] == 0
     assert metrics["dstp:num_requests_in_flight"] == 0
     assert requests.get(f"{url}/health", timeout=5).status_code == 200
-    assert len(engine.thread_ids) == 1  # only the driver thread ever touched the engine
+    assert len(engine.thread_ids) == 1  # only the engine loop thread ever touched the engine
 
 
 # -- failures -------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def test_engine_failure_errors_in_flight_and_health():
     """A rank 'dies' mid-stream: the stream gets an error event, /health 503, on_fatal runs."""
     engine = FakeEngine(build_tokenizer(), step_delay_s=0.02)
     fatal = []
-    driver, server = serve_fake(engine, driver={"on_fatal": fatal.append})
+    loop, server = serve_fake(engine, loop={"on_fatal": fatal.append})
     try:
         resp = requests.post(
             f"{server.url}/v1/completions",
@@ -111,14 +111,14 @@ def test_engine_failure_errors_in_flight_and_health():
         resp = requests.post(f"{server.url}/v1/completions", json={"prompt": "x"}, timeout=5)
         assert resp.status_code == 503 and resp.headers["Retry-After"]
     finally:
-        driver.stop()
+        loop.stop()
         server.close()
 
 
 def test_idle_heartbeat_notices_dead_rank():
     engine = FakeEngine(build_tokenizer())
     fatal = []
-    driver, server = serve_fake(engine, driver={"on_fatal": fatal.append})
+    loop, server = serve_fake(engine, loop={"on_fatal": fatal.append})
     try:
         t0 = time.monotonic()
         engine.dead = "rank 3 is gone"
@@ -126,7 +126,7 @@ def test_idle_heartbeat_notices_dead_rank():
         assert time.monotonic() - t0 < 2  # heartbeat interval is 0.2 s
         assert requests.get(f"{server.url}/health", timeout=5).status_code == 503
     finally:
-        driver.stop()
+        loop.stop()
         server.close()
 
 
@@ -135,22 +135,20 @@ def test_hung_rank_watchdog():
     engine = FakeEngine(build_tokenizer())
     release = threading.Event()
     fatal = []
-    driver, server = serve_fake(
-        engine, driver={"on_fatal": fatal.append, "heartbeat_timeout_s": 1.0}
-    )
+    loop, server = serve_fake(engine, loop={"on_fatal": fatal.append, "heartbeat_timeout_s": 1.0})
     try:
         engine.heartbeat = lambda: release.wait(30)
         assert wait_until(lambda: fatal, 5)
         assert "did not return" in str(fatal[0])
     finally:
         release.set()
-        driver.stop()
+        loop.stop()
         server.close()
 
 
 def test_stop_fails_in_flight_requests():
     engine = FakeEngine(build_tokenizer(), step_delay_s=0.02)
-    driver, server = serve_fake(engine)
+    loop, server = serve_fake(engine)
     try:
         body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True}
         with ThreadPoolExecutor(1) as pool:
@@ -158,7 +156,7 @@ def test_stop_fails_in_flight_requests():
                 requests.post, f"{server.url}/v1/completions", json=body, timeout=20
             )
             assert wait_until(lambda: engine.requests, 5)
-            driver.stop("server shutting down")
+            loop.stop("server shutting down")
             resp = pending.result()
         assert resp.status_code == 503 and "shutting down" in resp.json()["error"]["message"]
         assert engine.shut_down

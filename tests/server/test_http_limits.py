@@ -107,7 +107,7 @@ def _raw_post(url: str, path: str, body: dict) -> socket.socket:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_aborts_and_frees_blocks(main, stream):
-    engine, driver, url = main
+    engine, loop, url = main
     engine.step_delay_s = 0.01
     try:
         before = len(engine.aborted)
@@ -124,7 +124,7 @@ def test_client_disconnect_aborts_and_frees_blocks(main, stream):
         sock.close()
         assert wait_until(lambda: len(engine.aborted) > before, 10), "request not aborted"
         assert wait_until(lambda: engine.free_blocks == engine.num_blocks, 5)
-        assert wait_until(lambda: driver.num_in_flight == 0, 5)
+        assert wait_until(lambda: loop.num_in_flight == 0, 5)
         assert engine.num_steps  # and the server still answers
         assert requests.get(f"{url}/health", timeout=5).status_code == 200
     finally:
@@ -171,7 +171,7 @@ def test_no_chat_template_400(strict):
 
 
 def test_full_queue_429_with_retry_after(strict):
-    engine, driver, url = strict
+    engine, loop, url = strict
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {"prompt": "slow", "max_tokens": 16, "ignore_eos": True}
     with ThreadPoolExecutor(2) as pool:
@@ -181,7 +181,7 @@ def test_full_queue_429_with_retry_after(strict):
             )
             for _ in range(2)
         ]
-        assert wait_until(lambda: driver.num_in_flight == 2, 10)
+        assert wait_until(lambda: loop.num_in_flight == 2, 10)
         resp = requests.post(f"{url}/v1/completions", json=body, headers=headers, timeout=10)
         assert resp.status_code == 429, resp.text
         assert int(resp.headers["Retry-After"]) >= 1

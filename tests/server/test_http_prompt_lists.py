@@ -152,7 +152,7 @@ def test_chat_template_kwargs_reach_the_template():
     tokenizer = build_tokenizer()
     tokenizer.chat_template = KWARGS_TEMPLATE
     engine = FakeEngine(tokenizer)
-    driver, server = serve_fake(engine)
+    loop, server = serve_fake(engine)
     try:
         messages = [{"role": "user", "content": "hi"}]
 
@@ -184,5 +184,5 @@ def test_chat_template_kwargs_reach_the_template():
             assert resp.status_code == 400
             assert resp.json()["error"]["param"] == "chat_template_kwargs"
     finally:
-        driver.stop()
+        loop.stop()
         server.close()

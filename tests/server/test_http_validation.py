@@ -213,7 +213,7 @@ def test_surrogate_pair_is_fine(main):
 
 def test_internal_error_is_generic_with_id(main, caplog, monkeypatch):
     """A bug answers 500 with an id; its text and traceback go to the log only."""
-    engine, driver, url = main
+    engine, loop, url = main
     secret = "secret-internal-detail-42"
 
     def broken_add(*_args, **_kwargs):
@@ -229,7 +229,7 @@ def test_internal_error_is_generic_with_id(main, caplog, monkeypatch):
     error_id = re.search(r"err-[0-9a-f]{12}", err["message"]).group(0)
     logged = [r for r in caplog.records if error_id in r.getMessage()]
     assert logged and logged[0].exc_info and secret in str(logged[0].exc_info[1])
-    assert wait_until(lambda: driver.num_in_flight == 0, 5)
+    assert wait_until(lambda: loop.num_in_flight == 0, 5)
 
 
 def test_internal_error_mid_stream_is_generic(main, caplog, monkeypatch):

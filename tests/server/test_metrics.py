@@ -1,6 +1,6 @@
 """/metrics through prometheus_client with vLLM's names (``dstp:`` for ``vllm:``), the
 request log lines of --enable-log-requests and the periodic load line; fake engine, real
-driver, Flask app and waitress server in-process."""
+engine loop, Flask app and waitress server in-process."""
 
 from __future__ import annotations
 
@@ -48,21 +48,21 @@ VLLM_METRICS = {
 
 
 class _Served:
-    def __init__(self, engine: FakeEngine, **driver_kw) -> None:
+    def __init__(self, engine: FakeEngine, **loop_kw) -> None:
         self.engine = engine
-        self.driver = EngineLoop(engine, heartbeat_interval_s=0.1, **driver_kw)
-        self.driver.start()
+        self.loop = EngineLoop(engine, heartbeat_interval_s=0.1, **loop_kw)
+        self.loop.start()
         cfg = ServerConfig(
             model_name=MODEL,
             max_model_len=engine.max_model_len,
             vocab_size=engine.vocab_size,
             block_size=engine.block_size,
         )
-        self.server = InProcessServer.start(create_app(self.driver, engine.tokenizer, cfg))
+        self.server = InProcessServer.start(create_app(self.loop, engine.tokenizer, cfg))
         self.url = self.server.url
 
     def close(self) -> None:
-        self.driver.stop()
+        self.loop.stop()
         self.server.close()
 
     def complete(self, **body) -> dict:

@@ -13,6 +13,7 @@ import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -31,14 +32,14 @@ FAST_S = 1.0  # /health and /metrics must answer within this, however busy
 
 
 def _serve(engine, max_queued: int, threads: int | None = None, **limits):
-    driver = EngineLoop(engine, heartbeat_interval_s=0.2, max_queued_requests=max_queued)
-    driver.start()
+    loop = EngineLoop(engine, heartbeat_interval_s=0.2, max_queued_requests=max_queued)
+    loop.start()
     cfg = ServerConfig(
         model_name="fake-model", max_model_len=engine.max_model_len, vocab_size=engine.vocab_size
     )
-    app = create_app(driver, engine.tokenizer, cfg)
+    app = create_app(loop, engine.tokenizer, cfg)
     server = InProcessServer.start(app, threads=threads or http_threads(max_queued), **limits)
-    return driver, server
+    return loop, server
 
 
 def _connect(url: str) -> socket.socket:
@@ -73,12 +74,12 @@ def _timed_get(url: str) -> tuple[int, float]:
 
 def test_admission_limit_bounds_work_and_health_stays_fast():
     engine = FakeEngine(build_tokenizer(), step_delay_s=0.05)  # 250 tokens: a 12 s stream
-    driver, server = _serve(engine, LIMIT)
+    loop, server = _serve(engine, LIMIT)
     url = server.url
     streams = []
     try:
         streams = [_open_stream(url) for _ in range(LIMIT)]
-        assert wait_until(lambda: driver.num_in_flight == LIMIT, 5)
+        assert wait_until(lambda: loop.num_in_flight == LIMIT, 5)
 
         def post(_i):
             t0 = time.monotonic()
@@ -131,9 +132,9 @@ def test_admission_limit_bounds_work_and_health_stays_fast():
     finally:
         for sock in streams:
             sock.close()
-        assert wait_until(lambda: driver.num_in_flight == 0, 10)
+        assert wait_until(lambda: loop.num_in_flight == 0, 10)
         assert engine.free_blocks == engine.num_blocks
-        driver.stop()
+        loop.stop()
         server.close()
 
 
@@ -141,7 +142,7 @@ def test_fast_lane_answers_when_every_request_thread_is_busy():
     """/health, /metrics, /v1/models have threads of their own: with the request pool
     exhausted (here 2 threads, both streaming) they still answer at once."""
     engine = FakeEngine(build_tokenizer(), step_delay_s=0.05)
-    driver, server = _serve(engine, max_queued=8, threads=2)
+    loop, server = _serve(engine, max_queued=8, threads=2)
     streams = []
     try:
         streams = [_open_stream(server.url) for _ in range(2)]
@@ -152,8 +153,8 @@ def test_fast_lane_answers_when_every_request_thread_is_busy():
     finally:
         for sock in streams:
             sock.close()
-        assert wait_until(lambda: driver.num_in_flight == 0, 10)
-        driver.stop()
+        assert wait_until(lambda: loop.num_in_flight == 0, 10)
+        loop.stop()
         server.close()
 
 
@@ -174,7 +175,7 @@ def test_slow_clients_are_disconnected_within_the_read_deadline():
     that outlasts both deadlines, and a client a little slow but in time, are served."""
     read_s = 1.0
     engine = FakeEngine(build_tokenizer(), step_delay_s=0.02)
-    driver, server = _serve(engine, 8, request_read_timeout_s=read_s, idle_timeout_s=1)
+    loop, server = _serve(engine, 8, request_read_timeout_s=read_s, idle_timeout_s=1)
     url = server.url
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -237,15 +238,16 @@ def test_slow_clients_are_disconnected_within_the_read_deadline():
             events = sse_events(resp.iter_lines())
             assert events[-1] == "[DONE]" and len(events) > 100
     finally:
-        driver.stop()
+        loop.stop()
         server.close()
 
 
 def test_thread_pool_is_sized_from_the_admission_limit():
     from dstp.server import cli, limits
 
-    # the flags' help quotes the server's numbers
-    help_text = " ".join(cli.build_parser().format_help().split())
+    # the flags' help and docs/serving.md (where the how lives) quote the server's numbers
+    docs = (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
+    help_text = " ".join((cli.build_parser().format_help() + docs).split())
     for number in (
         f"+ {limits.RESERVE_THREADS}",
         f"have {limits.FAST_THREADS} threads",
