@@ -200,8 +200,9 @@ class Scheduler:
             seq.blocks.append(self.allocator.allocate())
         return True
 
-    def _match_prefix(self, seq: Sequence) -> None:
-        """Reuse cached blocks for the leading full blocks of a fresh sequence."""
+    def _match_prefix(self, seq: Sequence) -> tuple[int, int]:
+        """Reuse cached blocks for the leading full blocks of a fresh sequence; (blocks
+        looked up, blocks found), for the hit rate once the sequence is admitted."""
         bs = self.block_size
         # keep at least one token to compute: its logits are needed
         full = (len(seq.token_ids) - 1) // bs
@@ -216,11 +217,11 @@ class Scheduler:
                 break
             seq.blocks.append(self.allocator.share(block))
             hits += 1
-        self.allocator.record_lookups(len(hashes), hits)
         seq.block_hashes = hashes[:hits]
         seq.num_computed = hits * bs
         if seq.index == 0 and not seq.request.forked:
             seq.request.num_cached_tokens = seq.num_computed
+        return len(hashes), hits
 
     def _preempt(self, seq: Sequence) -> None:
         self._free(seq)
@@ -253,14 +254,16 @@ class Scheduler:
             self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
+            lookups = (0, 0)
             if seq.num_computed == 0 and not seq.blocks:
-                self._match_prefix(seq)
+                lookups = self._match_prefix(seq)
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             if not self._reserve(seq, n, copies):
                 self._free(seq)
                 seq.num_computed = 0
                 seq.block_hashes = []
                 break
+            self.allocator.record_lookups(*lookups)  # once per admission, not per retry
             self.waiting.popleft()
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))

@@ -181,6 +181,15 @@ def test_a_repeated_prompt_reuses_the_cached_full_blocks():
     run_all(sched)
 
 
+def test_a_waiting_prompt_counts_its_lookups_once_however_often_it_retries():
+    sched = make(num_blocks=4, block_size=4)
+    add(sched, list(range(12)), max_tokens=4)  # 2 blocks looked up; takes 3, then a 4th
+    add(sched, list(range(100, 109)), max_tokens=1)  # 2 blocks looked up; waits for 3
+    steps = run_all(sched)
+    assert len(steps) > 2  # the second prompt retried admission several times
+    assert (sched.allocator.queries, sched.allocator.hits) == (2 + 2, 0)
+
+
 def test_cached_prefixes_are_evicted_least_recently_used_first():
     sched = make(num_blocks=8, block_size=4)
     first, second = list(range(10, 19)), list(range(20, 29))  # 2 full blocks + 1 token each
