@@ -234,76 +234,25 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
 
     from deepspeed.accelerator import get_accelerator
 
+    from dstp.replicas.layout import ReplicaLayout
+
     accel = get_accelerator()
     world = launched_world_size()
     rank = _env_int("RANK", default=0)
     local_rank = _env_int("LOCAL_RANK", default=0)
     local_size = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world)
-
-    if accel.device_name() == "cpu":
-        _pin_cpu_threads(local_rank, local_size)
-        device = torch.device("cpu")
-    else:
-        index = local_rank % max(1, accel.device_count())
-        if index != local_rank:
-            log.warning(
-                "more local ranks than devices: rank %d shares device %d (gloo only)", rank, index
-            )
-        accel.set_device(index)
-        device = torch.device(accel.device_name(index))
-
-    from dstp.replicas.layout import ReplicaLayout
-
+    device = _bind_device(accel, rank, local_rank, local_size)
     layout = ReplicaLayout(world, tp_size if tp_size is not None else tp_size_from_env(world))
     tp, replicas, replica = layout.tp, layout.num_replicas, layout.replica_of(rank)
     group = cpu_group = world_cpu = None
     fast = in_fp32 = False
     backend = os.environ.get("DSTP_DIST_BACKEND") or accel.communication_backend_name()
     if world > 1:
-        import deepspeed
-        import deepspeed.comm as dist
-        import torch.distributed as tdist
-
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        # DeepSpeed's shm kernel reads LOCAL_SIZE (its launcher sets it, torchrun
-        # does not); unset, the kernel is never initialised and crashes.
-        os.environ.setdefault("LOCAL_SIZE", str(local_size))
-        if accel.device_name() == "cpu":
-            from dstp.cpu.kernels import clear_stale_extension_lock
-
-            clear_stale_extension_lock("deepspeed_shm_comm")
-            if local_rank == 0 and not _shm_op_built():
-                log.info(
-                    "building DeepSpeed's shared-memory all-reduce op "
-                    "(first start only, about a minute)"
-                )
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            timeout=timedelta(seconds=timeout_s),
-            verbose=False,
-        )
-        group = dist.get_world_group()
-        world_cpu = group if backend == "gloo" else tdist.new_group(backend="gloo")
+        group, world_cpu = _join_world(accel, backend, local_rank, local_size, timeout_s)
         cpu_group = world_cpu
-        atexit.register(shutdown)
         if replicas > 1:
             group, cpu_group = _replica_groups(layout, replica, backend)
-        fast = tp > 1 and _fast_all_reduce_available(accel.device_name(), world, local_size)
-        if fast and accel.device_name() == "cpu":
-            level = _shm_kernel_level()
-            fast, in_fp32 = level >= 1, level == 1
-        if fast and replicas > 1 and accel.device_name() == "cpu":
-            # DeepSpeed's shared-memory all-reduce ignores its group: it would sum
-            # over every rank of the host, every replica's together.
-            fast = False
-            if rank == 0:
-                log.warning(
-                    "%d replicas of TP=%d: DeepSpeed's shared-memory all-reduce ignores its "
-                    "group, so each TP group all-reduces over gloo (slower)",
-                    replicas,
-                    tp,
-                )
+        fast, in_fp32 = _fast_all_reduce(accel.device_name(), layout, rank, local_size)
         if accel.device_name() == "cpu":
             _unlink_shm_segment(rank)
 
@@ -335,6 +284,79 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
         in_fp32,
     )
     return _TP
+
+
+def _bind_device(accel, rank: int, local_rank: int, local_size: int) -> torch.device:
+    """This rank's device: the CPU (its threads pinned to this rank's share of the
+    cores), or the accelerator of its local rank (shared when there are fewer)."""
+    if accel.device_name() == "cpu":
+        _pin_cpu_threads(local_rank, local_size)
+        return torch.device("cpu")
+    index = local_rank % max(1, accel.device_count())
+    if index != local_rank:
+        log.warning(
+            "more local ranks than devices: rank %d shares device %d (gloo only)", rank, index
+        )
+    accel.set_device(index)
+    return torch.device(accel.device_name(index))
+
+
+def _join_world(
+    accel, backend: str, local_rank: int, local_size: int, timeout_s: float
+) -> tuple[object, object]:
+    """Join the launched world over ``backend``: (the world group, a gloo group over
+    the world for host-side messages)."""
+    import deepspeed
+    import deepspeed.comm as dist
+    import torch.distributed as tdist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    # DeepSpeed's shm kernel reads LOCAL_SIZE (its launcher sets it, torchrun
+    # does not); unset, the kernel is never initialised and crashes.
+    os.environ.setdefault("LOCAL_SIZE", str(local_size))
+    if accel.device_name() == "cpu":
+        from dstp.cpu.kernels import clear_stale_extension_lock
+
+        clear_stale_extension_lock("deepspeed_shm_comm")
+        if local_rank == 0 and not _shm_op_built():
+            log.info(
+                "building DeepSpeed's shared-memory all-reduce op (first start only, about a minute)"
+            )
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        timeout=timedelta(seconds=timeout_s),
+        verbose=False,
+    )
+    group = dist.get_world_group()
+    world_cpu = group if backend == "gloo" else tdist.new_group(backend="gloo")
+    atexit.register(shutdown)
+    return group, world_cpu
+
+
+def _fast_all_reduce(
+    device_name: str, layout: ReplicaLayout, rank: int, local_size: int
+) -> tuple[bool, bool]:
+    """Whether the TP group all-reduces through DeepSpeed's fast kernel, and whether
+    that kernel sums 16-bit values in fp32 (the CPU shared-memory kernel's level 1)."""
+    tp, replicas = layout.tp, layout.num_replicas
+    fast = tp > 1 and _fast_all_reduce_available(device_name, layout.world, local_size)
+    in_fp32 = False
+    if fast and device_name == "cpu":
+        level = _shm_kernel_level()
+        fast, in_fp32 = level >= 1, level == 1
+    if fast and replicas > 1 and device_name == "cpu":
+        # DeepSpeed's shared-memory all-reduce ignores its group: it would sum
+        # over every rank of the host, every replica's together.
+        fast = False
+        if rank == 0:
+            log.warning(
+                "%d replicas of TP=%d: DeepSpeed's shared-memory all-reduce ignores its "
+                "group, so each TP group all-reduces over gloo (slower)",
+                replicas,
+                tp,
+            )
+    return fast, in_fp32
 
 
 def _replica_groups(layout: ReplicaLayout, mine: int, backend: str) -> tuple[object, object]:
