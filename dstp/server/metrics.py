@@ -47,19 +47,48 @@ REQUEST_LATENCY_BUCKETS = (
 )  # fmt: skip
 N_BUCKETS = (1, 2, 5, 10, 20)
 
-# vLLM name (without prefix) -> help; the phase histograms observed per finished request.
+TOKENS = None  # a histogram of token counts: 1-2-5 buckets up to max_model_len
+# FinishedRequest.phases() -> what its histogram's help says it measures
 _PHASES = {
-    "e2e_request_latency_seconds": "Histogram of e2e request latency in seconds.",
-    "request_queue_time_seconds": "Histogram of time spent in WAITING phase for request.",
-    "request_inference_time_seconds": "Histogram of time spent in RUNNING phase for request.",
-    "request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
-    "request_decode_time_seconds": "Histogram of time spent in DECODE phase for request.",
+    "e2e_request_latency_seconds": "e2e request latency in seconds",
+    "request_queue_time_seconds": "time spent in WAITING phase for request",
+    "request_inference_time_seconds": "time spent in RUNNING phase for request",
+    "request_prefill_time_seconds": "time spent in PREFILL phase for request",
+    "request_decode_time_seconds": "time spent in DECODE phase for request",
 }
-# engine stats key -> (vLLM name, help) of the gauges read at scrape time
-_ENGINE_GAUGES = {
+# vLLM name (without prefix) -> (help, buckets) of the histograms labelled model_name
+_HISTOGRAMS = {
+    "time_to_first_token_seconds": ("Histogram of time to first token in seconds.", TTFT_BUCKETS),
+    "inter_token_latency_seconds": ("Histogram of inter-token latency in seconds.", ITL_BUCKETS),
+    "time_per_output_token_seconds": (
+        "Histogram of time per output token in seconds (same as inter_token_latency).",
+        ITL_BUCKETS,
+    ),
+    **{name: (f"Histogram of {what}.", REQUEST_LATENCY_BUCKETS) for name, what in _PHASES.items()},
+    "request_time_per_output_token_seconds": (
+        "Histogram of time_per_output_token_seconds per request.",
+        ITL_BUCKETS,
+    ),
+    "request_prompt_tokens": ("Number of prefill tokens processed.", TOKENS),
+    "request_generation_tokens": ("Number of generation tokens processed.", TOKENS),
+    "request_params_max_tokens": ("Histogram of the max_tokens request parameter.", TOKENS),
+    "request_params_n": ("Histogram of the n request parameter.", N_BUCKETS),
+}
+# vLLM name -> help of the counters labelled model_name
+_COUNTERS = {
+    "prompt_tokens": "Number of prefill tokens processed.",
+    "generation_tokens": "Number of generation tokens processed.",
+}
+# engine stats key (or the admission count) -> (vLLM name, help) of the gauges read at scrape time
+_GAUGES = {
     "num_running": ("num_requests_running", "Number of requests in model execution batches."),
     "num_waiting": ("num_requests_waiting", "Number of requests waiting to be processed."),
     "kv_usage": ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+    "num_in_flight": (
+        "num_requests_in_flight",
+        "Requests admitted by the HTTP server and not finished (what --max-queued-requests "
+        "bounds).",
+    ),
 }
 
 
@@ -129,73 +158,26 @@ class ServerMetrics:
         self.bind(model_name)
 
     def _define(self, token_buckets: tuple[float, ...]) -> None:
-        def hist(name: str, doc: str, buckets) -> Histogram:
-            return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=reg)
-
         reg, label = self.registry, ["model_name"]
-        self._prompt = Counter(
-            PREFIX + "prompt_tokens", "Number of prefill tokens processed.", label, registry=reg
-        )
-        self._generation = Counter(
-            PREFIX + "generation_tokens",
-            "Number of generation tokens processed.",
-            label,
-            registry=reg,
-        )
+        self._hist = {}
+        for name, (doc, buckets) in _HISTOGRAMS.items():
+            self._hist[name] = Histogram(
+                PREFIX + name, doc, label, buckets=buckets or token_buckets, registry=reg
+            )
+        self._counters = {
+            name: Counter(PREFIX + name, doc, label, registry=reg)
+            for name, doc in _COUNTERS.items()
+        }
         self._success = Counter(
             PREFIX + "request_success",
             "Count of successfully processed requests.",
             [*label, "finished_reason"],
             registry=reg,
         )
-        self._ttft = hist(
-            "time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            TTFT_BUCKETS,
-        )
-        self._itl = [
-            hist(
-                "inter_token_latency_seconds",
-                "Histogram of inter-token latency in seconds.",
-                ITL_BUCKETS,
-            ),
-            hist(
-                "time_per_output_token_seconds",
-                "Histogram of time per output token in seconds (same as inter_token_latency).",
-                ITL_BUCKETS,
-            ),
-        ]
-        self._phases = {
-            name: hist(name, doc, REQUEST_LATENCY_BUCKETS) for name, doc in _PHASES.items()
-        }
-        self._tpot = hist(
-            "request_time_per_output_token_seconds",
-            "Histogram of time_per_output_token_seconds per request.",
-            ITL_BUCKETS,
-        )
-        self._req_prompt = hist(
-            "request_prompt_tokens", "Number of prefill tokens processed.", token_buckets
-        )
-        self._req_generation = hist(
-            "request_generation_tokens", "Number of generation tokens processed.", token_buckets
-        )
-        self._req_max_tokens = hist(
-            "request_params_max_tokens",
-            "Histogram of the max_tokens request parameter.",
-            token_buckets,
-        )
-        self._req_n = hist("request_params_n", "Histogram of the n request parameter.", N_BUCKETS)
         self._gauges = {
             key: Gauge(PREFIX + name, doc, label, registry=reg)
-            for key, (name, doc) in _ENGINE_GAUGES.items()
+            for key, (name, doc) in _GAUGES.items()
         }
-        self._in_flight = Gauge(
-            PREFIX + "num_requests_in_flight",
-            "Requests admitted by the HTTP server and not finished (what "
-            "--max-queued-requests bounds).",
-            label,
-            registry=reg,
-        )
         self._http = Counter(
             "http_requests_total",
             "HTTP requests by handler, method and status code.",
@@ -208,20 +190,7 @@ class ServerMetrics:
         engine stats from ``source`` at scrape time; ``block_size`` turns the prefix cache's
         block counts into tokens, as vLLM counts them."""
         self.model_name, self._source, self._block_size = model_name, source, block_size
-        labelled = [
-            self._prompt,
-            self._generation,
-            self._ttft,
-            *self._itl,
-            self._tpot,
-            *self._phases.values(),
-            self._req_prompt,
-            self._req_generation,
-            self._req_max_tokens,
-            self._req_n,
-            self._in_flight,
-            *self._gauges.values(),
-        ]
+        labelled = [*self._counters.values(), *self._hist.values(), *self._gauges.values()]
         for metric in [*labelled, self._success]:
             metric.clear()
         for metric in labelled:
@@ -230,11 +199,10 @@ class ServerMetrics:
             self._success.labels(model_name, reason)
         for key, gauge in self._gauges.items():
             gauge.labels(model_name).set_function(self._stat(key))
-        self._in_flight.labels(model_name).set_function(
-            lambda: source.num_in_flight if source is not None else 0
-        )
 
     def _stat(self, key: str) -> Callable[[], float]:
+        if key == "num_in_flight":  # the engine loop's admission count, not an engine stat
+            return lambda: self._source.num_in_flight if self._source is not None else 0
         return lambda: float(self.stats().get(key, 0) or 0)
 
     def stats(self) -> Mapping:
@@ -250,41 +218,43 @@ class ServerMetrics:
 
     def observe_prefilled(self, num_tokens: int) -> None:
         """A request's prompt was processed (its first token came out)."""
-        self._prompt.labels(self.model_name).inc(num_tokens)
+        self._counters["prompt_tokens"].labels(self.model_name).inc(num_tokens)
         with self._lock:
             self.prompt_tokens += num_tokens
 
     def observe_tokens(self, num_tokens: int, seconds_each: float | None) -> None:
         """``num_tokens`` new tokens; ``seconds_each`` is the inter-token latency (None: first)."""
-        self._generation.labels(self.model_name).inc(num_tokens)
+        self._counters["generation_tokens"].labels(self.model_name).inc(num_tokens)
         with self._lock:
             self.generation_tokens += num_tokens
         if seconds_each is not None:
-            for hist in self._itl:
+            for name in ("inter_token_latency_seconds", "time_per_output_token_seconds"):
                 for _ in range(num_tokens):
-                    hist.labels(self.model_name).observe(seconds_each)
+                    self._observe(name, seconds_each)
 
     def observe_ttft(self, seconds: float) -> None:
-        self._ttft.labels(self.model_name).observe(seconds)
+        self._observe("time_to_first_token_seconds", seconds)
 
     def observe_finished(self, req: FinishedRequest) -> None:
         """Per-request histograms and request_success_total (one count per choice, as vLLM's
         per-sample child requests are counted)."""
-        name = self.model_name
         phases = req.phases()
         for key, value in phases.items():
-            self._phases[key].labels(name).observe(value)
+            self._observe(key, value)
         per_choice = req.output_tokens / max(1, req.n)
         if per_choice > 1:
-            self._tpot.labels(name).observe(
-                phases["request_decode_time_seconds"] / (per_choice - 1)
-            )
+            decode_s = phases["request_decode_time_seconds"]
+            self._observe("request_time_per_output_token_seconds", decode_s / (per_choice - 1))
         for reason in req.finished_reasons:
-            self._success.labels(name, reason if reason in FINISHED_REASONS else "error").inc()
-        self._req_prompt.labels(name).observe(req.prompt_tokens)
-        self._req_generation.labels(name).observe(req.output_tokens)
-        self._req_max_tokens.labels(name).observe(req.max_tokens)
-        self._req_n.labels(name).observe(req.n)
+            reason = reason if reason in FINISHED_REASONS else "error"
+            self._success.labels(self.model_name, reason).inc()
+        self._observe("request_prompt_tokens", req.prompt_tokens)
+        self._observe("request_generation_tokens", req.output_tokens)
+        self._observe("request_params_max_tokens", req.max_tokens)
+        self._observe("request_params_n", req.n)
+
+    def _observe(self, name: str, value: float) -> None:
+        self._hist[name].labels(self.model_name).observe(value)
 
     def render(self) -> bytes:
         """The whole /metrics page."""
@@ -295,16 +265,10 @@ class _EngineCollector:
     """The engine's cumulative counters (kept by the engine, so exported as they are) and
     one sample per data-parallel replica."""
 
-    _COUNTERS = {
-        "num_preemptions": ("num_preemptions", "Cumulative number of preemption from the engine."),
-        "prefix_cache_queries": (
-            "prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-        ),
-        "prefix_cache_hits": (
-            "prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
-        ),
+    _COUNTERS = {  # engine stats key = name without prefix -> help
+        "num_preemptions": "Cumulative number of preemption from the engine.",
+        "prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
+        "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
     }
 
     def __init__(self, metrics: ServerMetrics) -> None:
@@ -313,8 +277,8 @@ class _EngineCollector:
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         stats = m.stats()
-        for key, (name, doc) in self._COUNTERS.items():
-            family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+        for key, doc in self._COUNTERS.items():
+            family = CounterMetricFamily(PREFIX + key, doc, labels=["model_name"])
             per_token = m._block_size if key.startswith("prefix_cache") else 1
             family.add_metric([m.model_name], float(stats.get(key, 0) or 0) * per_token)
             yield family
