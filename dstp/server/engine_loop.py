@@ -1,11 +1,9 @@
 """``EngineLoop``: the HTTP rank's engine loop; HTTP threads reach it through queues.
 
-The engine is not thread-safe and every ``step()`` is a collective over all ranks, so
-exactly one thread calls it (a :class:`~dstp.engine.loop.StepLoop`, the same loop another
-replica's driver rank runs in :mod:`dstp.replicas.server`). Its watchdog fails every
-request and stops the server when an engine call overruns its
-:class:`~dstp.engine.loop.Liveness` deadline (a dead or hung rank), so the launcher ends
-the job instead of leaving it hanging.
+The engine is not thread-safe and every ``step()`` is a collective over all ranks, so one
+thread calls it (a :class:`~dstp.engine.loop.StepLoop`). A watchdog fails every request and
+stops the server when an engine call overruns its :class:`~dstp.engine.loop.Liveness`
+deadline (a hung or dead rank), so the launcher ends the job instead of leaving it hanging.
 """
 
 from __future__ import annotations
@@ -52,7 +50,7 @@ class RequestHandle:
     prompt_token_ids: list[int]
     params: SamplingParams
     stream: queue.Queue  # (slot, output | exception | _END), shared by the group
-    slot: int = 0  # the prompt's position in its group
+    slot: int = 0
     accepted: threading.Event = field(default_factory=threading.Event)
     reject: BaseException | None = None
     submit_time: float = field(default_factory=time.monotonic)
@@ -60,7 +58,7 @@ class RequestHandle:
     first_token_time: float | None = None
     last_token_time: float | None = None
     output_tokens: int = 0  # so far, over every choice
-    done: bool = False  # set on the loop thread once the final output (or error) is queued
+    done: bool = False  # the final output (or error) is queued
 
     def put(self, item: object) -> None:
         self.stream.put((self.slot, item))
@@ -70,8 +68,8 @@ _END = object()  # on a stream: the request was aborted, nothing more comes
 
 
 class RequestGroup:
-    """The requests of one HTTP request (one prompt, or a /v1/completions prompt list):
-    their outputs arrive on one stream as (slot, output), slot being the prompt's position."""
+    """The requests of one HTTP request (one prompt, or a /v1/completions prompt list);
+    their outputs arrive on one stream as (slot, output)."""
 
     def __init__(
         self, handles: list[RequestHandle], stream: queue.Queue, abort: Callable[[str], None]
@@ -103,24 +101,20 @@ class RequestGroup:
                         return
                 if item is None:
                     continue
-                if item is _END:  # aborted: nobody waits for the rest
+                if item is _END or isinstance(item, BaseException) or item.finished:
                     pending.discard(slot)
+                if item is _END:  # aborted: nobody waits for the rest
                     return
                 if isinstance(item, BaseException):
-                    pending.discard(slot)
                     raise item
                 yield slot, item
-                if item.finished:
-                    pending.discard(slot)
         finally:
             for slot in pending:
                 self._abort(self.handles[slot].request_id)
 
     def result(self, disconnected: Callable[[], bool] | None = None) -> list[RequestOutput] | None:
         """Every member's final output, by slot (None if the client went away first)."""
-        last: dict[int, RequestOutput] = {}
-        for slot, out in self.outputs(disconnected=disconnected):
-            last[slot] = out
+        last = dict(self.outputs(disconnected=disconnected))
         done = [last.get(i) for i in range(len(self.handles))]
         return done if all(o is not None and o.finished for o in done) else None
 
@@ -135,9 +129,7 @@ class _Abort:
     request_id: str
 
 
-@dataclass(frozen=True)
-class _Wake:
-    """Sent by ``stop()``: end the loop now."""
+_WAKE = object()  # sent by stop(): the loop wakes and ends
 
 
 # -- the HTTP rank's loop -------------------------------------------------------------------
@@ -192,7 +184,7 @@ class EngineLoop(StepLoop):
         """Fail in-flight requests with ``reason``, release the followers, join."""
         self._stopping.set()
         self._stop_reason = reason
-        self._commands.put(_Wake())
+        self._commands.put(_WAKE)
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
@@ -210,19 +202,16 @@ class EngineLoop(StepLoop):
             return self._in_flight
 
     def stats(self) -> dict:
-        """Last engine stats snapshot (taken on the loop thread after each step)."""
+        """The engine's stats after the last step or heartbeat."""
         return dict(self._stats)
 
     # -- HTTP side -------------------------------------------------------------
     def submit_many(
         self, prompts: list[tuple[list[int], SamplingParams]], accept_timeout_s: float = 120.0
     ) -> RequestGroup:
-        """Queue requests and wait until the engine admitted them (it adds them all before
-        its next step, so they share batches); each counts against the admission limit.
-
-        Raises ``InvalidRequest`` (400), ``QueueFull`` (429), ``EngineUnavailable`` (503);
-        when one is rejected, the others are aborted.
-        """
+        """Queue requests (added together, so they share batches) and wait until the engine
+        admitted them. Raises ``InvalidRequest`` (400), ``QueueFull`` (429) or
+        ``EngineUnavailable`` (503); when one is rejected, the others are aborted."""
         stream: queue.Queue = queue.Queue()
         base = f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
         handles = [
@@ -235,7 +224,6 @@ class EngineLoop(StepLoop):
         return RequestGroup(handles, stream, self.abort)
 
     def _reserve(self, k: int) -> None:
-        """Count ``k`` requests in flight, or raise why they cannot be."""
         if not self.healthy:
             raise EngineUnavailable(self._unavailable_reason())
         if k > self.max_queued_requests:
@@ -297,14 +285,9 @@ class EngineLoop(StepLoop):
         self._finish_stop()
 
     def take(self, timeout_s: float) -> list[Any]:
-        try:
-            if timeout_s > 0:
-                commands = [self._commands.get(timeout=timeout_s)]
-            else:
-                commands = [self._commands.get_nowait()]
-        except queue.Empty:
-            return []
+        commands: list[Any] = []
         with contextlib.suppress(queue.Empty):
+            commands.append(self._commands.get(block=timeout_s > 0, timeout=timeout_s))
             while True:
                 commands.append(self._commands.get_nowait())
         return commands
@@ -328,27 +311,22 @@ class EngineLoop(StepLoop):
     def _add(self, handle: RequestHandle) -> None:
         try:
             self.engine.add_request(handle.request_id, handle.prompt_token_ids, handle.params)
-        except InvalidRequest as exc:
+        except Exception as exc:  # not InvalidRequest: a bug for this request only (500)
+            if not isinstance(exc, InvalidRequest):
+                log.exception("add_request failed for %s", handle.request_id)
             handle.reject = exc
-        except Exception as exc:  # a bug for this request only: answer 500, keep serving
-            log.exception("add_request failed for %s", handle.request_id)
-            handle.reject = exc
+            self._release()
         else:
             handle.submit_time = time.monotonic()
             self._handles[handle.request_id] = handle
-            self.metrics.observe_prompt(len(handle.prompt_token_ids))
-        if handle.reject is not None:
-            self._release()
         handle.accepted.set()
 
     def _abort(self, request_id: str) -> None:
         handle = self._handles.pop(request_id, None)
         if handle is None:
             return  # already finished (or never admitted)
-        with contextlib.suppress(KeyError):
-            self.engine.abort(request_id)
-        self._finished(handle, ["abort"] * handle.params.n, "aborted")
-        self._close(handle, _END)
+        self.engine.abort(request_id)
+        self._end(handle, "aborted", _END)
 
     def _mark_scheduled(self, step_started: float) -> None:
         """Note when each request first ran (its queue time ends); a request the engine
@@ -415,6 +393,12 @@ class EngineLoop(StepLoop):
         except Exception:  # bookkeeping must never fail a request
             log.exception("recording the end of request %s failed", handle.request_id)
 
+    def _end(self, handle: RequestHandle, status: str, last: object) -> None:
+        """End a request the engine did not finish (aborted, or failed with the engine)."""
+        if not handle.done:
+            self._finished(handle, ["abort"] * handle.params.n, status)
+        self._close(handle, last)
+
     def _close(self, handle: RequestHandle, last: object) -> None:
         if handle.done:
             return
@@ -462,15 +446,9 @@ class EngineLoop(StepLoop):
 
     def _fail_all(self, error: RequestFailed) -> None:
         for handle in list(self._handles.values()):
-            if not handle.done:
-                self._finished(handle, ["abort"] * handle.params.n, "failed")
-            self._close(handle, error)
+            self._end(handle, "failed", error)
         self._handles.clear()
-        while True:  # requests still in the command queue
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
+        for command in self.take(0):  # requests still in the command queue
             if isinstance(command, _Add):
                 for handle in command.handles:
                     handle.reject = EngineUnavailable(str(error))
