@@ -46,8 +46,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The one flag definition shared by ``dstp serve`` and ``launch/serve.py``."""
     parser.formatter_class = _HelpFormatter
-    _model_flags(parser.add_argument_group("model"))
-    _engine_flags(parser.add_argument_group("engine"))
+    model, engine = parser.add_argument_group("model"), parser.add_argument_group("engine")
+    _model_flags(model)
+    _model_use_flags(model)
+    _engine_flags(engine)
+    _scheduler_flags(engine)
     _http_flags(parser.add_argument_group("HTTP"))
     _liveness_flags(parser.add_argument_group("liveness"))
 
@@ -55,26 +58,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _model_flags(m: argparse._ArgumentGroup) -> None:
     m.add_argument(
         "--model",
-        default=None,
         help="the model to serve: a checkpoint folder or a Hugging Face hub id (fetched once "
         "if not cached). Omitted: the built-in stories260K, a tiny Llama that writes "
         "children's stories; 'random': a small random Llama (gibberish, for benchmarks)",
     )
     m.add_argument(
         "--revision",
-        default=None,
         help="branch, tag or commit of a hub --model (default: main)",
     )
     m.add_argument(
         "--download-dir",
-        default=None,
         help="Hugging Face cache folder to find and fetch a hub --model in "
         "(default: $HF_HUB_CACHE, else ~/.cache/huggingface/hub)",
     )
     m.add_argument(
         "--served-model-name",
         nargs="+",
-        default=None,
         metavar="NAME",
         help="model id(s) requests may name; the first is the one /v1/models and responses "
         "report (default: --model as given, or the built-in model's name)",
@@ -93,10 +92,12 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
         help="CPU: the precision bf16 matrix products of prefill and batched decode compute "
         "in; auto picks the faster on this CPU (docs/serving.md says how)",
     )
+
+
+def _model_use_flags(m: argparse._ArgumentGroup) -> None:
     m.add_argument(
         "--max-model-len",
         type=int,
-        default=None,
         help="context length (prompt + completion) in tokens; default: the model's",
     )
     m.add_argument(
@@ -109,7 +110,6 @@ def _model_flags(m: argparse._ArgumentGroup) -> None:
     )
     m.add_argument(
         "--chat-template",
-        default=None,
         help="chat template for /v1/chat/completions instead of the tokenizer's: a file "
         "(Jinja) or the template itself inline",
     )
@@ -131,7 +131,6 @@ def _engine_flags(e: argparse._ArgumentGroup) -> None:
         "--tensor-parallel-size",
         "-tp",
         type=int,
-        default=None,
         help="ranks that split one copy of the model (default: every rank the launcher "
         "starts); it must divide them, and W ranks at TP=T serve W/T replicas",
     )
@@ -139,21 +138,18 @@ def _engine_flags(e: argparse._ArgumentGroup) -> None:
         "--data-parallel-size",
         "-dp",
         type=int,
-        default=None,
         help="copies of the model behind one endpoint, requests going to the least loaded "
         "(default: the ranks / --tensor-parallel-size)",
     )
     e.add_argument(
         "--seed",
         type=int,
-        default=None,
         help="makes a server run answer the same sequence of requests the same way (requests "
         "without a seed get one drawn from it); default: unseeded requests vary",
     )
     e.add_argument(
         "--kv-cache-memory",
         type=float,
-        default=None,
         help="KV-cache memory per rank in GiB (default: sized from the device's free memory; "
         "docs/serving.md says how)",
     )
@@ -167,9 +163,11 @@ def _engine_flags(e: argparse._ArgumentGroup) -> None:
     e.add_argument(
         "--num-kv-blocks",
         type=int,
-        default=None,
         help="exact KV-cache blocks per rank, overriding --kv-cache-memory",
     )
+
+
+def _scheduler_flags(e: argparse._ArgumentGroup) -> None:
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     e.add_argument(
         "--max-num-seqs", type=int, default=64, help="most sequences in one running batch"
@@ -183,7 +181,7 @@ def _engine_flags(e: argparse._ArgumentGroup) -> None:
     e.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=None,  # None: not given (prefix_caching_enabled)
         help="share KV blocks between requests with a common prompt prefix (default: on)",
     )
     _switch(
@@ -204,7 +202,6 @@ def _http_flags(h: argparse._ArgumentGroup) -> None:
     h.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
     h.add_argument(
         "--api-key",
-        default=None,
         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
         "(default: $DSTP_API_KEY, else no key)",
     )
@@ -224,7 +221,6 @@ def _http_flags(h: argparse._ArgumentGroup) -> None:
     h.add_argument(
         "--http-threads",
         type=int,
-        default=None,
         help=f"HTTP worker threads (default: --max-queued-requests + {RESERVE_THREADS}); fewer "
         f"lower the admission limit to them minus {RESERVE_THREADS}",
     )
@@ -278,7 +274,6 @@ def _liveness_flags(r: argparse._ArgumentGroup) -> None:
         "--local_rank",
         "--local-rank",
         type=int,
-        default=None,
         help="set by the deepspeed launcher; ignored (the rank comes from the environment)",
     )
 
