@@ -37,12 +37,7 @@ SAMPLING_FIELDS: dict[str, object] = {
 # Sampling fields each endpoint resolves itself (context fit; chat's boolean logprobs).
 _RESOLVED = ("max_tokens", "logprobs")
 
-_OPENAI_FIELDS = {
-    "model": str,
-    "stream": bool,
-    "stream_options": ANY,
-    "logit_bias": ANY,
-}
+_OPENAI_FIELDS = {"model": str, "stream": bool, "stream_options": ANY, "logit_bias": ANY}
 # OpenAI fields that do not change what is generated: accepted and ignored (each is
 # logged the first time it is seen), so clients that send them work unchanged.
 IGNORED_FIELDS = frozenset(
@@ -50,14 +45,7 @@ IGNORED_FIELDS = frozenset(
 )
 _ignored_seen: set[str] = set()
 COMPLETION_FIELDS = (
-    SAMPLING_FIELDS
-    | _OPENAI_FIELDS
-    | {
-        "prompt": ANY,
-        "echo": bool,
-        "suffix": ANY,
-        "best_of": ANY,
-    }
+    SAMPLING_FIELDS | _OPENAI_FIELDS | {"prompt": ANY, "echo": bool, "suffix": ANY, "best_of": ANY}
 )
 CHAT_FIELDS = (
     SAMPLING_FIELDS
@@ -439,6 +427,12 @@ def _message_text(i: int, message: object) -> dict:
     return out
 
 
+def _messages(raw: object) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise bad("'messages' must be a non-empty list of messages", param="messages")
+    return [_message_text(i, m) for i, m in enumerate(raw)]
+
+
 def _check_chat_options(body: dict) -> int | None:
     """400 for what chat does not support; the number of top logprobs (None: none)."""
     if body.get("tools"):
@@ -477,10 +471,7 @@ def parse_chat(
     template."""
     _check(body, CHAT_FIELDS)
     template_kwargs = chat_template_kwargs(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("'messages' must be a non-empty list of messages", param="messages")
-    messages = [_message_text(i, m) for i, m in enumerate(messages)]
+    messages = _messages(body.get("messages"))
     logprobs = _check_chat_options(body)
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
     ids = render(messages, **template_kwargs)
@@ -529,13 +520,8 @@ def parse_tokenize(body: dict) -> TokenizeRequest:
     has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
     if has_prompt == has_messages:
         raise bad("send exactly one of 'prompt' (text) and 'messages' (chat)", param="prompt")
-    messages = None
-    if has_messages:
-        raw = body["messages"]
-        if not isinstance(raw, list) or not raw:
-            raise bad("'messages' must be a non-empty list of messages", param="messages")
-        messages = [_message_text(i, m) for i, m in enumerate(raw)]
-    else:
+    messages = _messages(body["messages"]) if has_messages else None
+    if not has_messages:
         _valid_text(body["prompt"], "prompt")
     return TokenizeRequest(
         prompt=body.get("prompt"),
