@@ -144,25 +144,15 @@ def _add_generation_routes(app: Flask, serving: Serving) -> None:
     def probe():
         return request.environ.get("waitress.client_disconnected")
 
-    @app.post("/v1/completions")
-    def completions():
-        return serving.completions(body(), probe())
-
-    @app.post("/v1/chat/completions")
-    def chat_completions():
-        return serving.chat(body(), probe())
-
-    @app.post("/generate")
-    def generate():
-        return serving.generate(body(), probe())
-
-    @app.post("/tokenize")
-    def tokenize():
-        return serving.tokenize(body())
-
-    @app.post("/detokenize")
-    def detokenize():
-        return serving.detokenize(body())
+    views = {
+        "/v1/completions": lambda: serving.completions(body(), probe()),
+        "/v1/chat/completions": lambda: serving.chat(body(), probe()),
+        "/generate": lambda: serving.generate(body(), probe()),
+        "/tokenize": lambda: serving.tokenize(body()),
+        "/detokenize": lambda: serving.detokenize(body()),
+    }
+    for path, view in views.items():
+        app.add_url_rule(path, path, view, methods=["POST"])
 
 
 def _add_info_routes(app: Flask, loop: EngineLoop, config: ServerConfig) -> None:
