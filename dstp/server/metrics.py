@@ -212,10 +212,6 @@ class ServerMetrics:
     def count_request(self, handler: str, method: str, status: int) -> None:
         self._http.labels(handler, method, str(status)).inc()
 
-    def observe_prompt(self, num_tokens: int) -> None:
-        """Admission: nothing to count (prompt tokens count once prefilled, as in vLLM).
-        Kept until the engine loop stops calling it."""
-
     def observe_prefilled(self, num_tokens: int) -> None:
         """A request's prompt was processed (its first token came out)."""
         self._counters["prompt_tokens"].labels(self.model_name).inc(num_tokens)
