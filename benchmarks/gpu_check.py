@@ -193,7 +193,7 @@ def check_server(ctx: Context, rec: Record) -> None:
     """The server on stories260k: completion, streaming, chat (400: no template), /metrics."""
     import requests
 
-    from tests.launcher import free_port
+    from tests.helpers.launcher import free_port
 
     port = free_port()
     env = dict(os.environ, DS_ACCELERATOR="cpu") if ctx.device.type == "cpu" else dict(os.environ)

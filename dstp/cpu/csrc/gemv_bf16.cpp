@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #include "bf16.h"
+#include "gemv_call.h"
 #include "shared_ops.h"
 
 #include <cmath>
@@ -51,24 +52,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows(
 torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
                         const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("dstp::gemv_bf16", std::vector<c10::IValue>({x, weight}));
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
-              "gemv_bf16: bf16 inputs only");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.dim() == 2,
-              "gemv_bf16: contiguous x and 2-D weight only");
-  const int64_t n_size = weight.size(0), k_size = weight.size(1);
-  TORCH_CHECK(x.numel() == k_size, "gemv_bf16: x has ", x.numel(), " values, weight wants ", k_size);
-  const uint16_t* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
-                    bias->numel() == n_size,
-                "gemv_bf16: bias must be a contiguous bf16 vector of ", n_size);
-    bp = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-  }
-  auto y = torch::empty({1, n_size}, x.options());
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  auto store = [&](int64_t n, float v) { yp[n] = float_to_bf16(bp ? v + bf16_to_float(bp[n]) : v); };
+  const dstp::GemvCall call(x, weight, bias);
+  const int64_t n_size = call.n_size, k_size = call.k_size;
+  const uint16_t *xp = call.x, *wp = call.w;
+  auto store = [&](int64_t n, float v) { call.store(n, v); };
 
   const int64_t part = n_size / kStreams;
   at::parallel_for(0, part, 16, [&](int64_t begin, int64_t end) {
@@ -86,7 +73,7 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
     dot_rows<1>(xp, row, k_size, out);
     store(n, out[0]);
   }
-  return y;
+  return call.y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

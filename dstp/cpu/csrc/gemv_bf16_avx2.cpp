@@ -23,6 +23,7 @@
 #include <torch/extension.h>
 
 #include "bf16.h"
+#include "gemv_call.h"
 #include "shared_ops.h"
 
 #include <algorithm>
@@ -192,16 +193,6 @@ using RowsFew = void (*)(const float*, const float*, int64_t, int64_t, int64_t, 
 constexpr int kMaxGroup = 2;  // x rows per pass over a block of weight rows
 constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>};
 
-// The bias as bf16 bits, or nullptr without one; checked to be a contiguous bf16 [n_size].
-const uint16_t* bias_bits(const c10::optional<torch::Tensor>& bias, int64_t n_size,
-                          const char* op) {
-  if (!bias.has_value() || !bias->defined()) return nullptr;
-  TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
-                  bias->numel() == n_size,
-              op, ": bias must be a contiguous bf16 vector of ", n_size);
-  return reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-}
-
 }  // namespace
 
 // y = x W^T (+ b) for a few bf16 rows (batched decode): the weights are read from memory
@@ -218,7 +209,7 @@ torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weig
   const int64_t m_size = x_in.size(0), n_size = weight.size(0), k_size = weight.size(1);
   TORCH_CHECK(x_in.size(1) == k_size, "gemm_few_bf16: x has ", x_in.size(1),
               " columns, weight wants ", k_size);
-  const uint16_t* bp = bias_bits(bias, n_size, "gemm_few_bf16");
+  const uint16_t* bp = dstp::bias_bits(bias, n_size, "gemm_few_bf16");
   const auto x = pack_rows(reinterpret_cast<const uint16_t*>(x_in.data_ptr<at::BFloat16>()),
                            m_size, k_size, kMaxGroup);
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
@@ -253,18 +244,10 @@ torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weig
 torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
                         const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("dstp::gemv_bf16_avx2", std::vector<c10::IValue>({x, weight}));
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
-              "gemv_bf16: bf16 inputs only");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.dim() == 2,
-              "gemv_bf16: contiguous x and 2-D weight only");
-  const int64_t n_size = weight.size(0), k_size = weight.size(1);
-  TORCH_CHECK(x.numel() == k_size, "gemv_bf16: x has ", x.numel(), " values, weight wants ", k_size);
-  const uint16_t* bp = bias_bits(bias, n_size, "gemv_bf16");
-  auto y = torch::empty({1, n_size}, x.options());
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  auto store = [&](int64_t n, float v) { yp[n] = float_to_bf16(bp ? v + bf16_to_float(bp[n]) : v); };
+  const dstp::GemvCall call(x, weight, bias);
+  const int64_t n_size = call.n_size, k_size = call.k_size;
+  const uint16_t *xp = call.x, *wp = call.w;
+  auto store = [&](int64_t n, float v) { call.store(n, v); };
 
   // x to fp32 once: even and odd elements apart, matching the widened weights.
   const int64_t k_vec = k_size / 16 * 16;
@@ -294,7 +277,7 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
     dot_rows<1>(x_even, x_odd, x_tail, k_vec, k_size, row, out);
     store(n, out[0]);
   }
-  return y;
+  return call.y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
