@@ -113,6 +113,14 @@ def _model_use_flags(m: argparse._ArgumentGroup) -> None:
         help="chat template for /v1/chat/completions instead of the tokenizer's: a file "
         "(Jinja) or the template itself inline",
     )
+    m.add_argument(
+        "--policy",
+        metavar="FILE_OR_MODULE",
+        help="your own injection policy: a .py file or a module's dotted name that calls "
+        "dstp.policies.register(policy) on import; imported on every rank before the model "
+        "is built, it wins over the built-in and derived policies for the architectures it "
+        "names (docs/writing-a-policy.md)",
+    )
     _switch(
         m,
         "--allow-pickle",
@@ -355,6 +363,33 @@ def load_chat_template(value: str | None) -> str | None:
     )
 
 
+def load_policy_flag(value: str | None) -> tuple:
+    """``--policy``: import the file or module; the policies it registered (none without the
+    flag). The one dstp picks for the model is checked once its config is read
+    (:func:`check_policy_choice`)."""
+    if value is None:
+        return ()
+    from dstp.policy_source import PolicySourceError, import_policies
+
+    try:
+        return import_policies(value)
+    except PolicySourceError as exc:
+        raise FlagError(str(exc)) from None
+
+
+def check_policy_choice(args: argparse.Namespace, model_config):
+    """The policy dstp will use, when ``--policy`` is given: one the flag registered (else
+    :class:`FlagError`); None without the flag."""
+    if not args.policy:
+        return None
+    from dstp.policy_source import PolicySourceError, chosen_policy
+
+    try:
+        return chosen_policy(model_config, args.policies, args.policy)
+    except PolicySourceError as exc:
+        raise FlagError(str(exc)) from None
+
+
 def check_tp_size(args: argparse.Namespace, world_size: int) -> None:
     """``--tensor-parallel-size`` (and ``--data-parallel-size``) against the ranks the
     launcher started: :class:`~dstp.replicas.ReplicaLayout` owns the rule and its message."""
@@ -418,7 +453,8 @@ def check_ranges(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
     """Every check that needs no model, run by every rank before anything starts; fills in
-    ``args.chat_template_text`` and ``args.prefix_caching``. Raises :class:`FlagError`."""
+    ``args.chat_template_text``, ``args.prefix_caching`` and ``args.policies`` (importing
+    ``--policy``). Raises :class:`FlagError`."""
     check_tp_size(args, world_size)
     check_ranges(args)
     args.prefix_caching = prefix_caching_enabled(args)
@@ -431,6 +467,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             f"--generation-config {gen!r}: expected 'auto', 'vllm' or a folder holding "
             "generation_config.json"
         )
+    args.policies = load_policy_flag(args.policy)
 
 
 def check_model_args(

@@ -21,6 +21,7 @@ from dstp.server.cli import (
     build_parser,
     check_args,
     check_model_args,
+    check_policy_choice,
     size_http_pool,
 )
 from dstp.server.limits import connection_limit
@@ -195,6 +196,11 @@ def _check_model(args: argparse.Namespace, model: str) -> None:
     generation = Path(model) / "generation_config.json"
     eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
     check_model_args(args, config, eos)
+    policy = check_policy_choice(args, config)
+    if policy is not None:
+        from dstp.policy_source import describe
+
+        log.info("%s", describe(policy, config))
 
 
 def _run_role(args, engine, link, server, lazy, model: str, builtin: BuiltinModel | None) -> int:

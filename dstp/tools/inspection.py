@@ -1,15 +1,18 @@
 """``dstp inspect``: what dstp would do to a model at a TP size, without reading weights.
 
-Shows the policy in use and why (registered for the architecture, or derived
-and from what), the head layout per rank, every split module of one decoder
-block with its per-rank shape, the parameter bytes each rank holds, and, when
-the TP size is invalid, why and which sizes are valid.
+Shows the policy in use and why (from ``--policy``, registered for the
+architecture, or derived and from what), the head layout per rank, every split
+module of each distinct decoder block (blocks with the same per-rank shapes are
+grouped, so dense and MoE layers both show) with its per-rank shape, the parameter
+bytes each rank holds, and, when the TP size is invalid, why and which sizes are
+valid. Without a policy it prints one line saying what to do.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 from typing import Any
 
 import torch
@@ -27,12 +30,9 @@ def virtual_tp(rank: int, size: int) -> Any:
 
 
 def policy_origin(policy: Any, config: Any) -> str:
-    from dstp.policies import registered
+    from dstp.policy_source import describe
 
-    if any(policy is p for p in registered()):
-        archs = ", ".join(policy.architectures) or config.model_type
-        return f"explicit policy {policy.name!r}, registered for {archs}: {policy.doc}"
-    return f"no explicit policy for {config.model_type!r}; {policy.name!r} {policy.doc}"
+    return describe(policy, config)
 
 
 def sharded_shapes(config: Any, policy: Any, tp: int, rank: int) -> list[tuple[str, str, tuple]]:
@@ -57,9 +57,35 @@ def sharded_shapes(config: Any, policy: Any, tp: int, rank: int) -> list[tuple[s
     return rows
 
 
-def first_block_only(rows: list[tuple[str, str, tuple]]) -> list[tuple[str, str, tuple]]:
-    """Rows outside the decoder blocks plus those of block 0 (the others repeat it)."""
-    return [r for r in rows if not re.search(r"\.\d+\.", r[0]) or re.search(r"\.0\.", r[0])]
+_BLOCK = re.compile(r"^(.*?\.)(\d+)(\..*)$")  # prefix, block index, name inside the block
+
+
+def block_groups(rows: list[tuple[str, str, tuple]]) -> list[tuple[list[int], list[tuple]]]:
+    """Decoder blocks grouped by identical per-rank rows (name inside the block, type, shape):
+    [(block indices, rows of the group's first block)], in order of first block."""
+    by_block: dict[int, list[tuple]] = {}
+    for row in rows:
+        if m := _BLOCK.match(row[0]):
+            by_block.setdefault(int(m.group(2)), []).append((m.group(3), *row[1:]))
+    groups: dict[tuple, list[int]] = {}
+    for index in sorted(by_block):
+        groups.setdefault(tuple(by_block[index]), []).append(index)
+    first = {min(blocks): blocks for blocks in groups.values()}
+    return [
+        (blocks, [r for r in rows if (m := _BLOCK.match(r[0])) and int(m.group(2)) == start])
+        for start, blocks in sorted(first.items())
+    ]
+
+
+def block_ranges(blocks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans: list[list[int]] = []
+    for b in blocks:
+        if spans and b == spans[-1][1] + 1:
+            spans[-1][1] = b
+        else:
+            spans.append([b, b])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
@@ -82,11 +108,24 @@ def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
         f"{heads.num_kv_heads} KV (each KV head on {heads.kv_replicas} rank(s)), head_dim {heads.head_dim}"
     )
     rows = sharded_shapes(config, policy, tp, rank=0)
-    blocks = len({m.group(1) for r in rows if (m := re.search(r"\.(\d+)\.", r[0]))})
-    lines.append(f"per-rank shapes (every rank holds the same shapes; block 0 of {blocks} shown):")
+    groups = block_groups(rows)
+    total = sum(len(blocks) for blocks, _ in groups)
+    lines.append(
+        f"per-rank shapes (every rank holds the same shapes; {total} blocks in "
+        f"{len(groups)} distinct group(s), the first block of each shown):"
+    )
     width = max(len(r[0]) for r in rows)
-    for name, kind, shape in first_block_only(rows):
-        lines.append(f"  {name:<{width}}  {kind:<24} {tuple(shape)}")
+
+    def show(shown: list[tuple]) -> None:
+        for name, kind, shape in shown:
+            lines.append(f"  {name:<{width}}  {kind:<24} {tuple(shape)}")
+
+    show([r for r in rows if not _BLOCK.match(r[0]) and r[0] != policy.lm_head])
+    for blocks, shown in groups:
+        word = "block" if len(blocks) == 1 else "blocks"
+        lines.append(f" {word} {block_ranges(blocks)} ({len(blocks)} of {total}):")
+        show(shown)
+    show([r for r in rows if not _BLOCK.match(r[0]) and r[0] == policy.lm_head])
     model = meta_model(config)
     full = parameter_bytes_per_rank(model, policy, config, 1, DTYPE_BYTES[dtype])
     local = parameter_bytes_per_rank(model, policy, config, tp, DTYPE_BYTES[dtype])
@@ -101,9 +140,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder or config.json")
     parser.add_argument("--tp", type=int, required=True, help="tensor-parallel size to inspect")
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16")
+    parser.add_argument(
+        "--policy",
+        metavar="FILE_OR_MODULE",
+        help="inspect with your own policy: a .py file or a module's dotted name that calls "
+        "dstp.policies.register(policy) on import (as dstp serve --policy)",
+    )
+
+
+class InspectError(Exception):
+    """What ``dstp inspect`` cannot do, as the one line it prints."""
 
 
 def main(args: argparse.Namespace) -> int:
-    text, valid = report(load_config(args.model), args.tp, args.dtype)
+    from dstp.policies import TPConfigError
+    from dstp.policy_source import PolicySourceError, chosen_policy, import_policies
+
+    try:
+        config = _config(args.model)
+        if args.policy:
+            chosen_policy(config, import_policies(args.policy), args.policy)
+        text, valid = report(config, args.tp, args.dtype)
+    except (InspectError, PolicySourceError) as exc:
+        print(f"dstp inspect: {exc}", file=sys.stderr)
+        return 2
+    except TPConfigError as exc:  # no policy, or one that does not fit the model
+        text = " ".join(str(exc).split()).rstrip(".")
+        hint = "" if args.policy else "; or pass your own with --policy FILE"
+        print(f"dstp inspect: {text}{hint}", file=sys.stderr)
+        return 2
     print(text)
     return 0 if valid else 1
+
+
+def _config(model: str) -> Any:
+    try:
+        return load_config(model)
+    except (OSError, ValueError, KeyError) as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
+        raise InspectError(
+            f"cannot read the config of {model}: {first.strip()} (a checkpoint folder or its "
+            "config.json, of an architecture the installed transformers knows)"
+        ) from None
