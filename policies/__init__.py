@@ -20,6 +20,7 @@ from .mixtral import MIXTRAL
 from .opt import OPT
 from .phi3 import PHI3
 from .qwen import QWEN2, QWEN3
+from .qwen_moe import QWEN2_MOE, QWEN3_MOE
 
 __all__ = [
     "Col",
@@ -75,4 +76,6 @@ def policy_for(config: Any) -> Policy:
 
 
 for _policy in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, PHI3, GPT_NEOX, GPT2, OPT, MIXTRAL):
+    register(_policy)
+for _policy in (QWEN2_MOE, QWEN3_MOE):
     register(_policy)

@@ -85,7 +85,10 @@ class Experts:
     ``unfused`` says how a checkpoint that stores one tensor per expert maps
     onto a fused parameter: parameter name -> per-expert tensor names relative
     to the experts module, ``{e}`` standing for the expert index, in the order
-    of ``gate_up_parts`` (Mixtral: ``w1`` then ``w3``).
+    of ``gate_up_parts`` (Mixtral: ``w1`` then ``w3``). Left empty, it is the
+    naming transformers itself unfuses to (:data:`PER_EXPERT_NAMES`: Qwen2-MoE,
+    Qwen3-MoE, OLMoE, DeepSeek, ...). Either way a checkpoint that stores the
+    fused tensor is read as is; the per-expert names are only the fallback.
     """
 
     gate_up: str = "gate_up_proj"
@@ -100,6 +103,20 @@ class Experts:
             raise TPConfigError(
                 f"Experts.unfused names {sorted(unknown)}, not {self.gate_up!r} or {self.down!r}"
             )
+
+    def per_expert(self) -> Mapping[str, tuple[str, ...]]:
+        """Fused parameter -> its per-expert checkpoint tensors (``unfused`` or the default)."""
+        if self.unfused:
+            return self.unfused
+        if len(self.gate_up_parts) != len(PER_EXPERT_NAMES[0]):
+            return {}
+        gate_up, down = PER_EXPERT_NAMES
+        return {self.gate_up: gate_up, self.down: down}
+
+
+# per-expert tensors of a fused (gate|up, down) pair as save_pretrained and
+# the hub's originals store them, relative to the experts module
+PER_EXPERT_NAMES = (("{e}.gate_proj.weight", "{e}.up_proj.weight"), ("{e}.down_proj.weight",))
 
 
 Style = Col | Row | Experts
@@ -225,6 +242,9 @@ class Policy:
     # attribute of the HF embedding module holding a constant it multiplies
     # its output by (Gemma's sqrt(hidden) scale), kept by the parallel embedding
     embedding_scale: str | None = None
+    # globs of ``layers`` that may match no module: layers only some configs
+    # build (Qwen-MoE's dense ``mlp_only_layers`` beside its MoE blocks)
+    optional_layers: tuple[str, ...] = ()
     # (regex, replacement) from model parameter names to checkpoint names,
     # tried when a name is not in the checkpoint as is (Mixtral's
     # ``mlp`` is ``block_sparse_moe`` in its checkpoints)
@@ -329,7 +349,9 @@ class Policy:
     def unmatched_rules(self, module_names: Iterable[str]) -> list[str]:
         names = list(module_names)
         return [
-            glob for glob, regex, _ in self._compiled if not any(regex.fullmatch(n) for n in names)
+            glob
+            for glob, regex, _ in self._compiled
+            if glob not in self.optional_layers and not any(regex.fullmatch(n) for n in names)
         ]
 
 

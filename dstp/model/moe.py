@@ -67,7 +67,7 @@ def shard_experts(
         param.weight_loader = _sliced_loader(partition, dim)
         setattr(module, attr, param)
     module.register_forward_hook(AllReduceOutput(tp))
-    for attr, templates in style.unfused.items():
+    for attr, templates in style.per_expert().items():
         getattr(module, attr).unfused_keys = [
             [f"{name}.{template.format(e=e)}" for template in templates] for e in range(experts)
         ]

@@ -7,6 +7,7 @@ ranks), an MLP width divisible by 4 and a vocabulary no TP size divides.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,20 @@ LLAMA_SHAPE = dict(
     max_position_embeddings=128,
     **COMMON,
 )
+
+MOE_SHAPE = dict(
+    LLAMA_SHAPE,
+    num_hidden_layers=3,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    tie_word_embeddings=False,
+)
+QWEN2_MOE_SHAPE = dict(MOE_SHAPE, shared_expert_intermediate_size=48)
+QWEN3_MOE_SHAPE = dict(MOE_SHAPE, head_dim=16)
+# architectures saved with their fused parameters as the model names them
+# (save_pretrained writes MoE experts one tensor per expert)
+FUSED_CHECKPOINTS = {"qwen2_moe_fused", "qwen3_moe_fused"}
 
 # name -> (config class name, overrides)
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -72,6 +87,12 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
         "MixtralConfig",
         dict(LLAMA_SHAPE, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
     ),
+    # layer 1 is dense (mlp_only_layers) beside MoE layers 0 and 2
+    "qwen2_moe": ("Qwen2MoeConfig", dict(QWEN2_MOE_SHAPE, mlp_only_layers=[1])),
+    # the same written with fused 3D experts, as the model's own parameter names
+    "qwen2_moe_fused": ("Qwen2MoeConfig", dict(QWEN2_MOE_SHAPE, decoder_sparse_step=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(QWEN3_MOE_SHAPE, mlp_only_layers=[1])),
+    "qwen3_moe_fused": ("Qwen3MoeConfig", dict(QWEN3_MOE_SHAPE)),
     # no explicit policy: derived from base_model_tp_plan / from the module graph
     # (Granite and Cohere also scale their logits: the derived policy must too)
     "granite": (
@@ -111,9 +132,28 @@ def make_config(name: str) -> Any:
     return getattr(transformers, class_name)(**overrides)
 
 
+def selected(names: list[str] | None = None) -> list[str]:
+    """``names`` (default: all), narrowed to ``$DSTP_TEST_ARCHS`` (comma-separated) if set.
+
+    The policy tests launch every architecture in one run per TP size; this
+    narrows a run to the architectures being worked on.
+    """
+    names = list(names or ARCHITECTURES)
+    only = os.environ.get("DSTP_TEST_ARCHS")
+    if not only:
+        return names
+    wanted = {n.strip() for n in only.split(",") if n.strip()}
+    unknown = wanted - set(ARCHITECTURES)
+    if unknown:
+        raise KeyError(f"DSTP_TEST_ARCHS names unknown architectures: {sorted(unknown)}")
+    return [n for n in names if n in wanted]
+
+
 def build_architectures(root: Path, names: list[str] | None = None) -> dict[str, Path]:
     """Save a random checkpoint for each architecture under ``root``."""
     return {
-        name: save_random_model(make_config(name), root / name, seed=i)
+        name: save_random_model(
+            make_config(name), root / name, seed=i, as_modules=name in FUSED_CHECKPOINTS
+        )
         for i, name in enumerate(names or ARCHITECTURES)
     }

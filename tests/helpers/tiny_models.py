@@ -57,9 +57,20 @@ def llama_config(**overrides: Any):
 
 
 def save_random_model(
-    config: Any, path: Path, seed: int = 0, max_shard_size: str | None = None
+    config: Any,
+    path: Path,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    *,
+    as_modules: bool = False,
 ) -> Path:
-    """Random weights (std 0.2 so logits are not all alike) saved with save_pretrained."""
+    """Random weights (std 0.2 so logits are not all alike) saved with save_pretrained.
+
+    ``save_pretrained`` writes fused MoE experts one tensor per expert (as the
+    hub's originals store them); ``as_modules=True`` writes the model's own
+    parameter names instead (fused 3D experts), one file, tied weights once.
+    """
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -67,6 +78,13 @@ def save_random_model(
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2)
+    if as_modules:
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.contiguous() for n, p in model.named_parameters()}  # tied: once
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        model.config.save_pretrained(path)
+        model.generation_config.save_pretrained(path)
+        return path
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path

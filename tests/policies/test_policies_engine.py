@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers.hf_reference import greedy_continuations, load_reference, logprob_rows
 from tests.helpers.launcher import run_ranks
-from tests.helpers.policy_models import ARCHITECTURES, build_architectures
+from tests.helpers.policy_models import build_architectures, selected
 
 # GPT-Neo's HF class predates the AttentionInterface: dstp.load serves it, the engine refuses it
 NO_ATTENTION_BACKEND = {"gpt_neo"}
@@ -34,7 +34,7 @@ TOP = 4
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    names = [name for name in ARCHITECTURES if name not in NO_ATTENTION_BACKEND]
+    names = [name for name in selected() if name not in NO_ATTENTION_BACKEND]
     return build_architectures(tmp_path_factory.mktemp("arch"), names)
 
 
@@ -50,9 +50,9 @@ def hf_greedy(checkpoints):
     return reference
 
 
-def logprob_errors(outputs: list, rows: list) -> list[str]:
+def logprob_errors(outputs: list, rows: list, name: str = "") -> list[str]:
     """Where the engine's logprobs (chosen token and top-k) differ from HF's by > 1e-4."""
-    errors = []
+    errors, overall = [], 0.0
     for i, (out, hf_rows) in enumerate(zip(outputs, rows, strict=True)):
         for step, ((token, logprob, top), hf) in enumerate(zip(out, hf_rows, strict=True)):
             want_top = hf.topk(TOP).values
@@ -62,8 +62,10 @@ def logprob_errors(outputs: list, rows: list) -> list[str]:
                 *(abs(v - float(hf[int(t)])) for t, v in top.items()),
                 *(abs(a - float(b)) for a, b in zip(got_top, want_top, strict=True)),
             )
+            overall = max(overall, worst)
             if worst > 1e-4:
                 errors.append(f"prompt {i} step {step}: off by {worst:.2e}")
+    print(f"{name}: max |dlogprob| {overall:.2e}")  # shown with -s
     return errors
 
 
@@ -104,7 +106,9 @@ def test_engine_matches_hf_for_every_architecture(tp, checkpoints, hf_greedy, tm
         for name in checkpoints
         if (
             errors := logprob_errors(
-                [o[0]["logprobs"] for o in results[name]["outputs"]], hf_greedy[name][1]
+                [o[0]["logprobs"] for o in results[name]["outputs"]],
+                hf_greedy[name][1],
+                f"TP={tp} {name}",
             )
         )
     }

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.launcher import run_ranks
-from tests.helpers.policy_models import ARCHITECTURES, build_architectures
+from tests.helpers.policy_models import ARCHITECTURES, build_architectures, selected
 from tests.helpers.tiny_models import llama_config, save_random_model
 
 PROMPT = [[1, 17, 33, 5, 99, 42, 7, 64, 3, 11]]
@@ -26,7 +26,7 @@ DERIVED = {"starcoder2", "gpt_neo", "granite", "cohere"}  # no explicit policy: 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     root = tmp_path_factory.mktemp("archs")
-    paths = build_architectures(root)
+    paths = build_architectures(root, selected())
     llama = save_random_model(
         llama_config(num_attention_heads=4, num_key_value_heads=2, vocab_size=250), root / "llama"
     )
@@ -83,6 +83,7 @@ def test_policies_match_hf(tp, jobs, references, tmp_path):
         got = load_file(tmp_path / f"{name}.safetensors")
         ref_logits, ref_greedy, full_bytes = references[name]
         err = (got["logits"] - ref_logits).abs().max().item()
+        print(f"TP={tp} {name}: max |dlogit| {err:.2e}")  # shown with -s
         if err >= 1e-4:
             failures.append(f"{name}: logits differ by {err:.2e}")
         if got["greedy"].tolist() != ref_greedy.tolist():
