@@ -41,10 +41,10 @@ class StepPlan:
         return self.input_ids.numel()
 
     def batched_decode_seqs(self) -> list[int]:
-        """Sequences with exactly one new token, when there are several to batch (host ints)."""
+        """Sequences with exactly one new token (host ints): attended to as one batch, a
+        batch of one included, so batch-1 decode takes the same paged path."""
         lengths = (self.query_starts[1:] - self.query_starts[:-1]).tolist()
-        decode = [i for i, n in enumerate(lengths) if n == 1]
-        return decode if len(decode) > 1 else []
+        return [i for i, n in enumerate(lengths) if n == 1]
 
     def _arrays(self) -> list[torch.Tensor]:
         return [

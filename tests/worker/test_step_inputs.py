@@ -37,12 +37,21 @@ def test_upload_carries_every_array():
     assert inputs.decode_lens.tolist() == [17, 5]
 
 
-def test_no_decode_batch_for_a_single_decode_token():
+def test_a_single_decode_token_is_a_decode_batch_of_one():
     plan = _plan()
-    plan.query_starts = torch.tensor([0, 3, 4, 5]) * torch.tensor([1, 1, 1, 1])
-    plan.context_lens = torch.tensor([3, 17, 5])
-    plan.query_starts[2:] += 1  # seq 1 now has two new tokens
+    plan.query_starts = torch.tensor([0, 3, 5, 6])  # seq 1 now has two new tokens
     plan.input_ids = torch.arange(6)
+    assert plan.batched_decode_seqs() == [2]
+    inputs = StepUploader(torch.device("cpu")).upload(plan, block_size=16)
+    assert inputs.decode_rows.tolist() == [5]
+    assert inputs.decode_blocks.tolist() == [[4]]  # one block holds its 5 tokens
+    assert inputs.decode_lens.tolist() == [5]
+
+
+def test_no_decode_batch_without_decode_tokens():
+    plan = _plan()
+    plan.query_starts = torch.tensor([0, 3, 5, 7])
+    plan.input_ids = torch.arange(7)
     assert plan.batched_decode_seqs() == []
     inputs = StepUploader(torch.device("cpu")).upload(plan, block_size=16)
     assert inputs.decode_rows is None and inputs.decode_blocks is None
