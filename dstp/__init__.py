@@ -49,7 +49,7 @@ def load(
 
     if isinstance(policy, str | os.PathLike):
         from dstp.model.loading import load_config
-        from dstp.policy_source import chosen_policy, import_policies
+        from dstp.model.policy_source import chosen_policy, import_policies
 
         value = os.fspath(policy)
         config = load_config(path, trust_remote_code=trust_remote_code)

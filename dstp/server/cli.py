@@ -369,7 +369,7 @@ def load_policy_flag(value: str | None) -> tuple:
     (:func:`check_policy_choice`)."""
     if value is None:
         return ()
-    from dstp.policy_source import PolicySourceError, import_policies
+    from dstp.model.policy_source import PolicySourceError, import_policies
 
     try:
         return import_policies(value)
@@ -382,7 +382,7 @@ def check_policy_choice(args: argparse.Namespace, model_config):
     :class:`FlagError`); None without the flag."""
     if not args.policy:
         return None
-    from dstp.policy_source import PolicySourceError, chosen_policy
+    from dstp.model.policy_source import PolicySourceError, chosen_policy
 
     try:
         return chosen_policy(model_config, args.policies, args.policy)

@@ -198,7 +198,7 @@ def _check_model(args: argparse.Namespace, model: str) -> None:
     check_model_args(args, config, eos)
     policy = check_policy_choice(args, config)
     if policy is not None:
-        from dstp.policy_source import describe
+        from dstp.model.policy_source import describe
 
         log.info("%s", describe(policy, config))
 

@@ -30,7 +30,7 @@ def virtual_tp(rank: int, size: int) -> Any:
 
 
 def policy_origin(policy: Any, config: Any) -> str:
-    from dstp.policy_source import describe
+    from dstp.model.policy_source import describe
 
     return describe(policy, config)
 
@@ -153,8 +153,8 @@ class InspectError(Exception):
 
 
 def main(args: argparse.Namespace) -> int:
+    from dstp.model.policy_source import PolicySourceError, chosen_policy, import_policies
     from dstp.policies import TPConfigError
-    from dstp.policy_source import PolicySourceError, chosen_policy, import_policies
 
     try:
         config = _config(args.model)

@@ -35,7 +35,7 @@ def fresh_registry(monkeypatch):
     """The policy registry and --policy's import cache as they are, restored afterwards."""
     import dstp.policies as policies
 
-    import dstp.policy_source as source
+    import dstp.model.policy_source as source
 
     monkeypatch.setattr(policies, "_REGISTRY", list(policies._REGISTRY))
     monkeypatch.setattr(source, "_LOADED", {})
@@ -63,7 +63,7 @@ def parse(*argv: str):
 def test_docs_example_wins_over_the_builtin_llama(fresh_registry, policy_file):
     from dstp.policies import policy_for
 
-    from dstp.policy_source import describe
+    from dstp.model.policy_source import describe
 
     args = parse("--policy", str(policy_file))
     check_args(args, 1)

@@ -15,7 +15,7 @@ def fresh_registry(monkeypatch):
     """The policy registry and --policy's import cache as they are, restored afterwards."""
     import dstp.policies as policies
 
-    import dstp.policy_source as source
+    import dstp.model.policy_source as source
 
     monkeypatch.setattr(policies, "_REGISTRY", list(policies._REGISTRY))
     monkeypatch.setattr(source, "_LOADED", {})
