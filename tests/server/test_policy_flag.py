@@ -189,8 +189,9 @@ def test_bad_policy_stops_every_rank_with_one_line(tmp_path, tiny_llama):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     want = f"--policy {bad}: importing it failed: RuntimeError: boom (line 2 of {bad})"
-    for rank in (0, 1):
-        assert re.search(rf"\[dstp rank{rank}\] ERROR {re.escape(want)}; fix the file", out), out
+    # Every rank checks the flag; the launcher kills the others once the first exits,
+    # so which ranks get to log it is a race: one line from any rank, no traceback.
+    assert re.search(rf"\[dstp rank[01]\] ERROR {re.escape(want)}; fix the file", out), out
     assert "Traceback" not in out, out[-3000:]
 
 
