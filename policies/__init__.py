@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .auto import derive_policy
-from .base import Col, Experts, HeadLayout, LogitOp, Policy, Row, TPConfigError
+from .base import Col, Experts, HeadLayout, LogitOp, Policy, Row, ShardedNorm, TPConfigError
 from .deepspeed_compat import from_injection_policy, to_injection_policy
 from .gemma import GEMMA, GEMMA2
 from .gpt2 import GPT2
@@ -17,6 +17,7 @@ from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
 from .mistral import MISTRAL
 from .mixtral import MIXTRAL
+from .olmo2 import OLMO2
 from .opt import OPT
 from .phi3 import PHI3
 from .qwen import QWEN2, QWEN3
@@ -29,6 +30,7 @@ __all__ = [
     "LogitOp",
     "Policy",
     "Row",
+    "ShardedNorm",
     "TPConfigError",
     "derive_policy",
     "from_injection_policy",
@@ -77,5 +79,5 @@ def policy_for(config: Any) -> Policy:
 
 for _policy in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, PHI3, GPT_NEOX, GPT2, OPT, MIXTRAL):
     register(_policy)
-for _policy in (QWEN2_MOE, QWEN3_MOE):
+for _policy in (QWEN2_MOE, QWEN3_MOE, OLMO2):
     register(_policy)

@@ -24,6 +24,11 @@ projections split correctly (each rank takes its slice of every component):
     MLP (``gate_up`` column, ``down`` row), and the module's output is
     all-reduced. The router stays replicated.
 
+``ShardedNorm(parts)``
+    an RMSNorm over a column-split activation's full width (OLMo2's q/k
+    norms): its weight cut like that activation, the sum of squares
+    completed by one all-reduce of one number per token.
+
 ``logits``
     what the HF ``*ForCausalLM.forward`` does to the LM head's output, as
     :class:`LogitOp` steps naming the config attribute that holds the number
@@ -119,7 +124,27 @@ class Experts:
 PER_EXPERT_NAMES = (("{e}.gate_proj.weight", "{e}.up_proj.weight"), ("{e}.down_proj.weight",))
 
 
-Style = Col | Row | Experts
+@dataclass(frozen=True)
+class ShardedNorm:
+    """RMSNorm over a column-split activation: the whole width, not per head.
+
+    OLMo2's ``q_norm``/``k_norm`` normalise the full ``q_proj``/``k_proj``
+    output (``heads * head_dim``), which a rank holds only its slice of. Each
+    rank keeps its slice of the weight (cut by ``parts``, as the column layer
+    before it), sums its squares, and one all-reduce of those sums (one number
+    per token) completes the mean, so the result is exact. ``cast_before_weight``
+    picks the rounding of low-precision inputs: False multiplies the weight in
+    fp32 and then casts (OLMo2, T5), True casts and then multiplies (Llama).
+    """
+
+    parts: tuple[str, ...] = ("q",)
+    cast_before_weight: bool = False
+
+    def __post_init__(self) -> None:
+        _check_parts(self.parts)
+
+
+Style = Col | Row | Experts | ShardedNorm
 
 
 @dataclass(frozen=True)

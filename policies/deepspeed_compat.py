@@ -15,7 +15,7 @@ from typing import Any
 from dstp.model.meta_model import meta_model
 
 from .auto import assemble_policy, layers_from_block
-from .base import Experts, Policy, Row, TPConfigError
+from .base import Experts, Policy, Row, ShardedNorm, TPConfigError
 
 InjectionPolicy = Mapping[Any, tuple[str, ...]]
 
@@ -54,6 +54,10 @@ def to_injection_policy(
         if isinstance(style, Experts):
             raise TPConfigError(
                 f"{glob}: DeepSpeed's injection_policy has no form for fused MoE experts"
+            )
+        if isinstance(style, ShardedNorm):
+            raise TPConfigError(
+                f"{glob}: DeepSpeed's injection_policy has no form for a norm over a split width"
             )
         if not isinstance(style, Row):
             continue

@@ -33,9 +33,18 @@ from dstp.model.layers import (
 from dstp.model.loading import Checkpoint, finish_staged_reads, load_config, release_free_heap
 from dstp.model.meta_model import build_meta_model
 from dstp.model.moe import shard_experts
-from dstp.model.norms import fused_replacements
+from dstp.model.norms import column_parallel_norm, fused_replacements
 from dstp.model.stacked_source import StackedSource
-from dstp.policies import Col, Experts, HeadLayout, Policy, Row, TPConfigError, policy_for
+from dstp.policies import (
+    Col,
+    Experts,
+    HeadLayout,
+    Policy,
+    Row,
+    ShardedNorm,
+    TPConfigError,
+    policy_for,
+)
 from dstp.policies.base import glob_to_regex, require_linear_shape
 from dstp.worker.attention import ATTN_IMPLEMENTATION as PAGED_ATTENTION
 
@@ -140,6 +149,8 @@ def swap_modules(
         try:
             if isinstance(style, Experts):
                 shard_experts(name, module, style, heads, tp, dtype)
+            elif isinstance(style, ShardedNorm):
+                _set_module(model, name, column_parallel_norm(module, style, heads, tp, dtype))
             else:
                 _set_module(model, name, _linear_layer(module, style, heads, tp, dtype))
         except ValueError as exc:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from dstp.cpu import kernels as cpu_kernels
+from dstp.distributed import TPGroup
+from dstp.model.layers import Partition, empty_param, partition_for
 
 log = logging.getLogger("dstp")
 
@@ -103,3 +106,68 @@ def _kernel_reproduces(module: nn.Module) -> bool:
     if theirs.shape != ours.shape or theirs.dtype != ours.dtype:
         return False
     return (theirs != ours).float().mean().item() <= MAX_MISMATCH
+
+
+class ColumnParallelNorm(nn.Module):
+    """An RMSNorm over the full width of a column-split activation (policy style ``ShardedNorm``).
+
+    This rank holds ``partition`` of the width (the column layer's slice) and
+    of the weight. Its fp32 sum of squares is all-reduced (one number per
+    token) and divided by ``tp.size * local width``: the full width when each
+    unit lives on one rank, and also when every unit is replicated on the
+    same number of ranks (KV heads under GQA replication), whose sums then
+    count each element that many times over a width as many times larger.
+    """
+
+    def __init__(
+        self,
+        partition: Partition,
+        eps: float,
+        tp: TPGroup,
+        *,
+        cast_before_weight: bool = False,
+        dtype: torch.dtype | None = None,
+        device: Any = "meta",
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.partition = partition
+        self.eps = eps
+        self.cast_before_weight = cast_before_weight
+        self.weight = empty_param((partition.local_size,), dtype, device)
+        self.weight.weight_loader = self.load_weight
+        self.counted_width = tp.size * partition.local_size
+
+    def load_weight(self, param: torch.Tensor, source: Any) -> None:
+        self.partition.read_into(param.data, source, dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        wide = x.to(torch.float32)
+        squares = self.tp.all_reduce(wide.pow(2).sum(-1, keepdim=True))
+        wide = wide * torch.rsqrt(squares / self.counted_width + self.eps)
+        if self.cast_before_weight:
+            return self.weight * wide.to(dtype)
+        return (self.weight * wide).to(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.partition.local_size}/{self.partition.full_size}, eps={self.eps}, "
+            f"tp={self.tp.size}"
+        )
+
+
+def column_parallel_norm(
+    module: nn.Module, style: Any, heads: Any, tp: TPGroup, dtype: torch.dtype | None
+) -> ColumnParallelNorm:
+    """The :class:`ColumnParallelNorm` for HF norm ``module`` under a ``ShardedNorm`` style."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        raise ValueError(
+            f"ShardedNorm needs an RMSNorm with a 1D weight and an eps, not {type(module).__name__}"
+        )
+    part = partition_for(style.parts, weight.shape[0], heads, tp.rank, tp.size)
+    return ColumnParallelNorm(
+        part, eps, tp, cast_before_weight=style.cast_before_weight, dtype=dtype
+    )

@@ -93,6 +93,8 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2_moe_fused": ("Qwen2MoeConfig", dict(QWEN2_MOE_SHAPE, decoder_sparse_step=2)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(QWEN3_MOE_SHAPE, mlp_only_layers=[1])),
     "qwen3_moe_fused": ("Qwen3MoeConfig", dict(QWEN3_MOE_SHAPE)),
+    # q/k norms over the whole attention width (TP=4 also replicates each KV head)
+    "olmo2": ("Olmo2Config", dict(LLAMA_SHAPE, tie_word_embeddings=False)),
     # no explicit policy: derived from base_model_tp_plan / from the module graph
     # (Granite and Cohere also scale their logits: the derived policy must too)
     "granite": (
