@@ -71,7 +71,7 @@ def top_p_unsorted(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     z_min = torch.where(z > NEG_INF, z, z_max).amin(-1, keepdim=True)
     scale = (TOP_P_BINS - 1) / (z_max - z_min).clamp_min(torch.finfo(z.dtype).tiny)
     # -inf logits (and NaNs) go to one extra bin past the last, which holds no mass
-    bins = ((z_max - z) * scale).nan_to_num_(float(TOP_P_BINS)).clamp_(0, TOP_P_BINS).long()
+    bins = ((z_max - z) * scale).nan_to_num_(TOP_P_BINS, TOP_P_BINS).clamp_(min=0).long()
     mass = probs.new_zeros(rows, TOP_P_BINS + 1, dtype=torch.float64)
     mass.scatter_add_(1, bins, probs.double())
     upto = mass.cumsum(-1)
@@ -84,10 +84,12 @@ def top_p_unsorted(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     through = before + p.double().cumsum(-1)  # float64 mass through each ranked token
     dropped = (through.float() - p > top_p.unsqueeze(1)) | (values == NEG_INF)
     kept = (~dropped).sum(-1, keepdim=True)
-    cut = torch.where(kept > 0, values.gather(1, (kept - 1).clamp_(min=0)), float("inf"))
-    drop = (bins > boundary) | ((bins == boundary) & (z < cut))
-    drop &= (top_p < 1.0).unsqueeze(1)
-    return z.masked_fill(drop, NEG_INF)
+    # Bins are monotone in z, so the kept set is z >= cut: the smallest kept ranked logit,
+    # or just above the boundary bin's largest when none of it is kept.
+    above_bin = torch.nextafter(values[:, :1], torch.full_like(values[:, :1], float("inf")))
+    cut = torch.where(kept > 0, values.gather(1, (kept - 1).clamp_(min=0)), above_bin)
+    cut = torch.where((top_p < 1.0).unsqueeze(1), cut, NEG_INF)
+    return torch.where(z < cut, NEG_INF, z)
 
 
 def below_min_p(z: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
