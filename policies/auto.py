@@ -40,6 +40,7 @@ from .base import (
     LogitOp,
     Policy,
     Row,
+    ShardedNorm,
     Style,
     TPConfigError,
     glob_to_regex,
@@ -316,6 +317,8 @@ def assemble_policy(
     embedding = _named(model, "get_input_embeddings", module_names)
     lm_head = _named(model, "get_output_embeddings", module_names)
     attention = _attention_glob(layers, heads)
+    if attention:
+        layers = {**layers, **full_width_norms(model, layers, heads, attention)}
     attention_attrs: dict[str, str] = {}
     if attention:
         regex = glob_to_regex(attention)
@@ -346,6 +349,60 @@ def assemble_policy(
         logits=logit_steps(model, config),
         doc=doc,
     )
+
+
+def full_width_norms(
+    model: Any, layers: Mapping[str, Style], heads: HeadLayout, attention: str
+) -> dict[str, ShardedNorm]:
+    """``ShardedNorm`` rules for attention norms that span a column layer's whole width.
+
+    A norm module of the ``attention`` modules whose weight is as wide as one
+    of their column-parallel outputs normalises that whole split activation
+    (OLMo2's ``q_norm``/``k_norm`` over ``heads * head_dim``): replicated, it
+    would crash at the first request. An RMSNorm gets the column layer's
+    parts; any other norm (mean-subtracting, biased) is refused.
+    """
+    names = [n for n, _ in model.named_modules()]
+    found: dict[str, ShardedNorm] = {}
+    columns: dict[str, dict[int, set[tuple[str, ...]]]] = {}  # parent glob -> width -> parts
+    for glob, style in layers.items():
+        if not isinstance(style, Col):
+            continue
+        regex = glob_to_regex(glob)
+        name = next((n for n in names if regex.fullmatch(n)), None)
+        shape = linear_shape(model.get_submodule(name)) if name else None
+        if shape is None:
+            continue
+        parts = (
+            ("q",)
+            if style.parts == ("kv",) and heads.num_kv_heads == heads.num_heads
+            else style.parts
+        )
+        parent = glob.rpartition(".")[0]
+        if parent != attention:
+            continue
+        columns.setdefault(parent, {}).setdefault(shape.out_features, set()).add(parts)
+    for parent, widths in columns.items():
+        regex = glob_to_regex(parent)
+        module = next((m for n, m in model.named_modules() if regex.fullmatch(n)), None)
+        for child_name, child in module.named_children() if module is not None else ():
+            weight = getattr(child, "weight", None)
+            if "Norm" not in type(child).__name__ or not isinstance(weight, nn.Parameter):
+                continue
+            if weight.dim() != 1 or weight.shape[0] not in widths:
+                continue
+            glob = f"{parent}.{child_name}"
+            options = widths[weight.shape[0]]
+            rms = "RMS" in type(child).__name__ and getattr(child, "bias", None) is None
+            if not rms or len(options) != 1:
+                raise TPConfigError(
+                    f"{glob} ({type(child).__name__}) normalises the whole width of a "
+                    "column-split activation and dstp cannot tell how to split it"
+                    f"{'' if rms else ' (not an RMSNorm)'}; write a policy "
+                    "(docs/writing-a-policy.md, ShardedNorm)"
+                )
+            found[glob] = ShardedNorm(next(iter(options)))
+    return found
 
 
 def logit_steps(model: Any, config: Any) -> tuple[LogitOp, ...]:

@@ -39,6 +39,8 @@ def jobs(tmp_path_factory):
         "injection": LLAMA_INJECTION,
     }
     entries["llama_registry"] = {"path": str(llama), "policy": "registry"}
+    if "olmo2" in paths:  # the derived policy must shard its full-width q/k norms too
+        entries["olmo2_auto"] = {"path": str(paths["olmo2"]), "policy": "auto"}
     return entries
 
 
@@ -93,7 +95,7 @@ def test_policies_match_hf(tp, jobs, references, tmp_path):
         # the replicated part (norms, positions, router, KV heads at TP=4) keeps it above 1/TP
         if per_rank > full_bytes * (0.62 if tp == 2 else 0.45):
             failures.append(f"{name}: {per_rank} of {full_bytes} parameter bytes on rank 0")
-        expected_auto = name in DERIVED or name.startswith("llama_auto")
+        expected_auto = name in DERIVED or name.endswith(("_auto", "_auto_plan", "_auto_graph"))
         if ranks[0]["policy"].startswith("auto:") != expected_auto:
             failures.append(f"{name}: served with policy {ranks[0]['policy']!r}")
     assert not failures, f"TP={tp}: " + "; ".join(failures)

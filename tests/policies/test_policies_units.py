@@ -260,3 +260,19 @@ def test_derived_logit_steps_follow_the_models_forward():
     ]
     mpt = MptConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=64, logit_scale=3.0)
     assert logit_steps(meta_model(mpt), mpt) == ()  # MptForCausalLM never reads it
+
+
+def test_full_width_attention_norms_are_sharded_not_replicated():
+    """OLMo2's q/k norms span heads * head_dim: the explicit and the derived policy shard
+    them with their projections (per-head norms, Qwen3's, stay replicated)."""
+    from dstp.policies import ShardedNorm, derive_policy
+
+    olmo2 = make_config("olmo2")
+    norms = {"model.layers.*.self_attn.q_norm": ("q",), "model.layers.*.self_attn.k_norm": ("kv",)}
+    for policy in (policy_for(olmo2), derive_policy(olmo2)):
+        got = {g: s.parts for g, s in policy.layers.items() if isinstance(s, ShardedNorm)}
+        assert got == norms, policy.name
+    qwen3 = derive_policy(make_config("qwen3"))
+    assert not any(isinstance(s, ShardedNorm) for s in qwen3.layers.values())
+    with pytest.raises(TPConfigError, match="norm over a split width"):
+        to_injection_policy(policy_for(olmo2), olmo2)
