@@ -61,9 +61,8 @@ def top_p_unsorted(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     row sorted descending, exceeds top_p (the mass is summed in float64 and rounded
     to float32 once, as torch's CPU ``cumsum`` does). Equal logits at the cut are
     kept together, and a boundary bin holding more than ``TOP_P_WIDTH`` tokens
-    (a near-constant row) keeps all the tokens past the ranked ones whose
-    cumulative mass the ranked ones already reached: both are rare and noted in
-    tests/engine/test_sampler.py.
+    (a near-constant row) drops its tokens past the ranked ones even when the
+    oracle would keep some: both are rare and noted in benchmarks/FINDINGS.md.
     """
     rows, vocab = z.shape
     probs = torch.softmax(z, dim=-1)
