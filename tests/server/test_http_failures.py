@@ -104,12 +104,18 @@ def test_engine_failure_errors_in_flight_and_health():
         assert next(lines).startswith(b"data: ")
         engine.dead = "rank 1 is gone"
         events = sse_events(list(lines))
-        assert "error" in events[-1] and "rank 1 is gone" in events[-1]["error"]["message"]
+        message = events[-1]["error"]["message"]
+        # an id to quote, never the exception's text (which only the log carries)
+        assert "rank 1 is gone" not in message and "error id err-" in message
         assert wait_until(lambda: fatal, 5)
         health = requests.get(f"{server.url}/health", timeout=5)
         assert health.status_code == 503 and health.json()["status"] == "failed"
-        resp = requests.post(f"{server.url}/v1/completions", json={"prompt": "x"}, timeout=5)
-        assert resp.status_code == 503 and resp.headers["Retry-After"]
+        for body in ({"prompt": "x"}, {"prompt": "x", "stream": True}):
+            resp = requests.post(f"{server.url}/v1/completions", json=body, timeout=5)
+            assert resp.status_code == 503 and resp.headers["Retry-After"]
+            assert "rank 1 is gone" not in resp.text and "error id err-" in resp.text
+        resp = requests.post(f"{server.url}/generate", json={"prompt_token_ids": [5]}, timeout=5)
+        assert resp.status_code == 503 and "rank 1 is gone" not in resp.text
     finally:
         loop.stop()
         server.close()
