@@ -44,7 +44,7 @@ the :class:`HeadLayout` the injector uses.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -54,6 +54,9 @@ from torch import nn
 
 PART_KINDS = ("q", "kv", "even")
 LOGIT_OP_KINDS = ("multiply", "divide", "softcap")
+# a head count or head size in a policy: a config attribute's name, a literal, or a
+# callable of the config (for counts no attribute holds, such as Falcon-7B's one KV head)
+HeadCount = str | int | Callable[[Any], int]
 
 
 class TPConfigError(ValueError):
@@ -277,10 +280,14 @@ class Policy:
     # attention implementation the model requires, overriding the caller's
     # (Gemma 2's logit soft-capping has no sdpa path in transformers)
     attn_implementation: str | None = None
-    # config attribute names for head counts
-    heads_attr: str = "num_attention_heads"
-    kv_heads_attr: str | None = "num_key_value_heads"
-    head_dim_attr: str | None = "head_dim"
+    # head counts and head size: a config attribute's name, a literal int, or a callable
+    # of the config returning an int, for models whose count is in no attribute
+    # (Falcon-7B's one shared KV head: ``kv_heads_attr=lambda c: 1 if c.multi_query
+    # else c.num_kv_heads``); ``kv_heads_attr=None``: MHA (as many as query heads);
+    # ``head_dim_attr=None`` or a missing/None attribute: hidden_size / heads
+    heads_attr: HeadCount = "num_attention_heads"
+    kv_heads_attr: HeadCount | None = "num_key_value_heads"
+    head_dim_attr: HeadCount | None = "head_dim"
     # config attributes (besides heads) whose value must divide by the TP size
     divisible: tuple[str, ...] = ("intermediate_size",)
     # what *ForCausalLM.forward does to the LM head's output, in order
@@ -289,10 +296,10 @@ class Policy:
 
     # -- validation ------------------------------------------------------------
     def head_layout(self, config: Any, tp_size: int) -> HeadLayout:
-        heads = _config_int(config, self.heads_attr)
-        kv = _config_int(config, self.kv_heads_attr) if self.kv_heads_attr else None
+        heads = _head_count(config, self.heads_attr, "heads_attr", required=True)
+        kv = _head_count(config, self.kv_heads_attr, "kv_heads_attr", required=True)
         kv = kv or heads
-        head_dim = getattr(config, self.head_dim_attr, None) if self.head_dim_attr else None
+        head_dim = _head_count(config, self.head_dim_attr, "head_dim_attr", required=False)
         head_dim = head_dim or _config_int(config, "hidden_size") // heads
         return HeadLayout(tp_size, heads, kv, head_dim)
 
@@ -303,11 +310,15 @@ class Policy:
         layout = self.head_layout(config, tp_size)
         found = []
         if layout.num_heads % tp_size:
-            found.append(f"{self.heads_attr}={layout.num_heads} is not divisible by TP={tp_size}")
+            found.append(
+                f"{_count_name(self.heads_attr, 'query heads')}={layout.num_heads} "
+                f"is not divisible by TP={tp_size}"
+            )
         kv = layout.num_kv_heads
         if kv != layout.num_heads and kv % tp_size and tp_size % kv:
             found.append(
-                f"{self.kv_heads_attr}={kv} and TP={tp_size}: one must divide the other "
+                f"{_count_name(self.kv_heads_attr, 'KV heads')}={kv} and TP={tp_size}: "
+                "one must divide the other "
                 "(KV heads are split, or each replicated on TP/KV ranks)"
             )
         for attr in self.divisible:
@@ -417,6 +428,45 @@ def require_linear_shape(module: nn.Module) -> LinearShape:
 def glob_to_regex(glob: str) -> re.Pattern[str]:
     """``model.layers.*.mlp`` -> regex where ``*`` is exactly one path component."""
     return re.compile(r"[^.]+".join(re.escape(piece) for piece in glob.split("*")))
+
+
+def _head_count(config: Any, spec: HeadCount | None, field_name: str, required: bool) -> int | None:
+    """A head count (or head size) as a policy declares it: None when ``spec`` is None, or
+    when an optional attribute is missing or None. A TPConfigError names a bad value."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        value = getattr(config, spec, None)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TPConfigError(
+                f"config has no integer {spec!r} (the policy's {field_name}); name the config "
+                "attribute that holds it, or give an int or a callable of the config"
+            )
+        return value
+    if callable(spec):
+        try:
+            value = spec(config)
+        except Exception as exc:
+            raise TPConfigError(
+                f"the policy's {field_name} callable raised {type(exc).__name__}: {exc}"
+            ) from exc
+        if value is None and not required:
+            return None
+    else:
+        value = spec
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TPConfigError(
+            f"the policy's {field_name} gave {value!r}; it must be a positive int (or a config "
+            "attribute's name, or a callable of the config returning one)"
+        )
+    return value
+
+
+def _count_name(spec: HeadCount | None, fallback: str) -> str:
+    """How problems name a head count: its config attribute, else what it counts."""
+    return spec if isinstance(spec, str) else fallback
 
 
 def _config_int(config: Any, attr: str) -> int:

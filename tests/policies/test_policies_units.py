@@ -276,3 +276,58 @@ def test_full_width_attention_norms_are_sharded_not_replicated():
     assert not any(isinstance(s, ShardedNorm) for s in qwen3.layers.values())
     with pytest.raises(TPConfigError, match="norm over a split width"):
         to_injection_policy(policy_for(olmo2), olmo2)
+
+
+def test_head_counts_may_be_literals_or_callables_of_the_config():
+    """Falcon-7B's one shared KV head is in no config attribute: a callable says it."""
+    import dataclasses
+
+    from transformers import FalconConfig
+
+    falcon_7b = FalconConfig(
+        hidden_size=64,
+        num_attention_heads=8,
+        multi_query=True,  # one KV head for all queries; num_kv_heads still says 8
+        new_decoder_architecture=False,
+        vocab_size=100,
+    )
+    assert falcon_7b.num_kv_heads == 8
+    by_attr = dataclasses.replace(LLAMA, kv_heads_attr="num_kv_heads", divisible=())
+    assert by_attr.head_layout(falcon_7b, 2).num_kv_heads == 8  # what an attribute gives
+    one_kv = dataclasses.replace(
+        by_attr,
+        kv_heads_attr=lambda c: (
+            1 if c.multi_query and not c.new_decoder_architecture else c.num_kv_heads
+        ),
+    )
+    layout = one_kv.validate(falcon_7b, 4)
+    assert (layout.num_heads, layout.num_kv_heads, layout.head_dim) == (8, 1, 8)
+    assert (layout.local_heads, layout.local_kv_heads, layout.kv_replicas) == (2, 1, 4)
+    assert layout.quantity("kv_groups") == 2
+
+    literal = dataclasses.replace(by_attr, heads_attr=8, kv_heads_attr=1, head_dim_attr=16)
+    layout = literal.validate(falcon_7b, 2)
+    assert (layout.num_heads, layout.num_kv_heads, layout.head_dim) == (8, 1, 16)
+    # a callable head size returning None falls back to hidden_size / heads, as an absent attr
+    fallback = dataclasses.replace(literal, head_dim_attr=lambda c: None)
+    assert fallback.head_layout(falcon_7b, 2).head_dim == 8
+
+    # problems name what the count is when no attribute holds it
+    with pytest.raises(TPConfigError, match=r"query heads=8 is not divisible by TP=3"):
+        literal.validate(falcon_7b, 3)
+    three_kv = dataclasses.replace(by_attr, kv_heads_attr=3, heads_attr=12)
+    with pytest.raises(TPConfigError, match=r"KV heads=3 and TP=2: one must divide"):
+        three_kv.validate(falcon_7b, 2)
+    assert one_kv.valid_tp_sizes(falcon_7b, limit=8) == [1, 2, 4, 8]
+
+    # a bad value or a raising callable is a TPConfigError naming the field
+    for bad, said in (
+        (0, "gave 0"),
+        ("7", "no integer '7' \\(the policy's kv_heads_attr\\)"),
+        (lambda c: 2.5, "gave 2.5"),
+        (lambda c: True, "gave True"),
+        (lambda c: c.no_such_attribute, "callable raised AttributeError"),
+    ):
+        policy = dataclasses.replace(by_attr, kv_heads_attr=bad)
+        with pytest.raises(TPConfigError, match=f"kv_heads_attr.*{said}|{said}"):
+            policy.validate(falcon_7b, 2)
