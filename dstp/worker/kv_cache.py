@@ -1,6 +1,8 @@
 """Head-sharded paged KV cache: every rank's K and V blocks for its *local* KV heads.
 
 Under GQA replication (TP > KV heads) a rank holds the single KV head its queries use.
+K and V may have different head sizes (DeepSeek's MLA: K 192 = 128 + 64 rope, V 128), so
+they live in two tensors, each with its own head size.
 Which block a token goes to is decided on rank 0 (``dstp.engine.block_allocator``);
 the other ranks only receive slot numbers.
 """
@@ -21,7 +23,8 @@ class CacheShape:
 
     num_layers: int
     local_kv_heads: int
-    head_dim: int
+    k_head_dim: int
+    v_head_dim: int
     block_size: int
     dtype: torch.dtype
 
@@ -29,10 +32,23 @@ class CacheShape:
     def bytes_per_token(self) -> int:
         """K and V, all layers, this rank's heads."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.local_kv_heads * self.head_dim * itemsize
+        per_head = self.k_head_dim + self.v_head_dim
+        return self.num_layers * self.local_kv_heads * per_head * itemsize
 
     def blocks_for(self, memory_bytes: int) -> int:
         return memory_bytes // (self.bytes_per_token * self.block_size)
+
+
+def v_head_dim(policy: object, config: object, k_head_dim: int) -> int:
+    """V's head size: the config attribute a policy names in ``v_head_dim_attr`` (MLA's
+    ``v_head_dim``, see ``policies/deepseek.py``), else K's."""
+    attr = getattr(policy, "v_head_dim_attr", None)
+    if attr is None:
+        return k_head_dim
+    value = getattr(config, attr, None)
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"policy names v_head_dim_attr={attr!r}, but the config has {value!r}")
+    return value
 
 
 class PagedKVCache:
@@ -47,27 +63,30 @@ class PagedKVCache:
         self.shape = shape
         self.num_blocks = num_blocks
         slots = num_blocks * shape.block_size
-        # [layer, K/V, local kv head, slot, head_dim]; a slot is block * block_size + offset.
-        # Head-major, so a head's block is one contiguous run of block_size * head_dim
-        # values: decode gathers whole blocks straight into [head, seq, ctx, dim].
-        self.data = torch.zeros(
-            (shape.num_layers, 2, shape.local_kv_heads, slots, shape.head_dim),
-            dtype=shape.dtype,
-            device=device,
+        # [layer, local kv head, slot, head dim] for K and for V, each with its own head
+        # dim; a slot is block * block_size + offset. Head-major, so a head's block is one
+        # contiguous run of block_size * head dim values: decode gathers whole blocks
+        # straight into [head, seq, ctx, dim].
+        self.keys, self.values = (
+            torch.zeros(
+                (shape.num_layers, shape.local_kv_heads, slots, dim),
+                dtype=shape.dtype,
+                device=device,
+            )
+            for dim in (shape.k_head_dim, shape.v_head_dim)
         )
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer, each ``[local kv heads, slots, head_dim]``."""
-        return self.data[index, 0], self.data[index, 1]
+        """K ``[local kv heads, slots, k_head_dim]`` and V ``[..., v_head_dim]`` of one layer."""
+        return self.keys[index], self.values[index]
 
     def copy_blocks(self, pairs: torch.Tensor) -> None:
         """Copy whole blocks ``src -> dst`` (rows of ``pairs``) in every layer (copy-on-write forks)."""
         bs = self.shape.block_size
         for src, dst in pairs.tolist():
-            self.data[:, :, :, dst * bs : (dst + 1) * bs] = self.data[
-                :, :, :, src * bs : (src + 1) * bs
-            ]
+            for data in (self.keys, self.values):
+                data[:, :, dst * bs : (dst + 1) * bs] = data[:, :, src * bs : (src + 1) * bs]
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))

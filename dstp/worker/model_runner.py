@@ -21,7 +21,7 @@ from dstp.engine.config import EngineConfig, context_length
 from dstp.model.inject import shard_model
 from dstp.worker import attention, kv_budget
 from dstp.worker.kv_budget import KVBudget
-from dstp.worker.kv_cache import CacheShape, PagedKVCache
+from dstp.worker.kv_cache import CacheShape, PagedKVCache, v_head_dim
 from dstp.worker.step_inputs import StepUploader
 from dstp.worker.step_plan import Command, StepPlan, receive
 
@@ -56,13 +56,14 @@ class ModelRunner:
             self._log_layout(time.perf_counter() - started)
 
     def _cache_shape(self, config: EngineConfig) -> CacheShape:
-        heads = self.sharded.heads
+        heads, model_config = self.sharded.heads, self.sharded.config
         return CacheShape(
-            self.sharded.config.num_hidden_layers,
-            heads.local_kv_heads,
-            heads.head_dim,
-            config.block_size,
-            config.torch_dtype,
+            num_layers=model_config.num_hidden_layers,
+            local_kv_heads=heads.local_kv_heads,
+            k_head_dim=heads.head_dim,
+            v_head_dim=v_head_dim(self.sharded.policy, model_config, heads.head_dim),
+            block_size=config.block_size,
+            dtype=config.torch_dtype,
         )
 
     def _make_cache(self, config: EngineConfig) -> tuple[int, PagedKVCache]:
@@ -147,7 +148,8 @@ class ModelRunner:
             log.info("CPU bf16 linears: %s", "; ".join(f"{k}: {v}" for k, v in paths.items()))
         log.info(
             "KV cache per rank: %d blocks x %d tokens = %d tokens, %.1f KiB per token, %.2f GiB "
-            "(%d of %d KV heads per rank; sized by %s); max_model_len=%d; ready in %.1fs",
+            "(%d of %d KV heads per rank, head dims K %d V %d; sized by %s); max_model_len=%d; "
+            "ready in %.1fs",
             self.num_blocks,
             shape.block_size,
             self.num_blocks * shape.block_size,
@@ -155,6 +157,8 @@ class ModelRunner:
             self.cache.nbytes / 2**30,
             heads.local_kv_heads,
             heads.num_kv_heads,
+            shape.k_head_dim,
+            shape.v_head_dim,
             self.kv_budget.reason,
             self.max_model_len,
             seconds,

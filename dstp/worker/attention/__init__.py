@@ -31,9 +31,9 @@ ATTN_IMPLEMENTATION = "dstp_paged"
 
 def paged_attention(
     module: torch.nn.Module,
-    query: torch.Tensor,  # [1, H, T, d]
-    key: torch.Tensor,  # [1, KV, T, d]
-    value: torch.Tensor,
+    query: torch.Tensor,  # [1, H, T, dk]
+    key: torch.Tensor,  # [1, KV, T, dk]
+    value: torch.Tensor,  # [1, KV, T, dv]
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
@@ -43,10 +43,10 @@ def paged_attention(
 ) -> tuple[torch.Tensor, None]:
     step = current_step()
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    k_cache, v_cache = step.cache.layer(module.layer_idx)  # [KV, slots, d]
+    k_cache, v_cache = step.cache.layer(module.layer_idx)  # [KV, slots, dk] and [..., dv]
     layer = LayerAttention(scaling, softcap, sliding_window)
     out = step.backend.forward(query[0], key[0], value[0], k_cache, v_cache, step, layer)
-    return out.transpose(0, 1).unsqueeze(0), None  # [1, T, H, d], as HF expects
+    return out.transpose(0, 1).unsqueeze(0), None  # [1, T, H, dv], as HF expects
 
 
 def register() -> None:

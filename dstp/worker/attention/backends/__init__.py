@@ -40,14 +40,14 @@ class AttentionBackend(Protocol):
 
     def forward(
         self,
-        query: torch.Tensor,  # [H, T, d] this rank's query heads, packed tokens
-        key: torch.Tensor,  # [KV, T, d] new keys (rotated)
-        value: torch.Tensor,  # [KV, T, d]
-        k_cache: torch.Tensor,  # [KV, slots, d] this layer's cache
-        v_cache: torch.Tensor,
+        query: torch.Tensor,  # [H, T, dk] this rank's query heads, packed tokens
+        key: torch.Tensor,  # [KV, T, dk] new keys (rotated)
+        value: torch.Tensor,  # [KV, T, dv]: V's head size may differ from K's (MLA)
+        k_cache: torch.Tensor,  # [KV, slots, dk] this layer's cache
+        v_cache: torch.Tensor,  # [KV, slots, dv]
         step: object,  # dstp.worker.attention.metadata.AttentionMetadata
         layer: LayerAttention,
-    ) -> torch.Tensor:  # [H, T, d]
+    ) -> torch.Tensor:  # [H, T, dv]
         ...
 
 

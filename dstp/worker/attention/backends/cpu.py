@@ -6,7 +6,8 @@ that PyTorch runs one by one, after copying every sequence's blocks out of the c
 keys and values in place through its block table instead, in two passes; the softmax
 (with softcap and sliding window, as in :mod:`.sdpa`) stays in PyTorch between them.
 It takes bf16 caches with head dims that are multiples of 8 and up to 16 query heads
-per KV head; anything else, or a CPU without dstp's kernels, goes to :mod:`.sdpa`.
+per KV head, with K and V of one head size; anything else (DeepSeek's MLA: K 192, V 128),
+or a CPU without dstp's kernels, goes to :mod:`.sdpa`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ from dstp.worker.attention.metadata import AttentionMetadata
 MAX_GROUP = 16  # query heads per KV head the kernel takes
 
 
-def fits(query: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether the kernel takes this layer's shapes and cache dtype."""
+def fits(query: torch.Tensor, cache: torch.Tensor, v_cache: torch.Tensor | None = None) -> bool:
+    """Whether the kernel takes this layer's shapes and cache dtype.
+
+    It takes one head dim for K and V: a V cache of another head size goes to SDPA.
+    """
     heads, kv, dim = query.shape[0], cache.shape[0], cache.shape[-1]
+    if v_cache is not None and v_cache.shape[-1] != dim:
+        return False
     return cache.dtype == torch.bfloat16 and dim % 8 == 0 and heads // kv <= MAX_GROUP
 
 
@@ -66,7 +72,7 @@ class CpuBackend(SdpaBackend):
         layer: LayerAttention,
     ) -> torch.Tensor:
         # fits() first: asking for the ops builds them, which a float32 model never needs
-        ops = cpu_kernels.decode_attention_ops() if fits(query, k_cache) else None
+        ops = cpu_kernels.decode_attention_ops() if fits(query, k_cache, v_cache) else None
         if ops is None:
             return super()._decode_batch(query, k_cache, v_cache, step, layer)
         return paged_decode(ops, query, k_cache, v_cache, step, layer)

@@ -53,7 +53,7 @@ def _continued_prefill(
     out = F.scaled_dot_product_attention(
         folded[None], k[None], v[None], attn_mask=mask, scale=scaling
     )
-    return out[0].view(heads, q_len, dim)
+    return out[0].view(heads, q_len, v.shape[-1])
 
 
 def _masked_prefill(
@@ -81,14 +81,14 @@ def _masked_prefill(
 
 
 def _decode(
-    q: torch.Tensor,  # [H, D, d]: one new token per sequence
-    k: torch.Tensor,  # [KV, D, ctx, d]
-    v: torch.Tensor,
+    q: torch.Tensor,  # [H, D, dk]: one new token per sequence
+    k: torch.Tensor,  # [KV, D, ctx, dk]
+    v: torch.Tensor,  # [KV, D, ctx, dv]
     valid: torch.Tensor,  # [D, ctx] keys each sequence may see
     scaling: float,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Batched single-token attention, grouping query heads per KV head; returns [H, D, d].
+    """Batched single-token attention, grouping query heads per KV head; returns [H, D, dv].
 
     Faster on CPU than SDPA with a mask and ``enable_gqa`` for decode shapes
     (benchmarks/FINDINGS.md), and it never expands K/V to the query head count. K and V
@@ -103,8 +103,8 @@ def _decode(
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [KV, D, G, d]
-    return out.transpose(1, 2).reshape(heads, d_seqs, dim)
+    out = torch.matmul(probs, v)  # [KV, D, G, dv]
+    return out.transpose(1, 2).reshape(heads, d_seqs, v.shape[-1])
 
 
 def decode_keys_visible(step: AttentionMetadata, sliding_window: int | None) -> torch.Tensor:
@@ -139,7 +139,8 @@ class SdpaBackend:
     ) -> torch.Tensor:
         k_cache.index_copy_(1, step.slot_mapping, key.to(k_cache.dtype))
         v_cache.index_copy_(1, step.slot_mapping, value.to(v_cache.dtype))
-        out = torch.empty_like(query)
+        # [H, T, dv]: V's head size, which may differ from K's (and the query's)
+        out = query.new_empty((*query.shape[:2], value.shape[-1]))
         for s, ctx in enumerate(step.context_lens):
             if s in step.decode_seqs:
                 continue
