@@ -65,10 +65,50 @@ class ShardedModel:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
+ALIBI_MODEL_TYPES = ("bloom",)  # ALiBi always, whatever the config says
+
+
+def alibi_flag(config: Any) -> str | None:
+    """The config setting that turns ALiBi on (``alibi=True``, MPT's ``attn_config.alibi``,
+    ``position_embedding_type="alibi"``, a BLOOM model), or None when it is off."""
+    if getattr(config, "model_type", None) in ALIBI_MODEL_TYPES:
+        return f"model_type={config.model_type!r}: always"
+    for attr in ("alibi", "use_alibi"):
+        if getattr(config, attr, False) is True:
+            return f"{attr}=True"
+    attn_config = getattr(config, "attn_config", None)
+    nested = (
+        attn_config.get("alibi")
+        if isinstance(attn_config, dict)
+        else getattr(attn_config, "alibi", None)
+    )
+    if nested is True:
+        return "attn_config.alibi=True"
+    if getattr(config, "position_embedding_type", None) == "alibi":
+        return "position_embedding_type='alibi'"
+    return None
+
+
 def check_attention_backend(config: Any, attn_implementation: str) -> None:
-    """Refuse, before any weight is read, a model the paged KV cache cannot plug into."""
+    """Refuse, before any weight is read, a model whose attention dstp cannot shard or page.
+
+    ALiBi (any path): its per-head biases are built for all heads outside the attention
+    modules, so a rank holding a slice of the heads would add the wrong ones. For the
+    engine's paged attention: a model class that does not route attention through
+    transformers' ``AttentionInterface`` (its ``_supports_attention_backend``); what
+    that flag cannot see (remote code) the start-up probe catches, which requires
+    every layer's attention to reach the paged cache.
+    """
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    flag = alibi_flag(config)
+    if flag is not None:
+        raise TPConfigError(
+            f"{type(config).__name__} uses ALiBi ({flag}): its per-head position biases are "
+            "built for all heads outside the attention modules, so neither a head-sharded "
+            "forward nor the engine's paged KV cache can apply them; dstp does not serve "
+            "ALiBi models"
+        )
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if attn_implementation == PAGED_ATTENTION and not getattr(
         model_class, "_supports_attention_backend", True
@@ -320,6 +360,8 @@ def shard_model(
 ) -> ShardedModel:
     """Everything in the module docstring, with errors raised on every rank together."""
     config = tp.agree(lambda: load_config(path, trust_remote_code))
+    # what no policy can fix is said first, before a policy is derived or a weight is read
+    tp.agree(lambda: check_attention_backend(config, attn_implementation))
     policy = policy or tp.agree(lambda: policy_for(config))
     heads = tp.agree(lambda: policy.validate(config, tp.size))
     ckpt = tp.agree(lambda: Checkpoint(path, allow_pickle=allow_pickle))
@@ -334,7 +376,7 @@ def shard_model(
             attn_implementation,
         )
         attn_implementation = needs
-    check_attention_backend(config, attn_implementation)
+        check_attention_backend(config, attn_implementation)
     model = build_meta_model(config, dtype, attn_implementation)
     tp.agree(lambda: swap_modules(model, policy, heads, tp, dtype))
     tp.agree(lambda: materialize(model, ckpt, policy, tp, dtype, config))

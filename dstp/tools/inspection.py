@@ -90,12 +90,15 @@ def block_ranges(blocks: list[int]) -> str:
 
 def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
     """The inspection text and whether ``tp`` is valid."""
+    from dstp.model.inject import check_attention_backend
     from dstp.policies import policy_for
 
+    check_attention_backend(config, "sdpa")  # ALiBi: no path can shard it, said first
     policy = policy_for(config)
     lines = [
         f"model: {', '.join(config.architectures or [config.model_type])}",
         f"policy: {policy_origin(policy, config)}",
+        f"engine: {engine_verdict(config)}",
     ]
     problems = policy.problems(config, tp)
     if problems:
@@ -145,6 +148,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE_OR_MODULE",
         help="inspect with your own policy: a .py file or a module's dotted name that calls "
         "dstp.policies.register(policy) on import (as dstp serve --policy)",
+    )
+
+
+def engine_verdict(config: Any) -> str:
+    """Whether the engine (``dstp serve``) can page this model's attention, or why not."""
+    from dstp.model.inject import PAGED_ATTENTION, check_attention_backend
+    from dstp.policies import TPConfigError
+
+    try:
+        check_attention_backend(config, PAGED_ATTENTION)
+    except TPConfigError as exc:
+        return f"cannot serve it: {exc}"
+    return (
+        "attention goes through AttentionInterface; at start-up every rank also runs a "
+        "prefill and 2 decode steps through the paged KV cache before /health is 200"
     )
 
 
