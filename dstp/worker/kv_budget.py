@@ -95,3 +95,41 @@ def profile_plan(num_tokens: int, max_len: int, max_seqs: int, block_size: int) 
 
 def profile_blocks(plan: StepPlan) -> int:
     return int(plan.block_tables.max()) + 1
+
+
+# -- the start-up probe ---------------------------------------------------------------
+# (new tokens, tokens already cached) of two sequences in each of three steps: fresh
+# prefills, then a prefill continuation beside a decode, then a batch of two decodes.
+# Every branch of the paged path a first request can take, on a few tokens.
+PROBE_STEPS = (((4, 0), (3, 0)), ((2, 4), (1, 3)), ((1, 6), (1, 4)))
+PROBE_MAX_LEN = 8  # tokens a probe sequence reaches (7), rounded up
+
+
+def probe_plans(block_size: int, vocab_size: int) -> list[StepPlan]:
+    """The start-up probe's steps, each sampling every sequence's last token, over a
+    scratch cache of :func:`probe_blocks` blocks (each sequence its own blocks)."""
+    width = -(-PROBE_MAX_LEN // block_size)  # blocks per sequence
+    tables = torch.arange(2 * width).reshape(2, width)
+    plans = []
+    for step in PROBE_STEPS:
+        positions = torch.cat([torch.arange(done, done + new) for new, done in step])
+        seq_of_token = torch.repeat_interleave(torch.arange(2), torch.tensor([n for n, _ in step]))
+        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        starts = torch.tensor([0, *[n for n, _ in step]]).cumsum(0)
+        plans.append(
+            StepPlan(
+                input_ids=(positions * 7 + seq_of_token * 3 + 1) % vocab_size,
+                positions=positions,
+                slot_mapping=slots,
+                query_starts=starts,
+                context_lens=torch.tensor([new + done for new, done in step]),
+                block_tables=tables.clone(),
+                sample_rows=starts[1:] - 1,
+                copies=torch.zeros((0, 2), dtype=torch.long),
+            )
+        )
+    return plans
+
+
+def probe_blocks(block_size: int) -> int:
+    return 2 * -(-PROBE_MAX_LEN // block_size)

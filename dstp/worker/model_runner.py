@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
+from pathlib import Path
 
 import torch
 
@@ -19,6 +21,7 @@ from dstp.cpu import kernels as cpu_kernels
 from dstp.distributed import TPGroup
 from dstp.engine.config import EngineConfig, context_length
 from dstp.model.inject import shard_model
+from dstp.policies import TPConfigError
 from dstp.worker import attention, kv_budget
 from dstp.worker.kv_budget import KVBudget
 from dstp.worker.kv_cache import CacheShape, PagedKVCache, v_head_dim
@@ -26,6 +29,24 @@ from dstp.worker.step_inputs import StepUploader
 from dstp.worker.step_plan import Command, StepPlan, receive
 
 log = logging.getLogger("dstp")
+
+
+class StartupProbeFailed(TPConfigError):
+    """The start-up probe's steps failed: this model would fail on its first request."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"start-up probe failed: {reason}; this model would fail on its first request, so "
+            "dstp refuses to serve it (docs/writing-a-policy.md, 'Can the engine serve this?')"
+        )
+
+
+def _where(exc: BaseException) -> str:
+    """``Type: message (file:line)`` of the innermost frame: the reason, on one line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    place = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}{place}"
 
 
 class ModelRunner:
@@ -52,6 +73,7 @@ class ModelRunner:
         self.uploader = StepUploader(tp.device)
         self.num_blocks, self.cache = self._make_cache(config)
         self.max_model_len = self._context_limit(config)
+        tp.agree(lambda: self.run_startup_probe(config))
         if tp.is_driver:
             self._log_layout(time.perf_counter() - started)
 
@@ -117,6 +139,50 @@ class ModelRunner:
             return self.execute(plan)
         finally:
             self.cache = kept
+
+    def run_startup_probe(self, config: EngineConfig) -> None:
+        """Prefill, continue and decode a few tokens through the paged path (every rank, on a
+        scratch cache) before the server says healthy: a model that would fail on its first
+        request fails here, naming why (:class:`StartupProbeFailed`).
+
+        Every layer's attention must reach the paged cache: a module whose forward bypasses
+        ``AttentionInterface`` would otherwise run on without the cache and answer wrongly.
+        """
+        num_layers = self.cache.shape.num_layers
+        scratch = PagedKVCache(
+            self._cache_shape(config), kv_budget.probe_blocks(config.block_size), self.tp.device
+        )
+        reached: set[int] = set()
+        read_layer = scratch.layer
+
+        def layer(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            reached.add(index)
+            return read_layer(index)
+
+        scratch.layer = layer  # type: ignore[method-assign]
+        kept, self.cache = self.cache, scratch
+        what = "a prefill"
+        try:
+            for what, plan in zip(
+                ("a prefill", "a prefill continuation beside a decode", "a batch of decodes"),
+                kv_budget.probe_plans(config.block_size, self.vocab_size),
+                strict=True,
+            ):
+                logits = self.execute(plan)
+                if logits is not None and bool(torch.isnan(logits).any()):
+                    raise StartupProbeFailed(f"{what} gave NaN logits")
+        except StartupProbeFailed:
+            raise
+        except Exception as exc:
+            raise StartupProbeFailed(f"{what} raised {_where(exc)}") from exc
+        finally:
+            self.cache = kept
+        missing = sorted(set(range(num_layers)) - reached)
+        if missing:
+            raise StartupProbeFailed(
+                f"the attention of layer(s) {missing[:8]} never reached dstp's paged KV cache "
+                "(its forward bypasses transformers' AttentionInterface)"
+            )
 
     def _wanted_len(self, config: EngineConfig) -> int:
         """The model's context, or the user's (see :func:`context_length`)."""
