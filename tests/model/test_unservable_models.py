@@ -103,8 +103,16 @@ register(
 """
 
 
-def test_inspect_says_whether_the_engine_can_serve_it(tmp_path, capsys):
+def test_inspect_says_whether_the_engine_can_serve_it(tmp_path, capsys, monkeypatch):
+    import dstp.policies as policies
+
+    import dstp.model.policy_source as source
     from dstp.__main__ import main
+
+    # the file's registration must not outlive this test
+    monkeypatch.setattr(policies, "_REGISTRY", list(policies._REGISTRY))
+    monkeypatch.setattr(source, "_LOADED", {})
+    monkeypatch.setattr(source, "_ORIGINS", {})
 
     policy = tmp_path / "falcon_policy.py"
     policy.write_text(FALCON_7B_POLICY)
