@@ -34,9 +34,30 @@ MOE_SHAPE = dict(
 )
 QWEN2_MOE_SHAPE = dict(MOE_SHAPE, shared_expert_intermediate_size=48)
 QWEN3_MOE_SHAPE = dict(MOE_SHAPE, head_dim=16)
+# DeepSeek-V2: MLA with K heads (qk_nope 16 + rope 8 = 24) wider than V heads (16), one
+# dense layer then MoE (4 routed experts, top-2, one shared expert)
+DEEPSEEK_V2_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    kv_lora_rank=32,
+    q_lora_rank=None,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    tie_word_embeddings=False,
+    **COMMON,
+)
 # architectures saved with their fused parameters as the model names them
 # (save_pretrained writes MoE experts one tensor per expert)
-FUSED_CHECKPOINTS = {"qwen2_moe_fused", "qwen3_moe_fused"}
+FUSED_CHECKPOINTS = {"qwen2_moe_fused", "qwen3_moe_fused", "deepseek_v2_q_lora_fused"}
 
 # name -> (config class name, overrides)
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -95,6 +116,19 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe_fused": ("Qwen3MoeConfig", dict(QWEN3_MOE_SHAPE)),
     # q/k norms over the whole attention width (TP=4 also replicates each KV head)
     "olmo2": ("Olmo2Config", dict(LLAMA_SHAPE, tie_word_embeddings=False)),
+    # MLA (K and V heads of different sizes) + routed and shared experts; with the q_lora
+    # path and group-limited routing, saved with fused experts
+    "deepseek_v2": ("DeepseekV2Config", dict(DEEPSEEK_V2_SHAPE)),
+    "deepseek_v2_q_lora_fused": (
+        "DeepseekV2Config",
+        dict(
+            DEEPSEEK_V2_SHAPE,
+            q_lora_rank=48,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+        ),
+    ),
     # no explicit policy: derived from base_model_tp_plan / from the module graph
     # (Granite and Cohere also scale their logits: the derived policy must too)
     "granite": (
