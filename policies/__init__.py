@@ -10,7 +10,7 @@ from typing import Any
 
 from .auto import derive_policy
 from .base import Col, Experts, HeadLayout, LogitOp, Policy, Row, ShardedNorm, TPConfigError
-from .deepseek import DEEPSEEK_V2
+from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from .deepspeed_compat import from_injection_policy, to_injection_policy
 from .gemma import GEMMA, GEMMA2
 from .gpt2 import GPT2
@@ -80,5 +80,5 @@ def policy_for(config: Any) -> Policy:
 
 for _policy in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, PHI3, GPT_NEOX, GPT2, OPT, MIXTRAL):
     register(_policy)
-for _policy in (QWEN2_MOE, QWEN3_MOE, OLMO2, DEEPSEEK_V2):
+for _policy in (QWEN2_MOE, QWEN3_MOE, OLMO2, DEEPSEEK_V2, DEEPSEEK_V3):
     register(_policy)

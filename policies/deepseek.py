@@ -79,3 +79,11 @@ DEEPSEEK_V2 = _deepseek(
     "kv_b_proj column by heads, o_proj row; K and V heads of their own sizes); routed "
     "experts' gate/up column, down row, router replicated; shared experts column/row.",
 )
+
+DEEPSEEK_V3 = _deepseek(
+    "deepseek_v3",
+    "DeepseekV3ForCausalLM",
+    "deepseek_v3",
+    "DeepSeek-V3: DeepSeek-V2's split (MLA, routed and shared experts); the sigmoid router "
+    "with its e_score_correction_bias and expert groups stays replicated.",
+)

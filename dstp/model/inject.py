@@ -296,6 +296,25 @@ def _checkpoint_source(
     )
 
 
+def _load_persistent_buffers(
+    model: nn.Module, ckpt: Checkpoint, prefix: str, policy: Policy, tp: TPGroup
+) -> None:
+    """Persistent buffers the checkpoint holds, replicated (DeepSeek-V3's router
+    ``e_score_correction_bias``); the meta build leaves them at their ``__init__`` values."""
+    for name, buf in list(model.named_buffers()):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._non_persistent_buffers_set:
+            continue
+        key = _checkpoint_name(name, ckpt, prefix, policy)
+        if key is None:
+            continue
+        real = torch.empty(buf.shape, dtype=buf.dtype, device=tp.device)
+        with torch.no_grad():
+            load_replicated(real, ckpt.get(key))
+        module._buffers[attr] = real
+
+
 def materialize(
     model: nn.Module, ckpt: Checkpoint, policy: Policy, tp: TPGroup, dtype: torch.dtype, config: Any
 ) -> None:
@@ -330,6 +349,7 @@ def materialize(
     if tied:
         head = model.get_submodule(policy.lm_head)
         head.weight = model.get_submodule(policy.embedding).weight
+    _load_persistent_buffers(model, ckpt, prefix, policy, tp)
     for module in model.modules():  # non-persistent buffers (rotary tables) to the device
         for bname, buf in list(module._buffers.items()):
             if buf is not None and buf.device != tp.device:

@@ -129,6 +129,19 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
             topk_group=1,
         ),
     ),
+    # DeepSeek-V3: sigmoid routing over 2 expert groups (top group 1), q_lora path
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            DEEPSEEK_V2_SHAPE,
+            num_key_value_heads=4,  # its default is the full model's 128 (= its heads)
+            q_lora_rank=48,
+            n_group=2,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+        ),
+    ),
     # no explicit policy: derived from base_model_tp_plan / from the module graph
     # (Granite and Cohere also scale their logits: the derived policy must too)
     "granite": (
