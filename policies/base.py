@@ -288,6 +288,10 @@ class Policy:
     heads_attr: HeadCount = "num_attention_heads"
     kv_heads_attr: HeadCount | None = "num_key_value_heads"
     head_dim_attr: HeadCount | None = "head_dim"
+    # config attribute of V's head size where it differs from K's (DeepSeek's MLA:
+    # ``v_head_dim``, K's being ``qk_head_dim``); None: V's heads are K's size. The
+    # paged KV cache sizes V by it (``dstp.worker.kv_cache.v_head_dim``)
+    v_head_dim_attr: str | None = None
     # config attributes (besides heads) whose value must divide by the TP size
     divisible: tuple[str, ...] = ("intermediate_size",)
     # what *ForCausalLM.forward does to the LM head's output, in order

@@ -18,19 +18,7 @@ shared experts are a dense MLP (gate/up column, down row). The first
 ``first_k_dense_replace`` layers hold a dense MLP instead: those rules are optional.
 """
 
-from dataclasses import dataclass
-
 from .base import Col, Experts, Policy, Row
-
-
-@dataclass(frozen=True)
-class MlaPolicy(Policy):
-    """A policy whose attention's V heads are narrower than its K heads (read by the
-    paged KV cache, ``dstp.worker.kv_cache.v_head_dim``)."""
-
-    # config attribute of V's head size; K's is ``head_dim_attr``'s
-    v_head_dim_attr: str | None = "v_head_dim"
-
 
 ATTN = "model.layers.*.self_attn"
 DENSE_MLP = {
@@ -54,8 +42,8 @@ MLA_LAYERS = {
 }
 
 
-def _deepseek(name: str, architecture: str, model_type: str, doc: str) -> MlaPolicy:
-    return MlaPolicy(
+def _deepseek(name: str, architecture: str, model_type: str, doc: str) -> Policy:
+    return Policy(
         name=name,
         architectures=(architecture,),
         model_types=(model_type,),
@@ -66,6 +54,7 @@ def _deepseek(name: str, architecture: str, model_type: str, doc: str) -> MlaPol
         attention_attrs={"num_key_value_groups": "kv_groups"},
         optional_layers=(*Q_PROJ, *Q_B_PROJ, *DENSE_MLP),
         head_dim_attr="qk_head_dim",
+        v_head_dim_attr="v_head_dim",
         divisible=("intermediate_size", "moe_intermediate_size"),
         doc=doc,
     )

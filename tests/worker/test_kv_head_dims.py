@@ -139,3 +139,16 @@ def test_v_head_dim_comes_from_the_policy_named_attribute():
     assert v_head_dim(SimpleNamespace(v_head_dim_attr="v_head_dim"), config, 24) == 16
     with pytest.raises(ValueError, match="v_head_dim_attr='nope'"):
         v_head_dim(SimpleNamespace(v_head_dim_attr="nope"), config, 24)
+
+
+def test_built_in_policies_give_deepseek_its_v_head_size_and_others_k_s():
+    from dstp.policies import policy_for
+
+    from dstp.worker.kv_cache import v_head_dim
+    from tests.helpers.policy_models import make_config
+
+    for name in ("deepseek_v2", "deepseek_v3"):
+        config = make_config(name)
+        assert v_head_dim(policy_for(config), config, config.qk_head_dim) == 16
+    llama = make_config("qwen3")
+    assert v_head_dim(policy_for(llama), llama, 16) == 16
