@@ -45,50 +45,11 @@ def outside_top_p(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tens
     return drop & (top_p < 1.0).unsqueeze(1)
 
 
-TOP_P_BINS = 1 << 16  # logit bins per row when top-p is found without sorting the row
-TOP_P_WIDTH = 64  # tokens of the boundary bin ranked exactly
-
-
 def top_p_unsorted(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """z with -inf outside each row's top-p set, for rows in vocabulary order, without a sort.
-
-    Fixed work per row, no host branching: one histogram of the row's probability
-    mass over ``TOP_P_BINS`` equal-width logit bins (bin 0 holds the largest)
-    finds the bin where the mass crosses top_p; every bin before it is kept,
-    every bin after it dropped; inside it the ``TOP_P_WIDTH`` largest logits are
-    ranked (one ``topk``) and the oracle's rule is applied to them exactly: drop
-    a token when the float32 cumulative mass before it, ``cumsum - p`` over the
-    row sorted descending, exceeds top_p (the mass is summed in float64 and rounded
-    to float32 once, as torch's CPU ``cumsum`` does). Equal logits at the cut are
-    kept together, and a boundary bin holding more than ``TOP_P_WIDTH`` tokens
-    (a near-constant row) drops its tokens past the ranked ones even when the
-    oracle would keep some: both are rare and noted in benchmarks/FINDINGS.md.
-    """
-    rows, vocab = z.shape
-    probs = torch.softmax(z, dim=-1)
-    z_max = z.amax(-1, keepdim=True)
-    z_min = torch.where(z > NEG_INF, z, z_max).amin(-1, keepdim=True)
-    scale = (TOP_P_BINS - 1) / (z_max - z_min).clamp_min(torch.finfo(z.dtype).tiny)
-    # -inf logits (and NaNs) go to one extra bin past the last, which holds no mass
-    bins = ((z_max - z) * scale).nan_to_num_(TOP_P_BINS, TOP_P_BINS).clamp_(min=0).long()
-    mass = probs.new_zeros(rows, TOP_P_BINS + 1, dtype=torch.float64)
-    mass.scatter_add_(1, bins, probs.double())
-    upto = mass.cumsum(-1)
-    limit = top_p.double().unsqueeze(1)
-    boundary = (upto <= limit).sum(-1, keepdim=True).clamp_(max=TOP_P_BINS)
-    before = (upto - mass).gather(1, boundary)  # mass of the bins before the boundary
-    ranked = torch.where(bins == boundary, z, NEG_INF)
-    values, ids = ranked.topk(min(TOP_P_WIDTH, vocab), dim=-1)
-    p = probs.gather(1, ids)
-    through = before + p.double().cumsum(-1)  # float64 mass through each ranked token
-    dropped = (through.float() - p > top_p.unsqueeze(1)) | (values == NEG_INF)
-    kept = (~dropped).sum(-1, keepdim=True)
-    # Bins are monotone in z, so the kept set is z >= cut: the smallest kept ranked logit,
-    # or just above the boundary bin's largest when none of it is kept.
-    above_bin = torch.nextafter(values[:, :1], torch.full_like(values[:, :1], float("inf")))
-    cut = torch.where(kept > 0, values.gather(1, (kept - 1).clamp_(min=0)), above_bin)
-    cut = torch.where((top_p < 1.0).unsqueeze(1), cut, NEG_INF)
-    return torch.where(z < cut, NEG_INF, z)
+    """z with -inf outside each row's top-p set, for rows in vocabulary order (sorts them)."""
+    ordered, order = torch.sort(z, dim=-1, descending=True)
+    drop = outside_top_p(torch.softmax(ordered, dim=-1), top_p)
+    return z.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), NEG_INF)
 
 
 def below_min_p(z: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
