@@ -22,7 +22,7 @@ from dstp.engine.config import EngineConfig
 from dstp.engine.detokenizer import Detokenizer, find_stop, partial_stop_len
 from dstp.engine.outputs import CompletionOutput, RequestOutput
 from dstp.engine.sampling import Picks, SampleState, make_generator, sample
-from dstp.engine.sampling_params import InvalidRequest, SamplingParams
+from dstp.engine.sampling_params import InvalidRequest, SamplingParams, check_request
 from dstp.engine.scheduler import Request, Schedule, Scheduler, Sequence
 from dstp.engine.tokenizer import load_tokenizer
 from dstp.worker.model_runner import ModelRunner
@@ -85,19 +85,13 @@ class Engine:
         """What :meth:`add_request` rejects (``InvalidRequest``), without adding it (a
         router checks here before handing the request to another replica, passing the
         shortest context of its replicas as ``max_model_len``)."""
-        max_model_len = max_model_len or self.max_model_len
-        if not prompt_token_ids:
-            raise InvalidRequest("the prompt is empty", "prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        if len(prompt_token_ids) >= max_model_len:
-            raise InvalidRequest(
-                f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "
-                f"{max_model_len}: shorten it",
-                "prompt",
-            )
-        params.validate()
-        params.check_against_model(self.vocab_size, self.eos_ids)
+        check_request(
+            prompt_token_ids,
+            params,
+            self.vocab_size,
+            max_model_len or self.max_model_len,
+            self.eos_ids,
+        )
 
     def abort(self, request_id: str) -> None:
         request = self._driver_scheduler().abort(request_id)

@@ -135,3 +135,26 @@ def is_number(value: object) -> bool:
 
 def _in(value: object, low: float, high: float) -> bool:
     return is_number(value) and low <= value <= high
+
+
+def check_request(
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    vocab_size: int,
+    max_model_len: int,
+    eos_ids: frozenset[int],
+) -> None:
+    """Every engine's admission rule (``InvalidRequest``): a non-empty prompt of in-vocabulary
+    ids shorter than the context, and parameters valid for this model."""
+    if not prompt_token_ids:
+        raise InvalidRequest("the prompt is empty", "prompt")
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    if len(prompt_token_ids) >= max_model_len:
+        raise InvalidRequest(
+            f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "
+            f"{max_model_len}: shorten it",
+            "prompt",
+        )
+    params.validate()
+    params.check_against_model(vocab_size, eos_ids)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 from dstp.engine.detokenizer import find_stop, partial_stop_len
 from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from dstp.engine.sampling_params import InvalidRequest, SamplingParams
+from dstp.engine.sampling_params import InvalidRequest, SamplingParams, check_request
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
 
@@ -126,19 +126,13 @@ class FakeEngine:
         self, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int | None = None
     ) -> None:
         """The engine's checks, in its order and with its messages."""
-        max_model_len = max_model_len or self.max_model_len
-        if not prompt_token_ids:
-            raise InvalidRequest("the prompt is empty", "prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        if len(prompt_token_ids) >= max_model_len:
-            raise InvalidRequest(
-                f"the prompt has {len(prompt_token_ids)} tokens but this model's context is "
-                f"{max_model_len}: shorten it",
-                "prompt",
-            )
-        params.validate()
-        params.check_against_model(self.vocab_size, self.eos_ids)
+        check_request(
+            prompt_token_ids,
+            params,
+            self.vocab_size,
+            max_model_len or self.max_model_len,
+            self.eos_ids,
+        )
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
