@@ -1,7 +1,8 @@
 """No request can take the server down, and its text is the tokenizer's, over real HTTP.
 
-The session's real server (conftest.py): the ``deepspeed`` launcher, TP=2, stories260k
-(fp32, a small KV cache so the load preempts). First the exact-text property
+Its own real server: the ``deepspeed`` launcher, TP=2, stories260k (fp32, a small KV cache
+so the load preempts, and a 256-token context: at the session server's 512 the 600 requests
+do not fit the time bound on 2 cores, and its e2e tests need 512). First the exact-text property
 through the official ``openai`` client, streamed and not, greedy and sampled.
 Then a seeded, time-bounded fuzz: 500+ requests, 16 at a time, drawn from the
 whole parameter space with its extremes, including clients that disconnect
@@ -23,6 +24,7 @@ import pytest
 import requests
 
 from tests.helpers.server_helpers import (
+    ServerProcess,
     parse_metrics,
     rank_pids,
     sse_events,
@@ -34,12 +36,19 @@ FUZZ_CONCURRENCY = 16
 FUZZ_SECONDS = 150  # the loop stops drawing new requests after this
 
 
+MAX_MODEL_LEN = 256
+
+
 @pytest.fixture(scope="module")
-def server(tp2_server):
-    """The session's TP=2 server (tests/server/conftest.py): a small KV cache, so the load
-    preempts."""
-    tp2_server.wait_healthy()
-    return tp2_server
+def server(model_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("fuzz_logs") / "server.log"
+    flags = ("--num-kv-blocks", "96", "--max-model-len", str(MAX_MODEL_LEN))
+    proc = ServerProcess.stories_tp2(model_dir, log_path, *flags)
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
