@@ -19,7 +19,13 @@ import torch
 
 from dstp.model.loading import load_config
 from dstp.model.meta_model import meta_model
-from dstp.tools.planner import DTYPE_BYTES, GIB, parameter_bytes_per_rank
+from dstp.tools.planner import (
+    DTYPE_BYTES,
+    GIB,
+    kv_bytes_per_token,
+    parameter_bytes_per_rank,
+    v_head_dim,
+)
 
 
 def virtual_tp(rank: int, size: int) -> Any:
@@ -106,9 +112,15 @@ def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
         lines.append(f"valid TP sizes: {policy.valid_tp_sizes(config)}")
         return "\n".join(lines), False
     heads = policy.head_layout(config, tp)
+    v_dim = v_head_dim(policy, config, heads.head_dim)
+    sizes = (
+        f"head_dim {heads.head_dim}"
+        if v_dim == heads.head_dim
+        else f"head sizes K {heads.head_dim}, V {v_dim} (config.{policy.v_head_dim_attr})"
+    )
     lines.append(
         f"heads per rank: {heads.local_heads}/{heads.num_heads} query, {heads.local_kv_heads}/"
-        f"{heads.num_kv_heads} KV (each KV head on {heads.kv_replicas} rank(s)), head_dim {heads.head_dim}"
+        f"{heads.num_kv_heads} KV (each KV head on {heads.kv_replicas} rank(s)), {sizes}"
     )
     rows = sharded_shapes(config, policy, tp, rank=0)
     groups = block_groups(rows)
@@ -135,6 +147,13 @@ def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
     lines.append(
         f"parameter bytes per rank ({dtype}): {local:,} ({local / GIB:.3f} GiB) of {full:,} "
         f"for the whole model ({local / full:.1%})"
+    )
+    per_token = kv_bytes_per_token(config, heads, DTYPE_BYTES[dtype], v_dim)
+    layers = config.get_text_config().num_hidden_layers
+    lines.append(
+        f"KV cache bytes per token per rank ({dtype}): {per_token:,} ({layers} layers x "
+        f"{heads.local_kv_heads} KV heads x (K {heads.head_dim} + V {v_dim}) x "
+        f"{DTYPE_BYTES[dtype]} bytes)"
     )
     return "\n".join(lines), True
 

@@ -60,6 +60,9 @@ class Plan:
     devices: int | None = None  # --devices: the launcher's world
     replicas: int | None = None  # devices // recommended, when it divides
     replica_reason: str = ""
+    k_head_dim: int | None = None  # per head, as the KV cache holds it
+    v_head_dim: int | None = None  # differs from K's under MLA (policy.v_head_dim_attr)
+    v_head_dim_attr: str | None = None
 
 
 def parameter_bytes_per_rank(
@@ -101,10 +104,23 @@ def parameter_bytes_per_rank(
     return total * dtype_bytes
 
 
-def kv_bytes_per_token(config: Any, heads: Any, dtype_bytes: int) -> int:
-    """K and V of one token for every layer, in the KV heads one rank holds."""
+def v_head_dim(policy: Any, config: Any, k_head_dim: int) -> int:
+    """V's head size: the config attribute the policy names in ``v_head_dim_attr`` (MLA's
+    ``v_head_dim``), else K's; the paged cache sizes V the same way
+    (``dstp.worker.kv_cache.v_head_dim``)."""
+    from dstp.worker.kv_cache import v_head_dim as cache_v_head_dim
+
+    return cache_v_head_dim(policy, config, k_head_dim)
+
+
+def kv_bytes_per_token(
+    config: Any, heads: Any, dtype_bytes: int, v_head_dim: int | None = None
+) -> int:
+    """K and V of one token for every layer, in the KV heads one rank holds; V at
+    ``v_head_dim`` where it differs from K's ``heads.head_dim`` (MLA)."""
     layers = config.get_text_config().num_hidden_layers
-    return 2 * layers * heads.local_kv_heads * heads.head_dim * dtype_bytes
+    v = heads.head_dim if v_head_dim is None else v_head_dim
+    return layers * heads.local_kv_heads * (heads.head_dim + v) * dtype_bytes
 
 
 def allreduce_ms(config: Any, policy: Any, tp: int, dtype_bytes: int, interconnect: str) -> float:
@@ -152,6 +168,8 @@ def make_plan(
             options.append(
                 _option(config, policy, model, tp, dtype_bytes, usable, target, interconnect)
             )
+    full_heads = policy.head_layout(config, 1)
+    v_dim = v_head_dim(policy, config, full_heads.head_dim)
     recommended, reason = _recommend(options, target, interconnect)
     replicas, replica_reason = None, ""
     if devices is not None:
@@ -171,6 +189,9 @@ def make_plan(
         devices,
         replicas,
         replica_reason,
+        k_head_dim=full_heads.head_dim,
+        v_head_dim=v_dim,
+        v_head_dim_attr=policy.v_head_dim_attr,
     )
 
 
@@ -186,7 +207,10 @@ def _option(
 ) -> TPOption:
     """One TP size's memory picture: weights, KV room and all-reduce cost per token."""
     weights = parameter_bytes_per_rank(model, policy, config, tp, dtype_bytes)
-    per_token = kv_bytes_per_token(config, policy.head_layout(config, tp), dtype_bytes)
+    heads = policy.head_layout(config, tp)
+    per_token = kv_bytes_per_token(
+        config, heads, dtype_bytes, v_head_dim(policy, config, heads.head_dim)
+    )
     budget = max(0, usable - weights)
     tokens = budget // per_token
     return TPOption(
@@ -274,6 +298,13 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"policy {plan.policy}, {plan.dtype}, {plan.device_memory_gib:g} GiB devices "
         f"({plan.usable_bytes / GIB:.1f} GiB usable), KV target {plan.target_kv_tokens} tokens",
+    ]
+    if plan.v_head_dim is not None and plan.v_head_dim != plan.k_head_dim:
+        lines.append(
+            f"K and V heads differ: K {plan.k_head_dim}, V {plan.v_head_dim} per head "
+            f"(config.{plan.v_head_dim_attr}); KV/token counts both"
+        )
+    lines += [
         f"{'TP':>4} {'weights/rank':>13} {'KV room/rank':>13} {'KV/token/rank':>14} "
         f"{'KV tokens':>11} {'all-reduce/tok':>15}  verdict",
     ]
