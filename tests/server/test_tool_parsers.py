@@ -337,3 +337,37 @@ def test_pythonic_grammar_optional_arguments(llg) -> None:
         assert parser.extract(text)[1][0].name == "f"
     for text in ["[f(b=true, a=1)]", "[f(d=1)]", "[f(, a=1)]", "[f(a=1,)]"]:
         assert not _accepts(llg, grammar, text), text
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("hermes", '<tool_call>\n{"name": "f", "arguments": {"x": NaN}}\n</tool_call>'),
+        ("llama3_json", '{"name": "f", "parameters": {"x": Infinity}}'),
+        ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"x": -Infinity}}]'),
+        ("pythonic", "[f(x=1e999)]"),
+        ("pythonic", "[f(x={1, 2})]"),
+        ("pythonic", "[f(x=b'raw')]"),
+        ("pythonic", "[f(1)]"),
+        ("pythonic", "[f(**kw)]"),
+        ("hermes", "<tool_call>" + "[" * 100_000 + "</tool_call>"),
+        ("pythonic", "[f(x=" + "[" * 100_000 + "])]"),
+    ],
+)
+def test_not_json_arguments_stay_content(name: str, text: str) -> None:
+    """Arguments must be valid JSON objects: NaN, sets, bytes, positionals are no call."""
+    assert get_parser(name).extract(text) == (text, [])
+
+
+def test_long_pythonic_stream_parses_each_bracket_once(monkeypatch) -> None:
+    """Many "]" inside a long call list, fed a few chars at a time, parse each "]" once."""
+    from dstp.server.tool_calls import pythonic
+
+    parsed: list[str] = []
+    real = pythonic.parse_call_list
+    monkeypatch.setattr(pythonic, "parse_call_list", lambda t: parsed.append(t) or real(t))
+    text = "[search(query=" + repr("[x] " * 500) + ")]"
+    s = get_parser("pythonic").stream()
+    deltas = [d for i in range(0, len(text), 3) for d in s.feed(text[i : i + 3])] + s.finish()
+    assert [d.name for d in deltas] == ["search"]
+    assert len(parsed) == text.count("]")

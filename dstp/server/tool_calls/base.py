@@ -64,6 +64,31 @@ def dump_args(args: dict) -> str:
     return json.dumps(args, ensure_ascii=False)
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def decode_json(text: str, start: int = 0) -> tuple[object, int]:
+    """The strict JSON value at ``text[start:]`` and where it ends; ValueError when there is
+    none (NaN/Infinity, which would make invalid arguments, and absurd nesting included)."""
+    try:
+        return _DECODER.raw_decode(text, start)
+    except RecursionError as e:
+        raise ValueError("JSON nested too deeply") from e
+
+
+def loads_json(text: str) -> object:
+    """``json.loads`` with ``decode_json``'s strictness."""
+    text = text.strip()
+    obj, end = decode_json(text)
+    if end != len(text):
+        raise ValueError("extra data after the JSON value")
+    return obj
+
+
 def held_prefix_len(text: str, marker: str) -> int:
     """How many trailing chars of ``text`` could be the start of ``marker`` (to hold back)."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -192,7 +217,7 @@ def call_from_json(obj: object, args_keys: tuple[str, ...]) -> tuple[str, dict] 
             args = obj[key]
             if isinstance(args, str):  # some models send the arguments as JSON text
                 try:
-                    args = json.loads(args)
+                    args = loads_json(args)
                 except ValueError:
                     return None
             return (obj["name"], args) if isinstance(args, dict) else None

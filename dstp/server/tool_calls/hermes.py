@@ -8,8 +8,6 @@ and a block whose JSON is not a call stays content verbatim.
 
 from __future__ import annotations
 
-import json
-
 from dstp.server.tool_calls.base import (
     ContentDelta,
     ToolCallStream,
@@ -18,6 +16,7 @@ from dstp.server.tool_calls.base import (
     call_from_json,
     held_prefix_len,
     json_call_grammar,
+    loads_json,
 )
 
 OPEN = "<tool_call>"
@@ -27,7 +26,7 @@ CLOSE = "</tool_call>"
 def parse_block(body: str) -> tuple[str, dict] | None:
     """The call inside one ``<tool_call>`` block, or None when it is not a valid call."""
     try:
-        return call_from_json(json.loads(body), ("arguments", "parameters"))
+        return call_from_json(loads_json(body), ("arguments", "parameters"))
     except ValueError:
         return None
 

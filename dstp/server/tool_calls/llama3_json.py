@@ -9,19 +9,17 @@ has to take back a call it sent.
 
 from __future__ import annotations
 
-import json
-
 from dstp.server.tool_calls.base import (
     ContentDelta,
     ToolCallStream,
     ToolDelta,
     ToolParser,
     call_from_json,
+    decode_json,
     json_call_grammar,
 )
 
 BOT = "<|python_tag|>"
-_decoder = json.JSONDecoder()
 
 
 class Llama3JsonStream(ToolCallStream):
@@ -57,7 +55,7 @@ class Llama3JsonStream(ToolCallStream):
                     self.buf, self.mode = "", "done"
                 return out
             try:
-                obj, end = _decoder.raw_decode(rest)
+                obj, end = decode_json(rest)
             except ValueError:
                 if not final:
                     return out  # maybe an unfinished object

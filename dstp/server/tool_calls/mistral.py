@@ -8,7 +8,6 @@ As vLLM's mistral parser: content before the first marker is kept; ids are 9 alp
 
 from __future__ import annotations
 
-import json
 import re
 
 from dstp.server.tool_calls.base import (
@@ -17,6 +16,7 @@ from dstp.server.tool_calls.base import (
     ToolDelta,
     ToolParser,
     call_from_json,
+    decode_json,
     held_prefix_len,
     json_call_grammar,
     lark_str,
@@ -25,7 +25,6 @@ from dstp.server.tool_calls.base import (
 
 BOT = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
-_decoder = json.JSONDecoder()
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
@@ -72,7 +71,7 @@ class MistralStream(ToolCallStream):
         """(calls or None when invalid, chars used) after a marker; None while undecided."""
         if rest.startswith("["):
             try:
-                items, end = _decoder.raw_decode(rest)
+                items, end = decode_json(rest)
             except ValueError:
                 return None
             calls = (
@@ -86,7 +85,7 @@ class MistralStream(ToolCallStream):
             at = m.end() + (len(ARGS) if rest.startswith(ARGS, m.end()) else 0)
             if rest.startswith("{", at):
                 try:
-                    args, end = _decoder.raw_decode(rest, at)
+                    args, end = decode_json(rest, at)
                 except ValueError:
                     return None
                 if isinstance(args, dict):

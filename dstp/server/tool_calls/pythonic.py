@@ -11,6 +11,7 @@ rather than turning the calls back into content.
 from __future__ import annotations
 
 import ast
+import math
 import re
 
 from dstp.server.tool_calls.base import (
@@ -45,6 +46,8 @@ def literal(node: ast.expr) -> object:
     value = ast.literal_eval(node)
     if value is not None and not isinstance(value, str | int | float | bool):
         raise ValueError(f"not a JSON value: {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("JSON has no NaN or infinity")
     return value
 
 
@@ -52,7 +55,7 @@ def parse_call_list(text: str) -> list[tuple[str, dict]] | None:
     """The calls of a ``[f(a=1), ...]`` source text, or None if it is not exactly that."""
     try:
         tree = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     if not isinstance(tree, ast.List) or not tree.elts:
         return None
@@ -62,7 +65,7 @@ def parse_call_list(text: str) -> list[tuple[str, dict]] | None:
             return None
         try:
             args = {kw.arg: literal(kw.value) for kw in node.keywords if kw.arg}
-        except (ValueError, TypeError, SyntaxError, RecursionError):
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
             return None
         if len(args) != len(node.keywords):  # a **kwargs
             return None
@@ -73,6 +76,7 @@ def parse_call_list(text: str) -> list[tuple[str, dict]] | None:
 class PythonicStream(ToolCallStream):
     mode = "start"  # start -> list -> content
     skip_ws = False  # whitespace right after the list is a separator, not content
+    tried = 0  # chars of the list body already searched for its closing "]"
 
     def _step(self, final: bool) -> list[ToolDelta]:
         out: list[ToolDelta] = []
@@ -100,19 +104,21 @@ class PythonicStream(ToolCallStream):
         if body.lstrip() and not _VIABLE.match(body.lstrip()):
             self.mode = "content"  # cannot be a call list: release it now
             return []
-        for i, ch in enumerate(body):
-            if ch != "]":
-                continue
+        i = body.find("]", self.tried)
+        while i >= 0:
             calls = parse_call_list(body[: i + 1])
             if calls is not None:
                 rest = body[i + 1 :]
                 if tagged:
                     rest = rest.lstrip()
                     if not final and END.startswith(rest) and rest != END:
-                        return []  # the closing tag may be on its way
+                        self.tried = i  # the closing tag may be on its way
+                        return []
                     rest = rest[len(END) :] if rest.startswith(END) else rest
                 self.buf, self.mode, self.skip_ws = rest, "content", True
                 return [self._call(*c) for c in calls]
+            i = body.find("]", i + 1)
+        self.tried = len(body)
         if final:
             self.mode = "content"
         return []
