@@ -371,3 +371,30 @@ def test_long_pythonic_stream_parses_each_bracket_once(monkeypatch) -> None:
     deltas = [d for i in range(0, len(text), 3) for d in s.feed(text[i : i + 3])] + s.finish()
     assert [d.name for d in deltas] == ["search"]
     assert len(parsed) == text.count("]")
+
+
+def test_special_token_marker(llg) -> None:
+    """A marker that is a special token ([TOOL_CALLS] in Mistral's tokenizers) is matched
+    by id: llguidance never matches special tokens by their text."""
+    llguidance, tok, lltok = llg
+    special = tok.convert_tokens_to_ids("<|system|>")  # stands in for [TOOL_CALLS]
+    grammar = get_parser("mistral").named_grammar(WEATHER, token_ids={"[TOOL_CALLS]": special})
+    assert f"<[{special}]>" in grammar
+    body = '[{"name": "get_weather", "arguments": {"city": "Rome"}}]'
+    matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
+    assert matcher.consume_tokens([special, *tok.encode(body, add_special_tokens=False)])
+    assert matcher.is_accepting()
+    assert not _accepts(llg, grammar, "[TOOL_CALLS]" + body)
+
+
+def test_openai_shapes() -> None:
+    s = get_parser("hermes").stream()
+    (first,) = s.feed('<tool_call>\n{"name": "f", "arguments": {"a": "é"}}\n</tool_call>')
+    assert first.to_openai() == {
+        "index": 0,
+        "id": s.calls[0].id,
+        "type": "function",
+        "function": {"name": "f", "arguments": '{"a": "é"}'},
+    }
+    assert CallDelta(0, None, None, "}").to_openai() == {"index": 0, "function": {"arguments": "}"}}
+    assert s.calls[0].to_openai()["function"] == {"name": "f", "arguments": '{"a": "é"}'}

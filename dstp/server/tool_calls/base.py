@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Compact JSON with json.dumps' separators: no free whitespace (which lets a constrained model
@@ -26,6 +27,14 @@ class ToolCall:
     id: str
     name: str
     arguments: str
+
+    def to_openai(self) -> dict:
+        """The ``tool_calls`` entry of a chat completion message."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass
@@ -43,6 +52,17 @@ class CallDelta:
     id: str | None
     name: str | None
     arguments: str
+
+    def to_openai(self) -> dict:
+        """The ``delta.tool_calls`` entry of a chat completion chunk."""
+        if self.id is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        return {
+            "index": self.index,
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 ToolDelta = ContentDelta | CallDelta
@@ -100,6 +120,14 @@ def held_prefix_len(text: str, marker: str) -> int:
 def lark_str(text: str) -> str:
     """A Lark string literal for ``text`` (JSON string escapes are valid in llguidance Lark)."""
     return json.dumps(text)
+
+
+def marker(text: str, token_ids: Mapping[str, int] | None) -> str:
+    """Lark for a format's marker: ``<[id]>`` when the tokenizer has it as a special token
+    (llguidance never matches special tokens by their text), else the literal text."""
+    if token_ids and text in token_ids:
+        return f"<[{int(token_ids[text])}]>"
+    return lark_str(text)
 
 
 def json_rule(schema: dict) -> str:
@@ -180,23 +208,28 @@ class ToolParser:
         """Lark rule body (right-hand side) of one call of ``tool`` in this format."""
         raise NotImplementedError
 
-    def wrap_grammar(self, call_rule: str, many: bool) -> str:
+    def wrap_grammar(self, call_rule: str, many: bool, token_ids: Mapping[str, int] | None) -> str:
         """The ``start`` rule around ``call_rule`` (one call, or one or more)."""
         raise NotImplementedError
 
-    def required_grammar(self, tools: list[dict]) -> str:
-        """Grammar for tool_choice="required": one or more calls to any of ``tools``."""
+    def required_grammar(
+        self, tools: list[dict], token_ids: Mapping[str, int] | None = None
+    ) -> str:
+        """Grammar for tool_choice="required": one or more calls to any of ``tools``.
+
+        ``token_ids`` maps marker texts that are special tokens in the served tokenizer
+        (Mistral's ``[TOOL_CALLS]``) to their ids."""
         if not tools:
             raise ValueError("tool_choice=required needs at least one tool")
         rules = [f"fn_{i}: {self.call_grammar(t)}" for i, t in enumerate(tools)]
         alts = " | ".join(f"fn_{i}" for i in range(len(tools)))
-        return "\n".join([self.wrap_grammar("call", many=True), f"call: {alts}", *rules])
+        start = self.wrap_grammar("call", many=True, token_ids=token_ids)
+        return "\n".join([start, f"call: {alts}", *rules])
 
-    def named_grammar(self, tool: dict) -> str:
+    def named_grammar(self, tool: dict, token_ids: Mapping[str, int] | None = None) -> str:
         """Grammar for a named tool_choice: exactly one call of that function."""
-        return "\n".join(
-            [self.wrap_grammar("call", many=False), f"call: {self.call_grammar(tool)}"]
-        )
+        start = self.wrap_grammar("call", many=False, token_ids=token_ids)
+        return "\n".join([start, f"call: {self.call_grammar(tool)}"])
 
 
 def json_call_grammar(tool: dict, args_key: str) -> str:

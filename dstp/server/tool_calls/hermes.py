@@ -8,6 +8,8 @@ and a block whose JSON is not a call stays content verbatim.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dstp.server.tool_calls.base import (
     ContentDelta,
     ToolCallStream,
@@ -17,6 +19,7 @@ from dstp.server.tool_calls.base import (
     held_prefix_len,
     json_call_grammar,
     loads_json,
+    marker,
 )
 
 OPEN = "<tool_call>"
@@ -72,6 +75,6 @@ class HermesToolParser(ToolParser):
     def call_grammar(self, tool: dict) -> str:
         return json_call_grammar(tool, "arguments")
 
-    def wrap_grammar(self, call_rule: str, many: bool) -> str:
-        one = f'"<tool_call>\\n" {call_rule} "\\n</tool_call>"'
+    def wrap_grammar(self, call_rule: str, many: bool, token_ids: Mapping[str, int] | None) -> str:
+        one = f'{marker(OPEN, token_ids)} "\\n" {call_rule} "\\n" {marker(CLOSE, token_ids)}'
         return f"start: {one}" + (f' ("\\n" {one})*' if many else "")

@@ -9,6 +9,8 @@ has to take back a call it sent.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dstp.server.tool_calls.base import (
     ContentDelta,
     ToolCallStream,
@@ -75,5 +77,5 @@ class Llama3JsonToolParser(ToolParser):
     def call_grammar(self, tool: dict) -> str:
         return json_call_grammar(tool, "parameters")
 
-    def wrap_grammar(self, call_rule: str, many: bool) -> str:
+    def wrap_grammar(self, call_rule: str, many: bool, token_ids: Mapping[str, int] | None) -> str:
         return f"start: {call_rule}" + (f' ("; " {call_rule})*' if many else "")

@@ -9,6 +9,7 @@ As vLLM's mistral parser: content before the first marker is kept; ids are 9 alp
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from dstp.server.tool_calls.base import (
     ContentDelta,
@@ -19,7 +20,7 @@ from dstp.server.tool_calls.base import (
     decode_json,
     held_prefix_len,
     json_call_grammar,
-    lark_str,
+    marker,
     mistral_call_id,
 )
 
@@ -104,6 +105,6 @@ class MistralToolParser(ToolParser):
     def call_grammar(self, tool: dict) -> str:
         return json_call_grammar(tool, "arguments")
 
-    def wrap_grammar(self, call_rule: str, many: bool) -> str:
+    def wrap_grammar(self, call_rule: str, many: bool, token_ids: Mapping[str, int] | None) -> str:
         more = f' (", " {call_rule})*' if many else ""
-        return f'start: {lark_str(BOT + "[")} {call_rule}{more} "]"'
+        return f'start: {marker(BOT, token_ids)} "[" {call_rule}{more} "]"'

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+from collections.abc import Mapping
 
 from dstp.server.tool_calls.base import (
     ContentDelta,
@@ -154,6 +155,6 @@ class PythonicToolParser(ToolParser):
         fn = tool_function(tool)
         return f'{lark_str(fn["name"] + "(")} {kwargs_grammar(fn.get("parameters"))} ")"'
 
-    def wrap_grammar(self, call_rule: str, many: bool) -> str:
+    def wrap_grammar(self, call_rule: str, many: bool, token_ids: Mapping[str, int] | None) -> str:
         more = f' (", " {call_rule})*' if many else ""
         return f'start: "[" {call_rule}{more} "]"'
