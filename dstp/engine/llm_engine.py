@@ -24,6 +24,7 @@ from dstp.engine.outputs import CompletionOutput, RequestOutput
 from dstp.engine.sampling import Picks, SampleState, make_generator, sample
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams, check_request
 from dstp.engine.scheduler import Request, Schedule, Scheduler, Sequence
+from dstp.engine.structured import GrammarCompiler, GrammarState, MaskJob
 from dstp.engine.tokenizer import load_tokenizer
 from dstp.worker.model_runner import ModelRunner
 from dstp.worker.step_plan import Command, StepPlan, send_command, send_plan
@@ -57,6 +58,7 @@ class Engine:
         self.tokenizer = load_tokenizer(config.model, config.trust_remote_code)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_ids = _eos_ids(self.runner.model, self.tokenizer)
+        self.grammars: GrammarCompiler | None = None  # built on the first constrained request
         allocator = BlockAllocator(self.runner.num_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             allocator, config.block_size, config.max_num_seqs, config.max_num_batched_tokens
@@ -74,9 +76,10 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_ids
         )
+        generator = make_generator(params.seed, 0)
+        grammar = self._grammar(params)
         sched.add(
-            request,
-            SampleState(params, request.prompt_ids, [], make_generator(params.seed, 0), stop_ids),
+            request, SampleState(params, request.prompt_ids, [], generator, stop_ids, grammar)
         )
 
     def check_request(
@@ -92,6 +95,22 @@ class Engine:
             max_model_len or self.max_model_len,
             self.eos_ids,
         )
+        self._grammar(params)  # an invalid constraint is refused here (compiled once, cached)
+
+    def _grammar(self, params: SamplingParams) -> GrammarState | None:
+        """A fresh matcher for the request's constraint, or None (``InvalidRequest`` if the
+        constraint does not compile or the model has no tokenizer to match text with)."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if self.grammars is None:
+            if self.tokenizer is None:
+                raise InvalidRequest(
+                    "structured outputs need the model's tokenizer, and this model has none",
+                    "structured_outputs",
+                )
+            self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self.grammars.matcher(spec)
 
     def abort(self, request_id: str) -> None:
         request = self._driver_scheduler().abort(request_id)
@@ -127,8 +146,12 @@ class Engine:
             return outputs
         plan = self._plan(schedule)
         send_plan(self.tp, plan)
+        masks = MaskJob(  # grammar masks, computed while the forward runs
+            [item.seq.sample.grammar for item in schedule.seqs if item.produces_token],
+            self.vocab_size,
+        )
         logits = self.runner.execute(plan)
-        outputs += self._process(schedule, logits)
+        outputs += self._process(schedule, logits, masks)
         self.num_steps += 1
         return outputs
 
@@ -184,7 +207,9 @@ class Engine:
             torch.tensor(schedule.copies, dtype=lt).view(-1, 2),
         )
 
-    def _process(self, schedule: Schedule, logits: torch.Tensor | None) -> list[RequestOutput]:
+    def _process(
+        self, schedule: Schedule, logits: torch.Tensor | None, masks: MaskJob
+    ) -> list[RequestOutput]:
         sched = self.scheduler
         sampled = [item.seq for item in schedule.seqs if item.produces_token]
         for item in schedule.seqs:
@@ -196,7 +221,8 @@ class Engine:
             seq.sample.output_ids = seq.output_ids
             fork = seq.request.params.n > 1 and not seq.request.forked
             draws.append(seq.request.params.n if fork else 1)
-        picks = sample(logits, [seq.sample for seq in sampled], draws)  # on their device
+        states = [seq.sample for seq in sampled]
+        picks = sample(logits, states, draws, masks.result())  # on the logits' device
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, tokens in zip(sampled, picks, strict=True):
@@ -228,9 +254,15 @@ class Engine:
         targets = [seq]
         if len(tokens) > 1:
             request, p = seq.request, seq.request.params
+            grammar = seq.sample.grammar  # each sample continues from the same grammar state
             states = [
                 SampleState(
-                    p, request.prompt_ids, [], make_generator(p.seed, i), seq.sample.stop_ids
+                    p,
+                    request.prompt_ids,
+                    [],
+                    make_generator(p.seed, i),
+                    seq.sample.stop_ids,
+                    grammar.fork() if grammar is not None else None,
                 )
                 for i in range(1, p.n)
             ]
@@ -255,11 +287,16 @@ class Engine:
         params = seq.request.params
         if seq.text_stream is None:
             seq.text_stream = self.detokenizer.stream(seq.request.prompt_ids)
+        grammar = seq.sample.grammar
+        if grammar is not None and token not in seq.sample.stop_ids:
+            grammar.accept(token)
         stop = self._extend_text(seq, seq.text_stream.step(token))
         if stop is not None:
             sched.finish(seq, "stop", stop)
         elif token in seq.sample.stop_ids:  # the sampler masks these before min_tokens
             sched.finish(seq, "stop", token if token in params.stop_token_ids else None)
+        elif grammar is not None and grammar.complete:  # only EOS could follow
+            sched.finish(seq, "stop")
         elif len(seq.token_ids) - seq.num_prompt >= params.max_tokens or (
             len(seq.token_ids) >= self.max_model_len
         ):

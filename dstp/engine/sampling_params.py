@@ -23,6 +23,41 @@ class InvalidRequest(ValueError):
 GREEDY_TEMPERATURE = 1e-5
 
 
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on the output (vLLM's ``structured_outputs``): exactly one of ``json`` (a
+    JSON schema, as a dict or its text), ``json_object`` (any JSON object), ``regex``,
+    ``choice`` (one of these strings) or ``grammar`` (Lark or GBNF, llguidance's dialects).
+
+    JSON is compact unless ``whitespace_flexible`` (a small model left free whitespace can
+    spend its whole budget on it). Compiling is :mod:`dstp.engine.structured`'s job."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    whitespace_flexible: bool = False
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        set_kinds = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(set_kinds) != 1:
+            raise InvalidRequest(
+                "structured_outputs must set exactly one of "
+                f"{', '.join(self.KINDS)}; got {', '.join(set_kinds) or 'none'}",
+                "structured_outputs",
+            )
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is (for logs and metrics)."""
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -40,6 +75,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k >= 0: chosen token plus top-k alternatives
+    structured_outputs: StructuredOutputs | None = None  # a grammar the output must follow
 
     MAX_N = 16
     MAX_LOGPROBS = 20
@@ -106,6 +142,12 @@ class SamplingParams:
             self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= lp),
             "logprobs",
             f"an integer in [0, {lp}]",
+        )
+        yield (
+            self.structured_outputs is None
+            or isinstance(self.structured_outputs, StructuredOutputs),
+            "structured_outputs",
+            "a StructuredOutputs",
         )
 
     def check_against_model(self, vocab_size: int, eos_ids: frozenset[int]) -> None:

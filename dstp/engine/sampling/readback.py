@@ -60,9 +60,16 @@ def read_back(
 def _top_pairs(
     ids: list[float], values: list[float], logprobs: LogprobTensors
 ) -> list[list[tuple[int, float]]]:
-    """Each asking row's top (id, logprob) pairs, best first, from the flat [rows, k] parts."""
+    """Each asking row's top (id, logprob) pairs, best first, from the flat [rows, k] parts;
+    tokens a grammar forbids (logprob -inf, not a JSON number) are left out."""
     k = logprobs.k
     return [
-        list(zip(map(int, ids[j * k : (j + 1) * k]), values[j * k : (j + 1) * k], strict=True))
+        [
+            (int(token), value)
+            for token, value in zip(
+                ids[j * k : (j + 1) * k], values[j * k : (j + 1) * k], strict=True
+            )
+            if value != float("-inf")
+        ]
         for j in range(len(logprobs.rows))
     ]

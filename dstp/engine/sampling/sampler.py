@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from dstp.engine.outputs import TokenLogprob
+from dstp.engine.sampling.constraints import constrain
 from dstp.engine.sampling.draw import max_and_argmax, tokens
 from dstp.engine.sampling.logprobs import logprob_tensors
 from dstp.engine.sampling.penalties import edits, written
@@ -36,9 +37,16 @@ Picks = list[tuple[int, TokenLogprob | None]]
 
 
 def sample(
-    logits: torch.Tensor, states: list[SampleState], draws: list[int] | None = None
+    logits: torch.Tensor,
+    states: list[SampleState],
+    draws: list[int] | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> list[Picks | Exception]:
     """Sample ``draws[i]`` tokens (default 1) for each row; returns per-row [(token, logprob)].
+
+    ``allowed``: the rows' grammar masks (llguidance's packed bitmask, see constraints.py),
+    applied before anything else, so logprobs describe the constrained distribution (as
+    vLLM reports them).
 
     A row that fails (non-finite logits, every token masked, any error while
     sampling it) gives its exception in place of its picks: the failure belongs
@@ -49,28 +57,36 @@ def sample(
         return []
     draws = list(draws) if draws else [1] * len(states)
     try:
-        return _sample_batch(logits, states, draws)
+        return _sample_batch(logits, states, draws, allowed)
     except Exception as exc:  # one row's inputs broke the batch: find it by sampling rows alone
         if len(states) == 1:
             return [exc]
     return [
-        _sample_alone(logits[i : i + 1], state, n)
+        _sample_alone(logits, i, state, n, allowed)
         for i, (state, n) in enumerate(zip(states, draws, strict=True))
     ]
 
 
-def _sample_alone(logits: torch.Tensor, state: SampleState, draws: int) -> Picks | Exception:
+def _sample_alone(
+    logits: torch.Tensor, i: int, state: SampleState, draws: int, allowed: torch.Tensor | None
+) -> Picks | Exception:
     try:
-        return _sample_batch(logits, [state], [draws])[0]
+        row_allowed = None if allowed is None else allowed[i : i + 1]
+        return _sample_batch(logits[i : i + 1], [state], [draws], row_allowed)[0]
     except Exception as exc:  # isolated to this row's request
         return exc
 
 
 @torch.inference_mode()  # the engine's logits are inference tensors, edited in place here
 def _sample_batch(
-    logits: torch.Tensor, states: list[SampleState], draws: list[int]
+    logits: torch.Tensor,
+    states: list[SampleState],
+    draws: list[int],
+    allowed: torch.Tensor | None = None,
 ) -> list[Picks | Exception]:
     x = logits.float().contiguous()
+    if allowed is not None:
+        x = constrain(x, allowed)  # a new tensor: the logits stay as they were
     raw_max, argmax = max_and_argmax(x)
     broken = raw_max.isnan() | raw_max.isposinf()
     changes = edits(x, states)

@@ -11,10 +11,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from dstp.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from dstp.engine.structured.matcher import GrammarState
 
 Generators = list[torch.Generator | None]
 
@@ -65,6 +69,7 @@ class SampleState:
     output_ids: list[int]  # the engine assigns the live list before each step
     generator: torch.Generator | None  # only seeded requests have one
     stop_ids: frozenset[int] = field(default_factory=frozenset)  # EOS + stop_token_ids
+    grammar: GrammarState | None = None  # structured outputs: the sequence's matcher
     _counts: TokenCounts | None = field(default=None, init=False, repr=False, compare=False)
     _device_generator: torch.Generator | None = field(
         default=None, init=False, repr=False, compare=False

@@ -1,0 +1,111 @@
+"""A request's constraint -> a validated llguidance matcher, compiled once per text.
+
+Compiling runs in a worker thread with a time bound (llguidance drops the GIL while it
+builds a grammar) and under llguidance's own resource limits, so a pathological schema
+costs its request a 400, not the server a stall. A compiled grammar is cached by its
+text; each request then gets a copy of the fresh matcher (``deep_copy``, microseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import llguidance
+import llguidance.hf
+
+from dstp.engine.sampling_params import InvalidRequest, StructuredOutputs
+from dstp.engine.structured.matcher import GrammarState
+
+COMPILE_TIMEOUT_S = 2.0
+CACHE_SIZE = 256
+# llguidance's limits, a little tighter than its defaults: fuel is roughly work (~50k/ms).
+LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, max_grammar_size=200_000)
+
+
+class GrammarError(InvalidRequest):
+    """The constraint cannot be compiled: an invalid schema, regex or grammar, or too costly."""
+
+
+def grammar_text(spec: StructuredOutputs) -> str:
+    """The llguidance grammar for ``spec``; JSON is compact unless asked otherwise."""
+    if spec.json is not None or spec.json_object:
+        schema = spec.json if spec.json is not None else {"type": "object"}
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise GrammarError("the JSON schema must be a JSON object")
+        options = {"whitespace_flexible": spec.whitespace_flexible}
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+    if spec.regex is not None:
+        return llguidance.LLMatcher.grammar_from_regex(spec.regex)
+    if spec.choice is not None:
+        if not spec.choice or not all(isinstance(c, str) and c for c in spec.choice):
+            raise GrammarError("choice must be a non-empty list of non-empty strings")
+        return llguidance.grammar_from("choice", json.dumps(list(spec.choice)))
+    return llguidance.grammar_from("grammar", spec.grammar)
+
+
+class GrammarCompiler:
+    """Compiles constraints for one tokenizer; thread-safe (the HTTP threads validate, the
+    engine thread builds its rows' matchers)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        eos_ids: frozenset[int] | None = None,
+        timeout_s: float = COMPILE_TIMEOUT_S,
+    ) -> None:
+        eos = sorted(eos_ids) if eos_ids else None
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+        self.vocab_size = vocab_size
+        self.timeout_s = timeout_s
+        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstp-grammar")
+
+    def matcher(self, spec: StructuredOutputs, param: str = "structured_outputs") -> GrammarState:
+        """A fresh matcher for ``spec``; ``GrammarError`` (naming ``param``) if it cannot be."""
+        try:
+            text = grammar_text(spec)
+        except GrammarError as exc:
+            raise GrammarError(str(exc), param) from None
+        except ValueError as exc:  # llguidance's own refusal of the grammar's text
+            raise GrammarError(f"invalid {spec.kind}: {exc}", param) from None
+        return GrammarState(self._compiled(text, spec.kind, param).deep_copy(), spec.kind)
+
+    def _compiled(self, text: str, kind: str, param: str) -> llguidance.LLMatcher:
+        with self._lock:
+            if text in self._cache:
+                self._cache.move_to_end(text)
+                return self._cache[text]
+        future = self._pool.submit(self._build, text)
+        try:
+            matcher = future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise GrammarError(
+                f"compiling this {kind} took over {self.timeout_s:g} s; simplify it", param
+            ) from None
+        if matcher.is_error():
+            raise GrammarError(f"invalid {kind}: {_first_line(matcher.get_error())}", param)
+        with self._lock:
+            self._cache[text] = matcher
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return matcher
+
+    def _build(self, text: str) -> llguidance.LLMatcher:
+        limits = llguidance.LLParserLimits(**LIMITS)
+        return llguidance.LLMatcher(self.tokenizer, text, log_level=0, limits=limits)
+
+
+def _first_line(error: str) -> str:
+    """llguidance's message without its parser-state dump."""
+    return error.strip().split("\n<state>")[0].strip()
