@@ -398,3 +398,75 @@ def test_openai_shapes() -> None:
     }
     assert CallDelta(0, None, None, "}").to_openai() == {"index": 0, "function": {"arguments": "}"}}
     assert s.calls[0].to_openai()["function"] == {"name": "f", "arguments": '{"a": "é"}'}
+
+
+FUZZ_PIECES = {
+    "hermes": [
+        "Hi ",
+        "<tool_call>",
+        "</tool_call>",
+        "\n",
+        '{"name": "f", "arguments": {"a": [1, "<tool_call>"]}}',
+        '{"name": "g"}',
+        '{"name": 1}',
+        "<tool_",
+        " é ",
+        '<tool_call>\n{"name": "h", "arguments": {"k": "v"}}\n</tool_call>',
+    ],
+    "llama3_json": [
+        " ",
+        "<|python_tag|>",
+        '{"name": "f", "parameters": {"a": {"b": null}}}',
+        "; ",
+        '{"name": "g", "arguments": "{}"}',
+        '{"x": 1}',
+        "{",
+        "text",
+        "<|py",
+    ],
+    "mistral": [
+        "Ok ",
+        "[TOOL_CALLS]",
+        '[{"name": "f", "arguments": {"a": "]"}}]',
+        'f{"a": 1}',
+        "g[ARGS]",
+        '{"b": []}',
+        "[TOOL_",
+        "[",
+        " ",
+        "x",
+    ],
+    "pythonic": [
+        "[",
+        'f(a="]", b=[1, 2])',
+        ", ",
+        "g()",
+        "]",
+        "<|python_start|>",
+        "<|python_end|>",
+        " text",
+        "(",
+        "\n",
+        "[f(a=1), g()]",
+        '<|python_start|>[g(x="é")]<|python_end|>',
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUZZ_PIECES))
+def test_fuzz_stream_matches_extract(name: str) -> None:
+    """Random mixes of calls, markers, broken pieces and text, in random chunkings."""
+    rng = random.Random(name)
+    parser, pieces = get_parser(name), FUZZ_PIECES[name]
+    for _ in range(150):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 7)))
+        content, calls = parser.extract(text)
+        for c in calls:
+            assert isinstance(json.loads(c.arguments), dict)
+        want = (content, [(c.name, c.arguments) for c in calls])
+        chunks, i = [], 0
+        while i < len(text):
+            n = rng.randint(1, 6)
+            chunks.append(text[i : i + n])
+            i += n
+        assert _stream(parser, chunks) == want, (text, chunks)
