@@ -129,3 +129,27 @@ def test_qwen3_thinking_disabled() -> None:
 def test_unknown_name() -> None:
     with pytest.raises(ValueError, match="deepseek_r1, qwen3"):
         get_reasoning_parser("o1")
+
+
+@pytest.mark.parametrize("name", ["deepseek_r1", "qwen3"])
+def test_fuzz_stream_matches_split(name: str) -> None:
+    """Random mixes of tags, partial tags and text, in random chunkings."""
+    rng = random.Random(name)
+    pieces = ["<think>", "</think>", "<th", "</thi", "a", " ", "\n", "é<", ">"]
+    parser = get_reasoning_parser(name)
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        chunks, i = [], 0
+        while i < len(text):
+            n = rng.randint(1, 5)
+            chunks.append(text[i : i + n])
+            i += n
+        s = parser.stream()
+        pieces_out = [p for c in chunks for p in s.feed(c)] + s.finish()
+        got = tuple(
+            "".join(t for k, t in pieces_out if k == kind) or None
+            for kind in ("reasoning", "content")
+        )
+        assert got == parser.split(text), (text, chunks)
+        reasoning, content = got
+        assert len(reasoning or "") + len(content or "") <= len(text)
