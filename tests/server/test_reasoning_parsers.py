@@ -120,10 +120,12 @@ def test_content_start(name: str, text: str, start: int | None) -> None:
     assert s.in_content is (start is not None)
 
 
-def test_qwen3_thinking_disabled() -> None:
-    parser = get_reasoning_parser("qwen3", enable_thinking=False)
+@pytest.mark.parametrize("name", ["deepseek_r1", "qwen3"])
+def test_thinking_disabled(name: str) -> None:
+    parser = get_reasoning_parser(name, enable_thinking=False)
     assert parser.split("<think>x</think>y") == (None, "<think>x</think>y")
     assert parser.content_start("") == 0
+    assert get_reasoning_parser(name).content_start("") is None
 
 
 def test_unknown_name() -> None:

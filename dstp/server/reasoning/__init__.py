@@ -14,7 +14,7 @@ REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
 
 
 def get_reasoning_parser(name: str, **kwargs: Any) -> ReasoningParser:
-    """A parser for ``name`` (kwargs: qwen3's ``enable_thinking``); ValueError otherwise."""
+    """A parser for ``name`` (kwargs: ``enable_thinking``); ValueError naming valid names."""
     try:
         cls = REASONING_PARSERS[name]
     except KeyError:

@@ -38,7 +38,10 @@ class ThinkStream:
     def _step(self, final: bool) -> list[Piece]:
         out: list[Piece] = []
         if self.state == "open":
-            decided = self.parser.open(self.buf, final)
+            parser = self.parser
+            decided = (
+                parser.open(self.buf, final) if parser.enable_thinking else ("content", self.buf)
+            )
             if decided is None:
                 return out
             self.state, self.buf = decided
@@ -61,6 +64,10 @@ class ReasoningParser:
     it begins in reasoning or content (None: not yet known)."""
 
     name = ""
+
+    def __init__(self, enable_thinking: bool = True) -> None:
+        # False when the prompt turned thinking off (chat_template_kwargs): all is content.
+        self.enable_thinking = enable_thinking
 
     def open(self, text: str, final: bool) -> tuple[str, str] | None:
         raise NotImplementedError

@@ -5,7 +5,8 @@ As vLLM's: ``<think>`` without ``</think>`` yet is all reasoning (what vLLM stre
 Choice: ``<think>`` counts only at the start of the output (after whitespace), which is
 where Qwen3 writes it; vLLM looks for it anywhere and drops the text before it. This lets
 an answer without thinking stream (and be constrained) from its first token.
-Pass ``enable_thinking=False`` when the prompt disabled thinking: then all is content.
+Pass ``enable_thinking=False`` when the prompt disabled thinking: then all is content
+(vLLM reads the same switch from chat_template_kwargs).
 """
 
 from __future__ import annotations
@@ -16,12 +17,7 @@ from dstp.server.reasoning.base import START, ReasoningParser
 class Qwen3ReasoningParser(ReasoningParser):
     name = "qwen3"
 
-    def __init__(self, enable_thinking: bool = True) -> None:
-        self.enable_thinking = enable_thinking
-
     def open(self, text: str, final: bool) -> tuple[str, str] | None:
-        if not self.enable_thinking:
-            return "content", text
         head = text.lstrip()
         if head.startswith(START):
             return "reasoning", head[len(START) :]
