@@ -4,7 +4,8 @@
 As vLLM's llama3_json parser, calls count only when the output starts with them (after
 whitespace); any other output is plain content. Unlike vLLM (all or nothing), calls already
 complete stay calls and whatever follows that is not a call is content, so a stream never
-has to take back a call it sent.
+has to take back a call it sent. A ``<|python_tag|>`` not followed by a JSON call (Llama
+3.1's built-in ``brave_search.call(...)``) is dropped and the rest is content.
 """
 
 from __future__ import annotations
