@@ -52,7 +52,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _engine_flags(engine)
     _scheduler_flags(engine)
     _http_flags(parser.add_argument_group("HTTP"))
+    _chat_flags(parser.add_argument_group("tools and reasoning"))
     _liveness_flags(parser.add_argument_group("liveness"))
+
+
+def _chat_flags(c: argparse._ArgumentGroup) -> None:
+    from dstp.server.reasoning import REASONING_PARSERS
+    from dstp.server.tool_calls import PARSERS
+
+    c.add_argument(
+        "--tool-call-parser",
+        choices=sorted(PARSERS),
+        help="the model family's tool-call format: parses calls out of answers, and shapes "
+        "calls forced by tool_choice (default for those: hermes)",
+    )
+    c.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide when to call tools (tool_choice "auto"); needs '
+        "--tool-call-parser",
+    )
+    c.add_argument(
+        "--reasoning-parser",
+        choices=sorted(REASONING_PARSERS),
+        help="split the model's thinking into reasoning_content (deepseek_r1, qwen3)",
+    )
 
 
 def _model_flags(m: argparse._ArgumentGroup) -> None:
@@ -245,6 +269,12 @@ def _http_flags(h: argparse._ArgumentGroup) -> None:
         help="log one line per request (id, tokens, latencies, finish reason, status)",
     )
     h.add_argument(
+        "--max-log-len",
+        type=int,
+        help="with --enable-log-requests: most prompt characters and token ids logged "
+        "(default: all)",
+    )
+    h.add_argument(
         "--disable-log-requests",
         dest="enable_log_requests",
         action="store_false",
@@ -423,6 +453,7 @@ _POSITIVE = {
     "rank_timeout": "--rank-timeout",
     "step_timeout": "--step-timeout",
     "request_read_timeout": "--request-read-timeout",
+    "max_log_len": "--max-log-len",
 }
 
 
@@ -468,6 +499,11 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             "generation_config.json"
         )
     args.policies = load_policy_flag(args.policy)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise FlagError(
+            "--enable-auto-tool-choice needs --tool-call-parser to read the calls: pass one of "
+            "hermes, llama3_json, mistral, pythonic"
+        )
 
 
 def check_model_args(

@@ -208,13 +208,18 @@ class EngineLoop(StepLoop):
 
     # -- HTTP side -------------------------------------------------------------
     def submit_many(
-        self, prompts: list[tuple[list[int], SamplingParams]], accept_timeout_s: float = 120.0
+        self,
+        prompts: list[tuple[list[int], SamplingParams]],
+        accept_timeout_s: float = 120.0,
+        id_prefix: str = "",
     ) -> RequestGroup:
         """Queue requests (added together, so they share batches) and wait until the engine
         admitted them. Raises ``InvalidRequest`` (400), ``QueueFull`` (429) or
-        ``EngineUnavailable`` (503); when one is rejected, the others are aborted."""
+        ``EngineUnavailable`` (503); when one is rejected, the others are aborted.
+        ``id_prefix`` starts the request id (``chatcmpl-``: the id the client sees is the one
+        the logs name)."""
         stream: queue.Queue = queue.Queue()
-        base = f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
+        base = f"{id_prefix}{uuid.uuid4().hex[:16]}-{next(self._ids)}"
         handles = [
             RequestHandle(base if i == 0 else f"{base}-{i}", list(ids), params, stream, i)
             for i, (ids, params) in enumerate(prompts)

@@ -19,23 +19,27 @@ from dataclasses import dataclass
 
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams, is_int, is_number
 from dstp.server.defaults import SamplingDefaults
+from dstp.server.structured import Constraint, from_response_format, from_structured_outputs
+from dstp.server.tool_use import ToolSettings, ToolUse, assistant_tool_calls, tool_use
 
 log = logging.getLogger("dstp")
 
 MAX_JSON_DEPTH = 64  # nesting levels a request body may have (OpenAI bodies need < 10)
 MAX_PROMPTS = 128  # prompts one /v1/completions request may batch (each times n choices)
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 ANY = object  # a field type the endpoint's parser checks itself
 NO_DEFAULTS = SamplingDefaults()  # the OpenAI defaults: nothing filled in
+NO_TOOLS = ToolSettings()  # no --tool-call-parser, no auto tool choice
 
 # -- the schema ---------------------------------------------------------------
 _HINTS = typing.get_type_hints(SamplingParams)
 # Every SamplingParams field, with its JSON type where it differs from the dataclass's.
 SAMPLING_FIELDS: dict[str, object] = {
     f.name: _HINTS[f.name] for f in dataclasses.fields(SamplingParams)
-} | {"stop": str | list[str]}
-# Sampling fields each endpoint resolves itself (context fit; chat's boolean logprobs).
-_RESOLVED = ("max_tokens", "logprobs")
+} | {"stop": str | list[str], "structured_outputs": ANY}
+# Sampling fields each endpoint resolves itself (context fit; chat's boolean logprobs; the
+# constraint, which chat may also take from response_format or tool_choice).
+_RESOLVED = ("max_tokens", "logprobs", "structured_outputs")
 
 _OPENAI_FIELDS = {"model": str, "stream": bool, "stream_options": ANY, "logit_bias": ANY}
 # OpenAI fields that do not change what is generated: accepted and ignored (each is
@@ -150,6 +154,8 @@ class ParsedRequest:
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
     echo: bool = False
     prompt_text: str | None = None  # the prompt as sent, when it was text (for echo)
+    constraint_param: str | None = None  # the field that asked for structured output
+    tool_use: ToolUse | None = None  # chat: the request's tools and how to parse calls
 
 
 # -- the body -----------------------------------------------------------------
@@ -276,17 +282,39 @@ def _check(body: dict, schema: dict[str, object]) -> None:
 
 
 def _sampling(
-    body: dict, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults
+    body: dict,
+    max_tokens: int,
+    logprobs: int | None,
+    defaults: SamplingDefaults,
+    constraint: Constraint | None,
 ) -> SamplingParams:
     """Every SamplingParams field the body sets (a field the schema accepts always arrives)."""
     kwargs = {k: body[k] for k in SAMPLING_FIELDS if k not in _RESOLVED and body.get(k) is not None}
     kwargs = defaults.fill(kwargs)  # --generation-config, --seed
     if kwargs.get("top_k") == 0:
         kwargs["top_k"] = -1  # OpenAI-style clients send 0 for "off"
+    spec = constraint.spec if constraint is not None else None
     try:
-        return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs)
+        return SamplingParams(
+            **kwargs, max_tokens=max_tokens, logprobs=logprobs, structured_outputs=spec
+        )
     except InvalidRequest as exc:
         raise bad(str(exc), param=exc.param) from None
+
+
+def _constraint(body: dict, **more: Constraint | None) -> Constraint | None:
+    """The one constraint the body asks for (``structured_outputs`` or, for chat, the
+    ``more`` fields: response_format, tool_choice); 400 when it asks for two."""
+    try:
+        asked = {"structured_outputs": from_structured_outputs(body.get("structured_outputs"))}
+    except InvalidRequest as exc:
+        raise bad(str(exc), param=exc.param) from None
+    asked = {k: c for k, c in (asked | more).items() if c is not None}
+    if len(asked) > 1:
+        raise bad(
+            f"set only one of {', '.join(asked)}: each constrains the output", list(asked)[-1]
+        )
+    return next(iter(asked.values()), None)
 
 
 def _fit_context(prompt_len: int, requested: int | None, default: int | None, limit: int) -> int:
@@ -329,14 +357,18 @@ def _parsed(
     max_tokens: int,
     logprobs: int | None,
     defaults: SamplingDefaults,
+    constraint: Constraint | None = None,
     **kw,
 ) -> ParsedRequest:
     stream = bool(body.get("stream", False))
     opts = body.get("stream_options") or {}
     include_usage = bool(opts.get("include_usage", False))
     continuous = bool(opts.get("continuous_usage_stats", False))
-    params = _sampling(body, max_tokens, logprobs, defaults)
-    return ParsedRequest(ids, params, stream, include_usage, continuous, **kw)
+    params = _sampling(body, max_tokens, logprobs, defaults, constraint)
+    param = constraint.param if constraint is not None else None
+    return ParsedRequest(
+        ids, params, stream, include_usage, continuous, constraint_param=param, **kw
+    )
 
 
 # -- endpoints ----------------------------------------------------------------
@@ -390,11 +422,14 @@ def parse_completion(
     logprobs, echo = body.get("logprobs"), bool(body.get("echo", False))
     if echo and logprobs is not None:
         raise bad("'echo' together with 'logprobs' is not supported", param="echo")
+    constraint = _constraint(body)
     parsed = []
     for ids, text in prompts:
         max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
         parsed.append(
-            _parsed(body, ids, max_tokens, logprobs, defaults, echo=echo, prompt_text=text)
+            _parsed(
+                body, ids, max_tokens, logprobs, defaults, constraint, echo=echo, prompt_text=text
+            )
         )
     return parsed
 
@@ -409,6 +444,9 @@ def _message_text(i: int, message: object) -> dict:
             param="messages",
         )
     content = message.get("content")
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if calls and content is None:
+        content = ""  # an assistant turn that only called tools
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         parts = []
         for part in content:
@@ -424,6 +462,16 @@ def _message_text(i: int, message: object) -> dict:
     _valid_text(content, "messages", f"messages[{i}].content")
     if isinstance(message.get("name"), str):
         out["name"] = _valid_text(message["name"], "messages", f"messages[{i}].name")
+    if calls:
+        try:
+            out["tool_calls"] = assistant_tool_calls(i, calls)
+        except InvalidRequest as exc:
+            raise bad(str(exc), param=exc.param) from None
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise bad(f"messages[{i}] (a tool result) needs a string 'tool_call_id'", "messages")
+        out["tool_call_id"] = call_id
     return out
 
 
@@ -435,13 +483,6 @@ def _messages(raw: object) -> list[dict]:
 
 def _check_chat_options(body: dict) -> int | None:
     """400 for what chat does not support; the number of top logprobs (None: none)."""
-    if body.get("tools"):
-        raise bad("'tools' (function calling) is not supported", param="tools")
-    if body.get("tool_choice") not in (None, "none"):
-        raise bad("'tool_choice' is not supported", param="tool_choice")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("only response_format {'type': 'text'} is supported", param="response_format")
     top = body.get("top_logprobs")
     if top is not None and not body.get("logprobs"):
         raise bad("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
@@ -465,18 +506,34 @@ def chat_template_kwargs(body: dict) -> dict:
 
 
 def parse_chat(
-    body: dict, render, max_model_len: int, defaults: SamplingDefaults = NO_DEFAULTS
+    body: dict,
+    render,
+    max_model_len: int,
+    defaults: SamplingDefaults = NO_DEFAULTS,
+    tools: ToolSettings = NO_TOOLS,
+    special_ids: dict[str, int] | None = None,
 ) -> ParsedRequest:
     """/v1/chat/completions; ``render(messages, **template_kwargs) -> ids`` applies the chat
-    template."""
+    template (``tools`` among its kwargs when the request has tools)."""
     _check(body, CHAT_FIELDS)
     template_kwargs = chat_template_kwargs(body)
     messages = _messages(body.get("messages"))
     logprobs = _check_chat_options(body)
+    try:
+        use, forced = tool_use(body, tools, special_ids)
+        constraint = _constraint(
+            body,
+            response_format=from_response_format(body.get("response_format")),
+            tool_choice=forced,
+        )
+    except InvalidRequest as exc:
+        raise bad(str(exc), param=exc.param) from None
+    if use is not None:
+        template_kwargs = {**template_kwargs, "tools": use.tools}
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
     ids = render(messages, **template_kwargs)
     max_tokens = _fit_context(len(ids), requested, None, max_model_len)
-    return _parsed(body, ids, max_tokens, logprobs, defaults)
+    return _parsed(body, ids, max_tokens, logprobs, defaults, constraint, tool_use=use)
 
 
 def parse_generate(
@@ -488,7 +545,7 @@ def parse_generate(
         raise bad("'prompt_token_ids' is required", param="prompt_token_ids")
     ids = _check_token_ids(body["prompt_token_ids"], "prompt_token_ids", vocab_size)
     max_tokens = _fit_context(len(ids), body.get("max_tokens"), 16, max_model_len)
-    return _parsed(body, ids, max_tokens, body.get("logprobs"), defaults)
+    return _parsed(body, ids, max_tokens, body.get("logprobs"), defaults, _constraint(body))
 
 
 # -- /tokenize and /detokenize (vLLM's shapes) ----------------------------------

@@ -4,14 +4,49 @@ one every ``interval_s`` (10 s) while the engine is busy, like vLLM's periodic s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from dstp.server.metrics import FinishedRequest
 
+if TYPE_CHECKING:
+    from dstp.server.protocol import ParsedRequest
+
 log = logging.getLogger("dstp")
 STATS_INTERVAL_S = 10.0
+
+
+def log_received(
+    request_id: str, parsed: ParsedRequest, decode: Callable[[list[int]], str], max_len: int | None
+) -> None:
+    """vLLM's "Received request" line: the id the client got, the prompt (text and ids, cut
+    at ``--max-log-len``), the sampling parameters and the constraint's kind."""
+    ids = parsed.prompt_token_ids[:max_len] if max_len is not None else parsed.prompt_token_ids
+    text = parsed.prompt_text if parsed.prompt_text is not None else decode(ids)
+    if max_len is not None:
+        text = text[:max_len]
+    params = parsed.params
+    spec = params.structured_outputs
+    shown = {
+        f.name: getattr(params, f.name)
+        for f in dataclasses.fields(params)
+        if f.name != "structured_outputs"
+        and getattr(params, f.name) != f.default
+        and not (f.default_factory is not dataclasses.MISSING and not getattr(params, f.name))
+    }
+    log.info(
+        "received request %s: prompt: %r, params: %s, constraint: %s, prompt_token_ids: %s, "
+        "prompt_tokens: %d",
+        request_id,
+        text,
+        shown,
+        spec.kind if spec is not None else None,
+        ids,
+        len(parsed.prompt_token_ids),
+    )
 
 
 def log_request(request_id: str, req: FinishedRequest, status: str) -> None:

@@ -25,6 +25,7 @@ from dstp.server.cli import (
     size_http_pool,
 )
 from dstp.server.limits import connection_limit
+from dstp.server.tool_use import ToolSettings
 
 if TYPE_CHECKING:
     from dstp.model.default_model import BuiltinModel
@@ -309,6 +310,9 @@ def _server_config(args: argparse.Namespace, engine, model: str, builtin: Builti
         model_description=builtin.description if builtin else None,
         tp_size=engine.tp.size,
         log_requests=args.enable_log_requests,
+        max_log_len=args.max_log_len,
+        tools=ToolSettings(args.tool_call_parser, args.enable_auto_tool_choice),
+        reasoning_parser=args.reasoning_parser,
         block_size=engine.config.block_size,
         sampling_defaults=_sampling_defaults(args, model),
     )

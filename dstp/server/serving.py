@@ -7,17 +7,21 @@ in ``Serving``.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate
 
 from flask import Response
 
 from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from dstp.engine.sampling_params import InvalidRequest
+from dstp.engine.structured import GrammarCompiler
+from dstp.server.chat_output import ChatReader, ChoiceStream
 from dstp.server.defaults import SamplingDefaults
 from dstp.server.engine_loop import (
     EngineLoop,
@@ -39,6 +43,9 @@ from dstp.server.protocol import (
     retry_later,
     unknown_model,
 )
+from dstp.server.reasoning import ReasoningParser, get_reasoning_parser
+from dstp.server.request_log import log_received
+from dstp.server.tool_use import ToolSettings
 
 DONE = "data: [DONE]\n\n"
 
@@ -55,8 +62,11 @@ class ServerConfig:
     model_description: str | None = None  # shown in /v1/models (what a built-in model is)
     tp_size: int = 1
     log_requests: bool = False  # --enable-log-requests
+    max_log_len: int | None = None  # --max-log-len: prompt tokens and characters logged
     block_size: int = 1  # KV tokens per block: metrics count prefix-cache tokens as vLLM
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    tools: ToolSettings = field(default_factory=ToolSettings)  # --tool-call-parser, auto choice
+    reasoning_parser: str | None = None  # --reasoning-parser
 
 
 class TokenizerAccess:
@@ -117,6 +127,15 @@ class TokenizerAccess:
                 return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
         except Exception as exc:  # jinja raise_exception(): e.g. roles not alternating
             raise bad(f"chat template rejected the messages: {exc}", param="messages") from None
+
+    @functools.cached_property
+    def special_ids(self) -> dict[str, int]:
+        """Added (special) tokens' text -> id: a grammar names markers such as Mistral's
+        [TOOL_CALLS] by id, since llguidance never matches a special token's text."""
+        if self.tokenizer is None:
+            return {}
+        with self._lock:
+            return dict(self.tokenizer.get_added_vocab())
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -221,7 +240,7 @@ class _Shape:
 
     def envelope(self, kind: str, choices: list[dict], use: dict | None = None) -> dict:
         """The OpenAI response object around ``choices`` (one SSE chunk, or a whole answer)."""
-        rid = f"{self.prefix}-{self.group.request_id}"
+        rid = self.group.request_id  # it starts with the endpoint's prefix
         obj = {"id": rid, "object": kind, "created": self.created, "model": self.model}
         obj["choices"] = choices
         if use is None and kind == self.chunk_kind:
@@ -275,12 +294,29 @@ class _Chat(_Shape):
         "chat.completion.chunk",
     )
 
+    def __init__(self, *args, reader: ChatReader | None = None) -> None:
+        super().__init__(*args)
+        self.reader = reader or ChatReader()
+        self._streams: dict[int, ChoiceStream] = {}  # per choice index, while streaming
+
     def choice(self, slot: int, c: CompletionOutput, piece: Piece, reason: str | None) -> dict:
-        out: dict = {"index": self.index(slot, c)}
-        if piece.final:
-            out["message"] = {"role": "assistant", "content": piece.text}
+        index = self.index(slot, c)
+        out: dict = {"index": index}
+        if self.reader.plain:
+            text = {"content": piece.text} if piece.text or piece.final else {}
+            called = False
+        elif piece.final:
+            text, called = self.reader.message(piece.text)
         else:
-            out["delta"] = {"content": piece.text} if piece.text else {}
+            stream = self._streams.setdefault(index, self.reader.stream())
+            text = stream.step(piece.text, final=reason is not None)
+            called = bool(stream.tool_calls)
+        if piece.final:
+            out["message"] = {"role": "assistant", **text}
+        else:
+            out["delta"] = text
+        if called and reason is not None:
+            reason = "tool_calls"
         out["logprobs"] = None
         if piece.logprobs is not None:
             out["logprobs"] = {
@@ -365,6 +401,8 @@ class Serving:
         self.loop, self.config = loop, config
         self.tok = TokenizerAccess(tokenizer)
         self.accepted_models = {config.model_name, *config.model_aliases}
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
+        self._grammar_lock = threading.Lock()
 
     def check_model(self, body: dict) -> dict:
         model = body.get("model")
@@ -377,12 +415,32 @@ class Serving:
         prompts = parse_completion(
             body, self.tok.encode, cfg.vocab_size, cfg.max_model_len, cfg.sampling_defaults
         )
-        return self._respond(_Completions, prompts, probe)
+        return self._respond(_Completions, prompts, probe, "cmpl-")
 
     def chat(self, body: dict, probe: Callable[[], bool] | None):
         cfg = self.config
-        parsed = parse_chat(body, self.tok.render_chat, cfg.max_model_len, cfg.sampling_defaults)
-        return self._respond(_Chat, [parsed], probe)
+        parsed = parse_chat(
+            body,
+            self.tok.render_chat,
+            cfg.max_model_len,
+            cfg.sampling_defaults,
+            cfg.tools,
+            self.tok.special_ids,
+        )
+        reader = ChatReader(
+            self._reasoning_parser(body), parsed.tool_use and parsed.tool_use.parser
+        )
+        return self._respond(partial(_Chat, reader=reader), [parsed], probe, "chatcmpl-")
+
+    def _reasoning_parser(self, body: dict) -> ReasoningParser | None:
+        """``--reasoning-parser``, unless the template was told not to think."""
+        name = self.config.reasoning_parser
+        if name is None:
+            return None
+        kwargs = body.get("chat_template_kwargs") or {}
+        return get_reasoning_parser(
+            name, enable_thinking=kwargs.get("enable_thinking", True) is not False
+        )
 
     def generate(self, body: dict, probe: Callable[[], bool] | None):
         cfg = self.config
@@ -414,8 +472,10 @@ class Serving:
         self.tok._require()
         return {"prompt": self.tok.decode(ids)}
 
-    def _respond(self, shape_class, prompts: list[ParsedRequest], probe) -> dict | Response:
-        group = self._submit(prompts)
+    def _respond(
+        self, shape_class, prompts: list[ParsedRequest], probe, id_prefix: str = ""
+    ) -> dict | Response:
+        group = self._submit(prompts, id_prefix)
         shape = shape_class(group, prompts, self.tok, self.config.model_name)
         if prompts[0].stream:
             events = _guarded(_stream(shape, group, probe), f"stream of {shape.path}")
@@ -429,16 +489,39 @@ class Serving:
         ]
         return shape.answer(outs, choices)
 
-    def _submit(self, prompts: list[ParsedRequest]) -> RequestGroup:
+    def _submit(self, prompts: list[ParsedRequest], id_prefix: str) -> RequestGroup:
         retry_s = self.config.retry_after_s
+        self._check_constraint(prompts[0])
         try:
-            return self.loop.submit_many([(p.prompt_token_ids, p.params) for p in prompts])
+            group = self.loop.submit_many(
+                [(p.prompt_token_ids, p.params) for p in prompts], id_prefix=id_prefix
+            )
+            if self.config.log_requests:
+                for handle, p in zip(group.handles, prompts, strict=True):
+                    log_received(handle.request_id, p, self.tok.decode, self.config.max_log_len)
+            return group
         except InvalidRequest as exc:
             raise bad(str(exc), param=exc.param) from None
         except QueueFull as exc:
             raise retry_later(429, str(exc), retry_s) from None
         except EngineUnavailable as exc:
             raise retry_later(503, str(exc), retry_s) from None
+
+    def _check_constraint(self, parsed: ParsedRequest) -> None:
+        """A constraint that does not compile is a 400 here, before the engine sees it (the
+        engine compiles it again from its own cache)."""
+        spec = parsed.params.structured_outputs
+        if spec is None:
+            return
+        with self._grammar_lock:
+            if self._grammars is None:
+                self.tok._require()
+                cfg = self.config
+                self._grammars = GrammarCompiler(self.tok.tokenizer, cfg.vocab_size)
+        try:
+            self._grammars.matcher(spec, parsed.constraint_param or "structured_outputs")
+        except InvalidRequest as exc:
+            raise bad(str(exc), param=exc.param) from None
 
     @staticmethod
     def _wait(group: RequestGroup, probe) -> list[RequestOutput]:

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from dstp.engine.detokenizer import find_stop, partial_stop_len
 from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams, check_request
+from dstp.engine.structured import GrammarCompiler, GrammarState
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
 
@@ -33,6 +34,7 @@ class _Seq:
     sent_text: int = 0
     finish: str | None = None
     stop_reason: str | int | None = None
+    grammar: GrammarState | None = None  # structured outputs: the real engine's matcher
 
 
 @dataclass
@@ -76,6 +78,7 @@ class FakeEngine:
         self.shut_down = False
         self.thread_ids: set[int] = set()  # which threads called us (must be one)
         self.num_steps = 0
+        self._grammars: GrammarCompiler | None = None
 
     # -- the "model" ----------------------------------------------------------------
     def next_token(self, prompt: list[int], out: list[int], index: int, params) -> int:
@@ -133,6 +136,26 @@ class FakeEngine:
             max_model_len or self.max_model_len,
             self.eos_ids,
         )
+        self._grammar(params)
+
+    def _grammar(self, params: SamplingParams) -> GrammarState | None:
+        """The real engine's compiler and matcher: the same refusals, and constrained output."""
+        if params.structured_outputs is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars.matcher(params.structured_outputs)
+
+    def _constrained(self, token: int, s: _Seq) -> int:
+        """``token`` if the grammar allows it, else the first token it allows."""
+        matcher = s.grammar.matcher
+        if matcher.validate_tokens([token]) == 1:
+            return token
+        forced = matcher.compute_ff_tokens()
+        if forced:
+            return forced[0]
+        mask = int.from_bytes(matcher.compute_bitmask(), "little")
+        return (mask & -mask).bit_length() - 1  # the lowest allowed id
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -142,7 +165,8 @@ class FakeEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
         self.received[request_id] = params
-        req = _Req(request_id, list(prompt_token_ids), params, [_Seq(i) for i in range(params.n)])
+        seqs = [_Seq(i, grammar=self._grammar(params)) for i in range(params.n)]
+        req = _Req(request_id, list(prompt_token_ids), params, seqs)
         need = math.ceil(len(prompt_token_ids) / self.block_size) * params.n
         req.blocks = need
         self.free_blocks -= need
@@ -176,6 +200,10 @@ class FakeEngine:
                 if s.finish:
                     continue
                 tok = self.next_token(req.prompt, s.out, s.index, req.params)
+                if s.grammar is not None:
+                    tok = self._constrained(tok, s)
+                    if tok not in self.eos_ids:
+                        s.grammar.accept(tok)
                 s.out.append(tok)
                 total = len(req.prompt) + len(s.out)
                 if total % self.block_size == 1:
@@ -192,6 +220,8 @@ class FakeEngine:
                 if hit is not None:
                     s.text = s.text[: hit[0]]
                     s.finish, s.stop_reason = "stop", hit[1]
+                elif s.grammar is not None and s.grammar.complete:
+                    s.finish = "stop"
                 elif len(s.out) >= req.params.max_tokens or total >= self.max_model_len:
                     s.finish = "length"
             out = self._output(req)

@@ -13,7 +13,7 @@ import json
 
 import requests
 
-from dstp.engine.sampling_params import SamplingParams
+from dstp.engine.sampling_params import SamplingParams, StructuredOutputs
 from tests.helpers.server_helpers import (
     chat_ids,
     encode,
@@ -153,6 +153,7 @@ NON_DEFAULT = {
     "ignore_eos": True,
     "min_tokens": 2,
     "logprobs": 3,
+    "structured_outputs": {"regex": "[a-z ]+"},
 }
 
 
@@ -160,7 +161,9 @@ def test_every_accepted_sampling_field_reaches_the_engine(main):
     engine, _, url = main
     names = [f.name for f in dataclasses.fields(SamplingParams)]
     assert sorted(NON_DEFAULT) == sorted(names)
-    want, default = SamplingParams(**NON_DEFAULT), SamplingParams()
+    constraint = StructuredOutputs(regex=NON_DEFAULT["structured_outputs"]["regex"])
+    want = SamplingParams(**{**NON_DEFAULT, "structured_outputs": constraint})
+    default = SamplingParams()
     assert all(getattr(want, k) != getattr(default, k) for k in names)
     chat = {"messages": [{"role": "user", "content": "hi"}], **NON_DEFAULT}
     chat.update(logprobs=True, top_logprobs=3)  # chat's spelling: a flag plus a count
@@ -174,7 +177,7 @@ def test_every_accepted_sampling_field_reaches_the_engine(main):
         resp = requests.post(f"{url}{path}", json=body, timeout=10)
         assert resp.status_code == 200, (path, resp.text)
         answer = resp.json()
-        request_id = answer.get("request_id") or answer["id"].split("-", 1)[1]
+        request_id = answer.get("request_id") or answer["id"]  # the engine's id is the client's
         got = engine.received[request_id]
         assert {k: getattr(got, k) for k in names} == {k: getattr(want, k) for k in names}, path
 

@@ -75,7 +75,7 @@ BAD_CHATS = [
     {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
     {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
     {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
     {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1},
     {"messages": [{"role": "user", "content": "x"}], "prompt": "x"},
 ]

@@ -57,6 +57,8 @@ class _Served:
             max_model_len=engine.max_model_len,
             vocab_size=engine.vocab_size,
             block_size=engine.block_size,
+            log_requests=loop_kw.get("log_requests", False),
+            max_log_len=4,
         )
         self.server = InProcessServer.start(create_app(self.loop, engine.tokenizer, cfg))
         self.url = self.server.url
@@ -146,7 +148,19 @@ def test_process_http_and_admission_metrics(served):
 def test_request_log_line(served, caplog):
     caplog.set_level(logging.INFO, logger="dstp")
     answer = served.complete(prompt="log me", max_tokens=4, ignore_eos=True)
-    rid = answer["id"].split("-", 1)[1]
+    rid = answer["id"]  # the id the client got is the one the log names (vLLM's)
+    assert rid.startswith("cmpl-")
+    received = [
+        r.getMessage() for r in caplog.records if f"received request {rid}:" in r.getMessage()
+    ]
+    assert len(received) == 1
+    assert "prompt: 'log ', params: {'max_tokens': 4, 'ignore_eos': True}" in received[0]
+    assert (
+        "constraint: None" in received[0]
+        and f"prompt_tokens: {answer['usage']['prompt_tokens']}" in received[0]
+    )
+    served.complete(prompt="x", max_tokens=3, structured_outputs={"regex": "[a-z]+"})
+    assert any("constraint: regex" in r.getMessage() for r in caplog.records)
     pattern = re.compile(
         rf"request {re.escape(rid)}: status=ok finish_reason=length prompt_tokens=(\d+) "
         r"output_tokens=4 n=1 ttft=\d+\.\d+s queue=\d+\.\d+s latency=\d+\.\d+s"

@@ -269,8 +269,8 @@ SECOND_CALL = {
 
 @pytest.fixture(scope="module")
 def llg():
-    llg_hf = pytest.importorskip("llguidance.hf")
     import llguidance
+    import llguidance.hf as llg_hf
 
     from dstp.model.default_model import build_tokenizer
 
