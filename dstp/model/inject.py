@@ -34,6 +34,7 @@ from dstp.model.loading import Checkpoint, finish_staged_reads, load_config, rel
 from dstp.model.meta_model import build_meta_model
 from dstp.model.moe import shard_experts
 from dstp.model.norms import column_parallel_norm, fused_replacements
+from dstp.model.policy_proof import is_derived, prove_for_load
 from dstp.model.stacked_source import StackedSource
 from dstp.policies import (
     Col,
@@ -316,7 +317,14 @@ def _load_persistent_buffers(
 
 
 def materialize(
-    model: nn.Module, ckpt: Checkpoint, policy: Policy, tp: TPGroup, dtype: torch.dtype, config: Any
+    model: nn.Module,
+    ckpt: Checkpoint,
+    policy: Policy,
+    tp: TPGroup,
+    dtype: torch.dtype,
+    config: Any,
+    *,
+    progress: bool = True,
 ) -> None:
     """Allocate each parameter at its local shape on ``tp.device`` and fill it from the checkpoint."""
     tied = _tied(config) and policy.embedding and policy.lm_head
@@ -327,7 +335,7 @@ def materialize(
         params,
         desc=f"loading shards (TP={tp.size})",
         unit="tensor",
-        disable=not tp.is_driver,
+        disable=not (progress and tp.is_driver),
         leave=False,
     )
     for name, param in bar:
@@ -384,6 +392,8 @@ def shard_model(
     tp.agree(lambda: check_attention_backend(config, attn_implementation))
     policy = policy or tp.agree(lambda: policy_for(config))
     heads = tp.agree(lambda: policy.validate(config, tp.size))
+    if is_derived(policy):  # proven on a shrunk copy against HF before any weight is read
+        prove_for_load(config, policy, tp)
     ckpt = tp.agree(lambda: Checkpoint(path, allow_pickle=allow_pickle))
     # A policy may need one of HF's kernels (Gemma 2: eager, for soft-capping);
     # dstp's paged kernel does soft-capping and sliding windows itself.

@@ -5,7 +5,10 @@ architecture, or derived and from what), the head layout per rank, every split
 module of each distinct decoder block (blocks with the same per-rank shapes are
 grouped, so dense and MoE layers both show) with its per-rank shape, the parameter
 bytes each rank holds, and, when the TP size is invalid, why and which sizes are
-valid. Without a policy it prints one line saying what to do.
+valid. A derived policy is first proven against HF on a shrunk copy of the model at
+that TP size (``dstp.model.policy_proof``): the ``proof:`` line, or one line naming the
+layer that differs and exit status 2. Without a policy it prints one line saying what
+to do.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def block_ranges(blocks: list[int]) -> str:
 def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
     """The inspection text and whether ``tp`` is valid."""
     from dstp.model.inject import check_attention_backend
+    from dstp.model.policy_proof import is_derived, prove_policy
     from dstp.policies import policy_for
 
     check_attention_backend(config, "sdpa")  # ALiBi: no path can shard it, said first
@@ -111,6 +115,13 @@ def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
         lines.append(f"TP={tp} is invalid: " + "; ".join(problems))
         lines.append(f"valid TP sizes: {policy.valid_tp_sizes(config)}")
         return "\n".join(lines), False
+    if is_derived(policy):
+        proof = prove_policy(config, policy, tp)  # a PolicyProofFailed names the layer
+        lines.append(
+            f"proof: the derived policy equals HF at TP={tp} on a shrunk copy of the model "
+            f"({proof.shrunk}; seeded weights): {proof.compared} module outputs and the "
+            f"logits (max |dlogit| {proof.max_logit_error:.1e})"
+        )
     heads = policy.head_layout(config, tp)
     v_dim = v_head_dim(policy, config, heads.head_dim)
     sizes = (
