@@ -282,6 +282,32 @@ def test_http_32_concurrent_greedy_as_one_tp2_engine_on_every_replica(url, refer
     assert all(a == answers[0] for a in answers) and answers[0][0] != answers[0][1]
 
 
+def test_http_structured_outputs_on_every_replica(url):
+    """Constrained requests go to both replicas (each compiles its own matchers); a
+    constraint that does not compile is refused by rank 0 before any replica gets it."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    before = _per_replica(_metrics(url), "requests_routed_total")
+    pattern = r"[a-z]{3,8}-[0-9]{2}"
+    bodies = [
+        {"prompt": p, "max_tokens": 16, "temperature": 0.8, "seed": i, "stream": i % 2 == 1}
+        | {"structured_outputs": {"regex": pattern} if i % 2 else {"choice": ["yes", "no"]}}
+        for i, p in enumerate(PROMPTS[:8])
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        texts = [t[0] for t in pool.map(lambda b: _complete(url, b), bodies)]
+    for i, text in enumerate(texts):
+        assert re.fullmatch(pattern, text) if i % 2 else text in ("yes", "no"), text
+    routed = _per_replica(_metrics(url), "requests_routed_total")
+    assert all(a > b for a, b in zip(routed, before, strict=True))
+    bad = {"prompt": "x", "structured_outputs": {"regex": "a(b"}}
+    resp = requests.post(f"{url}/v1/completions", json=bad, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "structured_outputs"
+
+
 def test_http_disconnect_frees_blocks_on_its_replica(url):
     from tests.helpers.server_helpers import open_stream, wait_until
 

@@ -13,13 +13,18 @@ from tests.helpers.tiny_models import STORIES
 
 # A plain role-prefix template with one switch (``shout``) for chat_template_kwargs tests;
 # without it, it renders exactly as server_helpers.SIMPLE_TEMPLATE.
+# With ``tools`` it lists them and renders calls and results as Hermes-style templates do.
 STORIES_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{{ bos_token }}{% if tools %}tools: {{ tools | map(attribute='function.name') | join(', ') }}"
+    "\n{% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "{{ ' (' ~ m.tool_call_id ~ ')' if m.tool_call_id else '' }}\n{% endfor %}"
     "{% if shout %}LOUD {% endif %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
 # The shared server's flags: the union of what its users need. 96 KV blocks (1536 tokens a
 # rank) make the fuzz's load preempt; 32 admitted requests let the e2e pressure test saturate
-# the limit (48 threads); --enable-log-requests gives the request log lines prompt lists read.
+# the limit (48 threads); --enable-log-requests gives the request log lines prompt lists read;
+# the tool flags serve test_structured_http.
 TP2_ADMISSION_LIMIT = 32
 TP2_NUM_KV_BLOCKS = 96
 TP2_FLAGS = (
@@ -28,6 +33,9 @@ TP2_FLAGS = (
     "--max-queued-requests",
     str(TP2_ADMISSION_LIMIT),
     "--enable-log-requests",
+    "--tool-call-parser",
+    "hermes",
+    "--enable-auto-tool-choice",
 )
 KILLS_SERVER = "kills_tp2_server"  # the marker of a test that ends the shared server
 
