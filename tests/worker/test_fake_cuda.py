@@ -1,0 +1,181 @@
+"""The CUDA path run on a fake CUDA device (tests/helpers/fake_cuda.py), on a CPU-only torch.
+
+A real TP=1 engine on stories260K loads, sizes its KV cache from the stubbed
+``torch.cuda.mem_get_info``, runs its start-up probe, prefills, decodes and samples with
+every device tensor on "cuda:0"; an op mixing a cuda tensor with a host one raises (as
+CUDA would), and every host<->device movement is counted per step. The fake tensors
+carry real CPU shadows, so the tokens are the CPU engine's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dstp.distributed as dist
+from dstp.distributed import TPGroup
+from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.engine.sampling_params import SamplingParams
+from dstp.worker import kv_budget
+from tests.helpers.fake_cuda import DeviceMixError, fake_cuda, shadow
+from tests.helpers.tiny_models import STORIES
+
+CARD_GIB = 0.02  # a small card: the fake tensors' shadows are real host memory
+UTILIZATION = 0.9
+PROMPT = "Once upon a time"
+# A greedy decode step moves: the step's metadata (one upload), the sampler's picked
+# rows (one small upload, dstp/engine/sampling/draw.py) and the sampled ids (one read).
+MAX_DECODE_UPLOADS = 2
+MAX_DECODE_SYNCS = 1
+
+
+# -- the harness itself (before the engine's module-wide block: blocks do not nest) --
+def test_mixing_is_refused_like_cuda():
+    with fake_cuda(total_gib=0.001):
+        on_card = torch.ones(4, device="cuda:3")
+        assert (on_card + torch.tensor(2.0)).device == torch.device("cuda:3")  # a 0-d scalar
+        with pytest.raises(RuntimeError, match="same device"):
+            _ = on_card + torch.ones(4)
+        with pytest.raises(DeviceMixError, match="generator"):
+            on_card.exponential_(generator=torch.Generator())
+
+
+def test_transfers_are_counted_by_kind():
+    with fake_cuda(total_gib=0.001) as device:
+        host = torch.arange(6)
+        pinned = torch.empty(6, dtype=torch.long, pin_memory=True)
+        assert pinned.is_pinned() and not host.is_pinned()
+        on_card = host.to("cuda", non_blocking=True)  # pageable: a hidden sync on CUDA
+        pinned.copy_(host)
+        on_card.copy_(pinned, non_blocking=True)
+        assert on_card.tolist() == list(range(6))
+        assert int(on_card.sum()) == 15
+        _ = on_card.cpu()
+        _ = on_card[torch.tensor([1, 2])]
+        assert device.transfers.snapshot() == {
+            "upload": 2,
+            "implicit_upload": 1,
+            "pageable_non_blocking": 1,
+            "download": 1,
+            "sync": 2,
+        }
+
+
+def test_memory_counts_live_device_storage():
+    with fake_cuda(total_gib=0.001) as device:
+        a = torch.empty(1024, device="cuda")
+        view = a[:10]
+        assert device.allocated == 4096
+        del a
+        assert device.allocated == 4096  # the view keeps the storage
+        del view
+        assert device.allocated == 0 and device.peak == 4096
+        assert torch.cuda.mem_get_info() == (device.total_bytes, device.total_bytes)
+
+
+# -- a real engine on the fake card ---------------------------------------------------
+@pytest.fixture(scope="module")
+def run():
+    """(engine, device state) inside one fake-CUDA block for the module's tests."""
+    kept = dist._TP
+    with fake_cuda(total_gib=CARD_GIB) as device:
+        dist._TP = TPGroup(0, 1, 0, 1, torch.device("cuda:0"), None, False)
+        try:
+            config = EngineConfig(
+                model=str(STORIES),
+                dtype="float32",
+                max_model_len=64,
+                max_num_seqs=4,
+                max_num_batched_tokens=64,
+                gpu_memory_utilization=UTILIZATION,
+            )
+            device.built = device.transfers.snapshot()
+            yield Engine(config), device
+        finally:
+            dist._TP = kept
+
+
+def _steps(engine, device):
+    """Run the engine dry; the transfers of each step (and which kind of step it was)."""
+    counts = []
+    while engine.has_unfinished():
+        device.transfers.reset()
+        outputs = engine.step()
+        counts.append((device.transfers.snapshot(), dict(device.transfers.sites), outputs))
+    return counts
+
+
+def test_the_engine_runs_on_cuda_and_gives_the_cpu_tokens(run):
+    engine, device = run
+    assert engine.runner.tp.device == torch.device("cuda:0")
+    assert engine.runner.cache.keys.device.type == "cuda"  # cache on the (fake) card
+    assert all(p.device.type == "cuda" for p in engine.runner.model.parameters())
+    assert "--gpu-memory-utilization 0.9" in engine.runner.kv_budget.reason  # mem_get_info
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].outputs[0]
+    # stories260K's greedy continuation, as on the CPU (README): the shadows' values
+    assert out.text.startswith(", there was a little girl")
+
+
+def test_a_decode_step_moves_one_upload_of_metadata_and_reads_once(run):
+    engine, device = run
+    engine.add_request(
+        "greedy", engine.tokenizer.encode(PROMPT), SamplingParams(max_tokens=6, temperature=0)
+    )
+    steps = _steps(engine, device)
+    assert len(steps) == 6  # a prefill, then five decode steps
+    for counts, sites, _ in steps:
+        assert counts["download"] == 0, sites
+        assert counts["implicit_upload"] == 0, sites
+        assert counts["pageable_non_blocking"] == 0, sites  # the metadata buffer is pinned
+        assert counts["upload"] <= MAX_DECODE_UPLOADS, sites
+        assert counts["sync"] <= MAX_DECODE_SYNCS, sites
+        assert any("step_inputs.py" in s for s in sites["upload"])  # the one metadata upload
+
+
+def test_the_run_stays_inside_the_utilization_of_the_card(run):
+    engine, device = run
+    for i in range(4):  # max_num_seqs sequences to the end of max_model_len (64)
+        ids = [(7 * i + j) % 500 + 3 for j in range(58)]
+        engine.add_request(f"full{i}", ids, SamplingParams(max_tokens=6, ignore_eos=True))
+    steps = _steps(engine, device)
+    assert steps[-1][2][0].outputs[0].finish_reason == "length"
+    assert engine.runner.kv_budget.nbytes > 0
+    assert device.peak <= UTILIZATION * device.total_bytes
+
+
+def test_a_host_tensor_in_the_forward_fails(run, monkeypatch):
+    """The harness catches a device mix: positions left on the host fail the step."""
+    engine, _ = run
+    upload = engine.runner.uploader.upload
+
+    def positions_on_the_host(plan, block_size):
+        inputs = upload(plan, block_size)
+        inputs.positions = shadow(inputs.positions).clone()  # a real CPU tensor
+        return inputs
+
+    monkeypatch.setattr(engine.runner.uploader, "upload", positions_on_the_host)
+    plan = kv_budget.probe_plans(engine.config.block_size, engine.vocab_size)[0]
+    with pytest.raises(RuntimeError, match="same device"):
+        engine.runner.execute(plan)
+
+
+def test_seeded_sampling_draws_with_a_generator_on_the_card(run):
+    """A CPU generator on the cuda logits would fail on CUDA (the harness raises
+    DeviceMixError for it); the sampler keeps a seeded twin on the logits' device."""
+    engine, _ = run
+    params = SamplingParams(max_tokens=3, temperature=1.0, seed=7)
+    first, again = (engine.generate([PROMPT], params)[0].outputs[0] for _ in range(2))
+    assert first.finish_reason == "length"
+    assert first.token_ids == again.token_ids
+
+
+def test_a_host_generator_on_the_card_is_caught(run, monkeypatch, caplog):
+    """The check behind the test above: the sampler's old way (the host generator drawing
+    for cuda logits) ends the request with the harness's DeviceMixError."""
+    from dstp.engine.sampling.state import SampleState
+
+    engine, _ = run
+    monkeypatch.setattr(SampleState, "generator_on", lambda self, device: self.generator)
+    params = SamplingParams(max_tokens=3, temperature=1.0, seed=7)
+    assert engine.generate([PROMPT], params)[0].outputs[0].finish_reason == "error"
+    assert "DeviceMixError: exponential_: a cpu generator drawing for cuda" in caplog.text
