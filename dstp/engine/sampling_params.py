@@ -38,6 +38,9 @@ class StructuredOutputs:
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
     whitespace_flexible: bool = False
+    # Reasoning models: the constraint starts after this token (e.g. ``</think>``'s id), as
+    # vLLM applies structured output to the answer only; before it the output is free.
+    after_token: int | None = None
 
     KINDS = ("json", "json_object", "regex", "choice", "grammar")
 

@@ -35,8 +35,8 @@ class ChatReader:
         calls = stream.tool_calls
         if calls:
             message["tool_calls"] = calls
-        elif message["content"] is None:
-            message["content"] = ""  # an empty answer is an empty string; null only beside calls
+        elif message["content"] is None and "reasoning_content" not in message:
+            message["content"] = ""  # an empty answer is "": null only beside calls or thinking
         return message, bool(calls)
 
     def stream(self) -> ChoiceStream:

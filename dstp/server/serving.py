@@ -7,6 +7,7 @@ in ``Serving``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import threading
@@ -43,7 +44,7 @@ from dstp.server.protocol import (
     retry_later,
     unknown_model,
 )
-from dstp.server.reasoning import ReasoningParser, get_reasoning_parser
+from dstp.server.reasoning import THINK_END, ReasoningParser, get_reasoning_parser
 from dstp.server.request_log import log_received
 from dstp.server.tool_use import ToolSettings
 
@@ -427,10 +428,20 @@ class Serving:
             cfg.tools,
             self.tok.special_ids,
         )
-        reader = ChatReader(
-            self._reasoning_parser(body), parsed.tool_use and parsed.tool_use.parser
-        )
+        reasoning = self._reasoning_parser(body)
+        reader = ChatReader(reasoning, parsed.tool_use and parsed.tool_use.parser)
+        if reasoning is not None and reasoning.enable_thinking:
+            self._constrain_after_thinking(parsed)
         return self._respond(partial(_Chat, reader=reader), [parsed], probe, "chatcmpl-")
+
+    def _constrain_after_thinking(self, parsed: ParsedRequest) -> None:
+        """Structured output applies to the answer, after ``</think>`` (vLLM's rule), where
+        the tokenizer has it as one token (Qwen3's and DeepSeek-R1's do); elsewhere the
+        constraint applies from the first token."""
+        spec = parsed.params.structured_outputs
+        end = self.tok.special_ids.get(THINK_END)
+        if spec is not None and end is not None:
+            parsed.params.structured_outputs = dataclasses.replace(spec, after_token=end)
 
     def _reasoning_parser(self, body: dict) -> ReasoningParser | None:
         """``--reasoning-parser``, unless the template was told not to think."""

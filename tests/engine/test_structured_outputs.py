@@ -221,3 +221,17 @@ def test_no_masks_without_constraints(engine):
     bits = MaskJob([None, compiled], engine.vocab_size).result()
     assert bits.shape == (2, (engine.vocab_size + 31) // 32)
     assert bool((bits[0] == -1).all()) and not bool((bits[1] == -1).all())
+
+
+def test_a_constraint_after_a_token_leaves_the_output_free_until_it(engine):
+    """Reasoning models: the grammar starts after ``</think>``'s id; here after '.'."""
+    period = engine.tokenizer.convert_tokens_to_ids(".")
+    spec = StructuredOutputs(choice=("yes", "no"), after_token=period)
+    free = engine.generate(PROMPTS[:2], params(max_tokens=60, ignore_eos=True))
+    out = engine.generate(PROMPTS[:2], params(max_tokens=60, structured_outputs=spec))
+    for f, o in zip(free, out, strict=True):
+        ids, free_ids = o.outputs[0].token_ids, f.outputs[0].token_ids
+        cut = free_ids.index(period) + 1  # the free run's first '.'
+        assert ids[:cut] == free_ids[:cut]  # untouched up to and with the token
+        assert engine.tokenizer.decode(ids[cut:]) in ("yes", "no")
+        assert o.outputs[0].finish_reason == "stop"

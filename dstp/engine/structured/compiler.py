@@ -79,7 +79,10 @@ class GrammarCompiler:
             raise GrammarError(str(exc), param) from None
         except ValueError as exc:  # llguidance's own refusal of the grammar's text
             raise GrammarError(f"invalid {spec.kind}: {exc}", param) from None
-        return GrammarState(self._compiled(text, spec.kind, param).deep_copy(), spec.kind)
+        if spec.after_token is not None and not 0 <= spec.after_token < self.vocab_size:
+            raise GrammarError(f"after_token {spec.after_token} is not a token id", param)
+        matcher = self._compiled(text, spec.kind, param).deep_copy()
+        return GrammarState(matcher, spec.kind, spec.after_token)
 
     def _compiled(self, text: str, kind: str, param: str) -> llguidance.LLMatcher:
         with self._lock:

@@ -27,30 +27,38 @@ class GrammarState:
     """One sequence's llguidance matcher; forks copy it, preemption keeps it (the accepted
     tokens stay the sequence's), and :meth:`replay` rebuilds it from accepted tokens."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, kind: str) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, kind: str, after_token: int | None = None
+    ) -> None:
         self.matcher = matcher
         self.kind = kind
+        self.waiting_for = after_token  # free output until this token (a reasoning model's end)
+
+    @property
+    def active(self) -> bool:
+        """Whether the next token is constrained."""
+        return self.waiting_for is None
 
     def fork(self) -> GrammarState:
-        return GrammarState(self.matcher.deep_copy(), self.kind)
+        return GrammarState(self.matcher.deep_copy(), self.kind, self.waiting_for)
 
     def accept(self, token: int) -> None:
+        if self.waiting_for is not None:
+            if token == self.waiting_for:
+                self.waiting_for = None
+            return
         if not self.matcher.consume_token(token):
             raise GrammarViolation(f"token {token} breaks the {self.kind} constraint")
 
     def replay(self, tokens: Sequence[int]) -> None:
         """Advance a fresh matcher through tokens accepted before (a resubmitted request)."""
-        if tokens and not self.matcher.consume_tokens(list(tokens)):
-            raise GrammarViolation(f"the tokens so far break the {self.kind} constraint")
+        for token in tokens:
+            self.accept(token)
 
     @property
     def complete(self) -> bool:
         """Nothing more can follow (only EOS): the output is whole."""
-        return self.matcher.is_stopped()
-
-    @property
-    def can_end(self) -> bool:
-        return self.matcher.is_accepting()
+        return self.active and self.matcher.is_stopped()
 
 
 class MaskJob:
@@ -59,7 +67,7 @@ class MaskJob:
     without a grammar allow everything. Started before the forward, read after it."""
 
     def __init__(self, grammars: Sequence[GrammarState | None], vocab_size: int) -> None:
-        rows = [(g.matcher, i) for i, g in enumerate(grammars) if g is not None]
+        rows = [(g.matcher, i) for i, g in enumerate(grammars) if g is not None and g.active]
         self._future: Future | None = None
         if rows:
             bitmask = torch.full(llguidance.torch.get_bitmask_shape(len(grammars), vocab_size), -1)

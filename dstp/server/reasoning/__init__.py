@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dstp.server.reasoning.base import END as THINK_END
 from dstp.server.reasoning.base import Piece, ReasoningParser, ThinkStream
 from dstp.server.reasoning.deepseek_r1 import DeepSeekR1ReasoningParser
 from dstp.server.reasoning.qwen3 import Qwen3ReasoningParser
@@ -24,4 +25,11 @@ def get_reasoning_parser(name: str, **kwargs: Any) -> ReasoningParser:
     return cls(**kwargs)
 
 
-__all__ = ["REASONING_PARSERS", "Piece", "ReasoningParser", "ThinkStream", "get_reasoning_parser"]
+__all__ = [
+    "REASONING_PARSERS",
+    "THINK_END",
+    "Piece",
+    "ReasoningParser",
+    "ThinkStream",
+    "get_reasoning_parser",
+]
