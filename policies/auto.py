@@ -69,7 +69,9 @@ ATTENTION_ATTRS = {
     "num_key_value_heads": "local_kv_heads",
     "split_size": "local_hidden",
 }
-EMBEDDING_SCALE_ATTRS = ("scalar_embed_scale",)
+# the scaled embeddings' constant (Gemma 3's scalar_embed_scale; BioGPT's, BART-style
+# decoders' embed_scale): the parallel embedding must multiply by it too
+EMBEDDING_SCALE_ATTRS = ("scalar_embed_scale", "embed_scale")
 MLP_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 # config attributes a *ForCausalLM.forward may apply to its logits, in HF's order. A
 # derived policy takes one only where that forward reads it (MPT's config has a

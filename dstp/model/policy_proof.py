@@ -18,8 +18,10 @@ first request. So before a derived policy is used, at ``dstp inspect`` and at lo
    TP group would (:class:`SimulatedTP`);
 4. compares every module whose output is full width on both sides (the row-parallel
    layers after their all-reduce, attention and MLP modules, norms, decoder blocks)
-   in the order they ran, then the logits, and refuses the policy at the first one
-   that differs, naming it (or the module that raised).
+   in the order they ran, then the logits (within 1e-3 of their largest magnitude: a
+   wrong split is off by about that magnitude, another summation order by ~1e-6 of it),
+   and refuses the policy at the first one that differs, naming it (or the module
+   that raised).
 
 It costs about a second for a small model on one CPU core; a result is remembered per
 (config, TP size, policy) within a process.
@@ -392,7 +394,9 @@ def _logits(recorder: _Recorder) -> torch.Tensor | None:
 
 
 def _tolerance(reference: torch.Tensor) -> float:
-    return 1e-4 * max(1.0, float(reference.abs().max()))
+    """fp32 in another summation order differs by ~1e-6 of the values' size; a wrong split
+    by about their size. 1e-3 of it leaves room for long recurrences (HRM's cycles)."""
+    return 1e-3 * max(1.0, float(reference.abs().max()))
 
 
 _CACHE: dict[tuple, Proof] = {}

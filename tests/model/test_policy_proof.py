@@ -6,9 +6,9 @@ compares each full-width module output with HF's. A right derived policy passes 
 and 4 (KV heads split and replicated); a wrong one is refused, naming the module that
 differs or raised, by the proof, by ``dstp inspect`` and at load on every rank, before
 any weight is read. (The derived policies of the launcher tests, Starcoder2, Granite,
-Cohere, GPT-Neo and the derived Llama and OLMo2, pass this proof at load at TP 2 and 4
-in tests/policies/test_policies_equivalence.py; Falcon-7B's is refused at load by
-real ranks in tests/policies/test_callable_head_counts_tp.py.)
+Cohere, GPT-Neo and the derived Llama and OLMo2, pass this proof at load on real ranks
+in tests/policies/test_policies_equivalence.py, Starcoder2's at TP 2 and 4, where
+Falcon-7B's is refused at load by every rank too.)
 """
 
 from __future__ import annotations
@@ -97,6 +97,26 @@ def test_a_right_derived_policy_passes(arch, tp):
     assert is_derived(policy)
     proof = prove_policy(config, policy, tp)
     assert proof.tp == tp and proof.compared >= 10 and proof.max_logit_error < 1e-4
+
+
+def test_the_proof_caught_a_missing_embedding_scale():
+    """BioGPT scales its embedding by ``embed_scale``; the derivation once missed it (the
+    proof named ``biogpt.embed_tokens``): the derived policy now carries the scale."""
+    from transformers import BioGptConfig
+
+    config = BioGptConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=300,
+    )
+    policy = derive_policy(config)
+    assert policy.embedding_scale == "embed_scale"
+    assert prove_policy(config, policy, 2).max_logit_error < 1e-4
+    unscaled = dataclasses.replace(policy, embedding_scale=None)
+    with pytest.raises(PolicyProofFailed, match=r"module biogpt\.embed_tokens differs first"):
+        prove_policy(config, unscaled, 2)
 
 
 def test_a_policy_that_crashes_is_refused_naming_the_module():
