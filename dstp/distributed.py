@@ -241,12 +241,12 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
     rank = _env_int("RANK", default=0)
     local_rank = _env_int("LOCAL_RANK", default=0)
     local_size = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world)
-    device = _bind_device(accel, rank, local_rank, local_size)
+    backend = os.environ.get("DSTP_DIST_BACKEND") or accel.communication_backend_name()
+    device = _bind_device(accel, rank, local_rank, local_size, backend)
     layout = ReplicaLayout(world, tp_size if tp_size is not None else tp_size_from_env(world))
     tp, replicas, replica = layout.tp, layout.num_replicas, layout.replica_of(rank)
     group = cpu_group = world_cpu = None
     fast = in_fp32 = False
-    backend = os.environ.get("DSTP_DIST_BACKEND") or accel.communication_backend_name()
     if world > 1:
         group, world_cpu = _join_world(accel, backend, local_rank, local_size, timeout_s)
         cpu_group = world_cpu
@@ -286,19 +286,78 @@ def init_tp(tp_size: int | None = None, timeout_s: float = 1800.0) -> TPGroup:
     return _TP
 
 
-def _bind_device(accel, rank: int, local_rank: int, local_size: int) -> torch.device:
+class DeviceLayoutError(RuntimeError):
+    """More ranks on this host than GPUs it shows, under a backend that needs one each."""
+
+
+def _bind_device(
+    accel, rank: int, local_rank: int, local_size: int, backend: str = "nccl"
+) -> torch.device:
     """This rank's device: the CPU (its threads pinned to this rank's share of the
-    cores), or the accelerator of its local rank (shared when there are fewer)."""
+    cores), or the accelerator of its local rank, with a CPU thread cap.
+
+    NCCL refuses two ranks on one GPU (a duplicate-GPU error at the first collective),
+    so more local ranks than visible GPUs is a start-up error naming the fix; only a
+    gloo backend (``DSTP_DIST_BACKEND=gloo``) may share a device.
+    """
     if accel.device_name() == "cpu":
         _pin_cpu_threads(local_rank, local_size)
         return torch.device("cpu")
-    index = local_rank % max(1, accel.device_count())
-    if index != local_rank:
+    count = accel.device_count()
+    if local_rank >= count:
+        if backend == "nccl":
+            raise DeviceLayoutError(
+                f"local rank {local_rank} of {local_size} but this host shows {count} GPU(s): "
+                "NCCL needs one GPU per rank. Start one rank per GPU, choosing the GPUs with "
+                "`deepspeed --include localhost:0,1` (the deepspeed launcher ignores "
+                "CUDA_VISIBLE_DEVICES; torchrun honours CUDA_VISIBLE_DEVICES=0,1 with "
+                "--nproc_per_node 2)"
+            )
         log.warning(
-            "more local ranks than devices: rank %d shares device %d (gloo only)", rank, index
+            "more local ranks than devices: rank %d shares device %d over %s",
+            rank,
+            local_rank % max(1, count),
+            backend,
         )
+    index = local_rank % max(1, count)
     accel.set_device(index)
+    _cap_cpu_threads(local_size)
     return torch.device(accel.device_name(index))
+
+
+def bind_thread_device(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device (a no-op elsewhere).
+
+    CUDA's current device is per host thread: a thread starts on cuda:0, whatever the
+    thread that started it set, so kernels, allocations and NCCL calls without an
+    explicit device (and every ``torch.cuda`` call that defaults to the current device)
+    would land on GPU 0. Every thread that runs CUDA work calls this first.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _threads_per_rank(cores: int, local_size: int) -> int:
+    if "DSTP_THREADS" in os.environ:
+        return int(os.environ["DSTP_THREADS"])
+    return max(1, cores // max(1, local_size))
+
+
+def _cap_cpu_threads(local_size: int) -> None:
+    """GPU ranks: torch's intra-op threads at this rank's share of the host's cores.
+
+    Each rank's torch would otherwise start one thread per core: 8 ranks on a 64-core
+    host run 512 threads for the host-side work (step plans, sampling fallbacks, weight
+    loading), fighting over the cores that feed the GPUs.
+    """
+    torch.set_num_threads(_threads_per_rank(len(_usable_cores()), local_size))
+
+
+def _usable_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
 
 
 def _join_world(
@@ -490,14 +549,8 @@ def _pin_cpu_threads(local_rank: int, local_size: int) -> None:
     Oversubscribed ranks (more threads than cores) make every collective wait
     for the slowest straggler, so threads per rank = cores / local ranks.
     """
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = list(range(os.cpu_count() or 1))
-    if "DSTP_THREADS" in os.environ:
-        threads = int(os.environ["DSTP_THREADS"])
-    else:
-        threads = max(1, len(cores) // max(1, local_size))
+    cores = _usable_cores()
+    threads = _threads_per_rank(len(cores), local_size)
     if local_size > 1 and len(cores) >= local_size * threads:
         mine = cores[local_rank * threads : (local_rank + 1) * threads]
         with contextlib.suppress(AttributeError, OSError):  # not Linux / restricted

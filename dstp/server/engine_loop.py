@@ -276,6 +276,7 @@ class EngineLoop(StepLoop):
     # -- the loop thread ---------------------------------------------------------
     def _run(self) -> None:
         try:
+            self._bind_device()
             self.liveness.timed("heartbeat", self.engine.heartbeat)
             self._snapshot()
             self._ready.set()
@@ -289,6 +290,14 @@ class EngineLoop(StepLoop):
                 self._fail(exc, "an engine step or heartbeat raised (shared forward or collective)")
                 return
         self._finish_stop()
+
+    def _bind_device(self) -> None:
+        """This thread runs every step: on its rank's GPU, not the thread default cuda:0."""
+        device = getattr(self.engine.tp, "device", None)
+        if device is not None:
+            from dstp.distributed import bind_thread_device
+
+            bind_thread_device(device)
 
     def take(self, timeout_s: float) -> list[Any]:
         commands: list[Any] = []
