@@ -174,6 +174,37 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# The launcher tests run every architecture at TP=2 and these also at TP=4: one of each
+# way a layout changes from TP=2 to TP=4 (at TP=2 every tiny model holds 2 query heads
+# and 1 KV head per rank). With 4 query and 2 KV heads, TP=4 replicates each KV head on
+# two ranks: plain k/v projections (Mistral; Starcoder2 with biases, derived), a fused
+# q|k|v one (Phi-3), a full-width norm over replicated KV heads (OLMo2). MoE experts cut
+# four ways (Mixtral's w1/w3/w2 names, Qwen2-MoE's gated shared expert, Qwen3-MoE fused),
+# and MLA with one head per rank (DeepSeek-V2 with and without the q_lora path, V3).
+# The rest (MHA models: GPT-NeoX, GPT-2, OPT, GPT-Neo, whose TP=4 split is TP=2's with one
+# head per rank; Llama-like models whose attention and policy match Mistral's) gain no
+# other path at TP=4.
+TP4_ARCHITECTURES = frozenset(
+    {
+        "mistral",
+        "starcoder2",
+        "phi3",
+        "olmo2",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe_fused",
+        "deepseek_v2",
+        "deepseek_v2_q_lora_fused",
+        "deepseek_v3",
+    }
+)
+
+
+def at_tp(names: list[str], tp: int) -> list[str]:
+    """``names`` that run at ``tp``: all at TP=2, :data:`TP4_ARCHITECTURES` at TP=4."""
+    return [n for n in names if tp != 4 or n in TP4_ARCHITECTURES]
+
+
 def make_config(name: str) -> Any:
     import transformers
 

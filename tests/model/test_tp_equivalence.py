@@ -1,7 +1,9 @@
 """TP = 1, 2, 4 give the unsharded Hugging Face model's logits and greedy tokens.
 
-Each TP size is one launch of the worker over every model (the TP=2 launch
-uses the real ``deepspeed`` launcher), so the suite pays three start-ups.
+Each TP size is one launch of the worker over every model (the TP=2 launch uses the
+real ``deepspeed`` launcher). TP=2 and TP=4 share their launches with
+tests/policies/test_policies_equivalence.py (tests/helpers/shared_launch.py), so the
+suite pays one start-up per TP size for both.
 """
 
 from __future__ import annotations
@@ -13,18 +15,32 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.launcher import run_deepspeed, run_ranks
+from tests.helpers import shared_launch
+from tests.helpers.launcher import run_ranks
 from tests.helpers.tiny_models import STORIES, build_variants
 
 PROMPT = [[1, 17, 33, 5, 99, 42, 7, 64]]
 NEW_TOKENS = 32
 
 
+def build_entries(root):
+    """This module's job entries, loaded with ``dstp.load`` as users call it."""
+    paths = {**build_variants(root), "stories260k": STORIES}
+    return {
+        name: {"path": str(path), "policy": "load", "prompt": PROMPT, "new_tokens": NEW_TOKENS}
+        for name, path in paths.items()
+    }
+
+
+shared_launch.register(__name__, build_entries)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    paths = build_variants(tmp_path_factory.mktemp("tiny"))
-    paths["stories260k"] = STORIES
-    return paths
+    return {
+        name: Path(entry["path"])
+        for name, entry in shared_launch.entries(__name__, tmp_path_factory).items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +68,14 @@ def _shm_segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
-def _run(tp: int, models, tmp_path):
+def _run(tp: int, models, tmp_path, request) -> Path:
+    """Where the worker wrote ``tp``'s results: TP=1 here, TP=2 and 4 in the shared launch."""
+    if tp > 1:
+        run = shared_launch.launch(tp, request)
+        run.check()
+        # DeepSpeed never removes its shared-memory all-reduce segments; dstp must
+        assert not run.leaked_shm, f"shared-memory segments left behind: {run.leaked_shm}"
+        return run.out
     before = _shm_segments()
     job = tmp_path / "job.json"
     job.write_text(
@@ -64,23 +87,18 @@ def _run(tp: int, models, tmp_path):
             }
         )
     )
-    args = ["tests/helpers/workers/tp_forward.py", str(job), str(tmp_path)]
-    if tp == 2:
-        proc = run_deepspeed(2, args)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    else:
-        for proc in run_ranks(tp, args):
-            assert proc.returncode == 0, proc.stdout[-3000:]
-    # DeepSpeed never removes its shared-memory all-reduce segments; dstp must
+    for proc in run_ranks(1, ["tests/helpers/workers/tp_forward.py", str(job), str(tmp_path)]):
+        assert proc.returncode == 0, proc.stdout[-3000:]
     leaked = _shm_segments() - before
     assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+    return tmp_path
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tp_matches_hf(tp, models, references, tmp_path):
-    _run(tp, models, tmp_path)
+def test_tp_matches_hf(tp, models, references, tmp_path, request):
+    out = _run(tp, models, tmp_path, request)
     for name in models:
-        got = load_file(tmp_path / f"{name}.safetensors")
+        got = load_file(out / f"{name}.safetensors")
         ref_logits, ref_greedy = references[name]
         err = (got["logits"] - ref_logits).abs().max().item()
         assert err < 1e-4, f"{name} at TP={tp}: logits differ by {err}"
@@ -89,8 +107,7 @@ def test_tp_matches_hf(tp, models, references, tmp_path):
         )
         # every rank holds only its shard: total parameter bytes shrink with TP
         per_rank = [
-            json.loads((tmp_path / f"{name}.rank{r}.json").read_text())["param_bytes"]
-            for r in range(tp)
+            json.loads((out / f"{name}.rank{r}.json").read_text())["param_bytes"] for r in range(tp)
         ]
         assert len(set(per_rank)) == 1
         if tp > 1:

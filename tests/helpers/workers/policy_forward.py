@@ -2,8 +2,12 @@
 
 Usage: policy_forward.py JOB.json OUT_DIR. Each job entry names a checkpoint
 and where its policy comes from: "registry" (policy_for), "auto" (derived from
-base_model_tp_plan), "graph" (derived from the module graph, TP plan ignored)
-or "deepspeed" (a DeepSpeed injection_policy in the job). Rank 0 writes
+base_model_tp_plan), "graph" (derived from the module graph, TP plan ignored),
+"deepspeed" (a DeepSpeed injection_policy in the job), "load" (``dstp.load(path)``,
+as users call it) or "file" (``dstp.load(path, policy=entry["file"])``). An entry may
+carry its own "prompt" and "new_tokens" (default: the job's), and
+"refused_without_policy": first ``dstp.load(path)`` must be refused by the derived
+policy's proof (its message goes to OUT_DIR/<name>.rank<r>.refused). Rank 0 writes
 OUT_DIR/<name>.safetensors; every rank writes OUT_DIR/<name>.rank<r>.json.
 """
 
@@ -16,6 +20,7 @@ import torch
 from dstp.policies import derive_policy, from_injection_policy, policy_for
 from safetensors.torch import save_file
 
+import dstp
 from dstp.distributed import init_tp, shutdown
 from dstp.model.inject import shard_model
 from dstp.model.loading import load_config
@@ -24,7 +29,6 @@ argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 job = json.loads(Path(argv[0]).read_text())
 out = argv[1]
 rank = int(os.environ.get("RANK", 0))
-ids = torch.tensor(job["prompt"], dtype=torch.long)
 tp = init_tp()
 
 
@@ -43,15 +47,34 @@ def choose_policy(entry: dict):
     raise ValueError(f"unknown policy source {source!r}")
 
 
-for name, entry in job["models"].items():
+def load(name: str, entry: dict):
+    """(the HF model, its ShardedModel) as the entry's policy source loads it."""
+    if entry.get("refused_without_policy"):
+        from dstp.model.policy_proof import PolicyProofFailed
+
+        try:
+            dstp.load(entry["path"])
+            raise SystemExit(f"{name}: the derived policy was not refused")
+        except PolicyProofFailed as exc:
+            Path(f"{out}/{name}.rank{rank}.refused").write_text(str(exc))
+    source = entry.get("policy", "registry")
+    if source in ("load", "file"):
+        model = dstp.load(entry["path"], policy=entry.get("file"))
+        return model, model.dstp
     sharded = shard_model(entry["path"], tp, torch.float32, policy=choose_policy(entry))
-    model = sharded.model
+    return sharded.model, sharded
+
+
+for name, entry in job["models"].items():
+    model, sharded = load(name, entry)
+    ids = torch.tensor(entry.get("prompt", job["prompt"]), dtype=torch.long)
+    new_tokens = entry.get("new_tokens", job["new_tokens"])
     with torch.inference_mode():
         logits = model(ids).logits.float()
         greedy = model.generate(
             ids,
-            max_new_tokens=job["new_tokens"],
-            min_new_tokens=job["new_tokens"],
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
         )
