@@ -21,7 +21,7 @@ from dstp.engine.block_allocator import BlockAllocator
 from dstp.engine.config import EngineConfig
 from dstp.engine.detokenizer import Detokenizer, find_stop, partial_stop_len
 from dstp.engine.outputs import CompletionOutput, RequestOutput
-from dstp.engine.sampling import Picks, SampleState, make_generator, sample
+from dstp.engine.sampling import NothingToDraw, Picks, SampleState, make_generator, sample
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams, check_request
 from dstp.engine.scheduler import Request, Schedule, Scheduler, Sequence
 from dstp.engine.structured import GrammarCompiler, GrammarState, MaskJob
@@ -225,12 +225,16 @@ class Engine:
         picks = sample(logits, states, draws, masks.result())  # on the logits' device
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, tokens in zip(sampled, picks, strict=True):
+        for i, (seq, tokens) in enumerate(zip(sampled, picks, strict=True)):
             request = seq.request
             touched[request.request_id] = request
             if request.finished:  # an earlier row of this request failed it
                 continue
             try:
+                if isinstance(tokens, NothingToDraw) and seq.sample.grammar is not None:
+                    for target in self._samples(seq, draws[i]):  # the grammar allows only
+                        sched.finish(target, "stop")  # what min_tokens holds back: it ends
+                    continue
                 if isinstance(tokens, Exception):
                     raise tokens
                 self._take(seq, tokens)
@@ -251,8 +255,14 @@ class Engine:
 
     def _take(self, seq: Sequence, tokens: Picks) -> None:
         """Append a row's sampled tokens; several fork the request into its ``n`` samples."""
+        for target, (token, logprob) in zip(self._samples(seq, len(tokens)), tokens, strict=True):
+            self._append(target, token, logprob)
+
+    def _samples(self, seq: Sequence, draws: int) -> list[Sequence]:
+        """The sequences a row's ``draws`` tokens go to: ``seq``, and its forks when the
+        request's ``n`` samples split here."""
         targets = [seq]
-        if len(tokens) > 1:
+        if draws > 1:
             request, p = seq.request, seq.request.params
             grammar = seq.sample.grammar  # each sample continues from the same grammar state
             states = [
@@ -267,8 +277,7 @@ class Engine:
                 for i in range(1, p.n)
             ]
             targets += self.scheduler.fork(seq, states)
-        for target, (token, logprob) in zip(targets, tokens, strict=True):
-            self._append(target, token, logprob)
+        return targets
 
     def _fail_request(self, request: Request, exc: BaseException) -> None:
         log.error(

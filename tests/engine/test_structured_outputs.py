@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from dstp.engine import Engine, EngineConfig, SamplingParams
 from dstp.engine.sampling_params import InvalidRequest, StructuredOutputs
-from dstp.engine.structured import GrammarCompiler, GrammarError
+from dstp.engine.structured import GrammarCompiler, GrammarError, MaskJob
 from tests.helpers.tiny_models import STORIES
 
 PROMPTS = ["Once upon a time", "Lily and Ben went to the park", "The cat said", "One day"]
@@ -235,3 +235,15 @@ def test_a_constraint_after_a_token_leaves_the_output_free_until_it(engine):
         assert ids[:cut] == free_ids[:cut]  # untouched up to and with the token
         assert engine.tokenizer.decode(ids[cut:]) in ("yes", "no")
         assert o.outputs[0].finish_reason == "stop"
+
+
+def test_a_grammar_whose_tokens_min_tokens_holds_back_ends_the_request(engine):
+    """Every token the grammar allows is a stop id held back by min_tokens: each of the n
+    samples ends ("stop", empty) instead of failing the request."""
+    spec = StructuredOutputs(choice=("yes", "no"))
+    bits = MaskJob([GrammarCompiler(engine.tokenizer, engine.vocab_size).matcher(spec)], 512)
+    allowed = [t for t in range(engine.vocab_size) if bits.result()[0, t // 32] >> (t % 32) & 1]
+    p = params(structured_outputs=spec, stop_token_ids=allowed, min_tokens=2, n=2, seed=1)
+    (out,) = engine.generate(PROMPTS[:1], p)
+    assert [(c.text, c.finish_reason) for c in out.outputs] == [("", "stop"), ("", "stop")]
+    assert not out.error and not engine.has_unfinished()

@@ -141,6 +141,44 @@ SAMPLING = {
     "stop_token_ids": ([[], [2], [511, 13], list(range(3, 512))], [[512], [2**63], [-1], ["a"]]),
     "stop": (STOPS + [STOPS[:8], ["a", " the", "."]], ["", [""], STOPS[:9], ["x" * 257], 3]),
 }
+# Constraints (valid, then ones that must get a 400) for every endpoint, and chat's own.
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+CONSTRAINTS = (
+    [
+        {"structured_outputs": {"choice": ["yes", "no", "🙂"]}},
+        {"structured_outputs": {"regex": "[a-z ]{1,12}"}},
+        {
+            "structured_outputs": {
+                "json": {"type": "object", "properties": {"a": {"type": "integer"}}}
+            }
+        },
+        {"structured_outputs": {"json_object": True}},
+        {"structured_outputs": {"grammar": 'start: "a" | "b" "c"*'}},
+    ],
+    [
+        {"structured_outputs": {"regex": "a(b"}},
+        {"structured_outputs": {"json": "{"}},
+        {"structured_outputs": 5},
+        {"structured_outputs": {"choice": []}},
+        {"structured_outputs": {"grammar": "start: nowhere"}},
+        {"structured_outputs": {"regex": "a", "json_object": True}},
+    ],
+)
+CHAT_CONSTRAINTS = (
+    [
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+        {"tools": [_TOOL], "tool_choice": "required"},
+        {"tools": [_TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        {"tools": [_TOOL], "tool_choice": "none"},
+    ],
+    [
+        {"response_format": {"type": "json_schema"}},
+        {"tools": [_TOOL], "tool_choice": "auto"},  # this server has no --enable-auto-tool-choice
+        {"tool_choice": "required"},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]},
+    ],
+)
 BAD_PROMPTS = [[], [512], [-1], [2**63], ["a"], None, 5, {"x": 1}, "\ud800", "x\udfff", "a " * 600]
 
 
@@ -205,6 +243,11 @@ def _fuzz_request(rng: random.Random) -> tuple[str, dict, bool]:
         if rng.random() < 0.3:
             body["logprobs"] = rng.choice([0, 3, 20])
     _sampling(rng, body)
+    if rng.random() < 0.2:
+        valid, invalid = CONSTRAINTS
+        if path == "/v1/chat/completions" and rng.random() < 0.5:
+            valid, invalid = CHAT_CONSTRAINTS
+        body.update(rng.choice(invalid if rng.random() < 0.3 else valid))
     if rng.random() < 0.35:
         _corrupt(rng, path, body)
     stream = rng.random() < 0.45

@@ -33,6 +33,11 @@ class SamplingError(RuntimeError):
     """One row cannot be sampled; it fails its own request only."""
 
 
+class NothingToDraw(SamplingError):
+    """Every token is masked: by a grammar together with stop ids held back before
+    ``min_tokens`` (the engine ends such a constrained row), or by stop ids alone."""
+
+
 Picks = list[tuple[int, TokenLogprob | None]]
 
 
@@ -125,5 +130,6 @@ def _results(
             picks.append((token, logprob))
         slot += draws[i]
         status = back.status[i]
-        results.append(SamplingError(_FAILURES[status]) if status in _FAILURES else picks)
+        error = NothingToDraw if status == RowStatus.MASKED else SamplingError
+        results.append(error(_FAILURES[status]) if status in _FAILURES else picks)
     return results
