@@ -403,10 +403,29 @@ _CACHE: dict[tuple, Proof] = {}
 
 
 def prove_policy(config: Any, policy: Policy, tp: int, seed: int = 0) -> Proof:
-    """Run the proof (module docstring); a :class:`PolicyProofFailed` names what differs."""
-    key = (config.to_json_string(), tp, policy.name, repr(policy))
-    if key in _CACHE:
+    """Run the proof (module docstring); a :class:`PolicyProofFailed` names what differs,
+    and is all it raises: whatever else goes wrong is said as one."""
+    try:
+        key = (config.to_json_string(), tp, policy.name, repr(policy))
+    except Exception:  # a config that does not serialise: prove it every time
+        key = None
+    if key is not None and key in _CACHE:
         return _CACHE[key]
+    try:
+        proof = _prove(config, policy, tp, seed)
+    except PolicyProofFailed:
+        raise
+    except Exception as exc:
+        raise PolicyProofFailed(
+            f"derived policy {policy.name!r} could not be proven at TP={tp}: {_where(exc)}; "
+            "write a policy for it (docs/writing-a-policy.md) and pass it with --policy"
+        ) from exc
+    if key is not None:
+        _CACHE[key] = proof
+    return proof
+
+
+def _prove(config: Any, policy: Policy, tp: int, seed: int) -> Proof:
     prefix = f"derived policy {policy.name!r} at TP={tp}"
     try:
         small, changes = shrink_config(config, policy, tp)
@@ -467,9 +486,7 @@ def prove_policy(config: Any, policy: Policy, tp: int, seed: int = 0) -> Proof:
             f"{prefix} gives other logits than HF on a shrunk copy of the model ({shrunk}): "
             f"max |dlogit| {err:.2e}"
         )
-    proof = Proof(tp, shrunk, err, compared)
-    _CACHE[key] = proof
-    return proof
+    return Proof(tp, shrunk, err, compared)
 
 
 def _compare(
@@ -538,8 +555,6 @@ def prove_for_load(config: Any, policy: Policy, tp: TPGroup) -> None:
             )
         except PolicyProofFailed as exc:
             message = str(exc)
-        except Exception as exc:  # a bug of the proof must not hang the other ranks
-            message = f"derived policy {policy.name!r} could not be proven: {_where(exc)}"
     if tp.size > 1:
         wire = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
         if tp.is_driver and message:
