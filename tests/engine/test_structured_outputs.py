@@ -59,6 +59,12 @@ def tight_engine() -> Engine:
     return Engine(cfg)
 
 
+@pytest.fixture(scope="module")
+def greedy_json(engine):
+    """The greedy JSON answers to PROMPTS, shared by the tests that compare against them."""
+    return engine.generate(PROMPTS, params(structured_outputs=JSON))
+
+
 def texts(outs) -> list[list[str]]:
     return [[c.text for c in out.outputs] for out in outs]
 
@@ -70,19 +76,17 @@ def valid_person(text: str) -> dict:
     return value
 
 
-def test_json_schema_greedy_and_seeded_outputs_are_valid(engine):
-    greedy = engine.generate(PROMPTS, params(structured_outputs=JSON))
-    seeded = engine.generate(
-        PROMPTS, params(temperature=1.0, top_p=0.9, seed=7, n=3, structured_outputs=JSON)
+def test_json_schema_greedy_and_seeded_outputs_are_valid(engine, greedy_json):
+    sampling = params(
+        temperature=1.0, top_p=0.9, seed=7, n=3, repetition_penalty=1.3, structured_outputs=JSON
     )
-    for out in greedy + seeded:
+    seeded = engine.generate(PROMPTS[:2], sampling)
+    for out in greedy_json + seeded:
         for choice in out.outputs:
             assert choice.finish_reason == "stop", choice.text
             valid_person(choice.text)
     # the seeded samples are a function of the seed, constrained or not
-    again = engine.generate(
-        PROMPTS, params(temperature=1.0, top_p=0.9, seed=7, n=3, structured_outputs=JSON)
-    )
+    again = engine.generate(PROMPTS[:2], sampling)
     assert texts(again) == texts(seeded)
     assert len({c.text for c in seeded[0].outputs}) > 1, "n samples differ"
 
@@ -117,7 +121,7 @@ def test_regex_choice_grammar_and_json_object(engine):
 
 
 def test_free_rows_are_untouched_by_constrained_neighbours(engine):
-    free = params(max_tokens=24, logprobs=3, ignore_eos=True)
+    free = params(max_tokens=16, logprobs=3, ignore_eos=True)
     alone = engine.generate(PROMPTS, free)
     mixed = engine.generate(PROMPTS * 2, [free] * 4 + [params(structured_outputs=JSON)] * 4)
     for a, m in zip(alone, mixed[:4], strict=True):
@@ -132,7 +136,8 @@ def test_free_rows_are_untouched_by_constrained_neighbours(engine):
 def test_logprobs_are_those_of_the_constrained_distribution(engine):
     """Chosen and top-3 logprobs equal HF's logits with the grammar's mask, log-softmaxed."""
     prompt = engine.tokenizer.encode(PROMPTS[1])
-    out = engine.generate([prompt], params(structured_outputs=JSON, logprobs=3))[0].outputs[0]
+    out = engine.generate([prompt], params(max_tokens=12, structured_outputs=JSON, logprobs=3))
+    out = out[0].outputs[0]
     hf = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
     matcher = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_ids).matcher(JSON)
     ids = list(prompt)
@@ -152,22 +157,20 @@ def test_logprobs_are_those_of_the_constrained_distribution(engine):
         ids.append(token)
 
 
-def test_preemption_and_recompute_keep_constrained_outputs(engine, tight_engine):
-    p = [params(structured_outputs=JSON), params(structured_outputs=StructuredOutputs(regex=REGEX))]
-    roomy = engine.generate(PROMPTS * 2, p * 4)
-    tight = tight_engine.generate(PROMPTS * 2, p * 4)
+def test_preemption_and_recompute_keep_constrained_outputs(tight_engine, greedy_json):
+    tight = tight_engine.generate(PROMPTS, params(structured_outputs=JSON))
     assert tight_engine.stats()["num_preemptions"] > 0
-    assert texts(tight) == texts(roomy)
+    assert texts(tight) == texts(greedy_json)
     assert tight_engine.scheduler.allocator.num_free == tight_engine.runner.num_blocks
 
 
-def test_max_tokens_gives_a_valid_prefix_and_stop_strings_cut(engine):
+def test_max_tokens_gives_a_valid_prefix_and_stop_strings_cut(engine, greedy_json):
     short = engine.generate(PROMPTS[:1], params(max_tokens=5, structured_outputs=JSON))[0]
     choice = short.outputs[0]
     assert choice.finish_reason == "length" and len(choice.token_ids) == 5
     fresh = GrammarCompiler(engine.tokenizer, engine.vocab_size).matcher(JSON)
     fresh.replay(choice.token_ids)  # a prefix the grammar accepts
-    full = engine.generate(PROMPTS[:1], params(structured_outputs=JSON))[0].outputs[0].text
+    full = greedy_json[0].outputs[0].text
     cut = engine.generate(PROMPTS[:1], params(structured_outputs=JSON, stop=['"mood"']))[0]
     assert cut.outputs[0].text == full[: full.index('"mood"')]
     assert cut.outputs[0].stop_reason == '"mood"'
