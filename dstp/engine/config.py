@@ -30,14 +30,36 @@ def checkpoint_dtype(model: str | Path) -> str:
     return declared if declared in DTYPES else "float32"
 
 
-def resolve_dtype(dtype: str, model: str | Path) -> str:
-    """``--dtype`` as a :data:`DTYPES` key: aliases mapped, "auto" read from the checkpoint."""
+def resolve_dtype(dtype: str, model: str | Path, device_type: str = "cpu") -> str:
+    """``--dtype`` as a :data:`DTYPES` key: aliases mapped, "auto" read from the checkpoint.
+
+    On CUDA, "auto" serves a float32 checkpoint (or one that declares no dtype) in
+    bfloat16 (float16 on GPUs without bf16), as vLLM does: half the memory of float32,
+    and SDPA's flash kernel, which float32 never reaches. ``--dtype float32`` keeps float32.
+    """
     dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype == "auto":
-        return checkpoint_dtype(model)
+        declared = checkpoint_dtype(model)
+        if declared == "float32" and device_type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return declared
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
     return dtype
+
+
+def describe_dtype(dtype: str, model: str | Path, device_type: str = "cpu") -> str:
+    """The start-up log's words for ``--dtype``: what it resolved to, and why for "auto"."""
+    resolved = resolve_dtype(dtype, model, device_type)
+    if DTYPE_ALIASES.get(dtype, dtype) != "auto":
+        return f"--dtype {dtype}: {resolved}"
+    declared = checkpoint_dtype(model)
+    if declared != resolved:
+        return (
+            f"--dtype auto: {resolved} on {device_type} (the checkpoint is {declared}; "
+            f"GPUs serve it in 16 bits, as vLLM does; --dtype {declared} keeps it)"
+        )
+    return f"--dtype auto: {resolved} (the checkpoint's)"
 
 
 @dataclass
@@ -63,6 +85,10 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         """``dtype`` as a torch dtype ("auto": the checkpoint's, "half" / "float": vLLM's)."""
         return DTYPES[resolve_dtype(self.dtype, self.model)]
+
+    def dtype_on(self, device: torch.device) -> torch.dtype:
+        """The dtype weights and KV cache take on ``device`` (see :func:`resolve_dtype`)."""
+        return DTYPES[resolve_dtype(self.dtype, self.model, device.type)]
 
 
 ALLOW_LONG_ENV = "DSTP_ALLOW_LONG_MAX_MODEL_LEN"  # vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN

@@ -45,11 +45,13 @@ def _setup_logging(level: str, rank: int) -> None:
 
 def _engine_config(args: argparse.Namespace, model: str, name: str | None = None):
     """EngineConfig from the flags (``check_args`` has run)."""
-    from dstp.engine.config import EngineConfig, resolve_dtype
+    from dstp.distributed import init_tp
+    from dstp.engine.config import EngineConfig, describe_dtype, resolve_dtype
 
-    dtype = resolve_dtype(args.dtype, model)
+    device_type = init_tp(args.tensor_parallel_size).device.type
+    dtype = resolve_dtype(args.dtype, model, device_type)
     if args.dtype != dtype:
-        log.info("--dtype %s: %s", args.dtype, dtype)
+        log.info("%s", describe_dtype(args.dtype, model, device_type))
     return EngineConfig(
         model=model,
         dtype=dtype,

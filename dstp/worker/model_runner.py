@@ -58,7 +58,7 @@ class ModelRunner:
         self.sharded = shard_model(
             config.model,
             tp,
-            config.torch_dtype,
+            config.dtype_on(tp.device),
             attn_implementation=attention.ATTN_IMPLEMENTATION,
             allow_pickle=config.allow_pickle,
             trust_remote_code=config.trust_remote_code,
@@ -85,7 +85,7 @@ class ModelRunner:
             k_head_dim=heads.head_dim,
             v_head_dim=v_head_dim(self.sharded.policy, model_config, heads.head_dim),
             block_size=config.block_size,
-            dtype=config.torch_dtype,
+            dtype=config.dtype_on(self.tp.device),
         )
 
     def _make_cache(self, config: EngineConfig) -> tuple[int, PagedKVCache]:

@@ -153,6 +153,7 @@ class FakeCuda:
     allocated: int = 0
     peak: int = 0
     current_device: int = 0
+    bf16: bool = True  # torch.cuda.is_bf16_supported(): an Ampere or later card
     set_device_calls: list[tuple[str, int]] = field(default_factory=list)
 
     def _alloc(self, nbytes: int) -> None:
@@ -464,6 +465,7 @@ def _cuda_stubs(state: FakeCuda) -> dict[str, object]:
         "stream": lambda s: contextlib.nullcontext(),
         "set_device": set_device,
         "current_device": lambda: state.current_device,
+        "is_bf16_supported": lambda including_emulation=True: state.bf16,
         "_lazy_init": lambda: None,  # a factory with device="cuda" initialises CUDA first
     }
 
