@@ -23,20 +23,10 @@ from transformers import AutoModelForCausalLM
 from dstp.engine import Engine, EngineConfig, SamplingParams
 from dstp.engine.sampling_params import InvalidRequest, StructuredOutputs
 from dstp.engine.structured import GrammarCompiler, GrammarError, MaskJob
+from tests.helpers.schemas import PERSON
 from tests.helpers.tiny_models import STORIES
 
 PROMPTS = ["Once upon a time", "Lily and Ben went to the park", "The cat said", "One day"]
-# Bounded everywhere, so the tiny model finishes the object well inside max_tokens.
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "mood": {"enum": ["happy", "sad", "angry"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-    },
-    "required": ["name", "mood", "age"],
-    "additionalProperties": False,
-}
 JSON = StructuredOutputs(json=PERSON)
 REGEX = r"[0-9]{3}-[a-z]{2,6}"
 

@@ -19,20 +19,11 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
+from tests.helpers.schemas import PERSON
 from tests.helpers.server_helpers import openai_client
 
 MODEL = "stories"
 CHAT = [{"role": "user", "content": "Tell me about a girl named Lily."}]
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "mood": {"enum": ["happy", "sad", "angry"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-    },
-    "required": ["name", "mood", "age"],
-    "additionalProperties": False,
-}
 WEATHER = {
     "type": "function",
     "function": {
