@@ -30,13 +30,113 @@ def explicit(gib: float) -> KVBudget:
     return KVBudget(int(gib * 2**30), f"--kv-cache-memory {gib:g} GiB", "--kv-cache-memory")
 
 
-def device_budget(total: int, in_use: int, activation_peak: int, utilization: float) -> KVBudget:
-    """What ``utilization`` of the device leaves after what is in use and the step's peak."""
-    nbytes = max(0, int(total * utilization) - in_use - activation_peak)
+# The sampler's transient bytes per logit of a row, at its peak (the exact top-p fallback
+# over whole rows, dstp/engine/sampling/filters.py): the fp32 logits (4), their scaled copy
+# (4), the sort's values (4) and int64 order (8), their softmax and cumsum (8), the drop
+# masks (2), rounded up.
+SAMPLER_BYTES_PER_LOGIT = 32
+
+
+@dataclass(frozen=True)
+class WorstStep:
+    """Transient device bytes of the largest steps the profiled one does not reach.
+
+    The profile runs ``max_num_batched_tokens`` fresh prefill tokens; a later step can
+    also decode ``max_num_seqs`` sequences at ``max_model_len`` (their K/V gathered and
+    padded to the longest), continue a prefill of a whole chunk against the full context
+    (a dense mask), and sample every sequence's row. Each is one layer's (or the
+    sampler's) transient, freed before the next, so they are bounds, not sums over layers.
+    """
+
+    decode_gather: int  # K/V of max_num_seqs sequences x max_model_len, and their fp32 scores
+    prefill_mask: int  # the largest continued chunk's mask [G * chunk, ctx] and its context K/V
+    sampler: int  # max_num_seqs rows x vocabulary at SAMPLER_BYTES_PER_LOGIT
+    detail: tuple[str, str, str] = ("", "", "")  # each term's shape, for the log
+
+    @property
+    def attention(self) -> int:
+        """A layer decodes and continues prefills one after the other: the larger counts."""
+        return max(self.decode_gather, self.prefill_mask)
+
+    @property
+    def nbytes(self) -> int:
+        return self.attention + self.sampler
+
+    def describe(self) -> str:
+        decode, mask, sampler = self.detail
+        return (
+            f"{_gib(self.decode_gather)} batched decode ({decode}), "
+            f"{_gib(self.prefill_mask)} continued-prefill mask ({mask}), "
+            f"{_gib(self.sampler)} sampler ({sampler}); the larger attention term counts"
+        )
+
+
+def _gib(nbytes: int) -> str:
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def worst_step(
+    *,
+    max_num_seqs: int,
+    max_model_len: int,
+    max_num_batched_tokens: int,
+    block_size: int,
+    local_heads: int,
+    local_kv_heads: int,
+    k_head_dim: int,
+    v_head_dim: int,
+    dtype_bytes: int,
+    vocab_size: int,
+) -> WorstStep:
+    """The :class:`WorstStep` of one rank (its heads), by byte accounting of the SDPA
+    backend's decode and continued-prefill paths and of the sampler."""
+    kv_dims = k_head_dim + v_head_dim
+    # decode (backends/sdpa.py _decode_batch): K and V of every decoding sequence gathered
+    # block by block to the longest context, then [H, D, ctx] fp32 scores, two at once
+    # (the scores and their masked / softmaxed copy)
+    ctx = -(-max_model_len // block_size) * block_size
+    gather = max_num_seqs * ctx * local_kv_heads * kv_dims * dtype_bytes
+    scores = 2 * local_heads * max_num_seqs * ctx * 4
+    # continued prefill (_continued_prefill): a chunk of q tokens against the full context;
+    # the bool mask [q, ctx], repeated per query head of a KV head [G * q, ctx], and SDPA's
+    # additive copy of it in the model's dtype (made through a negated bool copy); plus the
+    # context's K and V gathered
+    chunk = min(max_num_batched_tokens, max_model_len)
+    groups = max(1, local_heads // max(1, local_kv_heads))
+    mask = chunk * max_model_len * (1 + groups * (2 + dtype_bytes))
+    context = max_model_len * local_kv_heads * kv_dims * dtype_bytes
+    rows = max_num_seqs * vocab_size * SAMPLER_BYTES_PER_LOGIT
+    return WorstStep(
+        decode_gather=gather + scores,
+        prefill_mask=mask + context,
+        sampler=rows,
+        detail=(
+            f"{max_num_seqs} seqs x {ctx} tokens",
+            f"{groups} x {chunk} x {max_model_len}",
+            f"{max_num_seqs} rows x {vocab_size}",
+        ),
+    )
+
+
+def device_budget(
+    total: int,
+    in_use: int,
+    activation_peak: int,
+    utilization: float,
+    worst: WorstStep | None = None,
+) -> KVBudget:
+    """What ``utilization`` of the device leaves after what is in use, the profiled step's
+    peak and the worst step's transients beyond it (:class:`WorstStep`)."""
+    extra = worst.nbytes if worst is not None else 0
+    nbytes = max(0, int(total * utilization) - in_use - activation_peak - extra)
     reason = (
         f"--gpu-memory-utilization {utilization:g} of {total / 2**30:.1f} GiB, less "
         f"{in_use / 2**30:.2f} GiB in use and a {activation_peak / 2**30:.2f} GiB activation peak"
     )
+    if worst is not None:
+        reason += f" and the worst step's {worst.describe()}"
     return KVBudget(nbytes, reason, "--gpu-memory-utilization (or --kv-cache-memory)")
 
 

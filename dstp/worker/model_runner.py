@@ -106,10 +106,37 @@ class ModelRunner:
         if device.type == "cuda":
             peak = self._profile_activation_peak(config)
             free, total = torch.cuda.mem_get_info(device)
-            return kv_budget.device_budget(total, total - free, peak, config.gpu_memory_utilization)
+            worst = self._worst_step(config, shape)
+            if self.tp.is_driver:
+                log.info(
+                    "device memory per rank: %.2f GiB in use after loading, a %.2f GiB "
+                    "profiled step of %d tokens, the worst step's %s",
+                    (total - free) / 2**30,
+                    peak / 2**30,
+                    config.max_num_batched_tokens,
+                    worst.describe(),
+                )
+            return kv_budget.device_budget(
+                total, total - free, peak, config.gpu_memory_utilization, worst
+            )
         wanted = config.max_num_seqs * self._wanted_len(config)
         return kv_budget.host_budget(
             kv_budget.available_host_memory(), self.tp.local_size, wanted, shape.bytes_per_token
+        )
+
+    def _worst_step(self, config: EngineConfig, shape: CacheShape) -> kv_budget.WorstStep:
+        """The transients of the largest decode, continued prefill and sampling steps."""
+        return kv_budget.worst_step(
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self._wanted_len(config),
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            block_size=config.block_size,
+            local_heads=self.sharded.heads.local_heads,
+            local_kv_heads=shape.local_kv_heads,
+            k_head_dim=shape.k_head_dim,
+            v_head_dim=shape.v_head_dim,
+            dtype_bytes=torch.empty((), dtype=shape.dtype).element_size(),
+            vocab_size=self.vocab_size,
         )
 
     def _profile_activation_peak(self, config: EngineConfig) -> int:

@@ -17,10 +17,12 @@ from dstp.distributed import TPGroup
 from dstp.engine.llm_engine import Engine, EngineConfig
 from dstp.engine.sampling_params import SamplingParams
 from dstp.worker import kv_budget
+from dstp.worker.step_plan import StepPlan
 from tests.helpers.fake_cuda import DeviceMixError, fake_cuda, shadow
 from tests.helpers.tiny_models import STORIES
 
 CARD_GIB = 0.02  # a small card: the fake tensors' shadows are real host memory
+WORST_CARD_GIB = 0.05
 UTILIZATION = 0.9
 PROMPT = "Once upon a time"
 # A greedy decode step moves: the step's metadata (one upload), the sampler's picked
@@ -73,6 +75,66 @@ def test_memory_counts_live_device_storage():
         assert torch.cuda.mem_get_info() == (device.total_bytes, device.total_bytes)
 
 
+def _worst_plans(seqs: int, ctx: int, chunk: int, block_size: int) -> list[StepPlan]:
+    """The two steps the profile does not run: ``seqs`` decodes at context ``ctx`` (all
+    reading the same blocks: only the sizes matter), and a ``chunk``-token prefill that
+    continues to ``ctx``."""
+    lt = torch.long
+    table = torch.arange(-(-ctx // block_size), dtype=lt)
+    last = int(table[-1]) * block_size + (ctx - 1) % block_size
+    decode = StepPlan(
+        input_ids=torch.full((seqs,), 5, dtype=lt),
+        positions=torch.full((seqs,), ctx - 1, dtype=lt),
+        slot_mapping=torch.full((seqs,), last, dtype=lt),
+        query_starts=torch.arange(seqs + 1, dtype=lt),
+        context_lens=torch.full((seqs,), ctx, dtype=lt),
+        block_tables=table.repeat(seqs, 1),
+        sample_rows=torch.arange(seqs, dtype=lt),
+        copies=torch.zeros((0, 2), dtype=lt),
+    )
+    positions = torch.arange(ctx - chunk, ctx, dtype=lt)
+    continued = StepPlan(
+        input_ids=torch.full((chunk,), 5, dtype=lt),
+        positions=positions,
+        slot_mapping=table[positions // block_size] * block_size + positions % block_size,
+        query_starts=torch.tensor([0, chunk], dtype=lt),
+        context_lens=torch.tensor([ctx], dtype=lt),
+        block_tables=table[None],
+        sample_rows=torch.tensor([chunk - 1], dtype=lt),
+        copies=torch.zeros((0, 2), dtype=lt),
+    )
+    return [decode, continued]
+
+
+def test_the_worst_steps_fit_on_a_card_the_budget_filled():
+    """64 sequences decoding at 512 tokens (their gathered K/V and fp32 scores are ~10 MiB,
+    the profiled 32-token step a fraction of that) and a continued prefill, on a card whose
+    KV cache took what the budget left: each step's peak stays inside the utilization.
+    Without the worst-step terms in the budget the decode step overflows it."""
+    kept = dist._TP
+    try:
+        with fake_cuda(total_gib=WORST_CARD_GIB) as device:
+            dist._TP = TPGroup(0, 1, 0, 1, torch.device("cuda:0"), None, False)
+            config = EngineConfig(
+                model=str(STORIES),
+                dtype="float32",
+                max_model_len=512,
+                max_num_seqs=64,
+                max_num_batched_tokens=32,
+                gpu_memory_utilization=UTILIZATION,
+            )
+            runner = Engine(config).runner
+            assert runner.max_model_len == 512  # the cache holds one whole context
+            limit = UTILIZATION * device.total_bytes
+            for plan in _worst_plans(64, 512, 32, config.block_size):
+                device.peak = device.allocated
+                logits = runner.execute(plan)
+                assert logits.shape[0] == plan.sample_rows.numel()
+                assert device.peak <= limit, (device.peak / 2**20, limit / 2**20)
+    finally:
+        dist._TP = kept
+
+
 # -- a real engine on the fake card ---------------------------------------------------
 @pytest.fixture(scope="module")
 def run():
@@ -110,7 +172,11 @@ def test_the_engine_runs_on_cuda_and_gives_the_cpu_tokens(run):
     assert engine.runner.tp.device == torch.device("cuda:0")
     assert engine.runner.cache.keys.device.type == "cuda"  # cache on the (fake) card
     assert all(p.device.type == "cuda" for p in engine.runner.model.parameters())
-    assert "--gpu-memory-utilization 0.9" in engine.runner.kv_budget.reason  # mem_get_info
+    reason = engine.runner.kv_budget.reason  # the start-up log's "sized by"
+    assert "--gpu-memory-utilization 0.9" in reason  # from the stubbed mem_get_info
+    for term in ("activation peak", "batched decode (4 seqs x 64 tokens)", "sampler (4 rows"):
+        assert term in reason
+    assert "continued-prefill mask (2 x 64 x 64)" in reason
     out = engine.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].outputs[0]
     # stories260K's greedy continuation, as on the CPU (README): the shadows' values
     assert out.text.startswith(", there was a little girl")

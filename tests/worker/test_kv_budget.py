@@ -64,3 +64,70 @@ def test_cpu_default_holds_every_sequence_at_full_context():
     assert runner.num_blocks * runner.block_size == 8 * 512  # 8 seqs x the model's 512
     assert runner.max_model_len == 512
     assert "max_num_seqs x max_model_len" in runner.kv_budget.reason
+
+
+# -- the worst step beyond the profiled one -------------------------------------------
+def _worst(**overrides):
+    dims = dict(
+        max_num_seqs=4,
+        max_model_len=100,  # 112 once padded to whole blocks of 16
+        max_num_batched_tokens=64,
+        block_size=16,
+        local_heads=8,
+        local_kv_heads=2,
+        k_head_dim=16,
+        v_head_dim=8,
+        dtype_bytes=2,
+        vocab_size=1000,
+    )
+    dims.update(overrides)
+    return kv_budget.worst_step(**dims)
+
+
+def test_worst_step_by_byte_accounting():
+    worst = _worst()
+    # decode: 4 seqs x 112 tokens x 2 KV heads x (16 + 8) dims x 2 bytes, then two fp32
+    # score tensors of 8 heads x 4 seqs x 112 keys
+    assert worst.decode_gather == 4 * 112 * 2 * 24 * 2 + 2 * 8 * 4 * 112 * 4
+    # continued prefill: a 64-token chunk against 100 keys: the [64, 100] bool mask, and per
+    # each of the 4 query heads of a KV head its bool copy, a negated copy and a 2-byte one;
+    # plus the context's K/V (100 tokens x 2 heads x 24 dims x 2 bytes)
+    assert worst.prefill_mask == 64 * 100 * (1 + 4 * (2 + 2)) + 100 * 2 * 24 * 2
+    assert worst.sampler == 4 * 1000 * kv_budget.SAMPLER_BYTES_PER_LOGIT
+    assert worst.nbytes == max(worst.decode_gather, worst.prefill_mask) + worst.sampler
+
+
+def test_the_chunk_is_at_most_the_context():
+    assert (
+        _worst(max_num_batched_tokens=8192).prefill_mask
+        == _worst(max_num_batched_tokens=100).prefill_mask
+    )
+
+
+def test_worst_step_of_llama_70b_at_tp8_and_128k():
+    """The issue's case: 64 sequences, one at 128K, 8 of 64 query heads and 1 of 8 KV heads
+    per rank, bf16: 4 GiB of gathered K/V, 0.5 GiB of scores, an 8.3 GiB mask for a
+    2,048-token chunk, a quarter GiB of sampler rows."""
+    worst = _worst(
+        max_num_seqs=64,
+        max_model_len=131072,
+        max_num_batched_tokens=2048,
+        local_heads=8,
+        local_kv_heads=1,
+        k_head_dim=128,
+        v_head_dim=128,
+        dtype_bytes=2,
+        vocab_size=128256,
+    )
+    assert worst.decode_gather == 4 * GIB + GIB // 2
+    assert worst.prefill_mask == 2048 * 131072 * (1 + 8 * 4) + 131072 * 256 * 2
+    assert round(worst.sampler / GIB, 2) == 0.24
+
+
+def test_device_budget_leaves_room_for_the_worst_step_and_names_its_terms():
+    worst = kv_budget.WorstStep(3 * GIB, 5 * GIB, GIB, ("d", "m", "s"))
+    budget = kv_budget.device_budget(80 * GIB, 20 * GIB, 2 * GIB, 0.9, worst)
+    assert budget.nbytes == 72 * GIB - 20 * GIB - 2 * GIB - (5 + 1) * GIB
+    for term in ("3.00 GiB batched decode (d)", "5.00 GiB continued-prefill mask (m)"):
+        assert term in budget.reason
+    assert "1.00 GiB sampler (s)" in budget.reason
