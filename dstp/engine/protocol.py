@@ -24,6 +24,7 @@ class EngineClient(Protocol):
     model_name: str
     max_model_len: int  # prompt + output tokens a request may reach
     vocab_size: int  # prompt and stop token ids lie in [0, vocab_size)
+    eos_ids: frozenset[int]  # the ids that end a request unless ignore_eos
 
     def check_request(
         self, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int | None = None

@@ -52,6 +52,7 @@ class ReplicatedEngine:
         self.model_name = local.model_name
         self.vocab_size = local.vocab_size
         self.tokenizer = local.tokenizer
+        self.eos_ids = local.eos_ids
         self.config = local.config
         self.max_model_len = min(
             [local.max_model_len] + [r.hello.max_model_len for r in self.remotes.values()]

@@ -315,6 +315,7 @@ def _server_config(args: argparse.Namespace, engine, model: str, builtin: Builti
         max_log_len=args.max_log_len,
         tools=ToolSettings(args.tool_call_parser, args.enable_auto_tool_choice),
         reasoning_parser=args.reasoning_parser,
+        eos_ids=engine.eos_ids,
         block_size=engine.config.block_size,
         sampling_defaults=_sampling_defaults(args, model),
     )

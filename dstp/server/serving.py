@@ -68,6 +68,7 @@ class ServerConfig:
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     tools: ToolSettings = field(default_factory=ToolSettings)  # --tool-call-parser, auto choice
     reasoning_parser: str | None = None  # --reasoning-parser
+    eos_ids: frozenset[int] = frozenset()  # the engine's: grammars allow EOS where they end
 
 
 class TokenizerAccess:
@@ -519,8 +520,9 @@ class Serving:
             raise retry_later(503, str(exc), retry_s) from None
 
     def _check_constraint(self, parsed: ParsedRequest) -> None:
-        """A constraint that does not compile is a 400 here, before the engine sees it (the
-        engine compiles it again from its own cache)."""
+        """A constraint that does not compile is a 400 here, before the engine sees it; one
+        that does is then in the process-wide cache, so the engine thread does not stall on
+        compiling it (the same tokenizer and EOS ids make the same grammar)."""
         spec = parsed.params.structured_outputs
         if spec is None:
             return
@@ -528,7 +530,7 @@ class Serving:
             if self._grammars is None:
                 self.tok._require()
                 cfg = self.config
-                self._grammars = GrammarCompiler(self.tok.tokenizer, cfg.vocab_size)
+                self._grammars = GrammarCompiler(self.tok.tokenizer, cfg.vocab_size, cfg.eos_ids)
         try:
             self._grammars.matcher(spec, parsed.constraint_param or "structured_outputs")
         except InvalidRequest as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import replace
 
 import jsonschema
@@ -191,15 +190,16 @@ def test_invalid_constraints_are_refused_naming_the_parameter(engine):
     assert not engine.has_unfinished()
 
 
-def test_compiling_is_cached_and_bounded(engine):
-    compiler = GrammarCompiler(engine.tokenizer, engine.vocab_size, timeout_s=5.0)
-    start = time.perf_counter()
-    compiler.matcher(JSON)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    compiler.matcher(JSON)
-    cached = time.perf_counter() - start
-    assert cached < 0.01 and cached < first
+def test_compiling_is_cached_and_bounded(engine, monkeypatch):
+    """Cached by text, process-wide per tokenizer: a second compiler (the HTTP side's, say)
+    finds what the first compiled; a compile past the bound is a GrammarError. (Times are
+    the benchmark's: benchmarks/structured.py.)"""
+    spec = StructuredOutputs(json={**PERSON, "title": "cache probe"})
+    GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_ids).matcher(spec)
+    other = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_ids)
+    monkeypatch.setattr(other, "_build", lambda text: pytest.fail("compiled twice"))
+    fresh = other.matcher(spec)
+    fresh.replay(engine.tokenizer.encode('{"name":"a"', add_special_tokens=False)[1:])
     slow = GrammarCompiler(engine.tokenizer, engine.vocab_size, timeout_s=1e-6)
     with pytest.raises(GrammarError, match="took over"):
         slow.matcher(StructuredOutputs(json={**PERSON, "title": "uncached"}))

@@ -255,6 +255,7 @@ def serve_fake(engine, **config):
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
         block_size=engine.block_size,
+        eos_ids=engine.eos_ids,
         **config,
     )
     server = InProcessServer.start(

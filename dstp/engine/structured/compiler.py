@@ -3,7 +3,9 @@
 Compiling runs in a worker thread with a time bound (llguidance drops the GIL while it
 builds a grammar) and under llguidance's own resource limits, so a pathological schema
 costs its request a 400, not the server a stall. A compiled grammar is cached by its
-text; each request then gets a copy of the fresh matcher (``deep_copy``, microseconds).
+text, process-wide per tokenizer: the HTTP thread that checks a request compiles it, and
+the engine thread then finds it cached instead of stalling every row's step on it. Each
+request gets a copy of the fresh matcher (``deep_copy``, microseconds).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ COMPILE_TIMEOUT_S = 2.0
 CACHE_SIZE = 256
 # llguidance's limits, a little tighter than its defaults: fuel is roughly work (~50k/ms).
 LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, max_grammar_size=200_000)
+
+
+# (tokenizer key, grammar text) -> a fresh compiled matcher, shared by every compiler
+_CACHE: OrderedDict[tuple[tuple, str], llguidance.LLMatcher] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
 
 
 class GrammarError(InvalidRequest):
@@ -67,8 +74,8 @@ class GrammarCompiler:
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
-        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
-        self._lock = threading.Lock()
+        # what makes two compilers' grammars interchangeable
+        self.key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), vocab_size, str(eos))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstp-grammar")
 
     def matcher(self, spec: StructuredOutputs, param: str = "structured_outputs") -> GrammarState:
@@ -85,10 +92,11 @@ class GrammarCompiler:
         return GrammarState(matcher, spec.kind, spec.after_token)
 
     def _compiled(self, text: str, kind: str, param: str) -> llguidance.LLMatcher:
-        with self._lock:
-            if text in self._cache:
-                self._cache.move_to_end(text)
-                return self._cache[text]
+        key = (self.key, text)
+        with _CACHE_LOCK:
+            if key in _CACHE:
+                _CACHE.move_to_end(key)
+                return _CACHE[key]
         future = self._pool.submit(self._build, text)
         try:
             matcher = future.result(timeout=self.timeout_s)
@@ -98,10 +106,10 @@ class GrammarCompiler:
             ) from None
         if matcher.is_error():
             raise GrammarError(f"invalid {kind}: {_first_line(matcher.get_error())}", param)
-        with self._lock:
-            self._cache[text] = matcher
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+        with _CACHE_LOCK:
+            _CACHE[key] = matcher
+            while len(_CACHE) > CACHE_SIZE:
+                _CACHE.popitem(last=False)
         return matcher
 
     def _build(self, text: str) -> llguidance.LLMatcher:
