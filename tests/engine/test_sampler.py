@@ -17,10 +17,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from dstp.engine.sampling import SampleState, make_generator, sample
+from dstp.engine.sampling import SampleState, SamplingError, make_generator, sample
+from dstp.engine.sampling import step as step_module
 from dstp.engine.sampling.draw import max_and_argmax
 from dstp.engine.sampling.filters import candidates, prefix_candidates
 from dstp.engine.sampling.penalties import edits, written
+from dstp.engine.sampling.step import Step
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams
 from tests.helpers import reference_sampler as oracle
 from tests.helpers.reference_sampler import _filter, _penalise
@@ -40,12 +42,22 @@ def hf_filtered(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return scores[0]
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def path(request, monkeypatch):
+    """Both filter paths, run on the CPU: the CPU's (a prefix of each row, and a mid-step
+    read of the rows it cannot decide) and an accelerator's (whole rows, nothing read back
+    before the end; step.py)."""
+    monkeypatch.setattr(step_module, "HOST_BRANCH", request.param == "cpu")
+    return request.param
+
+
 def new_probs(logits: torch.Tensor, states: list[SampleState]) -> torch.Tensor:
     """dstp.engine.sampling's filtered distribution of each (sampled) row, as dense [B, V]."""
     x = logits.float().clone()
-    rows = list(range(len(states)))
-    with torch.inference_mode(), written(x, edits(x, states)):
-        found = candidates(x, rows, states, torch.zeros(len(rows), dtype=torch.bool))
+    with torch.inference_mode():
+        step = Step(states, None, x.shape[1], x.device)
+        with written(x, edits(x, step)):
+            found = candidates(x, step, torch.zeros(len(states), dtype=torch.bool))
     out = torch.zeros_like(x)
     if found.prefix_rows:
         prefix = found.prefix_rows
@@ -67,7 +79,7 @@ def new_penalised(logits: torch.Tensor, state: SampleState) -> torch.Tensor:
     """One row after dstp.engine.sampling's penalty and stop-id edits."""
     x = logits.clone().unsqueeze(0)
     with torch.inference_mode():
-        for where, values in edits(x, [state]):
+        for where, values in edits(x, Step([state], None, x.shape[1], x.device)):
             x.view(-1)[where] = values
     return x[0]
 
@@ -83,7 +95,7 @@ FILTERS = [
 
 
 @pytest.mark.parametrize("kwargs", FILTERS)
-def test_filters_match_hf(kwargs):
+def test_filters_match_hf(kwargs, path):
     torch.manual_seed(0)
     p = SamplingParams(**kwargs)
     for _ in range(5):  # the oracle
@@ -208,7 +220,8 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     states = [SampleState(p, [0], [], make_generator(i, 0)) for i in range(3)] + [masked]
     results = sample(logits, states)
     assert isinstance(results[0], list) and len(results[0]) == 1
-    assert [type(r).__name__ for r in results[1:]] == ["SamplingError"] * 3
+    assert [type(r).__name__ for r in results[1:]] == ["SamplingError"] * 2 + ["NothingToDraw"]
+    assert all(isinstance(r, SamplingError) for r in results[1:])
     assert "non-finite" in str(results[1]) and "masked" in str(results[3])
 
 
@@ -241,7 +254,7 @@ GREEDY = [
 
 
 @pytest.mark.parametrize("vocab", [3000, 3001])  # 3001 is prime: the blocked argmax pads
-def test_greedy_rows_match_the_oracle_exactly(vocab):
+def test_greedy_rows_match_the_oracle_exactly(vocab, path):
     """Penalties, min_tokens and logprobs over 6 steps, with sampled rows in the batch."""
     gen = torch.Generator().manual_seed(vocab)
     params = [SamplingParams(**kw) for kw in GREEDY] + [
@@ -269,7 +282,7 @@ def test_greedy_rows_match_the_oracle_exactly(vocab):
     assert all(s.output_ids[0] not in (1, 2, 3) for s in states[5:6])  # masked before min_tokens
 
 
-def test_sampled_rows_logprobs_match_the_oracle():
+def test_sampled_rows_logprobs_match_the_oracle(path):
     torch.manual_seed(2)
     logits = torch.randn(3, 2000) * 2
     params = [SamplingParams(temperature=0.8, top_p=0.9, logprobs=k) for k in (0, 3, 20)]
@@ -284,7 +297,7 @@ FLAT, PEAKED = 0.02, 4.0  # logit scales: the prefix's mass is ~25 % of a flat r
 
 
 @pytest.mark.parametrize("scale", [FLAT, 1.0, PEAKED])
-def test_filtered_distributions_match_the_oracle(scale):
+def test_filtered_distributions_match_the_oracle(scale, path):
     """Kept sets equal, probabilities equal to rounding, on both the prefix and whole-row paths."""
     torch.manual_seed(5)
     vocab = 4096
@@ -307,7 +320,7 @@ def test_filtered_distributions_match_the_oracle(scale):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-7)
 
 
-def test_top_p_fallback_row_is_the_oracles_filter_exactly():
+def test_top_p_fallback_row_is_the_oracles_filter_exactly(path):
     """A flat row whose top 1024 hold less than top_p is filtered over its whole row."""
     torch.manual_seed(6)
     vocab = 128256
@@ -319,8 +332,9 @@ def test_top_p_fallback_row_is_the_oracles_filter_exactly():
     ]
     states = [SampleState(p, [0], [], None) for p in params]
     with torch.inference_mode():
-        exact = prefix_candidates(logits, [0, 1], states)[2]
-    assert not exact.any()  # the prefix cannot decide these rows
+        prefix = Step(states, None, vocab, logits.device, branch=True).prefix
+        exact = prefix_candidates(logits, prefix)[2]
+    assert prefix.rows == [0, 1] and not exact.any()  # the prefix cannot decide these rows
     ours = new_probs(logits, states)
     for row, state, mine in zip(logits, states, ours, strict=True):
         assert torch.equal(mine, oracle_probs(row, state))
@@ -353,7 +367,7 @@ def chi_square_p(tokens: list[int], probs: torch.Tensor) -> float:
         (dict(temperature=1.0, top_p=0.5, seed=9), 0.05, 20000),  # a flat row: the fallback
     ],
 )
-def test_sampled_rows_follow_the_oracle_distribution(kwargs, scale, draws):
+def test_sampled_rows_follow_the_oracle_distribution(kwargs, scale, draws, path):
     torch.manual_seed(7)
     vocab = 4096
     p = SamplingParams(**kwargs)
@@ -374,7 +388,7 @@ SEEDED = {  # row -> parameters; the unseeded rows only change the batch around 
 }
 
 
-def test_seeded_rows_ignore_batch_composition_and_order():
+def test_seeded_rows_ignore_batch_composition_and_order(path):
     torch.manual_seed(8)
     logits = torch.randn(3, len(SEEDED), 4096) * 3
     logits[:, 4] = torch.randn(3, 4096) * 0.02
@@ -403,15 +417,18 @@ def test_seeded_rows_ignore_batch_composition_and_order():
 def test_token_counts_follow_the_output_incrementally():
     p = SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.25)
     state = SampleState(p, [3, 5, 5, 9], [], None)
-    counts = state.token_counts(torch.device("cpu"))
+    counts = state.token_counts()
     torch.manual_seed(9)
     for out in ([], [5], [5, 7], [5, 7, 7, 2], [5, 7, 7, 2, 11]):
         state.output_ids = out
-        assert state.token_counts(torch.device("cpu")) is counts  # updated, not rebuilt
-        seen = dict(zip(counts.ids.tolist(), counts.in_output.tolist(), strict=True))
-        assert seen == {t: float(out.count(t)) for t in {3, 5, 9, *out}}
+        assert state.token_counts() is counts  # updated, not rebuilt
+        assert counts.prompt.tolist() == [3, 5, 9] and counts.output.tolist() == out
         logits = torch.randn(12)
         assert torch.equal(new_penalised(logits, state), _penalise(logits.clone(), state))
+        prompt_on_device = counts.on_device[torch.device("cpu")]  # uploaded once, then kept
+        assert out == [] or counts.on_device[torch.device("cpu")] is prompt_on_device
+    state.output_ids = [4]  # a shorter output (the sequence was reset): counted afresh
+    assert state.token_counts() is not counts and state.token_counts().output.tolist() == [4]
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 1009, 128256])

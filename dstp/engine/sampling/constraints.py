@@ -1,4 +1,5 @@
-"""Grammar masks applied to a batch's logits: one upload and one batched op per step."""
+"""Grammar masks applied to a batch's logits: one batched op per step (the bitmask goes up
+inside the step's packed upload, step.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def constrain(x: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     ``bitmask`` is llguidance's packed form (``[rows, words]`` int32, bit j of word w allows
     token 32w + j); rows without a grammar are all ones, so they come back unchanged.
     """
-    bits = bitmask.to(x.device, non_blocking=True)
+    bits = bitmask if bitmask.device == x.device else bitmask.to(x.device)
     allowed = (bits.unsqueeze(-1) >> _shifts(x.device)).bitwise_and_(1)
     allowed = allowed.view(bits.shape[0], -1)
     width = x.shape[1]

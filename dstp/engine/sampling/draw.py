@@ -15,7 +15,8 @@ import math
 import torch
 
 from dstp.engine.sampling.filters import candidates
-from dstp.engine.sampling.state import DrawSlots, Generators, SampleState
+from dstp.engine.sampling.state import Generators
+from dstp.engine.sampling.step import Group, Step
 
 NEG_INF = float("-inf")
 
@@ -89,35 +90,25 @@ def _race_whole_rows(
 
 
 def tokens(
-    x: torch.Tensor,
-    states: list[SampleState],
-    draws: list[int],
-    argmax: torch.Tensor,
-    unusable: torch.Tensor,
+    x: torch.Tensor, step: Step, argmax: torch.Tensor, unusable: torch.Tensor
 ) -> torch.Tensor:
     """One token per draw slot (row i's draws are consecutive slots), on the device."""
-    device = x.device
-    slots = DrawSlots(states, draws, device)
-    slot_rows = [i for i, n in enumerate(draws) for _ in range(n)]
-    picked = argmax.index_select(0, torch.tensor(slot_rows, dtype=torch.long, device=device))
-    sampled = [i for i, state in enumerate(states) if not state.params.greedy]
-    if not sampled:
+    picked = argmax.index_select(0, step.slot_rows)
+    if step.prefix is None and step.whole is None:  # greedy rows only
         return picked
-    found = candidates(x, sampled, states, unusable)
+    found = candidates(x, step, unusable)
 
-    def draw(rows: list[int], probs: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        """Race each of ``rows``' slots over its row of ``probs`` (over ``ids`` if given)."""
-        gens, row_of_slot = slots.generators(rows), slots.row_of_slot(rows)
+    def draw(group: Group, probs: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Race each of the group's slots over its row of ``probs`` (over ``ids`` if given)."""
         if ids is None:
-            won = _race_whole_rows(probs, row_of_slot, gens)
+            won = _race_whole_rows(probs, group.row_of_slot, group.gens)
         else:
-            columns = _race(probs[row_of_slot], gens)
-            won = ids[row_of_slot].gather(1, columns.unsqueeze(1)).squeeze(1)
-        where = torch.tensor(slots.of(rows), dtype=torch.long, device=device)
-        picked.index_copy_(0, where, won)
+            columns = _race(probs[group.row_of_slot], group.gens)
+            won = ids[group.row_of_slot].gather(1, columns.unsqueeze(1)).squeeze(1)
+        picked.index_copy_(0, group.slots, won)
 
-    if found.prefix_rows:
-        draw(found.prefix_rows, found.prefix_probs, found.ids)
-    if found.whole_rows:
-        draw(found.whole_rows, found.whole_probs)
+    if found.prefix is not None:
+        draw(found.prefix, found.prefix_probs, found.ids)
+    if found.whole is not None:
+        draw(found.whole, found.whole_probs)
     return picked

@@ -6,7 +6,9 @@ kept set might reach past that prefix (say a flat distribution whose prefix
 mass is below top_p) is filtered again over its whole row, exactly as the
 oracle (tests/helpers/reference_sampler.py) does. Both paths call the same
 three filters; they differ only in whether the row is already sorted and in
-which rows a filter runs on.
+which rows a filter runs on. Choosing the fallback rows reads a flag per row back
+mid-step, so only the CPU takes the prefix path; an accelerator filters every
+sampled row over its whole row (step.py says why).
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dstp.engine.sampling.state import SampleState
-from dstp.engine.sampling_params import SamplingParams
+from dstp.engine.sampling.step import PREFILTER, Group, RowParams, Step
 
-PREFILTER = 1024  # the largest logits per row that top-k / top-p / min-p start from
 NEG_INF = float("-inf")
 
 
@@ -59,76 +59,31 @@ def below_min_p(z: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return drop & (min_p > 0.0).unsqueeze(1)
 
 
-# -- per-row parameters --------------------------------------------------------------------
-
-
-@dataclass
-class RowParams:
-    """Per-row sampling parameters of some batch rows, as column tensors on the device."""
-
-    temperature: torch.Tensor  # [R, 1]
-    top_k: torch.Tensor  # [R], 0: off
-    top_p: torch.Tensor  # [R]
-    min_p: torch.Tensor  # [R]
-
-    @classmethod
-    def of(cls, rows: list[int], states: list[SampleState], x: torch.Tensor) -> RowParams:
-        params = [states[i].params for i in rows]
-        vocab = x.shape[1]
-
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=x.device)
-
-        return cls(
-            column([p.temperature for p in params]).unsqueeze(1),
-            column([top_k_of(p, vocab) for p in params], torch.long),
-            column([p.top_p for p in params]),
-            column([p.min_p for p in params]),
-        )
-
-
-def top_k_of(p: SamplingParams, vocab: int) -> int:
-    """The row's k, 0 when off: top_k >= vocab keeps everything."""
-    return p.top_k if 0 < p.top_k < vocab else 0
-
-
-def select(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """x's ``rows``, without a copy when they are all of them in order."""
-    if rows == list(range(len(x))):
-        return x
-    return x.index_select(0, torch.tensor(rows, dtype=torch.long, device=x.device))
-
-
-def prefilters(p: SamplingParams, vocab: int) -> bool:
-    """Whether the row's kept set can be found in its top PREFILTER logits (when they hold it)."""
-    k = top_k_of(p, vocab)
-    if k > PREFILTER:
-        return False
-    return k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+def select(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """x's rows at ``index`` (None: all of them, no copy)."""
+    return x if index is None else x.index_select(0, index)
 
 
 # -- the prefix path -----------------------------------------------------------------------
 
 
 def prefix_candidates(
-    x: torch.Tensor, rows: list[int], states: list[SampleState]
+    x: torch.Tensor, group: Group
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token ids [R, K], probabilities [R, K], exact [R]) over each row's top K logits.
 
     ``exact`` says that the row's kept set provably lies inside the prefix, so
     these probabilities are the oracle's; rows without it need the whole row.
     """
-    xs, params = select(x, rows), RowParams.of(rows, states, x)
+    xs, params = select(x, group.index), group.params
     width = min(PREFILTER, x.shape[1])
     values, ids = xs.topk(width, dim=-1)
     z = values / params.temperature
     # Top-p without top-k is over the whole row: it needs the whole row's normaliser.
-    whole = [j for j, i in enumerate(rows) if top_k_of(states[i].params, x.shape[1]) == 0]
-    whole = [j for j in whole if states[rows[j]].params.top_p < 1.0]
+    whole, picked = group.subset("norm")
     row_probs = None
     if whole:
-        picked = torch.tensor(whole, dtype=torch.long, device=x.device)
-        scaled = select(xs, whole) / params.temperature[picked]
+        scaled = select(xs, None if len(whole) == len(xs) else picked) / params.temperature[picked]
         row_probs = (picked, torch.softmax(scaled, -1).gather(1, ids[picked]))
     z, exact = filter_prefix(z, params, row_probs)
     return ids, torch.softmax(z, -1), exact | (width == x.shape[1])
@@ -165,26 +120,24 @@ def filter_prefix(
 # -- the whole-row path --------------------------------------------------------------------
 
 
-def whole_row_probs(x: torch.Tensor, rows: list[int], states: list[SampleState]) -> torch.Tensor:
+def whole_row_probs(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Probabilities [R, V] after the oracle's filter over whole rows: exact, but top-p sorts.
 
-    For rows without a filter, and rows the prefix could not decide. Each filter
-    runs on the rows that use it only.
+    For rows without a filter, rows the prefix could not decide, and (on an accelerator)
+    every sampled row. Each filter runs on the rows that use it only.
     """
-    params = RowParams.of(rows, states, x)
-    z = select(x, rows) / params.temperature
-    top_ks = [top_k_of(states[i].params, x.shape[1]) for i in rows]
-    some_k = [j for j, k in enumerate(top_ks) if k > 0]
+    params = group.params
+    z = select(x, group.index) / params.temperature
+    some_k, picked = group.subset("top_k")
     if some_k:
-        largest = max(top_ks)
-        _rows_update(z, some_k, lambda zs, j: top_k(zs, params.top_k[j], largest)[0])
-    some_p = [j for j, i in enumerate(rows) if states[i].params.top_p < 1.0]
+        _rows_update(z, picked, lambda zs, j: top_k(zs, params.top_k[j], group.largest_k)[0])
+    some_p, picked = group.subset("top_p")
     if some_p:
-        _rows_update(z, some_p, lambda zs, j: top_p_unsorted(zs, params.top_p[j]))
-    some_min_p = [j for j, i in enumerate(rows) if states[i].params.min_p > 0.0]
+        _rows_update(z, picked, lambda zs, j: top_p_unsorted(zs, params.top_p[j]))
+    some_min_p, picked = group.subset("min_p")
     if some_min_p:
         _rows_update(
-            z, some_min_p, lambda zs, j: zs.masked_fill(below_min_p(zs, params.min_p[j]), NEG_INF)
+            z, picked, lambda zs, j: zs.masked_fill(below_min_p(zs, params.min_p[j]), NEG_INF)
         )
     return torch.softmax(z, -1)
 
@@ -192,9 +145,8 @@ def whole_row_probs(x: torch.Tensor, rows: list[int], states: list[SampleState])
 RowsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _rows_update(z: torch.Tensor, rows: list[int], fn: RowsFn) -> None:
-    """z[rows] = fn(z[rows], rows as a tensor), in place."""
-    picked = torch.tensor(rows, dtype=torch.long, device=z.device)
+def _rows_update(z: torch.Tensor, picked: torch.Tensor, fn: RowsFn) -> None:
+    """z[picked] = fn(z[picked], picked), in place."""
     z.index_copy_(0, picked, fn(z.index_select(0, picked), picked))
 
 
@@ -206,30 +158,35 @@ class Candidates:
     """The sampled rows' filtered distributions: prefix rows over their top-K ids, whole rows
     over the vocabulary. Each row's probabilities are zero outside its kept set."""
 
-    prefix_rows: list[int]
+    prefix: Group | None
     ids: torch.Tensor | None  # [P, K] token ids
     prefix_probs: torch.Tensor | None  # [P, K]
-    whole_rows: list[int]
+    whole: Group | None
     whole_probs: torch.Tensor | None  # [W, V]
 
+    @property
+    def prefix_rows(self) -> list[int]:
+        return [] if self.prefix is None else self.prefix.rows
 
-def candidates(
-    x: torch.Tensor, rows: list[int], states: list[SampleState], unusable: torch.Tensor
-) -> Candidates:
-    """Filter ``rows`` over their prefix where that is exact, over the whole row otherwise."""
-    vocab = x.shape[1]
-    prefix = [i for i in rows if prefilters(states[i].params, vocab)]
-    whole = [i for i in rows if not prefilters(states[i].params, vocab)]
+    @property
+    def whole_rows(self) -> list[int]:
+        return [] if self.whole is None else self.whole.rows
+
+
+def candidates(x: torch.Tensor, step: Step, unusable: torch.Tensor) -> Candidates:
+    """Filter the step's sampled rows over their prefix where that is exact, over the whole
+    row otherwise. Only a step planned with ``branch`` (the CPU) has prefix rows."""
+    prefix, whole = step.prefix, step.whole
     ids = probs = None
-    if prefix:
-        ids, probs, exact = prefix_candidates(x, prefix, states)
-        decided = exact | unusable[torch.tensor(prefix, dtype=torch.long, device=x.device)]
-        decided = decided.tolist()  # the one sync before the end: which rows fall back
-        whole = sorted(whole + [i for i, ok in zip(prefix, decided, strict=True) if not ok])
-        keep = [j for j, ok in enumerate(decided) if ok]
-        if len(keep) < len(prefix):
-            picked = torch.tensor(keep, dtype=torch.long, device=x.device)
+    if prefix is not None:
+        ids, probs, exact = prefix_candidates(x, prefix)
+        decided = (exact | select(unusable, prefix.index)).tolist()  # a host read on the CPU
+        fallback = [i for i, ok in zip(prefix.rows, decided, strict=True) if not ok]
+        if fallback:
+            keep = [j for j, ok in enumerate(decided) if ok]
+            whole = step.late_group(sorted((whole.rows if whole else []) + fallback))
+            prefix = step.late_group([prefix.rows[j] for j in keep])
+            picked = torch.tensor(keep, dtype=torch.long)  # the CPU only (late_group checks)
             ids, probs = ids[picked], probs[picked]
-            prefix = [prefix[j] for j in keep]
-    whole_probs = whole_row_probs(x, whole, states) if whole else None
+    whole_probs = whole_row_probs(x, whole) if whole is not None else None
     return Candidates(prefix, ids, probs, whole, whole_probs)

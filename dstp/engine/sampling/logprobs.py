@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dstp.engine.sampling.filters import select
-from dstp.engine.sampling.state import DrawSlots, SampleState
+from dstp.engine.sampling.step import Step
 
 
 @dataclass
@@ -24,19 +24,15 @@ class LogprobTensors:
         return 0 if self.top_ids is None else self.top_ids.shape[1]
 
 
-def logprob_tensors(
-    x: torch.Tensor, states: list[SampleState], draws: list[int], tokens: torch.Tensor
-) -> LogprobTensors | None:
+def logprob_tensors(x: torch.Tensor, step: Step, tokens: torch.Tensor) -> LogprobTensors | None:
     """The drawn tokens' logprobs and each asking row's top k, or None when no row asked."""
-    rows = [i for i, state in enumerate(states) if state.params.logprobs is not None]
-    if not rows:
+    group = step.logprobs
+    if group is None:
         return None
-    device = x.device
-    raw = torch.log_softmax(select(x, rows), dim=-1)
-    slots = DrawSlots(states, draws, device)
-    chosen = raw[slots.row_of_slot(rows), tokens[torch.tensor(slots.of(rows), device=device)]]
-    k = max(states[i].params.logprobs for i in rows)
+    raw = torch.log_softmax(select(x, group.index), dim=-1)
+    chosen = raw[group.row_of_slot, tokens[group.slots]]
+    k = max(step.states[i].params.logprobs for i in group.rows)
     if k == 0:
-        return LogprobTensors(rows, chosen, None, None)
+        return LogprobTensors(group.rows, chosen, None, None)
     top = raw.topk(k, dim=-1)
-    return LogprobTensors(rows, chosen, top.values, top.indices)
+    return LogprobTensors(group.rows, chosen, top.values, top.indices)

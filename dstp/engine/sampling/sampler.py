@@ -11,7 +11,8 @@ every GPU waited. This one runs as one batch, one job per module: penalties.py
 (edits in place at the ids a row has seen), filters.py (top-k / top-p / min-p
 over a prefix of each row, the whole row when the prefix cannot decide),
 draw.py (blocked argmax and exponential races), logprobs.py, and readback.py
-(the one transfer back).
+(the one transfer back). Every per-row value they use is planned on the host by
+step.py and goes up in one packed copy (packed.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dstp.engine.sampling.logprobs import logprob_tensors
 from dstp.engine.sampling.penalties import edits, written
 from dstp.engine.sampling.readback import Readback, RowStatus, read_back
 from dstp.engine.sampling.state import SampleState
+from dstp.engine.sampling.step import Step
 
 NEG_INF = float("-inf")
 
@@ -90,19 +92,20 @@ def _sample_batch(
     allowed: torch.Tensor | None = None,
 ) -> list[Picks | Exception]:
     x = logits.float().contiguous()
-    if allowed is not None:
-        x = constrain(x, allowed)  # a new tensor: the logits stay as they were
+    step = Step(states, draws, x.shape[1], x.device, allowed)  # the one upload
+    if step.allowed is not None:
+        x = constrain(x, step.allowed)  # a new tensor: the logits stay as they were
     raw_max, argmax = max_and_argmax(x)
     broken = raw_max.isnan() | raw_max.isposinf()
-    changes = edits(x, states)
+    changes = edits(x, step)
     with written(x, changes):
         row_max = raw_max
         if changes:
             row_max, argmax = max_and_argmax(x)
         masked = torch.where(row_max == NEG_INF, RowStatus.MASKED.value, RowStatus.OK.value)
         status = torch.where(broken, RowStatus.BROKEN.value, masked)
-        drawn = tokens(x, states, draws, argmax, status != RowStatus.OK.value)
-    logprobs = logprob_tensors(x, states, draws, drawn)  # raw logits again
+        drawn = tokens(x, step, argmax, status != RowStatus.OK.value)
+    logprobs = logprob_tensors(x, step, drawn)  # raw logits again
     return _results(read_back(drawn, status, logprobs), states, draws)
 
 

@@ -1,14 +1,12 @@
 """What the sampler keeps per sequence: its parameters, seen ids and seeded generator.
 
-Each sequence keeps its seen ids and output counts as tensors on the logits'
-device (``TokenCounts``), updated with new tokens only, so penalties cost
-O(ids seen) a step instead of rebuilding a sorted set of the whole prompt and
-output.
+Each sequence keeps its distinct prompt ids on the logits' device (uploaded once, in
+a step's packed upload) and its output ids on the host, extended with new tokens
+only (``TokenCounts``), so penalties cost O(ids seen) a step and no per-row upload.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,40 +22,40 @@ Generators = list[torch.Generator | None]
 
 
 class TokenCounts:
-    """The distinct ids a sequence has seen (prompt and output), and how often each is in its output.
+    """The ids a sequence has seen, for its penalties: its distinct prompt ids and its output.
 
-    Kept as tensors on the logits' device and updated with the tokens appended
-    since the last step, so penalties cost O(ids seen) a step instead of
-    rebuilding a sorted set of the whole prompt and output.
+    The distinct prompt ids go to the device once, inside the step's packed upload, and
+    stay there (``on_device``); the output is kept as a host tensor extended with the
+    tokens appended since the last step, and each step's output ids travel in the step's
+    packed upload, where they are counted on the device.
     """
 
-    def __init__(self, prompt_ids: Sequence[int], device: torch.device) -> None:
+    def __init__(self, prompt_ids: Sequence[int]) -> None:
         distinct = sorted(set(prompt_ids))
-        self.device = device
-        self.position = {token: i for i, token in enumerate(distinct)}
-        self.ids = torch.tensor(distinct, dtype=torch.long, device=device)
-        self.in_output = torch.zeros(len(distinct), device=device)
-        self.counted = 0  # how many output ids ``in_output`` covers
+        self.prompt = torch.tensor(distinct, dtype=torch.long)  # host
+        self.on_device: dict[torch.device, torch.Tensor] = {}  # the prompt ids, per device
+        self._output = torch.empty(0, dtype=torch.long)  # host, with room to grow
+        self.counted = 0  # how many output ids ``_output`` holds
         self.largest = max(distinct, default=-1)  # checked against the vocabulary on the host
 
+    @property
+    def output(self) -> torch.Tensor:
+        """The output ids so far, on the host."""
+        return self._output[: self.counted]
+
     def update(self, output_ids: Sequence[int]) -> None:
-        """Count the output ids appended since the last call."""
-        bumped, fresh = [], []
-        for token in output_ids[self.counted :]:
-            pos = self.position.get(token)
-            if pos is None:
-                pos = self.position[token] = len(self.position)
-                fresh.append(token)
-            bumped.append(pos)
-        self.counted = len(output_ids)
-        if fresh:
-            self.largest = max(self.largest, *fresh)
-            new = torch.tensor(fresh, dtype=torch.long, device=self.device)
-            self.ids = torch.cat([self.ids, new])
-            self.in_output = torch.cat([self.in_output, self.in_output.new_zeros(len(fresh))])
-        if bumped:
-            where = torch.tensor(bumped, dtype=torch.long, device=self.device)
-            self.in_output.index_add_(0, where, self.in_output.new_ones(len(bumped)))
+        """Take in the output ids appended since the last call."""
+        fresh = output_ids[self.counted :]
+        if not fresh:
+            return
+        total = self.counted + len(fresh)
+        if total > self._output.numel():
+            grown = torch.empty(max(total, 2 * self._output.numel()), dtype=torch.long)
+            grown[: self.counted] = self.output
+            self._output = grown
+        self._output[self.counted : total] = torch.tensor(list(fresh), dtype=torch.long)
+        self.counted = total
+        self.largest = max(self.largest, *fresh)
 
 
 @dataclass
@@ -75,11 +73,11 @@ class SampleState:
         default=None, init=False, repr=False, compare=False
     )
 
-    def token_counts(self, device: torch.device) -> TokenCounts:
-        """This sequence's counts on ``device``, built on first use, then brought up to date."""
+    def token_counts(self) -> TokenCounts:
+        """This sequence's seen ids, built on first use, then brought up to date."""
         counts = self._counts
-        if counts is None or counts.device != device or counts.counted > len(self.output_ids):
-            counts = self._counts = TokenCounts(self.prompt_ids, device)
+        if counts is None or counts.counted > len(self.output_ids):
+            counts = self._counts = TokenCounts(self.prompt_ids)
         counts.update(self.output_ids)
         return counts
 
@@ -102,24 +100,3 @@ def make_generator(seed: int | None, index: int) -> torch.Generator | None:
     gen = torch.Generator()
     gen.manual_seed((seed * 1_000_003 + index) % 2**63)
     return gen
-
-
-class DrawSlots:
-    """A batch's draw slots, one per token to draw: row i's ``draws[i]`` slots are consecutive."""
-
-    def __init__(self, states: list[SampleState], draws: list[int], device: torch.device) -> None:
-        self.states, self.draws, self.device = states, draws, device
-        self.starts = [0, *itertools.accumulate(draws)]
-
-    def of(self, rows: list[int]) -> list[int]:
-        return [s for i in rows for s in range(self.starts[i], self.starts[i + 1])]
-
-    def row_of_slot(self, rows: list[int]) -> torch.Tensor:
-        """For each slot of ``rows``, its position in ``rows``."""
-        index = [j for j, i in enumerate(rows) for _ in range(self.draws[i])]
-        return torch.tensor(index, dtype=torch.long, device=self.device)
-
-    def generators(self, rows: list[int]) -> Generators:
-        return [
-            self.states[i].generator_on(self.device) for i in rows for _ in range(self.draws[i])
-        ]
