@@ -170,6 +170,17 @@ def test_chat_template_file_or_inline(tmp_path):
         parse("--chat-template", str(tmp_path / "missing.jinja"))
 
 
+def test_tool_and_reasoning_flags_are_checked_at_start_up():
+    with pytest.raises(FlagError, match="--enable-auto-tool-choice needs --tool-call-parser"):
+        parse("--enable-auto-tool-choice")
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        parse("--tool-call-parser", "hermez")
+    with pytest.raises(SystemExit):
+        parse("--reasoning-parser", "o1")
+    with pytest.raises(FlagError, match="--max-log-len"):
+        parse("--max-log-len", "0")
+
+
 def test_generation_config_flag_values(tmp_path):
     assert parse("--generation-config", str(tmp_path)).generation_config == str(tmp_path)
     with pytest.raises(FlagError, match="expected 'auto', 'vllm' or a folder"):
@@ -225,17 +236,37 @@ def test_flags_reach_the_server_config():
     from dstp.server.serve import _apply_chat_template, _server_config
 
     args = parse(
-        "--model", "org/m", "--served-model-name", "a", "b", "--enable-log-requests", world=1
+        "--model",
+        "org/m",
+        "--served-model-name",
+        "a",
+        "b",
+        "--enable-log-requests",
+        "--max-log-len",
+        "7",
+        "--tool-call-parser",
+        "pythonic",
+        "--enable-auto-tool-choice",
+        "--reasoning-parser",
+        "qwen3",
+        world=1,
     )
     engine = SimpleNamespace(
         model_name="a",
         max_model_len=64,
         vocab_size=100,
+        eos_ids=frozenset({2}),
         tp=SimpleNamespace(size=1),
         config=SimpleNamespace(block_size=16),
     )
     config = _server_config(args, engine, "/cache/models--org--m/snapshots/x", None)
     assert config.model_name == "a" and config.log_requests is True and config.block_size == 16
+    assert config.max_log_len == 7 and config.eos_ids == {2}
+    assert (config.tools.parser, config.tools.auto, config.reasoning_parser) == (
+        "pythonic",
+        True,
+        "qwen3",
+    )
     assert set(config.model_aliases) == {"b", "org/m", "/cache/models--org--m/snapshots/x"}
     # no --served-model-name: the --model value as given (the hub id, not the snapshot path)
     config = _server_config(parse("--model", "org/m"), engine, "/snap", None)
