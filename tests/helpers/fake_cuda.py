@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import shutil
 import subprocess
 import threading
 import traceback
@@ -88,6 +89,11 @@ def register_cuda_guard() -> None:
         source.write_text(_GUARD_SOURCE)
         partial = library.with_suffix(f".{os.getpid()}.tmp")
         compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            raise RuntimeError(
+                f"the fake CUDA device builds a small library with a C++ compiler ({compiler!r}, "
+                "or $CXX): install one (the same that DeepSpeed's ops build with)"
+            )
         subprocess.run(
             [compiler, "-shared", "-fPIC", "-std=c++17", "-O0", f"-I{torch_dir / 'include'}",
              str(source), f"-L{torch_dir / 'lib'}", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}",
@@ -291,8 +297,8 @@ class _ShadowMode(TorchDispatchMode):
         if func is aten._local_scalar_dense.default or func.overloadpacket in _READS:
             t.add("sync", name)
             return
-        if func.overloadpacket in _DATA_DEPENDENT:
-            t.add("sync", f"{name} (data-dependent shape)")
+        if func.overloadpacket in _DATA_DEPENDENT and kwargs.get("output_size") is None:
+            t.add("sync", f"{name} (data-dependent shape)")  # output_size= would spare it
         if func.overloadpacket in (aten._to_copy, aten.copy_, aten.copy):
             src = args[1] if func.overloadpacket is not aten._to_copy else args[0]
             dst_cuda = (

@@ -63,6 +63,16 @@ def test_transfers_are_counted_by_kind():
         }
 
 
+def test_a_data_dependent_shape_is_a_sync_unless_its_size_is_given():
+    with fake_cuda(total_gib=0.001) as device:
+        sizes, values = torch.tensor([1, 2]).to("cuda:0"), torch.arange(2).to("cuda:0")
+        device.transfers.reset()
+        assert values.repeat_interleave(sizes).shape == (3,)  # CUDA reads sizes back
+        assert device.transfers["sync"] == 1
+        assert values.repeat_interleave(sizes, output_size=3).tolist() == [0, 1, 1]
+        assert device.transfers["sync"] == 2  # the tolist, not the repeat
+
+
 def test_memory_counts_live_device_storage():
     with fake_cuda(total_gib=0.001) as device:
         a = torch.empty(1024, device="cuda")
