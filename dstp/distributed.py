@@ -304,17 +304,18 @@ def _bind_device(
         _pin_cpu_threads(local_rank, local_size)
         return torch.device("cpu")
     count = accel.device_count()
-    if local_rank >= count:
+    if local_size > count:  # every local rank stops, not only those without a GPU: the
+        # others would wait in the process group's rendezvous until its timeout
         if backend == "nccl":
             raise DeviceLayoutError(
-                f"local rank {local_rank} of {local_size} but this host shows {count} GPU(s): "
-                "NCCL needs one GPU per rank. Start one rank per GPU, choosing the GPUs with "
+                f"{local_size} ranks on this host but it shows {count} GPU(s): NCCL needs "
+                "one GPU per rank. Start one rank per GPU, choosing the GPUs with "
                 "`deepspeed --include localhost:0,1` (the deepspeed launcher ignores "
                 "CUDA_VISIBLE_DEVICES; torchrun honours CUDA_VISIBLE_DEVICES=0,1 with "
                 "--nproc_per_node 2)"
             )
         log.warning(
-            "more local ranks than devices: rank %d shares device %d over %s",
+            "more local ranks than devices: rank %d on device %d, shared over %s",
             rank,
             local_rank % max(1, count),
             backend,

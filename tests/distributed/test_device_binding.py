@@ -55,12 +55,15 @@ def test_the_thread_cap_follows_dstp_threads(threads, monkeypatch):
     assert threads == [3]
 
 
-def test_more_local_ranks_than_gpus_under_nccl_is_a_start_up_error(threads):
+@pytest.mark.parametrize("local_rank", [0, 3])
+def test_more_local_ranks_than_gpus_under_nccl_is_a_start_up_error(threads, local_rank):
+    """On every local rank: one with a GPU of its own would otherwise wait for the others
+    in the rendezvous until the process group's timeout."""
     accel = _Accelerator(2)
     with pytest.raises(DeviceLayoutError) as error:
-        distributed._bind_device(accel, rank=2, local_rank=2, local_size=4, backend="nccl")
+        distributed._bind_device(accel, rank=local_rank, local_rank=local_rank, local_size=4)
     message = str(error.value)
-    assert "shows 2 GPU(s)" in message
+    assert "4 ranks on this host but it shows 2 GPU(s)" in message
     assert "--include localhost:0,1" in message and "CUDA_VISIBLE_DEVICES" in message
     assert accel.bound == []  # nothing bound: NCCL would fail later with a duplicate GPU
 
@@ -69,7 +72,7 @@ def test_gloo_may_share_a_gpu(threads, caplog):
     accel = _Accelerator(2)
     device = distributed._bind_device(accel, rank=3, local_rank=3, local_size=4, backend="gloo")
     assert device == torch.device("cuda:1") and accel.bound == [1]
-    assert "shares device 1 over gloo" in caplog.text
+    assert "rank 3 on device 1, shared over gloo" in caplog.text
 
 
 def test_bind_thread_device_sets_the_threads_cuda_device():
