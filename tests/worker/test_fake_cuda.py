@@ -211,8 +211,8 @@ def test_a_decode_step_moves_one_upload_of_metadata_and_reads_once(run):
 def test_the_run_stays_inside_the_utilization_of_the_card(run):
     engine, device = run
     for i in range(4):  # max_num_seqs sequences to the end of max_model_len (64)
-        ids = [(7 * i + j) % 500 + 3 for j in range(58)]
-        engine.add_request(f"full{i}", ids, SamplingParams(max_tokens=6, ignore_eos=True))
+        ids = [(7 * i + j) % 500 + 3 for j in range(62)]
+        engine.add_request(f"full{i}", ids, SamplingParams(max_tokens=2, ignore_eos=True))
     steps = _steps(engine, device)
     assert steps[-1][2][0].outputs[0].finish_reason == "length"
     assert engine.runner.kv_budget.nbytes > 0
