@@ -25,8 +25,8 @@ CARD_GIB = 0.02  # a small card: the fake tensors' shadows are real host memory
 WORST_CARD_GIB = 0.05
 UTILIZATION = 0.9
 PROMPT = "Once upon a time"
-# A greedy decode step moves: the step's metadata (one upload), the sampler's picked
-# rows (one small upload, dstp/engine/sampling/draw.py) and the sampled ids (one read).
+# A decode step moves: the step's metadata (one upload), the sampler's per-row values
+# (one packed upload, dstp/engine/sampling/packed.py) and the sampled ids (one read).
 MAX_DECODE_UPLOADS = 2
 MAX_DECODE_SYNCS = 1
 
@@ -206,6 +206,27 @@ def test_a_decode_step_moves_one_upload_of_metadata_and_reads_once(run):
         assert counts["upload"] <= MAX_DECODE_UPLOADS, sites
         assert counts["sync"] <= MAX_DECODE_SYNCS, sites
         assert any("step_inputs.py" in s for s in sites["upload"])  # the one metadata upload
+
+
+def test_a_mixed_batch_moves_no_more(run):
+    """Sampled, penalised, logprob and seeded rows in one batch: still the metadata upload,
+    the sampler's one packed upload and one read a step (dstp/engine/sampling/packed.py)."""
+    engine, device = run
+    mixed = [
+        SamplingParams(max_tokens=4, temperature=0),
+        SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, top_k=20, min_p=0.05),
+        SamplingParams(max_tokens=4, temperature=0.7, presence_penalty=0.5, logprobs=2),
+        SamplingParams(max_tokens=4, temperature=1.0, repetition_penalty=1.2, seed=5),
+    ]
+    for i, params in enumerate(mixed):
+        engine.add_request(f"mixed{i}", engine.tokenizer.encode(PROMPT), params)
+    steps = _steps(engine, device)
+    assert len(steps) == 4
+    for counts, sites, _ in steps:
+        assert counts["download"] == counts["implicit_upload"] == 0, sites
+        assert counts["pageable_non_blocking"] == 0, sites
+        assert counts["upload"] <= MAX_DECODE_UPLOADS, sites
+        assert counts["sync"] <= MAX_DECODE_SYNCS, sites
 
 
 def test_the_run_stays_inside_the_utilization_of_the_card(run):
