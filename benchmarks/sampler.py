@@ -2,6 +2,7 @@
 
     python benchmarks/sampler.py [--batch 64] [--vocab 128256] [--prompt 500]
                                  [--steps 10] [--oracle-steps 2] [--scale 4] [--threads 1]
+                                 [--kinds greedy,mixed,plain] [--accelerator-path]
 
 Three batches: greedy rows (temperature 0); mixed rows (temperature 0.8,
 top-p 0.9, half of them with top-k 50, repetition penalty 1.1 and frequency
@@ -26,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers.reference_sampler
 
 from dstp.engine.sampling import SampleState, make_generator, sample  # noqa: E402
+from dstp.engine.sampling import step as sampling_step  # noqa: E402
 from dstp.engine.sampling_params import SamplingParams  # noqa: E402
 from tests.helpers import reference_sampler  # noqa: E402
 
@@ -87,7 +89,14 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kinds", default="greedy,mixed,plain")
+    parser.add_argument(
+        "--accelerator-path",
+        action="store_true",
+        help="run the path an accelerator takes (every sampled row over its whole row, no "
+        "mid-step read; dstp/engine/sampling/step.py) on the CPU",
+    )
     args = parser.parse_args()
+    sampling_step.HOST_BRANCH = not args.accelerator_path
     torch.set_num_threads(args.threads)
     print(
         f"batch {args.batch}, vocab {args.vocab}, {args.prompt}-token prompts, "
