@@ -431,6 +431,28 @@ def test_token_counts_follow_the_output_incrementally():
     assert state.token_counts() is not counts and state.token_counts().output.tolist() == [4]
 
 
+def test_penalised_rows_send_only_their_new_output_ids():
+    """The output ids live in a pool on the device: a step uploads only the new ones, and
+    the penalties stay the oracle's while each row's region there grows and moves."""
+    p = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2)
+    states = [SampleState(p, [3, 5, 5, 9], [], None) for _ in range(3)]
+    torch.manual_seed(10)
+    sent = []
+    for n in range(40):  # past max_tokens (16): the regions move twice
+        for k, state in enumerate(states):
+            state.output_ids = state.output_ids + [(7 * n + 3 * k) % 50]
+        logits = torch.randn(len(states), 50)
+        x = logits.clone()
+        with torch.inference_mode():
+            step = Step(states, None, 50, x.device)
+            for where, values in edits(x, step):
+                x.view(-1)[where] = values
+        sent.append(step.uploaded)
+        for row, state, mine in zip(logits, states, x, strict=True):
+            assert torch.equal(mine, _penalise(row.clone(), state))
+    assert len(set(sent[1:])) == 1  # the same few words a step, however long the output
+
+
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 1009, 128256])
 def test_blocked_argmax_is_torchs(vocab):
     x = torch.randint(-3, 4, (4, vocab)).float()  # ties everywhere

@@ -21,12 +21,14 @@ tests/helpers/fake_cuda.py, which counts what torch itself moves and waits for.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import Counter
 
 import pytest
 import torch
 
-from dstp.engine.sampling import SampleState, make_generator, sample, step
+from dstp.engine.sampling import SampleState, make_generator, packed, sample, step
+from dstp.engine.sampling import state as sampling_state
 from dstp.engine.sampling_params import SamplingParams
 from tests.helpers.fake_cuda import fake_cuda
 
@@ -145,11 +147,15 @@ def test_the_cpu_path_reads_which_rows_fall_back():
         assert counts["upload"] == 1 and counts["readback"] == 2, per_step
 
 
-def test_on_a_fake_card_one_upload_and_one_sync_per_step(accelerator_path):
+def test_on_a_fake_card_one_upload_and_one_sync_per_step(accelerator_path, monkeypatch):
     """The same batch on tests/helpers/fake_cuda.py's card, which sees every transfer and
     sync torch makes (implicit uploads, pageable non-blocking copies, data-dependent shapes),
     gives the accelerator path's tokens on the CPU."""
     on_cpu, _ = steps(4096, count=False)
+    # the sampler's per-device buffers (pinned host buffers, the output pool) made on this
+    # card must not outlive its block: another block's card would not know them
+    monkeypatch.setattr(packed, "_LOCAL", threading.local())
+    monkeypatch.setattr(sampling_state, "_POOLS", {})
     with fake_cuda(total_gib=1) as card:
         on_card, per_step = steps(4096, count=False, device="cuda", transfers=card.transfers)
     for counts in per_step:

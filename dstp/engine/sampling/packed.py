@@ -43,6 +43,11 @@ class Packer:
             values.numel(),
         )
 
+    @property
+    def numel(self) -> int:
+        """The int64 words the upload will carry."""
+        return sum(host.numel() for host, *_ in self._parts.values())
+
     def upload(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Every part on ``device``, by name, after one host-to-device copy (none if empty)."""
         if not self._parts:

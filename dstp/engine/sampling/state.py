@@ -1,12 +1,15 @@
 """What the sampler keeps per sequence: its parameters, seen ids and seeded generator.
 
 Each sequence keeps its distinct prompt ids on the logits' device (uploaded once, in
-a step's packed upload) and its output ids on the host, extended with new tokens
-only (``TokenCounts``), so penalties cost O(ids seen) a step and no per-row upload.
+a step's packed upload) and its output ids on the host and in a pool on the device,
+both extended with new tokens only (``TokenCounts``), so penalties cost O(ids seen) a
+step and no per-row upload.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -21,22 +24,84 @@ if TYPE_CHECKING:
 Generators = list[torch.Generator | None]
 
 
+class OutputPool:
+    """The output ids of every penalised sequence on one device: one tensor, a region each.
+
+    A step writes only its new tokens into it (one indexed write from the step's packed
+    upload); the penalties gather each row's output from its region. Regions come from a
+    bump allocator with a free list, and go back to it when their sequence's counts die.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ids = torch.zeros(0, dtype=torch.long, device=device)
+        self._free: list[tuple[int, int]] = []  # (start, size) of released regions
+        self._top = 0
+        self._lock = threading.RLock()  # a region may be released by the GC on any thread
+
+    def allocate(self, size: int) -> int:
+        with self._lock:
+            for k, (start, have) in enumerate(self._free):
+                if have >= size:
+                    if have > size:
+                        self._free[k] = (start + size, have - size)
+                    else:
+                        del self._free[k]
+                    return start
+            start, self._top = self._top, self._top + size
+            if self._top > self.ids.numel():  # grow: a copy on the device, nothing uploaded
+                grown = torch.zeros(
+                    max(self._top, 2 * self.ids.numel()), dtype=torch.long, device=self.device
+                )
+                grown[:start] = self.ids[:start]
+                self.ids = grown
+            return start
+
+    def release(self, start: int, size: int) -> None:
+        with self._lock:
+            self._free.append((start, size))
+
+
+_POOLS: dict[torch.device, OutputPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def output_pool(device: torch.device) -> OutputPool:
+    with _POOLS_LOCK:
+        pool = _POOLS.get(device)
+        if pool is None:
+            pool = _POOLS[device] = OutputPool(device)
+        return pool
+
+
+@dataclass
+class Region:
+    """Where a sequence's output ids live in a device's pool, and how many are written."""
+
+    start: int
+    size: int
+    written: int
+    release: weakref.finalize
+
+
 class TokenCounts:
     """The ids a sequence has seen, for its penalties: its distinct prompt ids and its output.
 
-    The distinct prompt ids go to the device once, inside the step's packed upload, and
-    stay there (``on_device``); the output is kept as a host tensor extended with the
-    tokens appended since the last step, and each step's output ids travel in the step's
-    packed upload, where they are counted on the device.
+    The distinct prompt ids go to the device once, inside a step's packed upload, and stay
+    there (``on_device``). The output is kept on the host (extended with the tokens
+    appended since the last step) and in the device's ``OutputPool``, where each step
+    writes only the tokens that are new to it, from the step's packed upload.
     """
 
-    def __init__(self, prompt_ids: Sequence[int]) -> None:
+    def __init__(self, prompt_ids: Sequence[int], max_tokens: int = 16) -> None:
         distinct = sorted(set(prompt_ids))
         self.prompt = torch.tensor(distinct, dtype=torch.long)  # host
         self.on_device: dict[torch.device, torch.Tensor] = {}  # the prompt ids, per device
+        self.regions: dict[torch.device, Region] = {}  # the output ids, per device
         self._output = torch.empty(0, dtype=torch.long)  # host, with room to grow
         self.counted = 0  # how many output ids ``_output`` holds
         self.largest = max(distinct, default=-1)  # checked against the vocabulary on the host
+        self._first_size = max(16, min(max_tokens, 1024))
 
     @property
     def output(self) -> torch.Tensor:
@@ -56,6 +121,22 @@ class TokenCounts:
         self._output[self.counted : total] = torch.tensor(list(fresh), dtype=torch.long)
         self.counted = total
         self.largest = max(self.largest, *fresh)
+
+    def region(self, pool: OutputPool) -> Region:
+        """This sequence's region in ``pool``, with room for its whole output so far."""
+        region = self.regions.get(pool.device)
+        if region is not None and region.size >= self.counted:
+            return region
+        size = max(self._first_size, self.counted, 2 * region.size if region else 0)
+        start = pool.allocate(size)
+        written = 0
+        if region is not None:  # moved: a copy on the device
+            written = region.written
+            pool.ids[start : start + written] = pool.ids[region.start : region.start + written]
+            region.release()
+        release = weakref.finalize(self, pool.release, start, size)
+        region = self.regions[pool.device] = Region(start, size, written, release)
+        return region
 
 
 @dataclass
@@ -77,7 +158,7 @@ class SampleState:
         """This sequence's seen ids, built on first use, then brought up to date."""
         counts = self._counts
         if counts is None or counts.counted > len(self.output_ids):
-            counts = self._counts = TokenCounts(self.prompt_ids)
+            counts = self._counts = TokenCounts(self.prompt_ids, self.params.max_tokens)
         counts.update(self.output_ids)
         return counts
 

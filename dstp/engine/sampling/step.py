@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dstp.engine.sampling.packed import Packer
-from dstp.engine.sampling.state import Generators, SampleState
+from dstp.engine.sampling.state import Generators, SampleState, output_pool
 from dstp.engine.sampling_params import SamplingParams
 
 PREFILTER = 1024  # the largest logits per row that top-k / top-p / min-p start from
@@ -146,6 +146,7 @@ class Step:
         if allowed is not None and allowed.device != device:
             pack.words("allowed", allowed)
 
+        self.uploaded = pack.numel  # int64 words
         on_device = pack.upload(device)  # the step's one upload
         self.allowed = on_device.get("allowed", allowed)
         self.params = RowParams(
@@ -203,7 +204,11 @@ class Step:
     # -- penalties and stop ids -------------------------------------------------------------
 
     def _plan_penalties(self, pack: Packer, params: list[SamplingParams]) -> list[int]:
-        """Pack the penalised rows' inputs; returns the rows whose prompt goes up this step."""
+        """Pack the penalised rows' inputs; returns the rows whose prompt goes up this step.
+
+        Of each row's output only the tokens its region on the device lacks go up
+        (usually the one drawn last step): positions in the pool and ids, for one write.
+        """
         self._penalised = [i for i, p in enumerate(params) if penalised(p)]
         if not self._penalised:
             return []
@@ -215,12 +220,18 @@ class Step:
             pack.ints(f"prompt.{j}", counts[j].prompt)
         pack.ints("prompt_sizes", [c.prompt.numel() for c in counts])
         pack.ints("prompt_base", [i * self.vocab for i in self._penalised])
-        outputs = [c.output + i * self.vocab for i, c in zip(self._penalised, counts, strict=True)]
-        pack.ints("output", torch.cat(outputs))
+        self._pool = output_pool(self.device)
+        regions = [c.region(self._pool) for c in counts]
+        pack.ints("output_start", [r.start for r in regions])
+        pack.ints("output_sizes", [c.counted for c in counts])
+        new = [(r, c) for r, c in zip(regions, counts, strict=True) if r.written < c.counted]
+        where = [torch.arange(r.start + r.written, r.start + c.counted) for r, c in new]
+        pack.ints("new_where", torch.cat(where) if where else [])
+        pack.ints("new_ids", torch.cat([c.output[r.written :] for r, c in new]) if new else [])
         pack.floats("repetition", [p.repetition_penalty for p in params])
         pack.floats("frequency", [p.frequency_penalty for p in params])
         pack.floats("presence", [p.presence_penalty for p in params])
-        self._counts = counts
+        self._counts, self._regions = counts, regions
         return fresh
 
     def _penalties(self, on_device: dict[str, torch.Tensor], fresh: list[int]) -> Penalties | None:
@@ -228,12 +239,22 @@ class Step:
             return None
         for j in fresh:  # kept on the device for the sequence's later steps
             self._counts[j].on_device[self.device] = on_device[f"prompt.{j}"]
+        pool = self._pool
+        pool.ids[on_device["new_where"]] = on_device["new_ids"]  # the step's new output ids
+        for region, counts in zip(self._regions, self._counts, strict=True):
+            region.written = counts.counted
+        sizes, base = on_device["output_sizes"], on_device["prompt_base"]
+        total = sum(c.counted for c in self._counts)
+        entry = torch.arange(total, device=self.device)
+        ends = sizes.cumsum(0)
+        owner = torch.searchsorted(ends, entry, right=True)  # each output id's row, fixed shapes
+        at = on_device["output_start"][owner] + entry - (ends - sizes)[owner]
         return Penalties(
             [c.on_device[self.device] for c in self._counts],
             on_device["prompt_sizes"],
-            on_device["prompt_base"],
+            base,
             sum(c.prompt.numel() for c in self._counts),
-            on_device["output"],
+            pool.ids[at] + base[owner],
             on_device["repetition"].float(),
             on_device["frequency"].float(),
             on_device["presence"].float(),
