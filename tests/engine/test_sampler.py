@@ -7,6 +7,8 @@ sampled rows in distribution (a seeded chi-square test).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -451,6 +453,24 @@ def test_penalised_rows_send_only_their_new_output_ids():
         for row, state, mine in zip(logits, states, x, strict=True):
             assert torch.equal(mine, _penalise(row.clone(), state))
     assert len(set(sent[1:])) == 1  # the same few words a step, however long the output
+
+
+def test_a_sequence_sampled_on_another_thread_keeps_its_penalties():
+    """Each thread has its own output pool (a step never sees another thread grow one): a
+    sequence that moves sends its output to the new thread's pool once."""
+    p = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.1)
+    state = SampleState(p, [3, 5], [], None)
+    torch.manual_seed(11)
+
+    def check(out: list[int]) -> None:
+        state.output_ids = out
+        logits = torch.randn(50)
+        assert torch.equal(new_penalised(logits, state), _penalise(logits.clone(), state))
+
+    check([1, 2])
+    with ThreadPoolExecutor(1) as other:
+        other.submit(check, [1, 2, 2, 7]).result()
+    check([1, 2, 2, 7, 7, 9])
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 1009, 128256])

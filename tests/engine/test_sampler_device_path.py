@@ -155,7 +155,7 @@ def test_on_a_fake_card_one_upload_and_one_sync_per_step(accelerator_path, monke
     # the sampler's per-device buffers (pinned host buffers, the output pool) made on this
     # card must not outlive its block: another block's card would not know them
     monkeypatch.setattr(packed, "_LOCAL", threading.local())
-    monkeypatch.setattr(sampling_state, "_POOLS", {})
+    monkeypatch.setattr(sampling_state, "_LOCAL", threading.local())
     with fake_cuda(total_gib=1) as card:
         on_card, per_step = steps(4096, count=False, device="cuda", transfers=card.transfers)
     for counts in per_step:

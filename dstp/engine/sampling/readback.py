@@ -1,8 +1,8 @@
 """The one transfer back to the host per step, with a typed layout.
 
 Only the tokens, a status per row and the logprobs asked for come back, in one
-device-to-host copy (plus, earlier, one flag per row when some row took the
-prefilter path). The parts are packed in a fixed order and split again by
+device-to-host copy (on the CPU only, where it is a read of host memory, a flag
+per row comes back earlier when some row took the prefilter path; step.py). The parts are packed in a fixed order and split again by
 their sizes, which the host knows from the shapes without reading the device.
 """
 

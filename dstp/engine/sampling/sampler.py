@@ -9,7 +9,8 @@ describe the model's raw distribution (before penalties and temperature).
 The per-row sampler cost ~1.1 s a step at batch 64 on one CPU thread while
 every GPU waited. This one runs as one batch, one job per module: penalties.py
 (edits in place at the ids a row has seen), filters.py (top-k / top-p / min-p
-over a prefix of each row, the whole row when the prefix cannot decide),
+over whole rows on an accelerator; on the CPU over a prefix of each row, the
+whole row when the prefix cannot decide),
 draw.py (blocked argmax and exponential races), logprobs.py, and readback.py
 (the one transfer back). Every per-row value they use is planned on the host by
 step.py and goes up in one packed copy (packed.py).

@@ -62,16 +62,17 @@ class OutputPool:
             self._free.append((start, size))
 
 
-_POOLS: dict[torch.device, OutputPool] = {}
-_POOLS_LOCK = threading.Lock()
+_LOCAL = threading.local()  # each thread its own pools: a step never sees another's growth
 
 
 def output_pool(device: torch.device) -> OutputPool:
-    with _POOLS_LOCK:
-        pool = _POOLS.get(device)
-        if pool is None:
-            pool = _POOLS[device] = OutputPool(device)
-        return pool
+    pools = getattr(_LOCAL, "pools", None)
+    if pools is None:
+        pools = _LOCAL.pools = {}
+    pool = pools.get(device)
+    if pool is None:
+        pool = pools[device] = OutputPool(device)
+    return pool
 
 
 @dataclass
@@ -97,7 +98,7 @@ class TokenCounts:
         distinct = sorted(set(prompt_ids))
         self.prompt = torch.tensor(distinct, dtype=torch.long)  # host
         self.on_device: dict[torch.device, torch.Tensor] = {}  # the prompt ids, per device
-        self.regions: dict[torch.device, Region] = {}  # the output ids, per device
+        self.regions: dict[OutputPool, Region] = {}  # the output ids, per pool
         self._output = torch.empty(0, dtype=torch.long)  # host, with room to grow
         self.counted = 0  # how many output ids ``_output`` holds
         self.largest = max(distinct, default=-1)  # checked against the vocabulary on the host
@@ -124,7 +125,7 @@ class TokenCounts:
 
     def region(self, pool: OutputPool) -> Region:
         """This sequence's region in ``pool``, with room for its whole output so far."""
-        region = self.regions.get(pool.device)
+        region = self.regions.get(pool)
         if region is not None and region.size >= self.counted:
             return region
         size = max(self._first_size, self.counted, 2 * region.size if region else 0)
@@ -135,7 +136,7 @@ class TokenCounts:
             pool.ids[start : start + written] = pool.ids[region.start : region.start + written]
             region.release()
         release = weakref.finalize(self, pool.release, start, size)
-        region = self.regions[pool.device] = Region(start, size, written, release)
+        region = self.regions[pool] = Region(start, size, written, release)
         return region
 
 
