@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import replace
 
 import jsonschema
@@ -200,7 +201,9 @@ def test_compiling_is_cached_and_bounded(engine, monkeypatch):
     monkeypatch.setattr(other, "_build", lambda text: pytest.fail("compiled twice"))
     fresh = other.matcher(spec)
     fresh.replay(engine.tokenizer.encode('{"name":"a"', add_special_tokens=False)[1:])
-    slow = GrammarCompiler(engine.tokenizer, engine.vocab_size, timeout_s=1e-6)
+    slow = GrammarCompiler(engine.tokenizer, engine.vocab_size, timeout_s=0.05)
+    build = slow._build
+    monkeypatch.setattr(slow, "_build", lambda text: time.sleep(0.5) or build(text))
     with pytest.raises(GrammarError, match="took over"):
         slow.matcher(StructuredOutputs(json={**PERSON, "title": "uncached"}))
 
