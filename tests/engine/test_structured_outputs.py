@@ -196,8 +196,10 @@ def test_compiling_is_cached_and_bounded(engine, monkeypatch):
     finds what the first compiled; a compile past the bound is a GrammarError. (Times are
     the benchmark's: benchmarks/structured.py.)"""
     spec = StructuredOutputs(json={**PERSON, "title": "cache probe"})
-    GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_ids).matcher(spec)
+    first = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_ids)
+    first.matcher(spec)
     other = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_ids)
+    assert other.tokenizer is first.tokenizer  # llguidance's tokenizer is built once too
     monkeypatch.setattr(other, "_build", lambda text: pytest.fail("compiled twice"))
     fresh = other.matcher(spec)
     fresh.replay(engine.tokenizer.encode('{"name":"a"', add_special_tokens=False)[1:])

@@ -31,6 +31,8 @@ LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, max_grammar
 # (tokenizer key, grammar text) -> a fresh compiled matcher, shared by every compiler
 _CACHE: OrderedDict[tuple[tuple, str], llguidance.LLMatcher] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+# tokenizer key -> llguidance's view of it (the HTTP side builds it, the engine reuses it)
+_TOKENIZERS: dict[tuple, llguidance.LLTokenizer] = {}
 
 
 class GrammarError(InvalidRequest):
@@ -71,11 +73,16 @@ class GrammarCompiler:
         timeout_s: float = COMPILE_TIMEOUT_S,
     ) -> None:
         eos = sorted(eos_ids) if eos_ids else None
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
-        self.vocab_size = vocab_size
-        self.timeout_s = timeout_s
         # what makes two compilers' grammars interchangeable
         self.key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), vocab_size, str(eos))
+        with _CACHE_LOCK:  # converting a 128k vocabulary takes ~1 s: once per process
+            if self.key not in _TOKENIZERS:
+                _TOKENIZERS[self.key] = llguidance.hf.from_tokenizer(
+                    tokenizer, n_vocab=vocab_size, eos_token=eos
+                )
+            self.tokenizer = _TOKENIZERS[self.key]
+        self.vocab_size = vocab_size
+        self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstp-grammar")
 
     def matcher(self, spec: StructuredOutputs, param: str = "structured_outputs") -> GrammarState:
