@@ -46,41 +46,41 @@ def _host_arrays(plan: StepPlan, block_size: int) -> list[torch.Tensor]:
     return arrays
 
 
-class StepUploader:
-    """Packs a step's arrays into one host buffer and uploads it in one copy.
+class PackedUpload:
+    """int64 arrays packed into one host buffer and copied to the device in one go.
 
-    Two host buffers alternate, each reused until a step needs a larger one;
-    on CUDA they are pinned and a buffer is rewritten only after the copy
-    that read it has finished (an event), so the upload never blocks the host.
+    Two host buffers alternate, each reused until a call needs a larger one; on CUDA they
+    are pinned and a buffer is rewritten only after the copy that read it has finished
+    (an event), so the upload never blocks the host. On a host device the buffer *is* the
+    device copy: ``fresh_on_host`` gives a new one per call where views of it may outlive
+    the next call (the sampler's), reuse where they do not (a step's inputs). The step's
+    inputs and the sampler's per-row values both go up through this one rule.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, fresh_on_host: bool = False) -> None:
         self.device = device
         self.pinned = device.type == "cuda"
+        self.fresh_on_host = fresh_on_host and not self.pinned
         self._buffers: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * 2
         self._done: list[object | None] = [None, None]
         self._turn = 0
 
-    def upload(self, plan: StepPlan, block_size: int) -> StepInputs:
-        arrays = _host_arrays(plan, block_size)
-        parts = self._upload([a.reshape(-1) for a in arrays])
-        shaped = [p.view(a.shape) for p, a in zip(parts, arrays, strict=True)]
-        decode = shaped[5:] if len(shaped) > 5 else [None, None, None]
-        return StepInputs(*shaped[:5], *decode)
-
-    def _upload(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
-        total = sum(a.numel() for a in flat)
+    def upload(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The flat int64 ``parts``, concatenated, on the device."""
+        total = sum(p.numel() for p in parts)
         buffer = self._host_buffer(total)
-        torch.cat(flat, out=buffer[:total])
+        torch.cat(parts, out=buffer[:total])
         on_device = buffer[:total].to(self.device, non_blocking=self.pinned)
         if self.pinned:
             done = torch.cuda.Event()
             done.record()
             self._done[self._turn] = done
         self._turn ^= 1
-        return list(torch.split(on_device, [a.numel() for a in flat]))
+        return on_device
 
     def _host_buffer(self, numel: int) -> torch.Tensor:
+        if self.fresh_on_host:
+            return torch.empty(numel, dtype=torch.long)
         done = self._done[self._turn]
         if done is not None:
             done.synchronize()  # the copy that last read this buffer has finished
@@ -91,3 +91,22 @@ class StepUploader:
             )
             self._buffers[self._turn] = buffer
         return buffer
+
+
+class StepUploader:
+    """A step's metadata arrays, uploaded together (:class:`PackedUpload`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._packed = PackedUpload(device)
+
+    def upload(self, plan: StepPlan, block_size: int) -> StepInputs:
+        arrays = _host_arrays(plan, block_size)
+        parts = self._upload([a.reshape(-1) for a in arrays])
+        shaped = [p.view(a.shape) for p, a in zip(parts, arrays, strict=True)]
+        decode = shaped[5:] if len(shaped) > 5 else [None, None, None]
+        return StepInputs(*shaped[:5], *decode)
+
+    def _upload(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
+        on_device = self._packed.upload(flat)
+        return list(torch.split(on_device, [a.numel() for a in flat]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dstp.worker.step_inputs import StepUploader
+from dstp.worker.step_inputs import PackedUpload, StepUploader
 from dstp.worker.step_plan import StepPlan
 
 
@@ -65,3 +65,13 @@ def test_host_buffers_alternate_and_are_reused():
     third = uploader.upload(plan, 16).input_ids
     assert first.data_ptr() != second.data_ptr()  # the next step never overwrites the last
     assert first.data_ptr() == third.data_ptr()  # and no buffer is allocated per step
+
+
+def test_a_fresh_host_buffer_per_call_where_views_outlive_the_call():
+    """The sampler's values: on a host device the upload is the buffer itself, and its
+    views are read after the next step's upload, so each call gets its own."""
+    packed = PackedUpload(torch.device("cpu"), fresh_on_host=True)
+    parts = [torch.arange(5), torch.arange(3)]
+    first, second = packed.upload(parts), packed.upload(parts)
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, second)
+    assert first.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]

@@ -2,9 +2,9 @@
 
 Integers go in as they are, floats as their float64 bits and int32 words (grammar
 bitmasks) two to an int64, all into one int64 host buffer (pinned on CUDA) that is
-copied to the device once, non-blocking, as dstp/worker/step_inputs.py does for the
-model's inputs. The parts come back as views of the device copy, in their own dtype
-and shape: a float is rounded to float32 on the device exactly as
+copied to the device once, non-blocking, by the same ``PackedUpload`` that sends the
+model's inputs (dstp/worker/step_inputs.py). The parts come back as views of the device
+copy, in their own dtype and shape: a float is rounded to float32 on the device exactly as
 ``torch.tensor(value, dtype=torch.float32)`` rounds it on the host.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 import threading
 
 import torch
+
+from dstp.worker.step_inputs import PackedUpload
 
 _LOCAL = threading.local()  # each thread its own host buffers (an engine loop per thread)
 
@@ -64,47 +66,11 @@ class Packer:
         return out
 
 
-class _Uploader:
-    """Two host buffers used in turn; on CUDA pinned, and rewritten only once the copy that
-    last read one has finished (an event), so the upload never blocks the host."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.pinned = device.type == "cuda"
-        self._buffers = [torch.empty(0, dtype=torch.long)] * 2
-        self._done: list[object | None] = [None, None]
-        self._turn = 0
-
-    def upload(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        total = sum(p.numel() for p in parts)
-        buffer = self._host_buffer(total)
-        torch.cat(parts, out=buffer[:total])
-        on_device = buffer[:total].to(self.device, non_blocking=self.pinned)
-        if self.pinned:
-            done = torch.cuda.Event()
-            done.record()
-            self._done[self._turn] = done
-            self._turn ^= 1
-        return on_device
-
-    def _host_buffer(self, numel: int) -> torch.Tensor:
-        if not self.pinned:  # the "copy" is the buffer itself: views of it outlive the step
-            return torch.empty(numel, dtype=torch.long)
-        done = self._done[self._turn]
-        if done is not None:
-            done.synchronize()  # the copy that last read this buffer has finished
-        buffer = self._buffers[self._turn]
-        if buffer.numel() < numel:
-            buffer = torch.empty(max(numel, 2 * buffer.numel()), dtype=torch.long, pin_memory=True)
-            self._buffers[self._turn] = buffer
-        return buffer
-
-
-def _uploader(device: torch.device) -> _Uploader:
+def _uploader(device: torch.device) -> PackedUpload:
     uploaders = getattr(_LOCAL, "uploaders", None)
     if uploaders is None:
         uploaders = _LOCAL.uploaders = {}
     found = uploaders.get(device)
     if found is None:
-        found = uploaders[device] = _Uploader(device)
+        found = uploaders[device] = PackedUpload(device, fresh_on_host=True)
     return found
