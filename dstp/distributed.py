@@ -71,6 +71,21 @@ class TPGroup:
 
         return ReplicaLayout(self.world_size, self.size).describe(self.replica)
 
+    def set_collective_timeout(self, seconds: float) -> None:
+        """Time out any collective of this rank's groups after ``seconds``.
+
+        Start-up keeps the long default (ranks may load weights at different speeds);
+        once serving, the step timeout applies, so a rank whose peer died or failed
+        mid-step ends within it instead of NCCL's 30 minutes (its watchdog then aborts
+        the process; gloo raises, and the follower exits). Idle followers are not at
+        risk: rank 0 sends a heartbeat round every ``--heartbeat-interval``.
+        """
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        groups = (self.group, self.cpu_group, self.world_cpu_group)
+        for group in {id(g): g for g in groups if g is not None}.values():
+            _set_pg_timeout(timedelta(seconds=seconds), group)
+
     # -- collectives ---------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` in place over the group and return it."""

@@ -212,6 +212,8 @@ def _run_role(args, engine, link, server, lazy, model: str, builtin: BuiltinMode
     from dstp import replicas
 
     tp = engine.tp
+    if tp.world_size > 1:
+        tp.set_collective_timeout(args.step_timeout)  # a dead peer ends this rank within it
     if tp.num_replicas > 1:
         log.info("global rank %d is rank %d of %s", tp.global_rank, tp.rank, tp.describe())
     if tp.is_driver and tp.replica != 0:  # another replica's driver: rank 0 routes to it
