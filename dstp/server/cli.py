@@ -300,7 +300,8 @@ def _liveness_flags(r: argparse._ArgumentGroup) -> None:
         "--step-timeout",
         type=float,
         default=600.0,
-        help="seconds one engine step may take before a rank counts as hung",
+        help="seconds one engine step may take before a rank counts as hung; once serving, "
+        "also the longest any rank waits in a collective",
     )
     r.add_argument(
         "--log-level",
