@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dstp.worker.attention.backends.sdpa import decode_group_size, decode_seq_bytes
 from dstp.worker.step_plan import StepPlan
 
 CPU_MEMORY_FRACTION = 0.25  # of the host's available memory, shared by its local ranks
@@ -48,7 +49,7 @@ class WorstStep:
     sampler's) transient, freed before the next, so they are bounds, not sums over layers.
     """
 
-    decode_gather: int  # K/V of max_num_seqs sequences x max_model_len, and their fp32 scores
+    decode_gather: int  # K/V of a decode group at max_model_len, and their fp32 scores
     prefill_mask: int  # the largest continued chunk's mask [G * chunk, ctx] and its context K/V
     sampler: int  # max_num_seqs rows x vocabulary at SAMPLER_BYTES_PER_LOGIT
     detail: tuple[str, str, str] = ("", "", "")  # each term's shape, for the log
@@ -93,12 +94,15 @@ def worst_step(
     """The :class:`WorstStep` of one rank (its heads), by byte accounting of the SDPA
     backend's decode and continued-prefill paths and of the sampler."""
     kv_dims = k_head_dim + v_head_dim
-    # decode (backends/sdpa.py _decode_batch): K and V of every decoding sequence gathered
+    # decode (backends/sdpa.py _decode_batch): K and V of the decoding sequences gathered
     # block by block to the longest context, then [H, D, ctx] fp32 scores, two at once
-    # (the scores and their masked / softmaxed copy)
+    # (the scores and their masked / softmaxed copy); sequences go in groups under
+    # DECODE_GROUP_BYTES, so one group is the transient
     ctx = -(-max_model_len // block_size) * block_size
-    gather = max_num_seqs * ctx * local_kv_heads * kv_dims * dtype_bytes
-    scores = 2 * local_heads * max_num_seqs * ctx * 4
+    seq_bytes = decode_seq_bytes(
+        ctx, local_kv_heads, local_heads, k_head_dim, v_head_dim, dtype_bytes
+    )
+    group = decode_group_size(max_num_seqs, seq_bytes)
     # continued prefill (_continued_prefill): a chunk of q tokens against the full context;
     # the bool mask [q, ctx], repeated per query head of a KV head [G * q, ctx], and SDPA's
     # additive copy of it in the model's dtype (made through a negated bool copy); plus the
@@ -109,11 +113,11 @@ def worst_step(
     context = max_model_len * local_kv_heads * kv_dims * dtype_bytes
     rows = max_num_seqs * vocab_size * SAMPLER_BYTES_PER_LOGIT
     return WorstStep(
-        decode_gather=gather + scores,
+        decode_gather=group * seq_bytes,
         prefill_mask=mask + context,
         sampler=rows,
         detail=(
-            f"{max_num_seqs} seqs x {ctx} tokens",
+            f"{group} of {max_num_seqs} seqs at a time x {ctx} tokens",
             f"{groups} x {chunk} x {max_model_len}",
             f"{max_num_seqs} rows x {vocab_size}",
         ),

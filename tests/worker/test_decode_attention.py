@@ -168,3 +168,19 @@ def test_a_float32_model_never_builds_the_bf16_kernels(bf16_llama, monkeypatch):
     results = engine.generate([[5, 9, 33], [1, 2, 3, 4, 5]], params)
     assert all(len(result.outputs[0].token_ids) == 4 for result in results)
     assert not asked, "a float32 model asked for the bf16 kernels"
+
+
+@pytest.mark.parametrize("softcap,window", [(None, None), (5.0, 7)])
+def test_decode_groups_under_the_byte_cap_give_the_same_attention(monkeypatch, softcap, window):
+    """Past DECODE_GROUP_BYTES the batch goes in groups of sequences: the same output as
+    one group (a cap of one sequence's bytes: every sequence alone)."""
+    from dstp.worker.attention.backends import sdpa
+
+    k, v, step = _step(2, 32, 4, [1, 9, 30, 17, 4], seed=3)
+    query = torch.randn(8, 7, 32)
+    layer = LayerAttention(0.2, softcap, window)
+    whole = SdpaBackend._decode_batch(query, k.float(), v.float(), step, layer)
+    monkeypatch.setattr(sdpa, "DECODE_GROUP_BYTES", 1)
+    assert sdpa.decode_group_size(5, 10**6) == 1
+    alone = SdpaBackend._decode_batch(query, k.float(), v.float(), step, layer)
+    assert torch.allclose(alone, whole, atol=1e-6)

@@ -184,7 +184,11 @@ def test_the_engine_runs_on_cuda_and_gives_the_cpu_tokens(run):
     assert all(p.device.type == "cuda" for p in engine.runner.model.parameters())
     reason = engine.runner.kv_budget.reason  # the start-up log's "sized by"
     assert "--gpu-memory-utilization 0.9" in reason  # from the stubbed mem_get_info
-    for term in ("activation peak", "batched decode (4 seqs x 64 tokens)", "sampler (4 rows"):
+    for term in (
+        "activation peak",
+        "batched decode (4 of 4 seqs at a time x 64 tokens)",
+        "sampler (4 rows",
+    ):
         assert term in reason
     assert "continued-prefill mask (2 x 64 x 64)" in reason
     out = engine.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0))[0].outputs[0]

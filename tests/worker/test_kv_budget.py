@@ -106,8 +106,9 @@ def test_the_chunk_is_at_most_the_context():
 
 def test_worst_step_of_llama_70b_at_tp8_and_128k():
     """The issue's case: 64 sequences, one at 128K, 8 of 64 query heads and 1 of 8 KV heads
-    per rank, bf16: 4 GiB of gathered K/V, 0.5 GiB of scores, an 8.3 GiB mask for a
-    2,048-token chunk, a quarter GiB of sampler rows."""
+    per rank, bf16. Gathered whole, 4 GiB of K/V and 0.5 GiB of scores; in groups under
+    the decode byte cap, 7 sequences of 72 MiB at a time. An 8.3 GiB mask for a 2,048-token
+    chunk, a quarter GiB of sampler rows."""
     worst = _worst(
         max_num_seqs=64,
         max_model_len=131072,
@@ -119,7 +120,9 @@ def test_worst_step_of_llama_70b_at_tp8_and_128k():
         dtype_bytes=2,
         vocab_size=128256,
     )
-    assert worst.decode_gather == 4 * GIB + GIB // 2
+    per_seq = 131072 * 256 * 2 + 2 * 8 * 131072 * 4  # K/V of one sequence, its two scores
+    assert per_seq * 64 == 4 * GIB + GIB // 2  # what one group of all 64 would gather
+    assert worst.decode_gather == 7 * per_seq == 504 * 2**20
     assert worst.prefill_mask == 2048 * 131072 * (1 + 8 * 4) + 131072 * 256 * 2
     assert round(worst.sampler / GIB, 2) == 0.24
 
