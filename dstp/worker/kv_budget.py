@@ -90,9 +90,12 @@ def worst_step(
     v_head_dim: int,
     dtype_bytes: int,
     vocab_size: int,
+    explicit_scores: bool = False,
 ) -> WorstStep:
     """The :class:`WorstStep` of one rank (its heads), by byte accounting of the SDPA
-    backend's decode and continued-prefill paths and of the sampler."""
+    backend's decode and continued-prefill paths and of the sampler. ``explicit_scores``:
+    the model soft-caps or windows its attention, so a continued prefill computes its
+    scores explicitly (backends/sdpa.py ``_masked_prefill``) instead of SDPA with a mask."""
     kv_dims = k_head_dim + v_head_dim
     # decode (backends/sdpa.py _decode_batch): K and V of the decoding sequences gathered
     # block by block to the longest context, then [H, D, ctx] fp32 scores, two at once
@@ -111,6 +114,13 @@ def worst_step(
     groups = max(1, local_heads // max(1, local_kv_heads))
     mask = chunk * max_model_len * (1 + groups * (2 + dtype_bytes))
     context = max_model_len * local_kv_heads * kv_dims * dtype_bytes
+    if explicit_scores:
+        # _masked_prefill: the bool [chunk, ctx] allowed mask, fp32 [H, chunk, ctx] scores and
+        # their masked / softmaxed copy, the probabilities in the model's dtype, and K and V
+        # repeated to every query head
+        scores = local_heads * chunk * max_model_len * (2 * 4 + dtype_bytes)
+        expanded = local_heads * max_model_len * kv_dims * dtype_bytes
+        mask = max(mask, chunk * max_model_len + scores + expanded)
     rows = max_num_seqs * vocab_size * SAMPLER_BYTES_PER_LOGIT
     return WorstStep(
         decode_gather=group * seq_bytes,

@@ -137,6 +137,7 @@ class ModelRunner:
             v_head_dim=shape.v_head_dim,
             dtype_bytes=torch.empty((), dtype=shape.dtype).element_size(),
             vocab_size=self.vocab_size,
+            explicit_scores=_softcaps_or_windows(self.model.config),
         )
 
     def _profile_activation_peak(self, config: EngineConfig) -> int:
@@ -290,3 +291,14 @@ class ModelRunner:
                 return
             if command == Command.STEP:
                 self.execute(plan)
+
+
+def _softcaps_or_windows(config) -> bool:
+    """Whether the model's attention may soft-cap or window (Gemma 2, Mistral, Qwen2 with a
+    sliding window...): its continued prefills then compute explicit scores. Read from the
+    config, so a model that declares a window it does not use is counted on the safe side."""
+    text = config.get_text_config()
+    return any(
+        getattr(text, name, None) is not None
+        for name in ("attn_logit_softcapping", "sliding_window")
+    )

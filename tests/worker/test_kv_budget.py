@@ -97,6 +97,27 @@ def test_worst_step_by_byte_accounting():
     assert worst.nbytes == max(worst.decode_gather, worst.prefill_mask) + worst.sampler
 
 
+def test_soft_capped_or_windowed_models_count_the_explicit_scores():
+    """Gemma 2 / Mistral continued prefills go through _masked_prefill: fp32 scores [H, q,
+    ctx] and their copy, the probabilities in the model's dtype, the bool mask, and K and V
+    repeated to every query head."""
+    plain, explicit = _worst(), _worst(explicit_scores=True)
+    scores = 8 * 64 * 100 * (2 * 4 + 2) + 64 * 100 + 8 * 100 * 24 * 2
+    assert explicit.prefill_mask == max(plain.prefill_mask, scores + 100 * 2 * 24 * 2)
+    assert explicit.prefill_mask > plain.prefill_mask
+    assert (explicit.decode_gather, explicit.sampler) == (plain.decode_gather, plain.sampler)
+
+
+def test_which_models_count_explicit_scores():
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig
+
+    from dstp.worker.model_runner import _softcaps_or_windows
+
+    assert _softcaps_or_windows(Gemma2Config())
+    assert _softcaps_or_windows(MistralConfig(sliding_window=4096))
+    assert not _softcaps_or_windows(LlamaConfig())
+
+
 def test_the_chunk_is_at_most_the_context():
     assert (
         _worst(max_num_batched_tokens=8192).prefill_mask
