@@ -71,13 +71,12 @@ class Engine:
         sched = self._driver_scheduler()
         if request_id in sched.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        self.check_request(prompt_token_ids, params)
+        grammar = self._checked(prompt_token_ids, params)
         request = Request(request_id, list(prompt_token_ids), params, time.monotonic())
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_ids
         )
         generator = make_generator(params.seed, 0)
-        grammar = self._grammar(params)
         sched.add(
             request, SampleState(params, request.prompt_ids, [], generator, stop_ids, grammar)
         )
@@ -88,6 +87,13 @@ class Engine:
         """What :meth:`add_request` rejects (``InvalidRequest``), without adding it (a
         router checks here before handing the request to another replica, passing the
         shortest context of its replicas as ``max_model_len``)."""
+        self._checked(prompt_token_ids, params, max_model_len)
+
+    def _checked(
+        self, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int | None = None
+    ) -> GrammarState | None:
+        """The admission rule, then the request's fresh matcher (an invalid constraint is
+        refused here; compiled once per text, cached)."""
         check_request(
             prompt_token_ids,
             params,
@@ -95,7 +101,7 @@ class Engine:
             max_model_len or self.max_model_len,
             self.eos_ids,
         )
-        self._grammar(params)  # an invalid constraint is refused here (compiled once, cached)
+        return self._grammar(params)
 
     def _grammar(self, params: SamplingParams) -> GrammarState | None:
         """A fresh matcher for the request's constraint, or None (``InvalidRequest`` if the

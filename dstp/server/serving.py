@@ -253,7 +253,12 @@ class _Shape:
 
 
 class _Completions(_Shape):
-    path, prefix, kind, chunk_kind = "/v1/completions", "cmpl", "text_completion", "text_completion"
+    path, prefix, kind, chunk_kind = (
+        "/v1/completions",
+        "cmpl-",
+        "text_completion",
+        "text_completion",
+    )
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -291,7 +296,7 @@ class _Completions(_Shape):
 class _Chat(_Shape):
     path, prefix, kind, chunk_kind = (
         "/v1/chat/completions",
-        "chatcmpl",
+        "chatcmpl-",
         "chat.completion",
         "chat.completion.chunk",
     )
@@ -417,7 +422,7 @@ class Serving:
         prompts = parse_completion(
             body, self.tok.encode, cfg.vocab_size, cfg.max_model_len, cfg.sampling_defaults
         )
-        return self._respond(_Completions, prompts, probe, "cmpl-")
+        return self._respond(_Completions, prompts, probe, _Completions.prefix)
 
     def chat(self, body: dict, probe: Callable[[], bool] | None):
         cfg = self.config
@@ -433,7 +438,7 @@ class Serving:
         reader = ChatReader(reasoning, parsed.tool_use and parsed.tool_use.parser)
         if reasoning is not None and reasoning.enable_thinking:
             self._constrain_after_thinking(parsed)
-        return self._respond(partial(_Chat, reader=reader), [parsed], probe, "chatcmpl-")
+        return self._respond(partial(_Chat, reader=reader), [parsed], probe, _Chat.prefix)
 
     def _constrain_after_thinking(self, parsed: ParsedRequest) -> None:
         """Structured output applies to the answer, after ``</think>`` (vLLM's rule), where

@@ -70,8 +70,8 @@ class MaskJob:
         rows = [(g.matcher, i) for i, g in enumerate(grammars) if g is not None and g.active]
         self._future: Future | None = None
         if rows:
-            bitmask = torch.full(llguidance.torch.get_bitmask_shape(len(grammars), vocab_size), -1)
-            bitmask = bitmask.to(torch.int32)
+            shape = llguidance.torch.get_bitmask_shape(len(grammars), vocab_size)
+            bitmask = torch.full(shape, -1, dtype=torch.int32)
             self._future = _worker().submit(_fill, rows, bitmask)
 
     def result(self) -> torch.Tensor | None:
