@@ -7,11 +7,9 @@ import json
 import pytest
 import torch
 
-import dstp.distributed as dist
-from dstp.distributed import TPGroup
 from dstp.engine.config import EngineConfig, describe_dtype, resolve_dtype
 from dstp.engine.llm_engine import Engine
-from tests.helpers.fake_cuda import fake_cuda
+from tests.helpers.fake_cuda import fake_cuda_rank
 from tests.helpers.tiny_models import STORIES
 
 
@@ -47,19 +45,14 @@ def test_the_log_says_why(checkpoint, monkeypatch):
 
 def test_the_engine_loads_in_bfloat16_on_a_fake_gpu():
     """stories260K declares float32; on the fake card its weights and cache are bf16."""
-    kept = dist._TP
-    try:
-        with fake_cuda(total_gib=0.02):
-            dist._TP = TPGroup(0, 1, 0, 1, torch.device("cuda:0"), None, False)
-            config = EngineConfig(
-                model=str(STORIES),
-                dtype="auto",
-                max_model_len=32,
-                max_num_seqs=2,
-                max_num_batched_tokens=32,
-            )
-            runner = Engine(config).runner
-            assert {p.dtype for p in runner.model.parameters()} == {torch.bfloat16}
-            assert runner.cache.keys.dtype == torch.bfloat16
-    finally:
-        dist._TP = kept
+    with fake_cuda_rank(total_gib=0.02):
+        config = EngineConfig(
+            model=str(STORIES),
+            dtype="auto",
+            max_model_len=32,
+            max_num_seqs=2,
+            max_num_batched_tokens=32,
+        )
+        runner = Engine(config).runner
+        assert {p.dtype for p in runner.model.parameters()} == {torch.bfloat16}
+        assert runner.cache.keys.dtype == torch.bfloat16

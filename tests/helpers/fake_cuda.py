@@ -505,6 +505,21 @@ def fake_cuda(total_gib: float = 80.0) -> Iterator[FakeCuda]:
         yield state
 
 
+@contextlib.contextmanager
+def fake_cuda_rank(total_gib: float = 80.0) -> Iterator[FakeCuda]:
+    """:func:`fake_cuda`, with this process a TP=1 rank on ``cuda:0`` for the block (the
+    engine's TP group is put back after it)."""
+    from dstp import distributed as dist
+
+    kept = dist._TP
+    with fake_cuda(total_gib) as state:
+        dist._TP = dist.TPGroup(0, 1, 0, 1, torch.device("cuda:0"), None, False)
+        try:
+            yield state
+        finally:
+            dist._TP = kept
+
+
 def shadow(t: torch.Tensor) -> torch.Tensor:
     """The real values of a fake cuda tensor (for assertions)."""
     return t._dstp_shadow if _is_cuda(t) else t  # type: ignore[attr-defined]

@@ -12,13 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dstp.distributed as dist
-from dstp.distributed import TPGroup
 from dstp.engine.llm_engine import Engine, EngineConfig
 from dstp.engine.sampling_params import SamplingParams
 from dstp.worker import kv_budget
 from dstp.worker.step_plan import StepPlan
-from tests.helpers.fake_cuda import DeviceMixError, fake_cuda, shadow
+from tests.helpers.fake_cuda import DeviceMixError, fake_cuda, fake_cuda_rank, shadow
 from tests.helpers.tiny_models import STORIES
 
 CARD_GIB = 0.02  # a small card: the fake tensors' shadows are real host memory
@@ -121,50 +119,40 @@ def test_the_worst_steps_fit_on_a_card_the_budget_filled():
     the profiled 32-token step a fraction of that) and a continued prefill, on a card whose
     KV cache took what the budget left: each step's peak stays inside the utilization.
     Without the worst-step terms in the budget the decode step overflows it."""
-    kept = dist._TP
-    try:
-        with fake_cuda(total_gib=WORST_CARD_GIB) as device:
-            dist._TP = TPGroup(0, 1, 0, 1, torch.device("cuda:0"), None, False)
-            config = EngineConfig(
-                model=str(STORIES),
-                dtype="float32",
-                max_model_len=512,
-                max_num_seqs=64,
-                max_num_batched_tokens=32,
-                gpu_memory_utilization=UTILIZATION,
-            )
-            runner = Engine(config).runner
-            assert runner.max_model_len == 512  # the cache holds one whole context
-            limit = UTILIZATION * device.total_bytes
-            for plan in _worst_plans(64, 512, 32, config.block_size):
-                device.peak = device.allocated
-                logits = runner.execute(plan)
-                assert logits.shape[0] == plan.sample_rows.numel()
-                assert device.peak <= limit, (device.peak / 2**20, limit / 2**20)
-    finally:
-        dist._TP = kept
+    with fake_cuda_rank(total_gib=WORST_CARD_GIB) as device:
+        config = EngineConfig(
+            model=str(STORIES),
+            dtype="float32",
+            max_model_len=512,
+            max_num_seqs=64,
+            max_num_batched_tokens=32,
+            gpu_memory_utilization=UTILIZATION,
+        )
+        runner = Engine(config).runner
+        assert runner.max_model_len == 512  # the cache holds one whole context
+        limit = UTILIZATION * device.total_bytes
+        for plan in _worst_plans(64, 512, 32, config.block_size):
+            device.peak = device.allocated
+            logits = runner.execute(plan)
+            assert logits.shape[0] == plan.sample_rows.numel()
+            assert device.peak <= limit, (device.peak / 2**20, limit / 2**20)
 
 
 # -- a real engine on the fake card ---------------------------------------------------
 @pytest.fixture(scope="module")
 def run():
     """(engine, device state) inside one fake-CUDA block for the module's tests."""
-    kept = dist._TP
-    with fake_cuda(total_gib=CARD_GIB) as device:
-        dist._TP = TPGroup(0, 1, 0, 1, torch.device("cuda:0"), None, False)
-        try:
-            config = EngineConfig(
-                model=str(STORIES),
-                dtype="float32",
-                max_model_len=64,
-                max_num_seqs=4,
-                max_num_batched_tokens=64,
-                gpu_memory_utilization=UTILIZATION,
-            )
-            device.built = device.transfers.snapshot()
-            yield Engine(config), device
-        finally:
-            dist._TP = kept
+    with fake_cuda_rank(total_gib=CARD_GIB) as device:
+        config = EngineConfig(
+            model=str(STORIES),
+            dtype="float32",
+            max_model_len=64,
+            max_num_seqs=4,
+            max_num_batched_tokens=64,
+            gpu_memory_utilization=UTILIZATION,
+        )
+        device.built = device.transfers.snapshot()
+        yield Engine(config), device
 
 
 def _steps(engine, device):
