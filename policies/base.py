@@ -36,6 +36,12 @@ projections split correctly (each rank takes its slice of every component):
     ``logit_scale``). dstp calls the LM head itself, so a step missing here is
     a wrong temperature and wrong logprobs, though greedy tokens still match.
 
+``fused_layer``
+    the name of a fused decoder layer (:data:`FUSED_LAYER_NAMES`, e.g. ``"llama"``)
+    that replaces HF's layers after loading: fewer ops, one GEMM for q/k/v and one
+    for gate/up. Each layer is probed against HF's first and keeps HF's forward
+    where it differs (dstp.model.fused_layers); ``--no-fused-layers`` turns it off.
+
 ``Policy.validate(config, tp_size)`` checks divisibility (and that every
 ``LogitOp`` names a config attribute) before any weight is read, and returns
 the :class:`HeadLayout` the injector uses.
@@ -53,6 +59,9 @@ import torch
 from torch import nn
 
 PART_KINDS = ("q", "kv", "even")
+# decoder-layer forms dstp has a fused layer for (dstp.model.fused_layers.FUSED_LAYERS):
+# "llama": pre-norm RMSNorm, q/k/v (optional per-head q/k norms), half-split rotary, SwiGLU
+FUSED_LAYER_NAMES = ("llama",)
 LOGIT_OP_KINDS = ("multiply", "divide", "softcap")
 # a head count or head size in a policy: a config attribute's name, a literal, or a
 # callable of the config (for counts no attribute holds, such as Falcon-7B's one KV head)
@@ -296,7 +305,17 @@ class Policy:
     divisible: tuple[str, ...] = ("intermediate_size",)
     # what *ForCausalLM.forward does to the LM head's output, in order
     logits: tuple[LogitOp, ...] = ()
+    # the fused decoder layer this family's layers are swapped for after loading (one of
+    # FUSED_LAYER_NAMES), each only where it proves equal to HF's layer; None: HF's layers
+    fused_layer: str | None = None
     doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.fused_layer is not None and self.fused_layer not in FUSED_LAYER_NAMES:
+            raise TPConfigError(
+                f"policy {self.name!r}: fused_layer={self.fused_layer!r} is not one of "
+                f"{FUSED_LAYER_NAMES} (or None for HF's own layers)"
+            )
 
     # -- validation ------------------------------------------------------------
     def head_layout(self, config: Any, tp_size: int) -> HeadLayout:

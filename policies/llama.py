@@ -29,12 +29,19 @@ LLAMA = Policy(
     # HF repeats each local KV head this many times; under KV replication it
     # is local query heads (not the full model's heads / kv heads).
     attention_attrs={"num_key_value_groups": "kv_groups"},
+    fused_layer="llama",
     doc="Llama 1/2/3: q/k/v and gate/up column-parallel, o/down row-parallel.",
 )
 
 
 def llama_like(name: str, architecture: str, model_type: str, doc: str, **changes: Any) -> Policy:
-    """A policy for a family that keeps Llama's module names (Mistral, Qwen, Gemma...)."""
+    """A policy for a family that keeps Llama's module names (Mistral, Qwen, Gemma...).
+
+    Llama's fused layer is not inherited (Gemma's norms, OLMo2's post-norms and the MoE
+    families' MLPs are other forms): a family that has Llama's layer passes
+    ``fused_layer="llama"``.
+    """
+    changes.setdefault("fused_layer", None)
     return replace(
         LLAMA,
         name=name,

@@ -7,4 +7,5 @@ MISTRAL = llama_like(
     "MistralForCausalLM",
     "mistral",
     doc="Mistral: as Llama (q/k/v, gate/up column; o, down row); sliding window unaffected.",
+    fused_layer="llama",
 )

@@ -12,6 +12,7 @@ QWEN2 = llama_like(
     "Qwen2ForCausalLM",
     "qwen2",
     doc="Qwen2: as Llama; q/k/v biases split with their heads.",
+    fused_layer="llama",
 )
 
 QWEN3 = llama_like(
@@ -19,4 +20,5 @@ QWEN3 = llama_like(
     "Qwen3ForCausalLM",
     "qwen3",
     doc="Qwen3: as Llama; per-head q/k norms act on head_dim and stay replicated.",
+    fused_layer="llama",
 )

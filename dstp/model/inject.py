@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from dstp.cpu import kernels as cpu_kernels
 from dstp.distributed import TPGroup
+from dstp.model.fused_layers import fuse_decoder_layers
 from dstp.model.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -61,6 +62,7 @@ class ShardedModel:
     heads: HeadLayout
     config: Any
     checkpoint_bytes: int
+    fused_layers: int = 0  # decoder layers running the policy's fused form
 
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -385,8 +387,13 @@ def shard_model(
     attn_implementation: str = "sdpa",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    fused_layers: bool = True,
 ) -> ShardedModel:
-    """Everything in the module docstring, with errors raised on every rank together."""
+    """Everything in the module docstring, with errors raised on every rank together.
+
+    ``fused_layers``: swap decoder layers for the policy's fused form where each proves
+    equal to HF's (dstp.model.fused_layers); False keeps HF's layers everywhere.
+    """
     config = tp.agree(lambda: load_config(path, trust_remote_code))
     # what no policy can fix is said first, before a policy is derived or a weight is read
     tp.agree(lambda: check_attention_backend(config, attn_implementation))
@@ -415,11 +422,13 @@ def shard_model(
     if dtype == torch.bfloat16 and tp.device.type == "cpu":
         cpu_kernels.available()  # build the batch-1 GEMV now, not on the first request
         _fuse_rms_norms(model)
-    sharded = ShardedModel(model, policy, heads, config, ckpt.nbytes())
+    fused = tp.agree(lambda: fuse_decoder_layers(model, policy, tp)) if fused_layers else 0
+    sharded = ShardedModel(model, policy, heads, config, ckpt.nbytes(), fused)
     if tp.is_driver:
         log.info(
             "loaded %s with policy %r at TP=%d: %d/%d query heads, %d/%d KV heads per rank "
-            "(each KV head on %d rank(s)), %.1f MiB of parameters per rank",
+            "(each KV head on %d rank(s)), %.1f MiB of parameters per rank, %d/%d decoder "
+            "layers fused",
             type(model).__name__,
             policy.name,
             tp.size,
@@ -429,5 +438,7 @@ def shard_model(
             heads.num_kv_heads,
             heads.kv_replicas,
             sharded.parameter_bytes() / 2**20,
+            fused,
+            getattr(config, "num_hidden_layers", 0),
         )
     return sharded

@@ -1,0 +1,417 @@
+"""Fused decoder layers a policy may name (issue 22 item 1), swapped in after loading.
+
+HF's ``LlamaDecoderLayer`` on a packed decode step is ~36 ATen ops (~46 without
+dstp's CPU kernels): three q/k/v GEMMs, two gate/up GEMMs, a ten-op rotary, an
+eight-op RMSNorm twice. On a GPU each op is a kernel launch, and at decode sizes
+the launches, not the arithmetic, are the cost. :class:`FusedLlamaLayer` computes
+the same function with fewer ops, as vLLM's Llama layer and DeepSpeed-Inference's
+injected layers do:
+
+- q/k/v as ONE column-parallel GEMM, gate/up as ONE: each rank's already-loaded
+  shards are concatenated at swap time and the separate weights freed with HF's
+  layer, so resident memory does not grow;
+- the residual add as one op beside each RMSNorm, the norm being dstp's one-call
+  CPU kernel where the RMSNorm swap (:mod:`dstp.model.norms`) proved it, HF's
+  module elsewhere (plain PyTorch, which a GPU runs as is); Granite's residual
+  multiplier rides in the add (``alpha``);
+- rotary as ``x * cos + roll(x) * (sin * sign)`` on q and k together: HF's
+  ``rotate_half(x) * sin`` is ``roll(x) * sin`` with the first half's sign flipped;
+- SiLU-mul on the one gate/up output;
+- attention through the same seam HF's attention module uses
+  (``ALL_ATTENTION_FUNCTIONS`` with that module, so dstp's paged kernel, SDPA,
+  eager and flash all work as for HF's layer), one all-reduce per sub-layer
+  (the row-parallel o/down projections').
+
+The layer takes the call ``LlamaModel`` makes and returns what HF's layer returns.
+A policy names its form in ``Policy.fused_layer`` (see :data:`FUSED_LAYERS`).
+Each fused layer is probed against HF's own layer on seeded input before it
+replaces it; a layer that does not fit the form, or differs, keeps HF's layer
+and the log says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dstp.cpu import kernels as cpu_kernels
+from dstp.distributed import TPGroup
+from dstp.model.layers import ColumnParallelLinear, RowParallelLinear
+from dstp.model.norms import llama_rms_norm
+from dstp.policies.base import FUSED_LAYER_NAMES, Policy, glob_to_regex
+
+log = logging.getLogger("dstp")
+
+PROBE_TOKENS = 16
+PROBE_POSITION = 7  # positions PROBE_POSITION.. so rotary is not the identity at 0
+# probe tolerance: relative error of the layer's update (output - input), by dtype
+PROBE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
+PROBE_TOLERANCE_16BIT = 2e-2  # ~2.5 bf16 ulps; a bf16 layer measures ~5e-3
+
+
+class NotFusable(ValueError):
+    """This HF layer does not have the form the fused layer computes; it stays HF's."""
+
+
+# -- the fused ops -----------------------------------------------------------------------
+
+
+def add_residual(residual: torch.Tensor, update: torch.Tensor, scale: float) -> torch.Tensor:
+    """``residual + update * scale`` in one op (Granite's residual multiplier as ``alpha``)."""
+    if scale == 1.0:
+        return residual + update
+    return torch.add(residual, update, alpha=scale)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's half-split rotary, ``x * cos + rotate_half(x) * sin``, in three ops.
+
+    ``rotate_half(x) = cat(-x2, x1)`` is ``roll(x, d/2)`` with the first half
+    negated; the sign is folded into ``signed_sin`` (``sin * rope_sign(...)``).
+    """
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos, rolled, signed_sin)
+
+
+def rope_sign(head_dim: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """-1 over the first half, +1 over the second: ``sin * rope_sign`` is what
+    :func:`rotate` multiplies by (exact in any dtype)."""
+    half = head_dim // 2
+    sign = torch.cat((torch.full((half,), -1.0), torch.ones(head_dim - half)))
+    return sign.to(dtype=dtype, device=device)
+
+
+def silu_mul(gate_up: torch.Tensor, width: int) -> torch.Tensor:
+    """``silu(gate) * up`` of the packed gate/up GEMM output (gate first, then up)."""
+    return F.silu(gate_up[..., :width]) * gate_up[..., width:]
+
+
+# -- the layer ---------------------------------------------------------------------------
+
+
+class PackedColumnLinear(nn.Module):
+    """Column-parallel linears sharing one input, as ONE GEMM over their concatenated shards.
+
+    ``sizes`` are the local output widths of the packed projections, in order.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: tuple[int, ...]):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.sizes = sizes
+
+    @classmethod
+    def pack(cls, linears: list[nn.Module]) -> PackedColumnLinear:
+        """Concatenate the shards of ``linears`` (each this rank's ``ColumnParallelLinear``)."""
+        for linear in linears:
+            if not isinstance(linear, ColumnParallelLinear) or linear.gather_output:
+                raise NotFusable(f"{type(linear).__name__} is not a column-parallel shard")
+        biases = [linear.bias for linear in linears]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            raise NotFusable("some packed projections have a bias and some do not")
+        with torch.no_grad():
+            weight = torch.cat([linear.weight for linear in linears], dim=0)
+            bias = None if biases[0] is None else torch.cat(biases, dim=0)
+        return cls(weight, bias, tuple(linear.weight.shape[0] for linear in linears))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear_2d(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={'+'.join(map(str, self.sizes))}"
+
+
+class FusedLlamaLayer(nn.Module):
+    """HF's Llama-form decoder layer (Llama, Mistral, Qwen2, Qwen3, Granite) in fewer ops.
+
+    Built from a loaded, sharded HF layer by :meth:`from_hf`; keeps HF's attention
+    module (without its q/k/v projections once swapped in) as ``self_attn``, so the
+    attention function gets the module it expects (``layer_idx``, local head
+    counts, ``is_causal``, Qwen3's q/k norms).
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        attn, mlp = _part(layer, "self_attn"), _part(layer, "mlp")
+        self.self_attn = attn
+        # HF's norm modules, or dstp's one-call kernel where the RMSNorm swap proved it
+        self.input_layernorm = _part(layer, "input_layernorm")
+        self.post_attention_layernorm = _part(layer, "post_attention_layernorm")
+        self.qkv_proj = PackedColumnLinear.pack(
+            [_part(attn, n) for n in ("q_proj", "k_proj", "v_proj")]
+        )
+        self.gate_up_proj = PackedColumnLinear.pack(
+            [_part(mlp, "gate_proj"), _part(mlp, "up_proj")]
+        )
+        self.down_proj = _part(mlp, "down_proj")
+        if not isinstance(self.down_proj, RowParallelLinear) or not isinstance(
+            _part(attn, "o_proj"), RowParallelLinear
+        ):
+            raise NotFusable("o_proj and down_proj must be row-parallel")
+        if not _is_silu(getattr(mlp, "act_fn", None)):
+            raise NotFusable(
+                f"the MLP's activation is {type(getattr(mlp, 'act_fn', None)).__name__}, not SiLU"
+            )
+        self.head_dim = int(attn.head_dim)
+        q_size, k_size, v_size = self.qkv_proj.sizes
+        if q_size % self.head_dim or k_size % self.head_dim or k_size != v_size:
+            raise NotFusable(f"q/k/v widths {self.qkv_proj.sizes} are not heads of {self.head_dim}")
+        self.q_heads, self.kv_heads = q_size // self.head_dim, k_size // self.head_dim
+        self.inner = self.gate_up_proj.sizes[0]
+        self.scaling = float(attn.scaling)
+        self.residual_scale = float(getattr(layer, "residual_multiplier", 1.0))
+        self.sliding_window = _sliding_window(attn)
+        self.qk_norm_eps, qk_norm_weight = _qk_norm(attn, self.q_heads, self.kv_heads)
+        self.qk_norm_weight = nn.Buffer(qk_norm_weight, persistent=False)
+        weight = self.qkv_proj.weight
+        self.rope_sign = nn.Buffer(
+            rope_sign(self.head_dim, weight.dtype, weight.device), persistent=False
+        )
+        if hasattr(layer, "attention_type"):  # Qwen2/3 pick the layer's mask by it
+            self.attention_type = layer.attention_type
+        self.eager_attention = getattr(
+            sys.modules[type(attn).__module__], "eager_attention_forward", None
+        )
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module) -> FusedLlamaLayer:
+        return cls(layer)
+
+    def release_hf_weights(self) -> None:
+        """Drop HF's separate q/k/v projections (and q/k norms) from the kept attention module."""
+        for name in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm"):
+            if name in self.self_attn._modules:
+                delattr(self.self_attn, name)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Any = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The call ``LlamaModel`` makes of each layer; returns the new hidden states."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        normed = self.input_layernorm(hidden_states)
+        attn = self._attention(
+            normed, attention_mask, position_ids, cache, use_cache, position_embeddings, kwargs
+        )
+        hidden_states = add_residual(hidden_states, attn, self.residual_scale)
+        normed = self.post_attention_layernorm(hidden_states)
+        mlp = self.down_proj(silu_mul(self.gate_up_proj(normed), self.inner))
+        return add_residual(hidden_states, mlp, self.residual_scale)
+
+    def _attention(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Any,
+        use_cache: bool | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        batch, tokens = x.shape[:-1]
+        d, qh, kvh = self.head_dim, self.q_heads, self.kv_heads
+        qkv = self.qkv_proj(x)
+        qk = qkv[..., : (qh + kvh) * d].view(batch, tokens, qh + kvh, d)
+        if self.qk_norm_weight.numel():
+            qk = llama_rms_norm(qk, self.qk_norm_weight, self.qk_norm_eps)
+        cos, sin = position_embeddings
+        qk = rotate(qk, cos.unsqueeze(2), (sin * self.rope_sign).unsqueeze(2))
+        query = qk[:, :, :qh].transpose(1, 2)
+        key = qk[:, :, qh:].transpose(1, 2)
+        value = qkv[..., (qh + kvh) * d :].view(batch, tokens, kvh, d).transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, self.self_attn.layer_idx, kwargs=kwargs)
+        out, _ = self._attention_function()(
+            self.self_attn,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.self_attn.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return self.self_attn.o_proj(out.reshape(batch, tokens, -1))
+
+    def _attention_function(self) -> Callable[..., tuple[torch.Tensor, Any]]:
+        """What HF's attention module would call: its config's implementation, else eager."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        name = self.self_attn.config._attn_implementation
+        return ALL_ATTENTION_FUNCTIONS.get_interface(name, self.eager_attention)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.q_heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+            f"inner={self.inner}, residual_scale={self.residual_scale}"
+        )
+
+
+def _part(module: nn.Module, name: str) -> nn.Module:
+    part = getattr(module, name, None)
+    if not isinstance(part, nn.Module):
+        raise NotFusable(f"{type(module).__name__} has no {name!r} module")
+    return part
+
+
+def _is_silu(act: Any) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+def _sliding_window(attn: nn.Module) -> int | None:
+    """The window HF's attention passes: its own attribute (Qwen2/3), else its config's (Mistral)."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None)
+
+
+def _qk_norm(attn: nn.Module, q_heads: int, kv_heads: int) -> tuple[float, torch.Tensor]:
+    """Qwen3's per-head q/k norms as one ``[q_heads + kv_heads, head_dim]`` weight (or empty)."""
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is None and k_norm is None:
+        return 0.0, torch.empty(0)
+    if q_norm is None or k_norm is None:
+        raise NotFusable("only one of q_norm / k_norm")
+    eps = {getattr(q_norm, "variance_epsilon", None), getattr(k_norm, "variance_epsilon", None)}
+    if len(eps) != 1 or not isinstance(next(iter(eps)), float):
+        raise NotFusable("q_norm and k_norm differ in eps (or have none)")
+    weights = (q_norm.weight.expand(q_heads, -1), k_norm.weight.expand(kv_heads, -1))
+    return next(iter(eps)), torch.cat(weights, dim=0)
+
+
+# -- choosing and proving ----------------------------------------------------------------
+
+FUSED_LAYERS: dict[str, Callable[[nn.Module], nn.Module]] = {"llama": FusedLlamaLayer.from_hf}
+assert set(FUSED_LAYERS) == set(FUSED_LAYER_NAMES), "policies.base lists the fused layers"
+
+
+@contextlib.contextmanager
+def _attention_implementation(config: Any, name: str) -> Iterator[None]:
+    """Run HF's and the fused layer's attention through ``name`` (the probe has no paged cache)."""
+    kept = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = kept
+
+
+@torch.no_grad()
+def probe(hf_layer: nn.Module, fused: FusedLlamaLayer, rotary: nn.Module) -> str | None:
+    """Why ``fused`` does not compute what ``hf_layer`` does on a seeded input, or None.
+
+    Compares the layers' updates (output minus input), so a wrong attention or
+    MLP is not hidden under the residual. Collective on every rank (both layers
+    all-reduce); the input is the same on every rank.
+    """
+    weight = fused.input_layernorm.weight
+    generator = torch.Generator().manual_seed(0)
+    width = weight.shape[0]
+    x = torch.randn(1, PROBE_TOKENS, width, generator=generator).to(weight.dtype).to(weight.device)
+    positions = torch.arange(PROBE_POSITION, PROBE_POSITION + PROBE_TOKENS, device=weight.device)[
+        None
+    ]
+    position_embeddings = rotary(x, positions)
+    call = dict(
+        attention_mask=None, position_ids=positions, position_embeddings=position_embeddings
+    )
+    with _attention_implementation(fused.self_attn.config, "sdpa"):
+        want = hf_layer(x, **call)
+        got = fused(x, **call)
+    want = want[0] if isinstance(want, tuple) else want
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"output {tuple(got.shape)} {got.dtype} != HF's {tuple(want.shape)} {want.dtype}"
+    update = (want.double() - x.double()).norm()
+    error = float((got.double() - want.double()).norm() / update.clamp_min(1e-30))
+    tolerance = PROBE_TOLERANCE.get(weight.dtype, PROBE_TOLERANCE_16BIT)
+    if not error <= tolerance:  # NaN fails too
+        return f"relative error {error:.2e} of the layer's update against HF's (tolerance {tolerance:.0e})"
+    return None
+
+
+def decoder_layers(model: nn.Module, policy: Policy) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each decoder layer: the parents of the policy's attention modules."""
+    if not policy.attention:
+        return []
+    regex = glob_to_regex(policy.attention)
+    names = [name.rpartition(".")[0] for name, _ in model.named_modules() if regex.fullmatch(name)]
+    return [(name, model.get_submodule(name)) for name in names if name]
+
+
+def _rotary(model: nn.Module) -> nn.Module | None:
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    rotary = getattr(base, "rotary_emb", None)
+    return rotary if isinstance(rotary, nn.Module) else None
+
+
+def _build_and_probe(
+    build: Callable[[nn.Module], nn.Module], layer: nn.Module, rotary: nn.Module
+) -> tuple[nn.Module | None, str | None]:
+    """The fused layer for ``layer`` and why it may not replace it (None: it may)."""
+    try:
+        fused = build(layer)
+    except NotFusable as exc:
+        return None, f"not the fused form: {exc}"
+    try:
+        return fused, probe(layer, fused, rotary)
+    except Exception as exc:  # a layer the fused form cannot even run keeps HF's
+        return None, f"the probe raised {type(exc).__name__}: {exc}"
+
+
+def fuse_decoder_layers(model: nn.Module, policy: Policy, tp: TPGroup) -> int:
+    """Swap each decoder layer for the policy's fused form where it proves equal; returns how many.
+
+    Every rank builds and probes every layer (the probes all-reduce) and a layer
+    is swapped only where every rank's probe passed, so the ranks stay alike.
+    """
+    if policy.fused_layer is None:
+        return 0
+    build = FUSED_LAYERS[policy.fused_layer]
+    rotary = _rotary(model)
+    if rotary is None:
+        log.info(
+            "fused %s layers not used: %s has no rotary_emb",
+            policy.fused_layer,
+            type(model).__name__,
+        )
+        return 0
+    swapped, reasons = 0, {}
+    for name, layer in decoder_layers(model, policy):
+        fused, reason = _build_and_probe(build, layer, rotary)
+        if tp.min_over_ranks(0 if reason else 1) == 0:
+            reasons.setdefault(reason or "another rank's probe failed", []).append(name)
+            continue
+        fused.release_hf_weights()
+        _set_module(model, name, fused)
+        swapped += 1
+    for reason, names in reasons.items():
+        log.warning(
+            "%d decoder layer(s) keep HF's forward, not policy %r's fused %r layer (%s): %s...",
+            len(names), policy.name, policy.fused_layer, reason, names[0],
+        )  # fmt: skip
+    log.debug("%d decoder layers run dstp's fused %r form", swapped, policy.fused_layer)
+    return swapped
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
