@@ -33,6 +33,7 @@ def load(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     policy=None,
+    fused_layers: bool = True,
 ):
     """Load the HF checkpoint at ``path`` sharded over the launcher's ranks.
 
@@ -43,6 +44,9 @@ def load(
     ``policy``: a :class:`dstp.policies.Policy` to use, or a ``.py`` file / dotted module
     name that registers policies on import (as ``dstp serve --policy``); one of those must
     be the one dstp picks for this model. Default: the registered, else a derived, policy.
+
+    ``fused_layers``: run the policy's fused decoder layer where it proves equal to HF's
+    (dstp.model.fused_layers); False keeps HF's layers (``model.dstp.fused_layers`` counts them).
     """
     from dstp.distributed import init_tp
     from dstp.model.inject import shard_model
@@ -63,6 +67,7 @@ def load(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         policy=policy,
+        fused_layers=fused_layers,
     )
     model = sharded.model
     model.dstp = sharded  # policy, head layout and sizes, for tools that want them

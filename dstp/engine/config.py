@@ -76,6 +76,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    fused_layers: bool = True  # the policy's fused decoder layers (dstp.model.fused_layers)
     model_name: str | None = None  # name shown to clients; defaults to the path
     num_blocks: int | None = None  # exact KV blocks per rank, overriding the memory budget
     # ranks per replica; None: the whole world (one replica). See dstp.replicas.

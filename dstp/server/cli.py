@@ -156,6 +156,13 @@ def _model_use_flags(m: argparse._ArgumentGroup) -> None:
         "--trust-remote-code",
         "allow the checkpoint's own Python code (auto_map); off by default",
     )
+    _switch(
+        m,
+        "--no-fused-layers",
+        "run Hugging Face's own decoder layers instead of the policy's fused ones (one GEMM "
+        "for q/k/v and one for gate/up, fewer ops a step; each is proven equal to HF's "
+        "layer at load, which keeps HF's wherever it is not)",
+    )
 
 
 def _engine_flags(e: argparse._ArgumentGroup) -> None:

@@ -65,6 +65,7 @@ def _engine_config(args: argparse.Namespace, model: str, name: str | None = None
         enable_prefix_caching=args.prefix_caching,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        fused_layers=not args.no_fused_layers,
         model_name=name,
         num_blocks=args.num_kv_blocks,
         tensor_parallel_size=args.tensor_parallel_size,

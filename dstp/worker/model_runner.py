@@ -62,6 +62,7 @@ class ModelRunner:
             attn_implementation=attention.ATTN_IMPLEMENTATION,
             allow_pickle=config.allow_pickle,
             trust_remote_code=config.trust_remote_code,
+            fused_layers=config.fused_layers,
         )
         self.model = self.sharded.model
         self.base_model = getattr(self.model, self.model.base_model_prefix)

@@ -409,3 +409,13 @@ def test_model_check_exits_with_one_line():
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "--max-model-len 4096" in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, fused", [([], True), (["--no-fused-layers"], False)])
+def test_no_fused_layers_reaches_the_engine_config(argv, fused, tmp_path):
+    from dstp.server.serve import _engine_config
+
+    args = parse("--dtype", "float32", *argv)
+    assert args.no_fused_layers is not fused
+    assert _engine_config(args, str(tmp_path)).fused_layers is fused
+    assert EngineConfig(model="m").fused_layers is True
