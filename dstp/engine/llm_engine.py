@@ -20,7 +20,7 @@ from dstp.distributed import init_tp
 from dstp.engine.block_allocator import BlockAllocator
 from dstp.engine.config import EngineConfig
 from dstp.engine.detokenizer import Detokenizer, find_stop, partial_stop_len
-from dstp.engine.outputs import CompletionOutput, RequestOutput
+from dstp.engine.outputs import CompletionOutput, RequestOutput, ResumedChoice
 from dstp.engine.sampling import NothingToDraw, Picks, SampleState, make_generator, sample
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams, check_request
 from dstp.engine.scheduler import Request, Schedule, Scheduler, Sequence
@@ -66,8 +66,14 @@ class Engine:
 
     # -- requests (rank 0) ---------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        resume: Seq[ResumedChoice] = (),
     ) -> None:
+        """Queue a request; with ``resume``, continue its listed choices from their emitted
+        tokens instead (a replay: the outputs report only what comes after them)."""
         sched = self._driver_scheduler()
         if request_id in sched.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -76,10 +82,41 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_ids
         )
+        if resume:
+            self._resume(request, stop_ids, grammar, resume)
+            return
         generator = make_generator(params.seed, 0)
         sched.add(
             request, SampleState(params, request.prompt_ids, [], generator, stop_ids, grammar)
         )
+
+    def _resume(
+        self,
+        request: Request,
+        stop_ids: frozenset[int],
+        grammar: GrammarState | None,
+        choices: Seq[ResumedChoice],
+    ) -> None:
+        """Queue the choices with their emitted tokens; rebuild each one's text, grammar and
+        what was reported, as the lost engine had them."""
+        params, prompt = request.params, request.prompt_ids
+        _check_resumed(choices, params, len(prompt), self.vocab_size, self.max_model_len)
+        queued = []
+        for choice in choices:
+            matcher = grammar.fork() if grammar is not None else None
+            if matcher is not None:
+                matcher.replay([t for t in choice.output_ids if t not in stop_ids])
+            generator = make_generator(params.seed, choice.index)
+            sample = SampleState(params, prompt, [], generator, stop_ids, matcher)
+            queued.append((choice.index, list(choice.output_ids), sample))
+        self.scheduler.resume(request, queued)
+        for seq, choice in zip(request.seqs, choices, strict=True):
+            seq.text_stream = self.detokenizer.stream(prompt)
+            seq.text = "".join(seq.text_stream.step(t) for t in choice.output_ids)
+            seq.visible_text = len(seq.text) - partial_stop_len(seq.text, params.stop)
+            seq.sent_text = seq.visible_text
+            seq.sent_tokens = len(choice.output_ids)
+            seq.logprobs = list(choice.logprobs or [])
 
     def check_request(
         self, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int | None = None
@@ -368,6 +405,20 @@ class Engine:
             finish_time=request.finish_time,
             error=request.error,
         )
+
+
+def _check_resumed(
+    choices: Seq[ResumedChoice], params: SamplingParams, prompt_len: int, vocab: int, max_len: int
+) -> None:
+    """A replay names distinct choices of the request, each with room left to generate."""
+    indexes = [c.index for c in choices]
+    if len(set(indexes)) != len(indexes) or not all(0 <= i < params.n for i in indexes):
+        raise InvalidRequest(f"resumed choices {indexes} are not distinct choices of n={params.n}")
+    for c in choices:
+        if not all(0 <= t < vocab for t in c.output_ids):
+            raise InvalidRequest(f"choice {c.index}'s resumed tokens lie outside the vocabulary")
+        if len(c.output_ids) >= params.max_tokens or prompt_len + len(c.output_ids) >= max_len:
+            raise InvalidRequest(f"choice {c.index} has no tokens left to generate")
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:

@@ -50,3 +50,15 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None  # why the request failed (finish_reason "error"), for the log
+
+
+@dataclass(frozen=True)
+class ResumedChoice:
+    """A choice handed back to an engine to continue (a request replayed after a rank died):
+    the tokens it already emitted and, if the request asked for them, their logprobs. The
+    engine continues it as if it had produced them: penalties, ``max_tokens``/``min_tokens``,
+    stop strings, seeded draws and the grammar all count them."""
+
+    index: int
+    output_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None

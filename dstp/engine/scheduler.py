@@ -123,6 +123,19 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(seq)
 
+    def resume(self, request: Request, choices: list[tuple[int, list[int], SampleState]]) -> None:
+        """Queue ``request``'s unfinished choices, each (index, output ids, sampler state) with
+        its outputs so far: prefilled with the prompt (as after a preemption), then continued.
+        Choices that finished before are not listed; no fork will come."""
+        for index, output_ids, sample in choices:
+            seq = Sequence(
+                next(self._ids), request, index, [*request.prompt_ids, *output_ids], sample
+            )
+            request.seqs.append(seq)
+            self.waiting.append(seq)
+        request.forked = True
+        self.requests[request.request_id] = request
+
     def fork(self, parent: Sequence, samples: list[SampleState]) -> list[Sequence]:
         """Children of ``parent`` sharing all its blocks (after its prefill)."""
         children = []

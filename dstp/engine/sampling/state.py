@@ -154,6 +154,7 @@ class SampleState:
     _device_generator: torch.Generator | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    _key: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def token_counts(self) -> TokenCounts:
         """This sequence's seen ids, built on first use, then brought up to date."""
@@ -164,19 +165,38 @@ class SampleState:
         return counts
 
     def generator_on(self, device: torch.device) -> torch.Generator | None:
-        """The seeded generator, or a twin seeded alike on ``device`` when the logits live there."""
+        """The seeded generator on ``device``, reseeded for this sequence's next output position.
+
+        Draws are keyed by (seed, choice, position), not by how many draws came before: a
+        sequence recomputed after preemption, or replayed from its tokens after a rank died,
+        draws exactly what it would have drawn. Reseeding is host-side state (no device
+        work), so it costs nothing on an accelerator.
+        """
         gen = self.generator
-        if gen is None or gen.device == device:
-            return gen
-        twin = self._device_generator
-        if twin is None or twin.device != device:
-            twin = self._device_generator = torch.Generator(device).manual_seed(gen.initial_seed())
-        return twin
+        if gen is None:
+            return None
+        if self._key is None:
+            self._key = gen.initial_seed()
+        if gen.device != device:
+            twin = self._device_generator
+            if twin is None or twin.device != device:
+                twin = self._device_generator = torch.Generator(device)
+            gen = twin
+        return gen.manual_seed(position_key(self._key, len(self.output_ids)))
+
+
+def position_key(key: int, position: int) -> int:
+    """A seed for output ``position`` of the choice seeded ``key`` (splitmix64's mixer)."""
+    z = (key + (position + 1) * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
 
 
 def make_generator(seed: int | None, index: int) -> torch.Generator | None:
-    """Sample ``index``'s own generator when the request has a seed, so its draws repeat on any
-    TP size and batch; None without a seed (unseeded rows share one batched draw)."""
+    """Choice ``index``'s own generator when the request has a seed, so its draws repeat on any
+    TP size and batch and after a replay (:meth:`SampleState.generator_on` keys each draw by
+    position); None without a seed (unseeded rows share one batched draw)."""
     if seed is None:
         return None
     gen = torch.Generator()

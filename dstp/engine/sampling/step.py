@@ -188,7 +188,7 @@ class Step:
             index,
             tensor("slots", lists["slots"]),
             tensor("row_of_slot", lists["row_of_slot"]),
-            [self.states[i].generator_on(self.device) for i in rows for _ in range(self.draws[i])],
+            _generators([self.states[i] for i in rows], [self.draws[i] for i in rows], self.device),
             self.params.subset(index),
             {name: (lists[name], tensor(name, lists[name])) for name in _SUBSETS},
             max(top_k_of(self.states[i].params, self.vocab) for i in rows),
@@ -273,3 +273,13 @@ class Step:
         if not all(0 <= token < self.vocab for _, token in masked):
             raise IndexError(f"a stop id is outside the vocabulary of {self.vocab}")
         pack.ints("stops", [i * self.vocab + token for i, token in masked])
+
+
+def _generators(states: list[SampleState], draws: list[int], device: torch.device) -> Generators:
+    """Each draw slot's generator: a row's draws share its generator, reseeded once for the
+    row's position (a forking row's ``n`` draws come from it one after another)."""
+    return [
+        gen
+        for state, k in zip(states, draws, strict=True)
+        for gen in [state.generator_on(device)] * k
+    ]
