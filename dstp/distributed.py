@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import torch
 
@@ -471,6 +471,60 @@ def shutdown(exit_code: int | None = None, timeout_s: float = 30.0) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
+
+
+_ABORTED_KEY = "dstp/first_aborted_rank"
+
+
+def abort_process_groups(store_timeout_s: float = 2.0) -> int | None:
+    """A step failed here or on a peer: abort every process group of this process, and
+    return the global rank that aborted first (this one unless a peer did; None unknown).
+
+    One call for every backend, ``_abort_process_group()``. Under NCCL it aborts each
+    communicator (ncclCommAbort), so no kernel or watchdog of this rank waits on a dead
+    peer. Under gloo (torch 2.13, measured in FINDINGS) the abort reaches neither the
+    peers nor this rank's own pending collective: what ends a peer's gloo wait at once is
+    this process's sockets closing, so the caller exits next (:func:`abort_and_exit`).
+    On every backend a later collective on an aborted group raises instead of waiting.
+
+    The first rank to abort records itself in the rendezvous store, so the others' logs
+    name it (the store lives in global rank 0's process: unknown once that is gone).
+    """
+    import torch.distributed as tdist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return None
+    rank = tdist.get_rank()
+    first: int | None = None
+    try:
+        store = c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=store_timeout_s))  # a gone store must not hold us
+        first = int(store.compare_set(_ABORTED_KEY, "", str(rank)))
+    except Exception as exc:  # the store's host (rank 0) is gone
+        log.debug("could not record the abort in the store: %s", exc)
+    if first is None or first == rank:
+        log.error("global rank %d: aborting its process groups", rank)
+    else:
+        log.error(
+            "global rank %d: aborting its process groups after global rank %d aborted first "
+            "(its log names the cause)",
+            rank,
+            first,
+        )
+    with contextlib.suppress(Exception):
+        c10d._abort_process_group()  # every group, NCCL and gloo alike
+    return first
+
+
+def abort_and_exit(exit_code: int = 1) -> NoReturn:
+    """Abort every process group, then exit at once: no exit-time barrier with peers
+    that may be gone, and the closed sockets end the peers' gloo collectives now."""
+    abort_process_groups()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def get_tp() -> TPGroup:

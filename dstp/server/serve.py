@@ -220,8 +220,9 @@ def _run_role(args, engine, link, server, lazy, model: str, builtin: BuiltinMode
     if tp.is_driver and tp.replica != 0:  # another replica's driver: rank 0 routes to it
         code = replicas.serve_replica(engine, link, heartbeat_interval_s=args.heartbeat_interval)
         if code != 0:
-            logging.shutdown()
-            os._exit(code)  # its group or rank 0 is gone: no exit-time barrier
+            from dstp.distributed import abort_and_exit
+
+            abort_and_exit(code)  # its group or rank 0 is gone: no exit-time barrier
         return code
     if tp.is_driver and link:
         engine = replicas.ReplicatedEngine(
@@ -239,13 +240,25 @@ def _run_role(args, engine, link, server, lazy, model: str, builtin: BuiltinMode
 
 
 def _follow(engine) -> int:
-    """A non-driver rank: run the steps its driver broadcasts until released."""
+    """A non-driver rank: run the steps its driver broadcasts until released.
+
+    A failed step, or a collective that broke because a peer failed, aborts this rank's
+    process groups and exits at once: its peers' collectives then fail now, not after
+    the step timeout, and the launcher reports the non-zero exit.
+    """
+    from dstp.distributed import abort_and_exit
+
     log.info("rank %d/%d ready: following rank 0", engine.tp.rank, engine.tp.size)
     try:
         engine.run_follower()
     except Exception as exc:
-        log.error("rank %d: the group broke (rank 0 or another rank died): %s", engine.tp.rank, exc)
-        return 1
+        log.error(
+            "rank %d: a step failed or the group broke (another rank failed or died): %r",
+            engine.tp.rank,
+            exc,
+            exc_info=exc,
+        )
+        abort_and_exit(1)
     log.info("rank %d: released by rank 0, exiting", engine.tp.rank)
     return 0
 
@@ -260,6 +273,11 @@ def _serve(args, engine, server, lazy, model: str, builtin: BuiltinModel | None)
 
     def on_fatal(exc: BaseException) -> None:
         fatal.append(exc)
+        if engine.tp.world_size > 1:
+            from dstp.distributed import abort_process_groups
+
+            # no collective of this rank waits any more; the peers' fail as it exits
+            abort_process_groups()
         stop.set()
 
     loop = EngineLoop(
