@@ -1,0 +1,194 @@
+"""Fused decoder layers (dstp.model.fused_layers): swapped in by policy, equal to HF's, or not used.
+
+At TP=1 in-process; TP 2 and 4 run through the launcher tests (test_tp_equivalence,
+test_policies_equivalence), which load through dstp with fusion on and check the
+count of fused layers each rank reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+from dstp.policies import GEMMA, LLAMA, MIXTRAL, QWEN3, LogitOp, TPConfigError, policy_for
+from dstp.policies.base import FUSED_LAYER_NAMES, Policy
+
+import dstp
+from dstp.model import fused_layers
+from dstp.model.fused_layers import FusedLlamaLayer, PackedColumnLinear
+from tests.helpers.hf_reference import load_reference
+from tests.helpers.policy_models import make_config
+from tests.helpers.tiny_models import llama_config, save_random_model
+
+IDS = [5, 9, 33, 7, 100, 3, 4, 200, 17, 8, 9, 10, 11, 12, 77, 1]
+# Granite is a derived policy; its fused form is named here (residual/attention multipliers)
+GRANITE = replace(
+    LLAMA,
+    name="granite",
+    architectures=("GraniteForCausalLM",),
+    model_types=("granite",),
+    logits=(LogitOp("divide", "logits_scaling"),),
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    llama = llama_config(
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=256,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    )
+    paths = {"llama": save_random_model(llama, root / "llama")}
+    for i, name in enumerate(("mistral", "qwen2", "qwen3", "granite"), start=1):
+        paths[name] = save_random_model(make_config(name), root / name, seed=i)
+    return paths
+
+
+def _load(path, dtype=torch.float32, **kwargs):
+    policy = GRANITE if path.name == "granite" else None
+    return dstp.load(str(path), dtype, policy=policy, **kwargs)
+
+
+def _logprobs(model) -> torch.Tensor:
+    ids = torch.tensor([IDS])
+    with torch.inference_mode():
+        return torch.log_softmax(model(ids).logits.float(), dim=-1)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "granite"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_layers_swap_in_and_match_hf_fp32(models, arch):
+    fused = _load(models[arch])
+    layers = fused.model.layers
+    assert fused.dstp.fused_layers == len(layers) == 2
+    assert all(isinstance(layer, FusedLlamaLayer) for layer in layers)
+    hf = _logprobs(load_reference(models[arch]))
+    assert (_logprobs(fused) - hf).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_off_keeps_hf_layers_and_hf_outputs(models, arch):
+    plain = _load(models[arch], fused_layers=False)
+    assert plain.dstp.fused_layers == 0
+    assert not any(isinstance(layer, FusedLlamaLayer) for layer in plain.model.layers)
+    hf = load_reference(models[arch])
+    assert torch.equal(_logprobs(plain), _logprobs(hf))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_generate_matches_hf(models, arch):
+    """HF's generate (DynamicCache through ``cache.update``) runs the fused layers too."""
+    fused = _load(models[arch])
+    fused.generation_config.eos_token_id = None  # as load_reference's
+    hf = load_reference(models[arch])
+    ids = torch.tensor([IDS[:6]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        assert torch.equal(fused.generate(ids, **kwargs), hf.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_bf16_as_close_to_hf_fp32_as_hf_bf16(models, arch):
+    fused = _load(models[arch], torch.bfloat16)
+    assert fused.dstp.fused_layers == 2
+    hf = load_reference(models[arch])
+    want = _logprobs(hf)
+    ours = (_logprobs(fused) - want).abs().max().item()
+    theirs = (_logprobs(hf.to(torch.bfloat16)) - want).abs().max().item()
+    assert ours <= 1.5 * theirs, (ours, theirs)
+
+
+def test_no_extra_parameter_memory(models):
+    fused = _load(models["llama"])
+    plain = _load(models["llama"], fused_layers=False)
+    assert fused.dstp.parameter_bytes() == plain.dstp.parameter_bytes()
+    names = [name for name, _ in fused.named_parameters()]
+    assert not [n for n in names if n.endswith(("q_proj.weight", "gate_proj.weight"))]
+    extra_buffers = sum(b.numel() * b.element_size() for b in fused.buffers()) - sum(
+        b.numel() * b.element_size() for b in plain.buffers()
+    )
+    assert extra_buffers <= 2 * 64 * 4  # each layer's rotary sign row (head_dim, fp32)
+
+
+def test_the_engine_runs_fused_layers_through_the_paged_attention(models):
+    """The engine's ``dstp_paged`` attention reaches the fused layers through HF's seam."""
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
+
+    path = models["qwen3"]
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", num_blocks=64))
+    assert engine.runner.sharded.fused_layers == 2
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+    prompts = [IDS[:5], IDS[3:14], IDS[:2]]
+    hf = load_reference(path)
+    for prompt, result in zip(prompts, engine.generate(prompts, params), strict=True):
+        out = result.outputs[0]
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.inference_mode():
+            rows = torch.log_softmax(hf(ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        for row, token, lp in zip(rows, out.token_ids, out.logprobs, strict=True):
+            assert int(row.argmax()) == token
+            assert abs(lp.logprob - row[token].item()) <= 1e-4
+
+
+def _wrong_rotate(x, cos, signed_sin):
+    """HF's rotary with the sign of ``rotate_half`` lost: a subtle, plausible bug."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin.abs()
+
+
+def test_a_layer_the_probe_rejects_keeps_hf_and_says_why(models, monkeypatch, caplog):
+    monkeypatch.setattr(fused_layers, "rotate", _wrong_rotate)
+    with caplog.at_level(logging.WARNING, logger="dstp"):
+        model = _load(models["llama"])
+    assert model.dstp.fused_layers == 0
+    assert not any(isinstance(layer, FusedLlamaLayer) for layer in model.model.layers)
+    assert "keep HF's forward" in caplog.text and "relative error" in caplog.text
+    hf = load_reference(models["llama"])
+    assert torch.equal(_logprobs(model), _logprobs(hf))
+
+
+def test_a_layer_of_another_form_keeps_hf_and_says_why(tmp_path, caplog):
+    config = llama_config(num_attention_heads=4, num_key_value_heads=2, hidden_act="gelu")
+    path = save_random_model(config, tmp_path / "gelu")
+    with caplog.at_level(logging.WARNING, logger="dstp"):
+        model = _load(path)
+    assert model.dstp.fused_layers == 0
+    assert "not the fused form" in caplog.text and "not SiLU" in caplog.text
+
+
+def test_packed_linear_is_the_concatenated_shards():
+    from dstp.distributed import TPGroup
+    from dstp.model.layers import ColumnParallelLinear, Partition
+
+    tp = TPGroup(0, 1, 0, 1, torch.device("cpu"), None, False)
+    linears = []
+    for out in (8, 4, 4):
+        linear = ColumnParallelLinear(6, Partition(out, ((0, out),)), True, tp, device="cpu")
+        with torch.no_grad():
+            linear.weight.normal_()
+            linear.bias.normal_()
+        linears.append(linear)
+    packed = PackedColumnLinear.pack(linears)
+    x = torch.randn(3, 6)
+    assert packed.sizes == (8, 4, 4)
+    assert torch.allclose(packed(x), torch.cat([lin(x) for lin in linears], dim=-1))
+
+
+def test_policies_name_known_fused_layers():
+    assert set(fused_layers.FUSED_LAYERS) == set(FUSED_LAYER_NAMES)
+    with pytest.raises(TPConfigError, match="fused_layer"):
+        replace(LLAMA, fused_layer="nope")
+    for config in (llama_config(), *(make_config(n) for n in ("mistral", "qwen2", "qwen3"))):
+        assert policy_for(config).fused_layer == "llama"
+    assert LLAMA.fused_layer == QWEN3.fused_layer == "llama"
+    # llama_like families of another layer form do not inherit Llama's fused layer
+    assert GEMMA.fused_layer is None and MIXTRAL.fused_layer is None
+    assert Policy("x", ("X",), ("x",), {}).fused_layer is None
