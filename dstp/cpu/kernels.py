@@ -220,12 +220,20 @@ def gemm_few_bf16(
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """Llama's RMSNorm of contiguous bf16 CPU rows in one call (HF's rounding), or None."""
+    if torch.compiler.is_compiling():  # the build as an opaque op (--compile-decode)
+        from dstp.cpu import opaque_ops
+
+        return opaque_ops.rms_norm_bf16(x, weight, eps)
     norm = getattr(_ops(), "rms_norm_bf16", None)
     return None if norm is None else norm(x, weight, eps)
 
 
 def decode_attention_ops() -> ModuleType | None:
     """The paged decode attention (bf16 caches) both builds carry, or None without a build."""
+    if torch.compiler.is_compiling():
+        from dstp.cpu import opaque_ops
+
+        return opaque_ops.decode_attention_ops()
     ops = _ops()
     return ops if hasattr(ops, "decode_scores_bf16") else None
 
@@ -266,7 +274,11 @@ def linear_2d(
     flat = x.reshape(-1, x.shape[-1])
     bf16_on_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
     rows = flat.shape[0]
-    if bf16_on_cpu and rows == 1:
+    if bf16_on_cpu and torch.compiler.is_compiling():
+        from dstp.cpu import opaque_ops  # this dispatch, as one op the compiler keeps whole
+
+        out = opaque_ops.linear_bf16_cpu(flat, weight, bias)
+    elif bf16_on_cpu and rows == 1:
         out = _single_row_bf16(flat, weight, bias)
     elif bf16_on_cpu and cpu_gemm.widens(rows) and not _needs_grad(weight):
         out = cpu_gemm.widened_linear(flat, weight, bias)

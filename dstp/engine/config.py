@@ -81,6 +81,11 @@ class EngineConfig:
     num_blocks: int | None = None  # exact KV blocks per rank, overriding the memory budget
     # ranks per replica; None: the whole world (one replica). See dstp.replicas.
     tensor_parallel_size: int | None = None
+    # decode-only steps at padded batch buckets over preallocated inputs (fixed shapes,
+    # dstp.worker.decode_buckets); compile_decode ("inductor", "aot_eager", "eager") also
+    # runs each bucket's forward under torch.compile(fullgraph=True, dynamic=False)
+    bucket_decode: bool = False
+    compile_decode: str | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:

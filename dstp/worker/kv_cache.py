@@ -52,9 +52,20 @@ def v_head_dim(policy: object, config: object, k_head_dim: int) -> int:
 
 
 class PagedKVCache:
-    """``num_blocks`` blocks of ``block_size`` token slots per layer, for K and V."""
+    """``num_blocks`` blocks of ``block_size`` token slots per layer, for K and V.
 
-    def __init__(self, shape: CacheShape, num_blocks: int, device: torch.device) -> None:
+    ``scratch_block``: one more block, past the ``num_blocks`` the allocator hands out, that
+    the padding rows of a bucketed decode step write to and read from
+    (:mod:`dstp.worker.decode_buckets`); no sequence's block is ever written for them.
+    """
+
+    def __init__(
+        self,
+        shape: CacheShape,
+        num_blocks: int,
+        device: torch.device,
+        scratch_block: bool = False,
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(
                 f"KV cache budget holds no block ({shape.bytes_per_token * shape.block_size} bytes "
@@ -62,7 +73,8 @@ class PagedKVCache:
             )
         self.shape = shape
         self.num_blocks = num_blocks
-        slots = num_blocks * shape.block_size
+        self.scratch_block: int | None = num_blocks if scratch_block else None
+        slots = (num_blocks + int(scratch_block)) * shape.block_size
         # [layer, local kv head, slot, head dim] for K and for V, each with its own head
         # dim; a slot is block * block_size + offset. Head-major, so a head's block is one
         # contiguous run of block_size * head dim values: decode gathers whole blocks

@@ -23,6 +23,7 @@ from dstp.engine.config import EngineConfig, context_length
 from dstp.model.inject import shard_model
 from dstp.policies import TPConfigError
 from dstp.worker import attention, kv_budget
+from dstp.worker.decode_buckets import BucketedDecode
 from dstp.worker.kv_budget import KVBudget
 from dstp.worker.kv_cache import CacheShape, PagedKVCache, v_head_dim
 from dstp.worker.step_inputs import StepUploader
@@ -72,8 +73,11 @@ class ModelRunner:
         self.block_size = config.block_size
         self.attention_backend = attention.backend_for(tp.device)
         self.uploader = StepUploader(tp.device)
+        self.scratch_block = config.bucket_decode or config.compile_decode is not None
+        self.decode: BucketedDecode | None = None  # made once the context is known
         self.num_blocks, self.cache = self._make_cache(config)
         self.max_model_len = self._context_limit(config)
+        self.decode = self._bucketed_decode(config)
         tp.agree(lambda: self.run_startup_probe(config))
         if tp.is_driver:
             self._log_layout(time.perf_counter() - started)
@@ -98,7 +102,43 @@ class ModelRunner:
             self.kv_budget = self._kv_budget(config, shape)
             num_blocks = shape.blocks_for(self.kv_budget.nbytes)
         num_blocks = self.tp.min_over_ranks(num_blocks)  # ranks' devices may differ
-        return num_blocks, self.tp.agree(lambda: PagedKVCache(shape, num_blocks, self.tp.device))
+        return num_blocks, self.tp.agree(lambda: self._new_cache(shape, num_blocks))
+
+    def _new_cache(self, shape: CacheShape, num_blocks: int) -> PagedKVCache:
+        """A cache (the step's, or a probe's scratch one), with the scratch block bucketed
+        decode steps pad into where they are on."""
+        return PagedKVCache(shape, num_blocks, self.tp.device, self.scratch_block)
+
+    def _bucketed_decode(self, config: EngineConfig) -> BucketedDecode | None:
+        """Fixed-shape decode steps (``--compile-decode``), or None: the packed path."""
+        if not self.scratch_block:
+            return None
+        backend = config.compile_decode
+        if backend is not None and self.tp.size > 1:
+            if self.tp.is_driver:
+                log.warning(
+                    "--compile-decode compiles at TP=1 only for now (the row-parallel "
+                    "layers' all-reduce is a graph break): decode steps run at padded "
+                    "buckets, uncompiled"
+                )
+            backend = None
+        base_model = self.base_model
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return base_model(
+                input_ids=input_ids.unsqueeze(0),
+                position_ids=positions.unsqueeze(0),
+                use_cache=False,
+            ).last_hidden_state[0]
+
+        return BucketedDecode(
+            forward,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            block_size=config.block_size,
+            device=self.tp.device,
+            compile_backend=backend,
+        )
 
     def _kv_budget(self, config: EngineConfig, shape: CacheShape) -> KVBudget:
         if config.kv_cache_memory_gib is not None:
@@ -160,9 +200,7 @@ class ModelRunner:
             config.max_num_seqs,
             config.block_size,
         )
-        scratch = PagedKVCache(
-            self._cache_shape(config), kv_budget.profile_blocks(plan), self.tp.device
-        )
+        scratch = self._new_cache(self._cache_shape(config), kv_budget.profile_blocks(plan))
         kept, self.cache = getattr(self, "cache", None), scratch
         try:
             return self.execute(plan)
@@ -178,8 +216,8 @@ class ModelRunner:
         ``AttentionInterface`` would otherwise run on without the cache and answer wrongly.
         """
         num_layers = self.cache.shape.num_layers
-        scratch = PagedKVCache(
-            self._cache_shape(config), kv_budget.probe_blocks(config.block_size), self.tp.device
+        scratch = self._new_cache(
+            self._cache_shape(config), kv_budget.probe_blocks(config.block_size)
         )
         reached: set[int] = set()
         read_layer = scratch.layer
@@ -268,6 +306,19 @@ class ModelRunner:
         """
         if plan.copies.numel():
             self.cache.copy_blocks(plan.copies)
+        sampled = None
+        if self.decode is not None:  # decode-only steps at a padded bucket, fixed shapes
+            sampled = self.decode.run(plan, self.cache, self.attention_backend, self.uploader)
+        if sampled is None:
+            sampled = self._packed_forward(plan)
+        logits = self.lm_head.logits_on_driver(sampled)
+        if logits is not None:
+            for op, value in self.logit_ops:  # what HF's *ForCausalLM.forward does after its head
+                logits = op.apply(logits, value)
+        return logits
+
+    def _packed_forward(self, plan: StepPlan) -> torch.Tensor:
+        """The step's tokens packed as they come; the sampled rows' hidden states."""
         inputs = self.uploader.upload(plan, self.block_size)
         metadata = attention.AttentionMetadata.build(
             plan, inputs, self.cache, self.attention_backend
@@ -278,11 +329,7 @@ class ModelRunner:
                 position_ids=inputs.positions.unsqueeze(0),
                 use_cache=False,
             ).last_hidden_state
-        logits = self.lm_head.logits_on_driver(hidden[0].index_select(0, inputs.sample_rows))
-        if logits is not None:
-            for op, value in self.logit_ops:  # what HF's *ForCausalLM.forward does after its head
-                logits = op.apply(logits, value)
-        return logits
+        return hidden[0].index_select(0, inputs.sample_rows)
 
     def run_follower(self) -> None:
         """Other ranks: execute rank 0's plans until it says shut down."""

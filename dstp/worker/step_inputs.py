@@ -71,12 +71,27 @@ class PackedUpload:
         buffer = self._host_buffer(total)
         torch.cat(parts, out=buffer[:total])
         on_device = buffer[:total].to(self.device, non_blocking=self.pinned)
+        self._finish()
+        return on_device
+
+    def upload_into(self, parts: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """The flat int64 ``parts``, concatenated into the device buffer ``out``'s prefix
+        (one copy, in place: the buffers a fixed-shape step reads stay where they are)."""
+        total = sum(p.numel() for p in parts)
+        if not self.pinned and out.device.type == "cpu":
+            return torch.cat(parts, out=out[:total])  # a host device: no staging buffer
+        buffer = self._host_buffer(total)
+        torch.cat(parts, out=buffer[:total])
+        out[:total].copy_(buffer[:total], non_blocking=self.pinned)
+        self._finish()
+        return out[:total]
+
+    def _finish(self) -> None:
         if self.pinned:
             done = torch.cuda.Event()
             done.record()
             self._done[self._turn] = done
         self._turn ^= 1
-        return on_device
 
     def _host_buffer(self, numel: int) -> torch.Tensor:
         if self.fresh_on_host:
@@ -106,6 +121,10 @@ class StepUploader:
         shaped = [p.view(a.shape) for p, a in zip(parts, arrays, strict=True)]
         decode = shaped[5:] if len(shaped) > 5 else [None, None, None]
         return StepInputs(*shaped[:5], *decode)
+
+    def upload_into(self, arrays: list[torch.Tensor], out: torch.Tensor) -> None:
+        """A bucketed decode step's padded arrays, into its preallocated buffer (one copy)."""
+        self._packed.upload_into(arrays, out)
 
     def _upload(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
         on_device = self._packed.upload(flat)

@@ -19,6 +19,7 @@ from dstp.worker.kv_cache import PagedKVCache
 
 if TYPE_CHECKING:
     from dstp.worker.attention.backends import AttentionBackend
+    from dstp.worker.decode_buckets import DecodeInputs
     from dstp.worker.step_inputs import StepInputs
     from dstp.worker.step_plan import StepPlan
 
@@ -66,6 +67,29 @@ class AttentionMetadata:
             decode_blocks=inputs.decode_blocks,
             decode_valid=decode_valid,
             decode_lens=inputs.decode_lens,
+        )
+
+    @classmethod
+    def for_decode_bucket(
+        cls, inputs: DecodeInputs, cache: PagedKVCache, backend: AttentionBackend
+    ) -> AttentionMetadata:
+        """A bucketed decode step's metadata (:mod:`dstp.worker.decode_buckets`), made once
+        per bucket and cache: every row decodes, every tensor is a preallocated buffer the
+        step fills in place, and no Python value in it changes from step to step (so a
+        compiled forward reading it is never re-specialised)."""
+        rows = inputs.rows
+        return cls(
+            cache=cache,
+            backend=backend,
+            slot_mapping=inputs.slot_mapping,
+            query_starts=[],  # no prefill: the backends' per-sequence loop is empty
+            context_lens=[],
+            block_slots=rows.new_empty((0, 0)),
+            decode_seqs=frozenset(range(rows.numel())),
+            decode_rows=rows,
+            decode_blocks=inputs.block_tables,
+            decode_valid=inputs.valid,
+            decode_lens=inputs.context_lens,
         )
 
 

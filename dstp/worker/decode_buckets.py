@@ -1,0 +1,251 @@
+"""Decode steps at fixed shapes: padded batch-size buckets over inputs allocated once.
+
+A step whose sequences each bring exactly one new token (a decode-only step) can run at
+the smallest *bucket* (vLLM's CUDA-graph capture sizes: 1, 2, 4, 8, then every multiple
+of 8 up to ``max_num_seqs``) not below its batch. Its token ids, positions, cache slots,
+context lengths and block tables are written, in place, into device buffers allocated at
+start-up (the largest bucket times the most blocks a sequence may hold); every tensor the
+decode forward reads then has the same shape and the same address at every step of a
+bucket, which is what capturing the step as a CUDA graph needs, and what
+``torch.compile(fullgraph=True, dynamic=False)`` proves on a CPU (``--compile-decode``).
+
+Padding rows are invisible to results: each writes its new K/V to the cache's scratch
+block (one block past those the allocator hands out, :class:`PagedKVCache`), attends to
+that block alone, and its hidden state is dropped before the LM head. Decode is row-wise
+(every op of a decoder layer treats each token on its own, and each row attends to its
+own blocks), so a padded step gives every real row the logits the unpadded step gives
+(tests/worker/test_decode_buckets.py checks it bit for bit).
+
+What stays on the host, outside the fixed-shape forward: choosing the bucket, packing the
+one upload, and dropping the padding rows (``hidden[:n]``) before the LM head, whose
+logits are gathered and sampled per real row as before.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dstp.worker.attention.metadata import AttentionMetadata, step_context
+from dstp.worker.kv_cache import PagedKVCache
+from dstp.worker.step_inputs import StepUploader
+from dstp.worker.step_plan import StepPlan
+
+if TYPE_CHECKING:
+    from dstp.worker.attention.backends import AttentionBackend
+
+log = logging.getLogger("dstp")
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, 16, 24, ... (multiples of 8) below ``max_num_seqs``, then it."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
+    small = [s for s in (1, 2, 4) if s < max_num_seqs]
+    return (*small, *range(8, max_num_seqs, 8), max_num_seqs)
+
+
+def bucket_for(num_seqs: int, sizes: tuple[int, ...]) -> int | None:
+    """The smallest bucket that holds ``num_seqs`` sequences, or None past the largest."""
+    at = bisect.bisect_left(sizes, num_seqs)
+    return sizes[at] if at < len(sizes) else None
+
+
+@dataclass
+class DecodeInputs:
+    """One bucket's views of the preallocated buffers: the same tensors at every step."""
+
+    input_ids: torch.Tensor  # [b]
+    positions: torch.Tensor  # [b]
+    slot_mapping: torch.Tensor  # [b] padding rows: the scratch block's first slot
+    context_lens: torch.Tensor  # [b] padding rows: 1
+    block_tables: torch.Tensor  # [b, width] padding rows and columns: the scratch block
+    rows: torch.Tensor  # [b] 0..b-1 (constant): the packed rows the decode batch occupies
+    valid: torch.Tensor  # [b, width * block_size] keys each row may see (filled per step)
+
+
+class DecodeBuffers:
+    """Every bucket's inputs in one device buffer of int64, allocated once.
+
+    Bucket ``b`` uses the buffer's first ``b * (5 + width)`` values: ``b`` token ids,
+    ``b`` positions, ``b`` slots, ``b`` context lengths, ``b x width`` block-table
+    entries, then up to ``b`` sampled rows (read after the forward, outside the fixed
+    shapes). The packed host arrays are copied into that prefix in one copy, so a step's
+    upload is still one transfer and lands where the last step's did.
+    """
+
+    def __init__(self, max_bucket: int, width: int, block_size: int, device: torch.device):
+        self.max_bucket = max_bucket
+        self.width = width
+        self.block_size = block_size
+        self.flat = torch.zeros(max_bucket * (5 + width), dtype=torch.long, device=device)
+        self._rows = torch.arange(max_bucket, device=device)
+        self._keys = torch.arange(width * block_size, device=device)
+        self._valid = torch.zeros((max_bucket, width * block_size), dtype=torch.bool, device=device)
+        self._views: dict[int, DecodeInputs] = {}
+
+    def inputs(self, bucket: int) -> DecodeInputs:
+        """Bucket ``bucket``'s views (made once, then the same objects every step)."""
+        views = self._views.get(bucket)
+        if views is None:
+            b, w, flat = bucket, self.width, self.flat
+            views = DecodeInputs(
+                input_ids=flat[0:b],
+                positions=flat[b : 2 * b],
+                slot_mapping=flat[2 * b : 3 * b],
+                context_lens=flat[3 * b : 4 * b],
+                block_tables=flat[4 * b : 4 * b + b * w].view(b, w),
+                rows=self._rows[:b],
+                valid=self._valid[:b],
+            )
+            self._views[bucket] = views
+        return views
+
+    def sample_rows(self, bucket: int, count: int) -> torch.Tensor:
+        """The ``count`` sampled rows packed after bucket ``bucket``'s inputs."""
+        start = bucket * (4 + self.width)
+        return self.flat[start : start + count]
+
+    def refresh_valid(self, inputs: DecodeInputs) -> None:
+        """``valid[s, j] = j < context_lens[s]``, written in place (fixed shape, on device)."""
+        torch.lt(self._keys, inputs.context_lens.unsqueeze(1), out=inputs.valid)
+
+    def host_arrays(
+        self, plan: StepPlan, bucket: int, scratch_block: int
+    ) -> list[torch.Tensor] | None:
+        """The plan's arrays padded to ``bucket`` rows, in the buffer's order (host only);
+        None where its contexts need more blocks than the buffers hold."""
+        n, b, bs = plan.num_tokens, bucket, self.block_size
+        lens = plan.context_lens
+        need = -(-int(lens.max()) // bs)  # host tensor: no device read
+        if need > self.width:
+            return None
+        tables = torch.full((b, self.width), scratch_block, dtype=torch.long)
+        tables[:n, :need] = plan.block_tables[:, :need]
+        return [
+            _padded(plan.input_ids, b, 0),
+            _padded(plan.positions, b, 0),
+            _padded(plan.slot_mapping, b, scratch_block * bs),
+            _padded(lens, b, 1),
+            tables.view(-1),
+            plan.sample_rows,
+        ]
+
+
+def _padded(values: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+    out = torch.full((size,), fill, dtype=torch.long)
+    out[: values.numel()] = values
+    return out
+
+
+def is_decode_only(plan: StepPlan) -> bool:
+    """Every sequence of the step brings exactly one new token (host arrays only)."""
+    return plan.num_tokens == plan.context_lens.numel() and plan.num_tokens > 0
+
+
+DecodeForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def compiled_forward(
+    forward: DecodeForward, backend: str | Callable, fullgraph: bool = True
+) -> DecodeForward:
+    """``forward`` under ``torch.compile(fullgraph=True, dynamic=False)``: one graph per
+    bucket, each compiled on its first step, none after (static shapes, static buffers).
+
+    Dynamo's per-function recompile limit (8) is raised to hold every bucket, and dstp's
+    CPU kernels are built first, so the tracer sees them as ops (:mod:`dstp.cpu.opaque_ops`).
+    """
+    import torch._dynamo
+
+    from dstp.cpu import opaque_ops
+
+    opaque_ops.prepare()  # dstp's CPU kernels as ops the compiler keeps whole
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
+    return torch.compile(forward, backend=backend, fullgraph=fullgraph, dynamic=False)
+
+
+class BucketedDecode:
+    """A runner's decode-only steps at bucket sizes, over :class:`DecodeBuffers`.
+
+    ``forward(input_ids [b], positions [b]) -> hidden [b, hidden]`` is the decoder stack
+    (the LM head stays outside, as in vLLM's graphs); with ``compile_backend`` it runs
+    compiled (:func:`compiled_forward`). ``compile_seconds`` holds each bucket's first
+    (compiling) call, per cache it ran over.
+    """
+
+    def __init__(
+        self,
+        forward: DecodeForward,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+        compile_backend: str | Callable | None = None,
+    ) -> None:
+        self.sizes = bucket_sizes(max_num_seqs)
+        width = -(-max_model_len // block_size)
+        self.buffers = DecodeBuffers(self.sizes[-1], width, block_size, device)
+        self.compiled = compile_backend is not None
+        self.forward = compiled_forward(forward, compile_backend) if self.compiled else forward
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self._metadata: dict[int, AttentionMetadata] = {}
+
+    def run(
+        self,
+        plan: StepPlan,
+        cache: PagedKVCache,
+        backend: AttentionBackend,
+        uploader: StepUploader,
+    ) -> torch.Tensor | None:
+        """The sampled rows' hidden states ``[R, hidden]`` of a decode-only ``plan`` run at
+        its bucket; None (nothing run) for any other step, which takes the packed path."""
+        if cache.scratch_block is None or not is_decode_only(plan):
+            return None
+        bucket = bucket_for(plan.num_tokens, self.sizes)
+        if bucket is None:
+            return None
+        arrays = self.buffers.host_arrays(plan, bucket, cache.scratch_block)
+        if arrays is None:
+            return None
+        uploader.upload_into(arrays, self.buffers.flat)
+        inputs = self.buffers.inputs(bucket)
+        self.buffers.refresh_valid(inputs)
+        with step_context(self._metadata_for(bucket, inputs, cache, backend)):
+            hidden = self._forward(bucket, inputs, cache)
+        return hidden.index_select(0, self.buffers.sample_rows(bucket, plan.sample_rows.numel()))
+
+    def _forward(self, bucket: int, inputs: DecodeInputs, cache: PagedKVCache) -> torch.Tensor:
+        key = (bucket, cache.num_blocks)
+        if not self.compiled or key in self.compile_seconds:
+            return self.forward(inputs.input_ids, inputs.positions)
+        start = time.perf_counter()
+        hidden = self.forward(inputs.input_ids, inputs.positions)
+        self.compile_seconds[key] = time.perf_counter() - start
+        log.info(
+            "decode bucket %d compiled in %.1f s (a cache of %d blocks)",
+            bucket,
+            self.compile_seconds[key],
+            cache.num_blocks,
+        )
+        return hidden
+
+    def _metadata_for(
+        self, bucket: int, inputs: DecodeInputs, cache: PagedKVCache, backend: AttentionBackend
+    ) -> AttentionMetadata:
+        """The bucket's metadata object, the same one at every step over the same cache."""
+        metadata = self._metadata.get(bucket)
+        if metadata is None or metadata.cache is not cache or metadata.backend is not backend:
+            metadata = AttentionMetadata.for_decode_bucket(inputs, cache, backend)
+            self._metadata[bucket] = metadata
+        return metadata

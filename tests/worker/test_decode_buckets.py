@@ -1,0 +1,290 @@
+"""Decode steps at padded batch buckets over preallocated buffers (issue 22, item 3).
+
+Bucket choice; a padded step gives every real row the logits of the unpadded step, bit for
+bit, and writes no block but its own tokens' slots and the scratch block; the buffers are
+allocated once; and the decode forward at each bucket compiles under
+``torch.compile(fullgraph=True, dynamic=False)``, equals eager, and is not recompiled by
+later steps of the same bucket.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.worker.decode_buckets import bucket_for, bucket_sizes, compiled_forward
+from dstp.worker.step_plan import StepPlan
+from tests.helpers.policy_models import build_architectures
+from tests.helpers.tiny_models import llama_config, save_random_model
+
+BLOCK = 4
+MAX_LEN = 64
+LT = torch.long
+
+
+def test_bucket_sizes_are_vllms_capture_sizes():
+    assert bucket_sizes(1) == (1,)
+    assert bucket_sizes(3) == (1, 2, 3)
+    assert bucket_sizes(8) == (1, 2, 4, 8)
+    assert bucket_sizes(40) == (1, 2, 4, 8, 16, 24, 32, 40)
+    assert bucket_sizes(64)[-3:] == (48, 56, 64)
+    assert bucket_sizes(30) == (1, 2, 4, 8, 16, 24, 30)  # max_num_seqs itself is the last
+
+
+def test_bucket_for_takes_the_smallest_that_holds_the_batch():
+    sizes = bucket_sizes(30)
+    assert [bucket_for(n, sizes) for n in (1, 2, 3, 5, 8, 9, 17, 24, 25, 30)] == [
+        1, 2, 4, 8, 8, 16, 24, 24, 30, 30,
+    ]  # fmt: skip
+    assert bucket_for(31, sizes) is None
+
+
+# -- a runner over a tiny model, plans made by hand ------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("buckets")
+    config = llama_config(num_attention_heads=8, num_key_value_heads=2, vocab_size=256)
+    paths = {"llama": save_random_model(config, root / "llama")}
+    # Gemma 2: soft-capped, windowed attention (the decode path's masks)
+    paths.update(build_architectures(root, ["gemma2"]))
+    return paths
+
+
+def _engine(path, dtype: str, max_num_seqs: int = 8, **kwargs) -> Engine:
+    return Engine(
+        EngineConfig(
+            model=str(path),
+            dtype=dtype,
+            max_model_len=MAX_LEN,
+            max_num_seqs=max_num_seqs,
+            block_size=BLOCK,
+            num_blocks=4 * (MAX_LEN // BLOCK),
+            bucket_decode=True,
+            **kwargs,
+        )
+    )
+
+
+class Sequences:
+    """``n`` sequences with shuffled blocks, prefilled to different lengths, then decoded."""
+
+    def __init__(self, n: int, num_blocks: int, vocab: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        per_seq = 6  # blocks each may fill (24 tokens)
+        assert n * per_seq <= num_blocks
+        self.tables = torch.randperm(num_blocks, generator=gen)[: n * per_seq].view(n, per_seq)
+        self.lens = torch.randint(1, 14, (n,), generator=gen)
+        self.ids = torch.randint(3, vocab, (n, per_seq * BLOCK), generator=gen)
+
+    def _slots(self, seqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.tables[seqs, positions // BLOCK] * BLOCK + positions % BLOCK
+
+    def prefill(self) -> StepPlan:
+        n = len(self.lens)
+        positions = torch.cat([torch.arange(int(k)) for k in self.lens])
+        seq_of = torch.repeat_interleave(torch.arange(n), self.lens)
+        starts = torch.cat([torch.zeros(1, dtype=LT), self.lens.cumsum(0)])
+        return StepPlan(
+            input_ids=self.ids[seq_of, positions],
+            positions=positions,
+            slot_mapping=self._slots(seq_of, positions),
+            query_starts=starts,
+            context_lens=self.lens.clone(),
+            block_tables=self.tables.clone(),
+            sample_rows=starts[1:] - 1,
+            copies=torch.zeros((0, 2), dtype=LT),
+        )
+
+    def decode(self) -> StepPlan:
+        """One new token per sequence (at position ``lens``); advances ``lens``."""
+        n = len(self.lens)
+        positions = self.lens.clone()
+        self.lens = self.lens + 1
+        width = -(-int(self.lens.max()) // BLOCK)
+        return StepPlan(
+            input_ids=self.ids[torch.arange(n), positions],
+            positions=positions,
+            slot_mapping=self._slots(torch.arange(n), positions),
+            query_starts=torch.arange(n + 1),
+            context_lens=self.lens.clone(),
+            block_tables=self.tables[:, :width].clone(),
+            sample_rows=torch.arange(n),
+            copies=torch.zeros((0, 2), dtype=LT),
+        )
+
+
+def _cache_state(runner) -> list[torch.Tensor]:
+    return [runner.cache.keys.clone(), runner.cache.values.clone()]
+
+
+def _first_rows(plan: StepPlan, n: int) -> StepPlan:
+    """The decode plan of ``plan``'s first ``n`` sequences."""
+    width = -(-int(plan.context_lens[:n].max()) // BLOCK)
+    return StepPlan(
+        input_ids=plan.input_ids[:n],
+        positions=plan.positions[:n],
+        slot_mapping=plan.slot_mapping[:n],
+        query_starts=plan.query_starts[: n + 1],
+        context_lens=plan.context_lens[:n],
+        block_tables=plan.block_tables[:n, :width],
+        sample_rows=plan.sample_rows[:n],
+        copies=plan.copies,
+    )
+
+
+# Bit-exact bucketed == unbucketed is not what a BLAS gives: MKL's (and oneDNN's) GEMM
+# rounds a row differently depending on how many rows the call has (F.linear of 2 rows
+# vs the same 2 rows among 8 differ in the last bit, fp32 and bf16 alike), so a step
+# at 8 rows cannot reproduce a step at 5 bit for bit, padded or not. What padding must
+# never do, change a real row, is checked exactly: n real rows padded to bucket b give
+# the logits those rows get beside b - n other real sequences in an unpadded step of b.
+# Against the unbucketed step of n rows the logits agree to GEMM rounding.
+CLOSE = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=0.05, atol=0.05)}
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype"), [("llama", "float32"), ("llama", "bfloat16"), ("gemma2", "float32")]
+)
+def test_padding_never_changes_a_real_row(models, model, dtype):
+    """Batches of 3, 5, 6 and 7 (buckets 4 and 8), three steps each, crossing block
+    boundaries: each real row's logits equal, bit for bit, its logits in a step of
+    ``bucket`` real sequences; the cache changes only at the step's own slots (and the
+    scratch block the padding rows write to); the unbucketed step agrees to rounding."""
+    engine = _engine(models[model], dtype)
+    runner = engine.runner
+    bucketed, scratch = runner.decode, runner.cache.scratch_block
+    assert scratch == runner.num_blocks  # one block past what the allocator hands out
+    for n, seed in ((3, 0), (5, 1), (6, 2), (7, 3)):
+        bucket = bucket_for(n, bucketed.sizes)
+        seqs = Sequences(bucket, runner.num_blocks, runner.vocab_size, seed)
+        runner.execute(seqs.prefill())
+        for _ in range(3):
+            full = seqs.decode()
+            plan = _first_rows(full, n)
+            before = _cache_state(runner)
+            padded = runner.execute(plan)
+            after = _cache_state(runner)
+            padding = bucketed.buffers.inputs(bucket).slot_mapping[n:]
+            assert padding.numel() == bucket - n and padding.eq(scratch * BLOCK).all()
+            beside_others = runner.execute(full)  # bucket real rows: no padding
+            assert torch.equal(padded, beside_others[:n]), (model, dtype, n)
+            written = torch.zeros(before[0].shape[2], dtype=torch.bool)
+            written[plan.slot_mapping] = True
+            written[scratch * BLOCK : (scratch + 1) * BLOCK] = True
+            for old, new in zip(before, after, strict=True):
+                assert torch.equal(old[:, :, ~written], new[:, :, ~written]), "a block was written"
+                assert not torch.equal(old[:, :, plan.slot_mapping], new[:, :, plan.slot_mapping])
+            runner.decode = None
+            unpadded = runner.execute(plan)
+            runner.decode = bucketed
+            assert padded.shape == unpadded.shape == (n, runner.vocab_size)
+            torch.testing.assert_close(padded, unpadded, **CLOSE[dtype])
+            assert torch.equal(padded.argmax(-1), unpadded.argmax(-1))
+
+
+def test_buffers_are_allocated_once(models):
+    engine = _engine(models["llama"], "float32")
+    runner = engine.runner
+    buffers = runner.decode.buffers
+    flat = buffers.flat.data_ptr()
+    seen = {}
+    seqs = Sequences(5, runner.num_blocks, runner.vocab_size, 7)
+    runner.execute(seqs.prefill())
+    for _ in range(4):
+        runner.execute(seqs.decode())
+        inputs = buffers.inputs(8)
+        now = {
+            name: getattr(inputs, name).data_ptr()
+            for name in ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables")
+        }
+        now["valid"] = inputs.valid.data_ptr()
+        assert seen in ({}, now)
+        seen = now
+        assert buffers.flat.data_ptr() == flat
+        assert runner.decode._metadata[8].decode_blocks is inputs.block_tables
+    assert buffers.width == MAX_LEN // BLOCK
+    assert buffers.flat.numel() == 8 * (5 + MAX_LEN // BLOCK)
+
+
+def test_only_decode_only_steps_take_the_buckets(models):
+    engine = _engine(models["llama"], "float32")
+    runner = engine.runner
+
+    def bucketed(plan: StepPlan) -> bool:
+        args = (runner.cache, runner.attention_backend, runner.uploader)
+        return runner.decode.run(plan, *args) is not None
+
+    seqs = Sequences(3, runner.num_blocks, runner.vocab_size, 4)
+    prefill = seqs.prefill()
+    assert not bucketed(prefill)
+    runner.execute(prefill)
+    decode = seqs.decode()
+    assert bucketed(decode)
+    mixed = Sequences(2, runner.num_blocks, runner.vocab_size, 5).prefill()
+    mixed.query_starts = torch.tensor([0, 1, int(mixed.num_tokens)])  # a decode, a prefill
+    assert not bucketed(mixed)
+    nine = Sequences(9, runner.num_blocks, runner.vocab_size, 6)
+    nine.lens.fill_(1)
+    assert not bucketed(nine.decode())  # past the largest bucket (max_num_seqs 8)
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_decode_at_each_bucket_equals_eager_and_compiles_once(models, dtype):
+    """fullgraph=True, dynamic=False: a graph break or a data-dependent shape would raise.
+    Buckets 1, 2 and 4: the compiled forward gives the eager logits exactly; a second
+    round of steps at the same buckets compiles nothing."""
+    engine = _engine(models["llama"], dtype, max_num_seqs=4)
+    runner = engine.runner
+    bucketed = runner.decode
+    counter = CountingBackend()
+    eager = bucketed.forward
+    compiled = compiled_forward(eager, counter)
+    groups = {n: Sequences(n, runner.num_blocks, runner.vocab_size, 10 + n) for n in (1, 2, 3)}
+    for seqs in groups.values():
+        runner.execute(seqs.prefill())
+    for round_ in range(3):
+        for n, seqs in groups.items():
+            plan = seqs.decode()
+            bucketed.forward = compiled
+            got = runner.execute(plan)
+            bucketed.forward = eager
+            want = runner.execute(plan)
+            assert torch.equal(got, want), (dtype, n, round_)
+        if round_ == 0:
+            assert counter.graphs == 3  # one per bucket: 1, 2, 4
+    assert counter.graphs == 3  # later steps at the same buckets: no recompilation
+
+
+def test_compile_decode_serves_the_eager_tokens(models):
+    """``compile_decode`` end to end (an engine, greedy requests, the start-up probe's
+    decode batch compiled too): the tokens of the uncompiled engine."""
+    from dstp.engine.sampling_params import SamplingParams
+
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    runs = []
+    for extra in ({}, {"compile_decode": "eager"}):
+        engine = _engine(models["llama"], "float32", max_num_seqs=4, **extra)
+        for i, ids in enumerate(prompts):
+            engine.add_request(str(i), ids, params)
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        runs.append(done)
+        if extra:
+            assert {b for b, _ in engine.runner.decode.compile_seconds} >= {2, 4}
+    assert runs[0] == runs[1]
