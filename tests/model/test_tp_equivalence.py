@@ -110,6 +110,9 @@ def test_tp_matches_hf(tp, models, references, tmp_path, request):
             json.loads((out / f"{name}.rank{r}.json").read_text())["param_bytes"] for r in range(tp)
         ]
         assert len(set(per_rank)) == 1
+        # with fusion on by default every layer runs dstp's fused Llama layer, at every TP
+        ranks = [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(tp)]
+        assert [r["fused_layers"] for r in ranks] == [ranks[0]["num_layers"]] * tp, name
         if tp > 1:
             total = sum(p.numel() * 4 for p in _hf_params(models[name]))
             assert per_rank[0] < total * (0.5 if tp == 2 else 0.4) + 4096, (

@@ -188,6 +188,11 @@ def test_policies_match_hf(tp, jobs, references, request):
         expected_auto = name in DERIVED or name.endswith(("_auto", "_auto_plan", "_auto_graph"))
         if ranks[0]["policy"].startswith("auto:") != expected_auto:
             failures.append(f"{name}: served with policy {ranks[0]['policy']!r}")
+        # a policy that names a fused layer runs it on every layer of every rank (so these
+        # TP=2/4 runs prove the fused layers equal to HF's); the others keep HF's layers
+        want = ranks[0]["num_layers"] if ranks[0]["fused_layer"] else 0
+        if [r["fused_layers"] for r in ranks] != [want] * tp:
+            failures.append(f"{name}: fused layers per rank {[r['fused_layers'] for r in ranks]}")
         if jobs[name].get("refused_without_policy"):
             failures += _refusal_problems(run, name, tp)
     assert not failures, f"TP={tp}: " + "; ".join(failures)

@@ -78,7 +78,13 @@ for name, entry in job["models"].items():
             do_sample=False,
             pad_token_id=0,
         )
-    info = {"param_bytes": sharded.parameter_bytes(), "policy": sharded.policy.name}
+    info = {
+        "param_bytes": sharded.parameter_bytes(),
+        "policy": sharded.policy.name,
+        "fused_layer": sharded.policy.fused_layer,  # the policy's fused form, if any
+        "fused_layers": sharded.fused_layers,  # decoder layers swapped for it
+        "num_layers": getattr(sharded.config, "num_hidden_layers", None),
+    }
     Path(f"{out}/{name}.rank{rank}.json").write_text(json.dumps(info))
     if rank == 0:
         save_file(

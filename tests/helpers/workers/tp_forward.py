@@ -34,7 +34,12 @@ for name, path in job["models"].items():
             pad_token_id=0,
         )
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    info = {"param_bytes": params, "dtype": str(next(model.parameters()).dtype)}
+    info = {
+        "param_bytes": params,
+        "dtype": str(next(model.parameters()).dtype),
+        "fused_layers": model.dstp.fused_layers,  # decoder layers in the policy's fused form
+        "num_layers": model.config.num_hidden_layers,
+    }
     Path(f"{out}/{name}.rank{rank}.json").write_text(json.dumps(info))
     if rank == 0:
         save_file(
