@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -91,6 +92,77 @@ def rope_sign(head_dim: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
 def silu_mul(gate_up: torch.Tensor, width: int) -> torch.Tensor:
     """``silu(gate) * up`` of the packed gate/up GEMM output (gate first, then up)."""
     return F.silu(gate_up[..., :width]) * gate_up[..., width:]
+
+
+# -- rotary from a table ------------------------------------------------------------------
+
+# rope types whose cos/sin are a fixed function of the position ("dynamic" and "longrope"
+# change with the sequence's length, so they keep HF's module)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+TABLE_CHECK_POSITIONS = 64
+
+
+class RotaryTable(nn.Module):
+    """HF's rotary module as a table: ``(cos, signed sin)`` of the step's positions, one lookup.
+
+    HF's module recomputes ``cos``/``sin`` from the positions each forward (eight
+    ops); this one computes them once with HF's module for every position up to the
+    model's ``max_position_embeddings`` and keeps half of each row (HF's two halves are
+    equal), as vLLM's cos/sin cache does. It returns the signed sin that
+    :func:`rotate` takes, so only a model whose every layer is fused gets it.
+    """
+
+    def __init__(self, inner: nn.Module, rows: int, dtype: torch.dtype, device: Any) -> None:
+        super().__init__()
+        self.inner = inner  # HF's module: its attributes stay reachable
+        with torch.no_grad():
+            cos, sin = inner(torch.empty(0, dtype=dtype, device=device), _positions(rows, device))
+        half = cos.shape[-1] // 2
+        if not (
+            torch.equal(cos[..., :half], cos[..., half:])
+            and torch.equal(sin[..., :half], sin[..., half:])
+        ):
+            raise NotFusable("the rotary tables' two halves differ (not the half-split form)")
+        self.rows = rows
+        self.table = nn.Buffer(
+            torch.cat((cos[0, :, :half], sin[0, :, :half]), dim=-1), persistent=False
+        )
+
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos_half, sin_half = F.embedding(position_ids, self.table).chunk(2, dim=-1)
+        return torch.cat((cos_half, cos_half), dim=-1), torch.cat((-sin_half, sin_half), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"positions={self.rows}"
+
+
+def _positions(count: int, device: Any) -> torch.Tensor:
+    return torch.arange(count, device=device)[None]
+
+
+def rotary_table(inner: nn.Module, config: Any, dtype: torch.dtype, device: Any) -> RotaryTable:
+    """A :class:`RotaryTable` for HF's ``inner``, checked against it; NotFusable where it may not be."""
+    from dstp.engine.config import ALLOW_LONG_ENV
+
+    rope_type = getattr(inner, "rope_type", None)
+    rows = getattr(config, "max_position_embeddings", None)
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise NotFusable(f"rope type {rope_type!r} is not a fixed table")
+    if not isinstance(rows, int) or os.environ.get(ALLOW_LONG_ENV, "0") not in ("", "0"):
+        raise NotFusable(f"positions may pass max_position_embeddings ({ALLOW_LONG_ENV})")
+    table = RotaryTable(inner, rows, dtype, device)
+    positions = torch.cat(
+        (_positions(TABLE_CHECK_POSITIONS, device), _positions(rows, device)[:, -8:]), -1
+    )
+    probe = torch.empty(0, dtype=dtype, device=device)
+    with torch.no_grad():
+        (cos, sin), (ours_cos, ours_sin) = inner(probe, positions), table(probe, positions)
+    sign = rope_sign(cos.shape[-1], dtype, device)
+    if not (torch.equal(cos, ours_cos) and torch.equal(sin * sign, ours_sin)):
+        raise NotFusable("the table differs from HF's rotary module")
+    return table
 
 
 # -- the layer ---------------------------------------------------------------------------
@@ -172,6 +244,7 @@ class FusedLlamaLayer(nn.Module):
         self.qk_norm_eps, qk_norm_weight = _qk_norm(attn, self.q_heads, self.kv_heads)
         self.qk_norm_weight = nn.Buffer(qk_norm_weight, persistent=False)
         weight = self.qkv_proj.weight
+        self.signed_sin = False  # position_embeddings carry HF's sin (a RotaryTable: signed)
         self.rope_sign = nn.Buffer(
             rope_sign(self.head_dim, weight.dtype, weight.device), persistent=False
         )
@@ -230,7 +303,8 @@ class FusedLlamaLayer(nn.Module):
         if self.qk_norm_weight.numel():
             qk = llama_rms_norm(qk, self.qk_norm_weight, self.qk_norm_eps)
         cos, sin = position_embeddings
-        qk = rotate(qk, cos.unsqueeze(2), (sin * self.rope_sign).unsqueeze(2))
+        signed_sin = sin if self.signed_sin else sin * self.rope_sign
+        qk = rotate(qk, cos.unsqueeze(2), signed_sin.unsqueeze(2))
         query = qk[:, :, :qh].transpose(1, 2)
         key = qk[:, :, qh:].transpose(1, 2)
         value = qkv[..., (qh + kvh) * d :].view(batch, tokens, kvh, d).transpose(1, 2)
@@ -357,9 +431,31 @@ def decoder_layers(model: nn.Module, policy: Policy) -> list[tuple[str, nn.Modul
 
 
 def _rotary(model: nn.Module) -> nn.Module | None:
-    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
-    rotary = getattr(base, "rotary_emb", None)
+    rotary = getattr(_base(model), "rotary_emb", None)
     return rotary if isinstance(rotary, nn.Module) else None
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
+def _use_rotary_table(
+    model: nn.Module, rotary: nn.Module, layers: list[FusedLlamaLayer], tp: TPGroup
+) -> bool:
+    """Swap HF's rotary module for a :class:`RotaryTable` (every layer being fused), if it fits."""
+    weight = layers[0].qkv_proj.weight
+    try:
+        table = rotary_table(rotary, model.config, weight.dtype, weight.device)
+        reason = None
+    except NotFusable as exc:
+        table, reason = None, str(exc)
+    if tp.min_over_ranks(0 if reason else 1) == 0:
+        log.info("HF's rotary module kept: %s", reason or "another rank's table differs")
+        return False
+    _base(model).rotary_emb = table
+    for layer in layers:
+        layer.signed_sin = True
+    return True
 
 
 def _build_and_probe(
@@ -393,22 +489,28 @@ def fuse_decoder_layers(model: nn.Module, policy: Policy, tp: TPGroup) -> int:
             type(model).__name__,
         )
         return 0
-    swapped, reasons = 0, {}
-    for name, layer in decoder_layers(model, policy):
+    swapped, reasons = [], {}
+    layers = decoder_layers(model, policy)
+    for name, layer in layers:
         fused, reason = _build_and_probe(build, layer, rotary)
         if tp.min_over_ranks(0 if reason else 1) == 0:
             reasons.setdefault(reason or "another rank's probe failed", []).append(name)
             continue
         fused.release_hf_weights()
         _set_module(model, name, fused)
-        swapped += 1
+        swapped.append(fused)
     for reason, names in reasons.items():
         log.warning(
             "%d decoder layer(s) keep HF's forward, not policy %r's fused %r layer (%s): %s...",
             len(names), policy.name, policy.fused_layer, reason, names[0],
         )  # fmt: skip
-    log.debug("%d decoder layers run dstp's fused %r form", swapped, policy.fused_layer)
-    return swapped
+    table = bool(swapped) and len(swapped) == len(layers)
+    table = table and _use_rotary_table(model, rotary, swapped, tp)
+    log.debug(
+        "%d decoder layers run dstp's fused %r form (rotary from a table: %s)",
+        len(swapped), policy.fused_layer, table,
+    )  # fmt: skip
+    return len(swapped)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -115,7 +115,11 @@ def test_no_extra_parameter_memory(models):
     extra_buffers = sum(b.numel() * b.element_size() for b in fused.buffers()) - sum(
         b.numel() * b.element_size() for b in plain.buffers()
     )
-    assert extra_buffers <= 2 * 64 * 4  # each layer's rotary sign row (head_dim, fp32)
+    table = fused.model.rotary_emb
+    assert isinstance(table, fused_layers.RotaryTable)
+    # each layer's rotary sign row (head_dim), and the cos/sin table (positions x head_dim)
+    assert table.table.shape == (256, 8)
+    assert extra_buffers == 2 * 8 * 4 + table.table.numel() * 4
 
 
 def test_the_engine_runs_fused_layers_through_the_paged_attention(models):
@@ -151,6 +155,7 @@ def test_a_layer_the_probe_rejects_keeps_hf_and_says_why(models, monkeypatch, ca
     assert model.dstp.fused_layers == 0
     assert not any(isinstance(layer, FusedLlamaLayer) for layer in model.model.layers)
     assert "keep HF's forward" in caplog.text and "relative error" in caplog.text
+    assert not isinstance(model.model.rotary_emb, fused_layers.RotaryTable)
     hf = load_reference(models["llama"])
     assert torch.equal(_logprobs(model), _logprobs(hf))
 
@@ -192,3 +197,28 @@ def test_policies_name_known_fused_layers():
     # llama_like families of another layer form do not inherit Llama's fused layer
     assert GEMMA.fused_layer is None and MIXTRAL.fused_layer is None
     assert Policy("x", ("X",), ("x",), {}).fused_layer is None
+
+
+def test_rotary_table_only_where_it_is_hf_rotary(models, tmp_path, monkeypatch):
+    """Positions past the trained context, or a rope that changes with length, keep HF's module
+    (the fused layers then sign their sin themselves) and still match HF."""
+    from dstp.engine.config import ALLOW_LONG_ENV
+
+    config = llama_config(
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    )
+    dynamic = save_random_model(config, tmp_path / "dynamic")
+    with monkeypatch.context() as env:
+        env.setenv(ALLOW_LONG_ENV, "1")
+        long_context = _load(models["llama"])
+    for path, model in ((dynamic, _load(dynamic)), (models["llama"], long_context)):
+        assert model.dstp.fused_layers == 2
+        assert not isinstance(model.model.rotary_emb, fused_layers.RotaryTable)
+        assert not any(layer.signed_sin for layer in model.model.layers)
+        hf = load_reference(path)
+        assert (_logprobs(model) - _logprobs(hf)).abs().max().item() <= 1e-4
+    table = _load(models["llama"]).model.rotary_emb
+    assert isinstance(table, fused_layers.RotaryTable)
+    assert table.inner.rope_type == "default"
