@@ -419,3 +419,12 @@ def test_no_fused_layers_reaches_the_engine_config(argv, fused, tmp_path):
     assert args.no_fused_layers is not fused
     assert _engine_config(args, str(tmp_path)).fused_layers is fused
     assert EngineConfig(model="m").fused_layers is True
+
+
+@pytest.mark.parametrize("argv, backend", [([], None), (["--compile-decode"], "eager")])
+def test_compile_decode_reaches_the_engine_config(argv, backend, tmp_path):
+    from dstp.server.serve import _engine_config
+
+    args = parse("--dtype", "float32", *argv)
+    assert _engine_config(args, str(tmp_path)).compile_decode == backend
+    assert EngineConfig(model="m").compile_decode is None  # off by default
