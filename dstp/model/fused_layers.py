@@ -10,10 +10,11 @@ injected layers do:
 - q/k/v as ONE column-parallel GEMM, gate/up as ONE: each rank's already-loaded
   shards are concatenated at swap time and the separate weights freed with HF's
   layer, so resident memory does not grow;
-- the residual add as one op beside each RMSNorm, the norm being dstp's one-call
-  CPU kernel where the RMSNorm swap (:mod:`dstp.model.norms`) proved it, HF's
-  module elsewhere (plain PyTorch, which a GPU runs as is); Granite's residual
-  multiplier rides in the add (``alpha``);
+- the residual add as one op beside each RMSNorm, the norm one op too: dstp's CPU
+  kernel where the RMSNorm swap (:mod:`dstp.model.norms`) proved it, ``F.rms_norm``
+  elsewhere (one fused kernel on a GPU, where HF's module is eight ops); Granite's
+  residual multiplier rides in the add (``alpha``); Qwen3's q/k norms are two ops
+  for all heads;
 - rotary as ``x * cos + roll(x) * (sin * sign)`` on q and k together: HF's
   ``rotate_half(x) * sin`` is ``roll(x) * sin`` with the first half's sign flipped;
 - SiLU-mul on the one gate/up output;
@@ -45,7 +46,7 @@ from torch import nn
 from dstp.cpu import kernels as cpu_kernels
 from dstp.distributed import TPGroup
 from dstp.model.layers import ColumnParallelLinear, RowParallelLinear
-from dstp.model.norms import llama_rms_norm
+from dstp.model.norms import FusedRMSNorm
 from dstp.policies.base import FUSED_LAYER_NAMES, Policy, glob_to_regex
 
 log = logging.getLogger("dstp")
@@ -62,6 +63,25 @@ class NotFusable(ValueError):
 
 
 # -- the fused ops -----------------------------------------------------------------------
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm of ``x`` with ``norm``'s weight in one op.
+
+    dstp's CPU kernel where the RMSNorm swap proved it (``FusedRMSNorm``: HF's exact
+    rounding), else ``F.rms_norm``: one ATen op (one fused kernel on CUDA) where HF's
+    module is eight. In fp32 it is HF's result; in 16 bits it rounds once where HF
+    rounds twice (before and after the weight), within the probe's tolerance.
+    """
+    if isinstance(norm, FusedRMSNorm):
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's per-head q/k norms in two ops: ``F.rms_norm`` over ``head_dim``, then each
+    head's weight (``weight``: ``[heads, head_dim]``), rounded as HF's modules round."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
 
 
 def add_residual(residual: torch.Tensor, update: torch.Tensor, scale: float) -> torch.Tensor:
@@ -215,8 +235,8 @@ class FusedLlamaLayer(nn.Module):
         attn, mlp = _part(layer, "self_attn"), _part(layer, "mlp")
         self.self_attn = attn
         # HF's norm modules, or dstp's one-call kernel where the RMSNorm swap proved it
-        self.input_layernorm = _part(layer, "input_layernorm")
-        self.post_attention_layernorm = _part(layer, "post_attention_layernorm")
+        self.input_layernorm = _norm(layer, "input_layernorm")
+        self.post_attention_layernorm = _norm(layer, "post_attention_layernorm")
         self.qkv_proj = PackedColumnLinear.pack(
             [_part(attn, n) for n in ("q_proj", "k_proj", "v_proj")]
         )
@@ -277,12 +297,12 @@ class FusedLlamaLayer(nn.Module):
         """The call ``LlamaModel`` makes of each layer; returns the new hidden states."""
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
-        normed = self.input_layernorm(hidden_states)
+        normed = rms_norm(self.input_layernorm, hidden_states)
         attn = self._attention(
             normed, attention_mask, position_ids, cache, use_cache, position_embeddings, kwargs
         )
         hidden_states = add_residual(hidden_states, attn, self.residual_scale)
-        normed = self.post_attention_layernorm(hidden_states)
+        normed = rms_norm(self.post_attention_layernorm, hidden_states)
         mlp = self.down_proj(silu_mul(self.gate_up_proj(normed), self.inner))
         return add_residual(hidden_states, mlp, self.residual_scale)
 
@@ -301,7 +321,7 @@ class FusedLlamaLayer(nn.Module):
         qkv = self.qkv_proj(x)
         qk = qkv[..., : (qh + kvh) * d].view(batch, tokens, qh + kvh, d)
         if self.qk_norm_weight.numel():
-            qk = llama_rms_norm(qk, self.qk_norm_weight, self.qk_norm_eps)
+            qk = head_rms_norm(qk, self.qk_norm_weight, self.qk_norm_eps)
         cos, sin = position_embeddings
         signed_sin = sin if self.signed_sin else sin * self.rope_sign
         qk = rotate(qk, cos.unsqueeze(2), signed_sin.unsqueeze(2))
@@ -344,6 +364,17 @@ def _part(module: nn.Module, name: str) -> nn.Module:
     if not isinstance(part, nn.Module):
         raise NotFusable(f"{type(module).__name__} has no {name!r} module")
     return part
+
+
+def _norm(layer: nn.Module, name: str) -> nn.Module:
+    """A Llama-form RMSNorm of ``layer`` (1-D weight, ``variance_epsilon``); the probe checks its math."""
+    norm = _part(layer, name)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise NotFusable(f"{name} ({type(norm).__name__}) has no 1-D weight")
+    if not isinstance(getattr(norm, "variance_epsilon", None), float):
+        raise NotFusable(f"{name} ({type(norm).__name__}) has no variance_epsilon")
+    return norm
 
 
 def _is_silu(act: Any) -> bool:

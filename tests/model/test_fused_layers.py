@@ -55,8 +55,8 @@ def _load(path, dtype=torch.float32, **kwargs):
     return dstp.load(str(path), dtype, policy=policy, **kwargs)
 
 
-def _logprobs(model) -> torch.Tensor:
-    ids = torch.tensor([IDS])
+def _logprobs(model, ids: torch.Tensor | None = None) -> torch.Tensor:
+    ids = torch.tensor([IDS]) if ids is None else ids
     with torch.inference_mode():
         return torch.log_softmax(model(ids).logits.float(), dim=-1)
 
@@ -97,13 +97,17 @@ def test_fused_generate_matches_hf(models, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_bf16_as_close_to_hf_fp32_as_hf_bf16(models, arch):
+    """Over 64 random tokens (a handful is noise): the mean error within 10 % of HF's own
+    bf16, the worst within 1.5x (measured: mean within 1 %, in fp32-summing kernels' path)."""
     fused = _load(models[arch], torch.bfloat16)
     assert fused.dstp.fused_layers == 2
     hf = load_reference(models[arch])
-    want = _logprobs(hf)
-    ours = (_logprobs(fused) - want).abs().max().item()
-    theirs = (_logprobs(hf.to(torch.bfloat16)) - want).abs().max().item()
-    assert ours <= 1.5 * theirs, (ours, theirs)
+    ids = torch.randint(0, 250, (1, 64), generator=torch.Generator().manual_seed(0))
+    want = _logprobs(hf, ids)
+    ours = (_logprobs(fused, ids) - want).abs()
+    theirs = (_logprobs(hf.to(torch.bfloat16), ids) - want).abs()
+    assert ours.mean() <= 1.1 * theirs.mean(), (ours.mean(), theirs.mean())
+    assert ours.max() <= 1.5 * theirs.max(), (ours.max(), theirs.max())
 
 
 def test_no_extra_parameter_memory(models):
