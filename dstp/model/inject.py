@@ -141,10 +141,15 @@ class LocalConfigView:
         object.__setattr__(self, "_overrides", overrides)
 
     def __getattr__(self, name: str) -> Any:
-        overrides = object.__getattribute__(self, "_overrides")
+        # the instance dict, not object.__getattribute__: torch.compile traces the one and
+        # breaks its graph at the other (--compile-decode, Phi-3's attention reads its config)
+        fields = self.__dict__
+        overrides = fields.get("_overrides", {})
         if name in overrides:
             return overrides[name]
-        return getattr(object.__getattribute__(self, "_base"), name)
+        if "_base" not in fields:  # a half-built copy: no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(fields["_base"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(object.__getattribute__(self, "_base"), name, value)
