@@ -288,3 +288,31 @@ def test_compile_decode_serves_the_eager_tokens(models):
         if extra:
             assert {b for b, _ in engine.runner.decode.compile_seconds} >= {2, 4}
     assert runs[0] == runs[1]
+
+
+def test_a_bucketed_decode_step_on_the_fake_card_uploads_once_and_reads_nothing(models):
+    """The CUDA path on tests/helpers/fake_cuda.py: a bucketed decode step's inputs reach
+    the card in one copy into the preallocated buffer (pinned, so non-blocking), nothing is
+    read back in the runner, and no host tensor meets a device one (it would raise)."""
+    from tests.helpers.fake_cuda import fake_cuda_rank, shadow
+
+    with fake_cuda_rank(total_gib=0.05) as device:
+        engine = _engine(models["llama"], "float32", gpu_memory_utilization=0.9)
+        runner = engine.runner
+        assert runner.cache.keys.device.type == "cuda"
+        flat = runner.decode.buffers.flat
+        assert flat.device.type == "cuda"
+        seqs = Sequences(5, runner.num_blocks, runner.vocab_size, 3)
+        runner.execute(seqs.prefill())
+        for _ in range(3):
+            plan = seqs.decode()
+            device.transfers.reset()
+            logits = runner.execute(plan)
+            counts, sites = device.transfers.snapshot(), device.transfers.sites
+            assert counts["upload"] == 1 and "step_inputs.py" in sites["upload"][0], sites
+            assert counts["pageable_non_blocking"] == counts["implicit_upload"] == 0, sites
+            assert counts["download"] == counts["sync"] == 0, sites
+            assert logits.shape == (5, runner.vocab_size)
+            assert runner.decode.buffers.flat is flat
+        inputs = runner.decode.buffers.inputs(8)
+        assert shadow(inputs.slot_mapping)[5:].eq(runner.cache.scratch_block * BLOCK).all()
