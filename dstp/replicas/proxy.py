@@ -9,6 +9,7 @@ import threading
 import time
 
 from dstp.engine.loop import Call, Liveness
+from dstp.engine.outputs import ResumedChoice
 from dstp.engine.sampling_params import SamplingParams
 from dstp.replicas.transport import (
     Abort,
@@ -52,8 +53,14 @@ class RemoteReplica:
         )
         self._thread.start()
 
-    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        self._pending.append(Add(request_id, list(prompt), params))
+    def add(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        resume: tuple[ResumedChoice, ...] = (),
+    ) -> None:
+        self._pending.append(Add(request_id, list(prompt), params, resume))
 
     def abort(self, request_id: str) -> None:
         self._pending.append(Abort(request_id))

@@ -61,7 +61,8 @@ class ReplicaServer(StepLoop):
                 self.engine.abort(item.request_id)
             return None
         try:
-            self.engine.add_request(item.request_id, item.prompt, item.params)
+            resume = {"resume": item.resume} if item.resume else {}
+            self.engine.add_request(item.request_id, item.prompt, item.params, **resume)
         except Exception as exc:  # rank 0 checked it; answer with an error output
             log.exception("add_request failed for %s", item.request_id)
             return _error_output(item.request_id, item.prompt, item.params, exc)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dstp.engine.loop import Call
-from dstp.engine.outputs import RequestOutput
+from dstp.engine.outputs import RequestOutput, ResumedChoice
 from dstp.engine.sampling_params import SamplingParams
 
 KEY_BYTES = 32
@@ -37,6 +37,10 @@ class Hello:
     vocab_size: int
     pid: int
     stats: dict[str, Any] = field(default_factory=dict)
+    # what a front-end needs to admit requests itself (dstp.frontend)
+    eos_ids: frozenset[int] = frozenset()
+    model_name: str = ""
+    block_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Add:
     request_id: str
     prompt: list[int]
     params: SamplingParams
+    resume: tuple[ResumedChoice, ...] = ()  # a replay: the choices' tokens so far
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,8 @@ def _add_info_routes(app: Flask, loop: EngineLoop, config: ServerConfig) -> None
 
     @app.get("/health")
     def health():
+        if loop.recovering:  # supervised mode restarts the engine job; requests wait
+            return {"status": "recovering"}, 503
         if loop.healthy:
             return {"status": "ok", "tp_size": config.tp_size}
         reason = "failed" if loop.failure else "stopping" if loop.stopping else "starting"

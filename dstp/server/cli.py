@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _http_flags(parser.add_argument_group("HTTP"))
     _chat_flags(parser.add_argument_group("tools and reasoning"))
     _liveness_flags(parser.add_argument_group("liveness"))
+    _supervision_flags(parser.add_argument_group("supervised mode (no launcher)"))
 
 
 def _chat_flags(c: argparse._ArgumentGroup) -> None:
@@ -333,6 +334,27 @@ def _liveness_flags(r: argparse._ArgumentGroup) -> None:
     )
 
 
+def _supervision_flags(s: argparse._ArgumentGroup) -> None:
+    s.add_argument(
+        "--supervise",
+        action="store_true",
+        help="run outside a launcher as a front-end that starts the ranks itself and replays "
+        "requests when one dies (the default when --tensor-parallel-size is above 1)",
+    )
+    s.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="engine-job restarts a supervised server makes before it gives up and exits non-zero",
+    )
+    s.add_argument(
+        "--launcher-args",
+        default="",
+        help='options for the deepspeed launcher a supervised server runs, e.g. "--hostfile '
+        'hosts --include worker-1:0,1"',
+    )
+
+
 def _switch(group: argparse._ArgumentGroup, flag: str, help: str) -> None:
     """An on/off flag, off by default."""
     group.add_argument(flag, action="store_true", help=help)
@@ -462,6 +484,7 @@ _AT_LEAST = {
     "max_model_len": ("--max-model-len", 2, "a prompt token and a completion token at least"),
     "max_body_bytes": ("--max-body-bytes", 1, "the largest request body"),
     "port": ("--port", 0, "0 picks a free port"),
+    "max_restarts": ("--max-restarts", 0, "engine-job restarts; 0 never restarts"),
 }  # fmt: skip
 # dest -> flag of the settings that must be positive numbers of seconds or GiB
 _POSITIVE = {

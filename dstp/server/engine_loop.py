@@ -81,19 +81,28 @@ class RequestGroup:
         return self.handles[0].request_id
 
     def outputs(
-        self, poll_s: float = 0.25, disconnected: Callable[[], bool] | None = None
-    ) -> Iterator[tuple[int, RequestOutput]]:
+        self,
+        poll_s: float = 0.25,
+        disconnected: Callable[[], bool] | None = None,
+        idle_s: float | None = None,
+    ) -> Iterator[tuple[int, RequestOutput | None]]:
         """Yield (slot, output) until every member's final output; abort the unfinished
         members if the client goes away or the consumer stops early. Raises
-        ``RequestFailed`` when the engine failed or is shutting down."""
+        ``RequestFailed`` when the engine failed or is shutting down. With ``idle_s``, also
+        (-1, None) after each ``idle_s`` without an output (a stream's keep-alive)."""
         pending = set(range(len(self.handles)))
         next_check = time.monotonic() + poll_s
+        last = time.monotonic()
         try:
             while pending:
                 try:
                     slot, item = self._stream.get(timeout=poll_s)
+                    last = time.monotonic()
                 except queue.Empty:
                     slot, item = None, None
+                    if idle_s is not None and time.monotonic() - last >= idle_s:
+                        last = time.monotonic()
+                        yield -1, None
                 if disconnected is not None and time.monotonic() >= next_check:
                     next_check = time.monotonic() + poll_s
                     if disconnected():
@@ -192,6 +201,11 @@ class EngineLoop(StepLoop):
     @property
     def healthy(self) -> bool:
         return self._ready.is_set() and self.failure is None and not self._stopping.is_set()
+
+    @property
+    def recovering(self) -> bool:
+        """Whether a supervised engine is restarting its ranks (requests wait, not fail)."""
+        return bool(getattr(self.engine, "recovering", False))
 
     @property
     def stopping(self) -> bool:

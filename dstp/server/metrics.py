@@ -265,6 +265,8 @@ class _EngineCollector:
         "num_preemptions": "Cumulative number of preemption from the engine.",
         "prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
         "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
+        "engine_restarts": "Engine-job restarts after a rank died (supervised mode).",
+        "replayed_requests": "Requests resubmitted to a restarted engine job (supervised mode).",
     }
 
     def __init__(self, metrics: ServerMetrics) -> None:

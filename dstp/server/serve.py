@@ -15,6 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from dstp.frontend import under_frontend
 from dstp.server.cli import (
     FlagError,
     add_arguments,
@@ -35,8 +36,8 @@ __all__ = ["add_arguments", "build_parser", "main"]
 log = logging.getLogger("dstp")
 
 
-def _setup_logging(level: str, rank: int) -> None:
-    fmt = f"%(asctime)s [dstp rank{rank}] %(levelname)s %(message)s"
+def _setup_logging(level: str, role: str) -> None:
+    fmt = f"%(asctime)s [dstp {role}] %(levelname)s %(message)s"
     logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
     logging.getLogger("dstp").setLevel(getattr(logging, level))
     for noisy in ("DeepSpeed", "urllib3", "waitress.queue"):
@@ -83,7 +84,12 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    _setup_logging(args.log_level, rank)
+    from dstp.frontend.serve import supervised
+
+    if supervised(args):  # no launcher: a front-end that starts the ranks itself
+        _setup_logging(args.log_level, "front-end")
+        return _run_frontend(args)
+    _setup_logging(args.log_level, f"rank{rank}")
     if not _flags_ok(args, rank):
         return 1
     if rank != 0:
@@ -104,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             "serving the built-in '%s' (%s): %s", builtin.model_id, model, builtin.description
         )
     lazy = server = None
-    if rank == 0:
+    if rank == 0 and not under_frontend():
         from dstp.server.wsgi import LazyApp
 
         lazy = LazyApp()
@@ -118,12 +124,21 @@ def _run(args: argparse.Namespace) -> int:
     return _run_role(args, engine, link, server, lazy, model, builtin)
 
 
-def _flags_ok(args: argparse.Namespace, rank: int) -> bool:
+def _run_frontend(args: argparse.Namespace) -> int:
+    """Supervised mode: this process serves HTTP; an engine job it starts runs the ranks."""
+    from dstp.frontend.serve import run_frontend
+
+    if not _flags_ok(args, 0, world_size=args.tensor_parallel_size):
+        return 1
+    return run_frontend(args, _bind, _serve)
+
+
+def _flags_ok(args: argparse.Namespace, rank: int, world_size: int | None = None) -> bool:
     """Every rank checks the same flags: each fails alone, without a collective."""
     if not size_http_pool(args, warn=rank == 0):
         return False
     try:
-        check_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+        check_args(args, world_size or int(os.environ.get("WORLD_SIZE", "1")))
     except FlagError as exc:
         log.error("%s", exc)
         return False
@@ -216,6 +231,8 @@ def _run_role(args, engine, link, server, lazy, model: str, builtin: BuiltinMode
     tp = engine.tp
     if tp.world_size > 1:
         tp.set_collective_timeout(args.step_timeout)  # a dead peer ends this rank within it
+    if under_frontend():
+        return _serve_frontend_job(args, engine)
     if tp.num_replicas > 1:
         log.info("global rank %d is rank %d of %s", tp.global_rank, tp.rank, tp.describe())
     if tp.is_driver and tp.replica != 0:  # another replica's driver: rank 0 routes to it
@@ -238,6 +255,27 @@ def _run_role(args, engine, link, server, lazy, model: str, builtin: BuiltinMode
     if not tp.is_driver:
         return _follow(engine)
     return _serve(args, engine, server, lazy, model, builtin)
+
+
+def _serve_frontend_job(args: argparse.Namespace, engine) -> int:
+    """A rank of a supervised server's engine job: rank 0 steps for the front-end (as
+    another replica's driver steps for global rank 0); the others follow it."""
+    from dstp import replicas
+    from dstp.frontend.wire import connect_to_frontend
+
+    if not engine.tp.is_driver:
+        return _follow(engine)
+    if engine.tp.num_replicas > 1:
+        log.error("a supervised server runs one replica: pass --tensor-parallel-size = ranks")
+        return 1
+    link = connect_to_frontend(engine)
+    log.info("engine job ready: rank 0 serves the front-end")
+    code = replicas.serve_replica(engine, link, heartbeat_interval_s=args.heartbeat_interval)
+    if code != 0:
+        from dstp.distributed import abort_and_exit
+
+        abort_and_exit(code)  # the front-end or a rank is gone: no exit-time barrier
+    return code
 
 
 def _follow(engine) -> int:

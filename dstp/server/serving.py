@@ -557,6 +557,10 @@ class Serving:
         return outs
 
 
+KEEPALIVE_S = 5.0  # an SSE comment after this long without an event
+KEEPALIVE = ": keep-alive\n\n"  # clients ignore comment lines (the SSE standard)
+
+
 def _stream(shape: _Shape, group: RequestGroup, probe) -> Iterator[str]:
     """The SSE events of one request: preamble, what each step added, usage, [DONE]."""
     latest: list[RequestOutput | None] = [None] * len(shape.prompts)
@@ -564,7 +568,10 @@ def _stream(shape: _Shape, group: RequestGroup, probe) -> Iterator[str]:
     if continuous:
         shape.live_usage = usage(latest, shape.prompts)
     yield from map(sse, shape.preamble())
-    for slot, out in group.outputs(disconnected=probe):
+    for slot, out in group.outputs(disconnected=probe, idle_s=KEEPALIVE_S):
+        if out is None:  # nothing for a while (e.g. the ranks restart): keep proxies open
+            yield KEEPALIVE
+            continue
         latest[slot] = out
         if continuous:
             shape.live_usage = usage(latest, shape.prompts)

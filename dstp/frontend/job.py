@@ -1,0 +1,146 @@
+"""The engine job: the ranks, started by the ``deepspeed`` launcher, killed and reaped whole.
+
+The launcher runs in its own session, so one ``killpg`` reaches it and every rank it
+started on this host. Ranks die with the front-end three ways: the launcher gets SIGKILL
+when the front-end dies (``PR_SET_PDEATHSIG``), the job's rank 0 stops when its link to the
+front-end closes (and the launcher then ends the others), and the front-end kills the
+session on every exit path it controls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger("dstp")
+
+PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the launcher's child process: SIGKILL when the front-end dies, however it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def launcher_command(
+    num_ranks: int, master_port: int, launcher_args: Sequence[str], serve_argv: Sequence[str]
+) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P [launcher args] --module dstp serve ARGS``."""
+    has_hosts = any(a.startswith(("--hostfile", "--include", "--exclude")) for a in launcher_args)
+    ranks = [] if has_hosts else ["--num_gpus", str(num_ranks)]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        *ranks,
+        "--master_port",
+        str(master_port),
+        *launcher_args,
+        "--module",
+        "dstp",
+        "serve",
+        *serve_argv,
+    ]
+
+
+class EngineJob:
+    """One start of the engine ranks; :meth:`kill` ends all of them and cleans up after."""
+
+    def __init__(
+        self,
+        num_ranks: int,
+        launcher_args: Sequence[str],
+        serve_argv: Sequence[str],
+        env: dict[str, str],
+    ) -> None:
+        self.master_port = free_port()
+        self.command = launcher_command(num_ranks, self.master_port, launcher_args, serve_argv)
+        self._env_file = _deepspeed_env_file(env)  # the ranks on other nodes read it
+        full_env = {
+            **os.environ,
+            **env,
+            "DS_ENV_FILE": self._env_file,
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.process = subprocess.Popen(
+            self.command, env=full_env, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        self.started = time.monotonic()
+        log.info(
+            "engine job started (launcher pid %d, master port %d): %s",
+            self.process.pid,
+            self.master_port,
+            " ".join(self.command[2:]),
+        )
+
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout_s: float) -> int | None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self.process.wait(timeout_s)
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL the launcher's session (every local rank), reap it, remove what it left."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+        _wait_session_gone(self.process.pid, 10.0)
+        removed = remove_shm_segments(self.master_port)
+        if removed:
+            log.info("removed %d shared-memory segment(s) the engine job left", removed)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._env_file)
+
+
+def _deepspeed_env_file(env: dict[str, str]) -> str:
+    """A private DeepSpeed environment file (``DS_ENV_FILE``) with the front-end's address
+    and key: DeepSpeed's multi-node runner exports it to every node."""
+    fd, path = tempfile.mkstemp(prefix="dstp-job-", suffix=".env")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"{k}={v}\n" for k, v in env.items())
+    return path
+
+
+def _wait_session_gone(session: int, timeout_s: float) -> None:
+    """Until no process of the session is left (its ranks are reaped by init or the launcher)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(session, 0)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(session, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def remove_shm_segments(master_port: int) -> int:
+    """Remove DeepSpeed's shared-memory all-reduce segments of a job on ``master_port``
+    (a rank killed before its start-up barrier leaves its segment behind)."""
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_*"
+    removed = 0
+    for path in glob.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed += 1
+    return removed

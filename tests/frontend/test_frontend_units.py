@@ -1,0 +1,90 @@
+"""The supervised front-end's parts without a job: when it applies, the job's command line,
+and the journal that replays requests (the real recovery: tests/server/test_supervised.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from dstp.engine.sampling_params import SamplingParams
+from dstp.frontend.job import launcher_command
+from dstp.frontend.journal import Journal
+from dstp.frontend.serve import serve_argv, supervised
+
+
+@pytest.mark.parametrize(
+    ("env", "tp", "flag", "expected"),
+    [
+        ({}, 2, False, True),  # `dstp serve -tp 2` alone: vLLM users' command line
+        ({}, 1, False, False),  # one process, in-process as before
+        ({}, 1, True, True),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, 2, False, False),  # under deepspeed / torchrun
+        ({"LOCAL_RANK": "0"}, 2, True, False),
+    ],
+)
+def test_supervised_mode_applies_only_outside_a_launcher(monkeypatch, env, tp, flag, expected):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = argparse.Namespace(tensor_parallel_size=tp, supervise=flag)
+    assert supervised(args) is expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["dstp", "serve", "--model", "m", "-tp", "2"], ["--model", "m", "-tp", "2"]),
+        (["launch/serve.py", "--model", "m"], ["--model", "m"]),
+        (["launch/serve.py", "--served-model-name", "serve"], ["--served-model-name", "serve"]),
+    ],
+)
+def test_the_engine_job_gets_the_serve_flags_unchanged(argv, expected):
+    assert serve_argv(argv) == expected
+
+
+def test_the_launcher_command_passes_launcher_options_through():
+    cmd = launcher_command(2, 29600, ["--include", "localhost:0,1"], ["--model", "m"])
+    assert "--num_gpus" not in cmd  # deepspeed refuses --num_gpus beside --include
+    assert cmd[cmd.index("--master_port") + 1] == "29600"
+    assert cmd[-5:] == ["--module", "dstp", "serve", "--model", "m"]
+    assert launcher_command(4, 1, [], [])[3:5] == ["--num_gpus", "4"]
+
+
+def out(request_id, choices, finished=False):
+    return RequestOutput(request_id, [1, 2], choices, finished)
+
+
+def choice(index, ids, text, reason=None, logprobs=None):
+    return CompletionOutput(
+        index, [], text, new_token_ids=ids, delta_text=text, finish_reason=reason,
+        new_logprobs=logprobs,
+    )  # fmt: skip
+
+
+def test_the_journal_replays_unfinished_choices_with_what_they_emitted():
+    journal = Journal()
+    journal.add("r", [1, 2], SamplingParams(n=2, max_tokens=10, logprobs=0))
+    lp = [TokenLogprob(5, -0.5, {5: -0.5}), TokenLogprob(6, -0.7, {6: -0.7})]
+    journal.observe(out("r", [choice(0, [5], "a", logprobs=lp[:1]), choice(1, [7], "b")]))
+    journal.observe(out("r", [choice(0, [6], "c", "stop", lp[1:]), choice(1, [8], "")]))
+    record = journal.requests["r"]
+    assert [(c.index, c.output_ids) for c in record.resume()] == [(1, [7, 8])]
+    record.replayed = True  # the new engine knows choice 1 only; choice 0 comes back here
+    final = journal.observe(out("r", [choice(1, [9], "d", "length")], finished=True))
+    assert [c.index for c in final.outputs] == [0, 1]
+    first = final.outputs[0]
+    assert (first.token_ids, first.text, first.finish_reason) == ([5, 6], "ac", "stop")
+    assert [t.token_id for t in first.logprobs] == [5, 6]
+    assert "r" not in journal
+
+
+def test_a_request_without_tokens_is_simply_added_again_and_a_failed_one_says_why():
+    journal = Journal()
+    record = journal.add("r", [1], SamplingParams(n=2))
+    assert record.resume() == []
+    failed = record.failed("in flight across two consecutive engine failures")
+    assert failed.finished and {c.finish_reason for c in failed.outputs} == {"error"}
+    assert len(failed.outputs) == 2 and "two consecutive" in failed.error
