@@ -60,8 +60,10 @@ from torch import nn
 
 PART_KINDS = ("q", "kv", "even")
 # decoder-layer forms dstp has a fused layer for (dstp.model.fused_layers.FUSED_LAYERS):
-# "llama": pre-norm RMSNorm, q/k/v (optional per-head q/k norms), half-split rotary, SwiGLU
-FUSED_LAYER_NAMES = ("llama",)
+# "llama": pre-norm RMSNorm, q/k/v (optional per-head q/k norms), half-split rotary, SwiGLU;
+# "gpt_neox": parallel residual (attention and MLP beside each other, one all-reduce),
+# LayerNorms, per-head interleaved fused QKV, partial rotary
+FUSED_LAYER_NAMES = ("llama", "gpt_neox")
 LOGIT_OP_KINDS = ("multiply", "divide", "softcap")
 # a head count or head size in a policy: a config attribute's name, a literal, or a
 # callable of the config (for counts no attribute holds, such as Falcon-7B's one KV head)

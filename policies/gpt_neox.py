@@ -25,4 +25,5 @@ GPT_NEOX = Policy(
     kv_heads_attr=None,
     head_dim_attr=None,
     doc="GPT-NeoX: per-head interleaved fused QKV (q:3); dense and 4h_to_h row-parallel.",
+    fused_layer="gpt_neox",  # parallel residual: one all-reduce per layer
 )

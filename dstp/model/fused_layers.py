@@ -278,6 +278,11 @@ class FusedLlamaLayer(nn.Module):
     def from_hf(cls, layer: nn.Module) -> FusedLlamaLayer:
         return cls(layer)
 
+    @property
+    def attention_module(self) -> nn.Module:
+        """HF's attention module, which the attention function is called with."""
+        return self.self_attn
+
     def release_hf_weights(self) -> None:
         """Drop HF's separate q/k/v projections (and q/k norms) from the kept attention module."""
         for name in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm"):
@@ -402,9 +407,166 @@ def _qk_norm(attn: nn.Module, q_heads: int, kv_heads: int) -> tuple[float, torch
     return next(iter(eps)), torch.cat(weights, dim=0)
 
 
+class FusedParallelLayer(nn.Module):
+    """GPT-NeoX's parallel-residual layer with ONE all-reduce: ``x + attn(ln1 x) + mlp(ln2 x)``.
+
+    HF's layer all-reduces the attention's output projection and the MLP's down
+    projection each; both are row-parallel partial sums of the same residual update,
+    so here they are added first and reduced once (the seed's fused all-reduce, as
+    DeepSpeed-Inference and Megatron do), with both biases and the residual added on
+    rank 0 only, before the sum. Rotary covers the first ``rotary_ndims`` of each
+    head (HF's partial rotary) and is written back into the fused q/k/v output.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        if getattr(layer, "use_parallel_residual", None) is not True:
+            raise NotFusable("not a parallel-residual layer (use_parallel_residual)")
+        attn, mlp = _part(layer, "attention"), _part(layer, "mlp")
+        self.attention = attn  # HF's module, its fused query_key_value and dense kept as they are
+        self.mlp = mlp
+        self.input_layernorm = _layer_norm(layer, "input_layernorm")
+        self.post_attention_layernorm = _layer_norm(layer, "post_attention_layernorm")
+        qkv, up = _part(attn, "query_key_value"), _part(mlp, "dense_h_to_4h")
+        dense, down = _part(attn, "dense"), _part(mlp, "dense_4h_to_h")
+        for name, linear, kind in (
+            ("query_key_value", qkv, ColumnParallelLinear),
+            ("dense_h_to_4h", up, ColumnParallelLinear),
+            ("dense", dense, RowParallelLinear),
+            ("dense_4h_to_h", down, RowParallelLinear),
+        ):
+            if not isinstance(linear, kind) or getattr(linear, "gather_output", False):
+                raise NotFusable(f"{name} is {type(linear).__name__}, not {kind.__name__}")
+        self.tp = dense.tp
+        self.head_dim, self.rotary_dim = int(attn.head_size), int(attn.rotary_ndims)
+        if qkv.weight.shape[0] % (3 * self.head_dim) or self.rotary_dim % 2:
+            raise NotFusable(f"query_key_value's {qkv.weight.shape[0]} rows are not q/k/v heads")
+        self.heads = qkv.weight.shape[0] // (3 * self.head_dim)
+        self.scaling = float(attn.scaling)
+        weight = qkv.weight
+        self.rope_sign = nn.Buffer(
+            rope_sign(self.rotary_dim, weight.dtype, weight.device), persistent=False
+        )
+        self.signed_sin = False
+        biases = [b for b in (dense.bias, down.bias) if b is not None]
+        bias = sum(biases[1:], biases[0].clone()) if biases else None
+        self.bias = None if bias is None else nn.Buffer(bias, persistent=False)  # rank 0 adds it
+        self.eager_attention = getattr(
+            sys.modules[type(attn).__module__], "eager_attention_forward", None
+        )
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module) -> FusedParallelLayer:
+        return cls(layer)
+
+    @property
+    def attention_module(self) -> nn.Module:
+        return self.attention
+
+    def release_hf_weights(self) -> None:
+        """Nothing to drop: HF's own linears are used as they are (their biases live on as ``bias``)."""
+        for linear in (self.attention.dense, self.mlp.dense_4h_to_h):
+            linear.bias = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = False,
+        layer_past: Any = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The call ``GPTNeoXModel`` makes of each layer; returns the new hidden states."""
+        if layer_past is None:
+            layer_past = kwargs.pop("cache", None)
+        attn_in = _layer_norm_of(self.input_layernorm, hidden_states)
+        mlp_in = _layer_norm_of(self.post_attention_layernorm, hidden_states)
+        attn = self._attention(
+            attn_in,
+            attention_mask,
+            position_ids,
+            use_cache,
+            layer_past,
+            position_embeddings,
+            kwargs,
+        )
+        first = self.tp.rank == 0  # the biases and the residual, once over the group
+        bias = self.bias if first else None
+        update = cpu_kernels.linear_2d(attn, self.attention.dense.weight, bias)
+        update = update + cpu_kernels.linear_2d(
+            self.mlp.act(self.mlp.dense_h_to_4h(mlp_in)), self.mlp.dense_4h_to_h.weight
+        )
+        if first:
+            update = update + hidden_states
+        return self.tp.all_reduce(update)
+
+    def _attention(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        use_cache: bool | None,
+        layer_past: Any,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        batch, tokens = x.shape[:-1]
+        qkv = self.attention.query_key_value(x).view(batch, tokens, self.heads, 3, self.head_dim)
+        cos, sin = position_embeddings
+        signed_sin = sin if self.signed_sin else sin * self.rope_sign
+        qk = qkv[..., :2, : self.rotary_dim]
+        rotated = rotate(qk, cos[:, :, None, None], signed_sin[:, :, None, None])
+        if self.rotary_dim == self.head_dim:
+            query, key = rotated[..., 0, :], rotated[..., 1, :]
+        else:
+            qk.copy_(rotated)  # the rest of each head passes unrotated
+            query, key = qkv[..., 0, :], qkv[..., 1, :]
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        value = qkv[..., 2, :].transpose(1, 2)
+        if layer_past is not None:
+            key, value = layer_past.update(key, value, self.attention.layer_idx)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.attention.config._attn_implementation, self.eager_attention
+        )
+        out, _ = attention(
+            self.attention,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.attention.attention_dropout if self.training else 0.0,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return out.reshape(batch, tokens, -1)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, tp={self.tp.size}"
+
+
+def _layer_norm(layer: nn.Module, name: str) -> nn.LayerNorm:
+    norm = _part(layer, name)
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise NotFusable(f"{name} is {type(norm).__name__}, not a LayerNorm over the hidden size")
+    return norm
+
+
+def _layer_norm_of(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 # -- choosing and proving ----------------------------------------------------------------
 
-FUSED_LAYERS: dict[str, Callable[[nn.Module], nn.Module]] = {"llama": FusedLlamaLayer.from_hf}
+FUSED_LAYERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "llama": FusedLlamaLayer.from_hf,
+    "gpt_neox": FusedParallelLayer.from_hf,
+}
 assert set(FUSED_LAYERS) == set(FUSED_LAYER_NAMES), "policies.base lists the fused layers"
 
 
@@ -420,7 +582,7 @@ def _attention_implementation(config: Any, name: str) -> Iterator[None]:
 
 
 @torch.no_grad()
-def probe(hf_layer: nn.Module, fused: FusedLlamaLayer, rotary: nn.Module) -> str | None:
+def probe(hf_layer: nn.Module, fused: nn.Module, rotary: nn.Module) -> str | None:
     """Why ``fused`` does not compute what ``hf_layer`` does on a seeded input, or None.
 
     Compares the layers' updates (output minus input), so a wrong attention or
@@ -438,7 +600,7 @@ def probe(hf_layer: nn.Module, fused: FusedLlamaLayer, rotary: nn.Module) -> str
     call = dict(
         attention_mask=None, position_ids=positions, position_embeddings=position_embeddings
     )
-    with _attention_implementation(fused.self_attn.config, "sdpa"):
+    with _attention_implementation(fused.attention_module.config, "sdpa"):
         want = hf_layer(x, **call)
         got = fused(x, **call)
     want = want[0] if isinstance(want, tuple) else want
@@ -453,12 +615,17 @@ def probe(hf_layer: nn.Module, fused: FusedLlamaLayer, rotary: nn.Module) -> str
 
 
 def decoder_layers(model: nn.Module, policy: Policy) -> list[tuple[str, nn.Module]]:
-    """(name, module) of each decoder layer: the parents of the policy's attention modules."""
-    if not policy.attention:
+    """(name, module) of each decoder layer: the modules at the ``*`` of the policy's rules
+    (``model.layers.*`` of ``model.layers.*.self_attn.q_proj``)."""
+    globs = {
+        ".".join(parts[: parts.index("*") + 1])
+        for parts in (glob.split(".") for glob in policy.layers)
+        if "*" in parts
+    }
+    if len(globs) != 1:
         return []
-    regex = glob_to_regex(policy.attention)
-    names = [name.rpartition(".")[0] for name, _ in model.named_modules() if regex.fullmatch(name)]
-    return [(name, model.get_submodule(name)) for name in names if name]
+    regex = glob_to_regex(globs.pop())
+    return [(name, module) for name, module in model.named_modules() if regex.fullmatch(name)]
 
 
 def _rotary(model: nn.Module) -> nn.Module | None:
@@ -471,10 +638,10 @@ def _base(model: nn.Module) -> nn.Module:
 
 
 def _use_rotary_table(
-    model: nn.Module, rotary: nn.Module, layers: list[FusedLlamaLayer], tp: TPGroup
+    model: nn.Module, rotary: nn.Module, layers: list[nn.Module], tp: TPGroup
 ) -> bool:
     """Swap HF's rotary module for a :class:`RotaryTable` (every layer being fused), if it fits."""
-    weight = layers[0].qkv_proj.weight
+    weight = layers[0].rope_sign
     try:
         table = rotary_table(rotary, model.config, weight.dtype, weight.device)
         reason = None
@@ -532,8 +699,8 @@ def fuse_decoder_layers(model: nn.Module, policy: Policy, tp: TPGroup) -> int:
         swapped.append(fused)
     for reason, names in reasons.items():
         log.warning(
-            "%d decoder layer(s) keep HF's forward, not policy %r's fused %r layer (%s): %s...",
-            len(names), policy.name, policy.fused_layer, reason, names[0],
+            "%d decoder layer(s) keep HF's forward, not the fused %r layer of policy %r (%s): %s...",
+            len(names), policy.fused_layer, policy.name, reason, names[0],
         )  # fmt: skip
     table = bool(swapped) and len(swapped) == len(layers)
     table = table and _use_rotary_table(model, rotary, swapped, tp)

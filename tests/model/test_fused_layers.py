@@ -17,7 +17,7 @@ from dstp.policies.base import FUSED_LAYER_NAMES, Policy
 
 import dstp
 from dstp.model import fused_layers
-from dstp.model.fused_layers import FusedLlamaLayer, PackedColumnLinear
+from dstp.model.fused_layers import FusedLlamaLayer, FusedParallelLayer, PackedColumnLinear
 from tests.helpers.hf_reference import load_reference
 from tests.helpers.policy_models import make_config
 from tests.helpers.tiny_models import llama_config, save_random_model
@@ -45,7 +45,7 @@ def models(tmp_path_factory):
         tie_word_embeddings=False,
     )
     paths = {"llama": save_random_model(llama, root / "llama")}
-    for i, name in enumerate(("mistral", "qwen2", "qwen3", "granite"), start=1):
+    for i, name in enumerate(("mistral", "qwen2", "qwen3", "granite", "gpt_neox"), start=1):
         paths[name] = save_random_model(make_config(name), root / name, seed=i)
     return paths
 
@@ -61,15 +61,21 @@ def _logprobs(model, ids: torch.Tensor | None = None) -> torch.Tensor:
         return torch.log_softmax(model(ids).logits.float(), dim=-1)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "granite"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "granite", "gpt_neox"]
+FUSED = (FusedLlamaLayer, FusedParallelLayer)
+
+
+def _layers(model) -> list:
+    return list(getattr(model, model.base_model_prefix).layers)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_layers_swap_in_and_match_hf_fp32(models, arch):
     fused = _load(models[arch])
-    layers = fused.model.layers
+    layers = _layers(fused)
+    kind = FusedParallelLayer if arch == "gpt_neox" else FusedLlamaLayer
     assert fused.dstp.fused_layers == len(layers) == 2
-    assert all(isinstance(layer, FusedLlamaLayer) for layer in layers)
+    assert all(isinstance(layer, kind) for layer in layers)
     hf = _logprobs(load_reference(models[arch]))
     assert (_logprobs(fused) - hf).abs().max().item() <= 1e-4
 
@@ -78,7 +84,7 @@ def test_fused_layers_swap_in_and_match_hf_fp32(models, arch):
 def test_off_keeps_hf_layers_and_hf_outputs(models, arch):
     plain = _load(models[arch], fused_layers=False)
     assert plain.dstp.fused_layers == 0
-    assert not any(isinstance(layer, FusedLlamaLayer) for layer in plain.model.layers)
+    assert not any(isinstance(layer, FUSED) for layer in _layers(plain))
     hf = load_reference(models[arch])
     assert torch.equal(_logprobs(plain), _logprobs(hf))
 
@@ -126,12 +132,13 @@ def test_no_extra_parameter_memory(models):
     assert extra_buffers == 2 * 8 * 4 + table.table.numel() * 4
 
 
-def test_the_engine_runs_fused_layers_through_the_paged_attention(models):
+@pytest.mark.parametrize("arch", ["qwen3", "gpt_neox"])
+def test_the_engine_runs_fused_layers_through_the_paged_attention(models, arch):
     """The engine's ``dstp_paged`` attention reaches the fused layers through HF's seam."""
     from dstp.engine.llm_engine import Engine, EngineConfig
     from dstp.engine.sampling_params import SamplingParams
 
-    path = models["qwen3"]
+    path = models[arch]
     engine = Engine(EngineConfig(model=str(path), dtype="float32", num_blocks=64))
     assert engine.runner.sharded.fused_layers == 2
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
@@ -226,3 +233,18 @@ def test_rotary_table_only_where_it_is_hf_rotary(models, tmp_path, monkeypatch):
     table = _load(models["llama"]).model.rotary_emb
     assert isinstance(table, fused_layers.RotaryTable)
     assert table.inner.rope_type == "default"
+
+
+@pytest.mark.parametrize("arch, hf, fused", [("llama", 2, 2), ("gpt_neox", 2, 1)])
+def test_all_reduces_per_layer(models, arch, hf, fused, monkeypatch):
+    """One all-reduce per sub-layer; a parallel-residual layer sums both first and reduces once."""
+    from dstp.distributed import TPGroup
+
+    calls = []
+    real = TPGroup.all_reduce
+    monkeypatch.setattr(TPGroup, "all_reduce", lambda tp, t: calls.append(1) or real(tp, t))
+    for on, per_layer in ((False, hf), (True, fused)):
+        model = _load(models[arch], fused_layers=on)
+        calls.clear()
+        _logprobs(model)
+        assert len(calls) == per_layer * 2, (on, len(calls))
