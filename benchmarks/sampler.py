@@ -9,9 +9,9 @@ top-p 0.9, half of them with top-k 50, repetition penalty 1.1 and frequency
 penalty 0.3); plain rows (temperature 1, no filter: OpenAI's defaults). Prompts are random ids; each step appends the drawn token to
 every row's output, as the engine does, so the penalty counts are updated
 incrementally. Logits are i.i.d. N(0, scale^2): at scale 4 and temperature 0.8
-each row's top 1024 tokens hold ~99 % of its mass, so no row needs the exact
-fallback; a smaller scale (2, say) flattens the rows and sends most of them to
-it. Prints the median milliseconds per step.
+each row's top 1024 tokens hold ~99 % of its mass, so no row needs the
+whole-row fallback; a smaller scale (2, say) flattens the rows and sends most of
+them to it (top-p by a radix select over the row, dstp/engine/sampling/filters.py). Prints the median milliseconds per step, wall and CPU time.
 """
 
 from __future__ import annotations
@@ -59,24 +59,27 @@ def states(kind: str, batch: int, vocab: int, prompt: int) -> list[SampleState]:
     ]
 
 
-def per_step_ms(fn, kind: str, args: argparse.Namespace, steps: int) -> float:
-    """Median ms of ``steps`` steps, after one warm-up step (which builds the penalty counts)."""
+def per_step_ms(fn, kind: str, args: argparse.Namespace, steps: int) -> tuple[float, float]:
+    """Median wall and CPU ms of ``steps`` steps, after one warm-up step (which builds the
+    penalty counts). On one thread the CPU time is the step's cost on an idle machine more
+    nearly than the wall time is where other processes share the cores."""
     rows = states(kind, args.batch, args.vocab, args.prompt)
     outputs: list[list[int]] = [[] for _ in rows]
     gen = torch.Generator().manual_seed(1)
     logits = [torch.randn(args.batch, args.vocab, generator=gen) * args.scale for _ in range(2)]
-    times = []
+    times, cpu_times = [], []
     for step in range(steps + 1):
         for state, out in zip(rows, outputs, strict=True):
             state.output_ids = out
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         picks = fn(logits[step % 2], rows)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
         if step:
             times.append(elapsed * 1e3)
+            cpu_times.append(cpu_elapsed * 1e3)
         for out, row in zip(outputs, picks, strict=True):
             out.append(row[0][0])
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(cpu_times)
 
 
 def main() -> None:
@@ -103,9 +106,12 @@ def main() -> None:
         f"logits N(0, {args.scale:g}^2), {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     )
     for kind in args.kinds.split(","):
-        new = per_step_ms(sample, kind, args, args.steps)
-        old = per_step_ms(reference_sampler.sample, kind, args, args.oracle_steps)
-        print(f"{kind:6s}  oracle {old:8.1f} ms/step   dstp.engine.sampling {new:7.1f} ms/step")
+        new, new_cpu = per_step_ms(sample, kind, args, args.steps)
+        old, old_cpu = per_step_ms(reference_sampler.sample, kind, args, args.oracle_steps)
+        print(
+            f"{kind:6s}  oracle {old:8.1f} ms/step ({old_cpu:.1f} CPU)   "
+            f"dstp.engine.sampling {new:7.1f} ms/step ({new_cpu:.1f} CPU)"
+        )
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ def explicit(gib: float) -> KVBudget:
     return KVBudget(int(gib * 2**30), f"--kv-cache-memory {gib:g} GiB", "--kv-cache-memory")
 
 
-# The sampler's transient bytes per logit of a row, at its peak (the exact top-p fallback
-# over whole rows, dstp/engine/sampling/filters.py): the fp32 logits (4), their scaled copy
-# (4), the sort's values (4) and int64 order (8), their softmax and cumsum (8), the drop
-# masks (2), rounded up.
+# The sampler's transient bytes per logit of a row, at its peak (top-p over whole rows,
+# dstp/engine/sampling/filters.py): the fp32 logits (4), their scaled copy (4) and the top-p
+# rows' gathered copy (4), their scaled weights (4), int64 masses (8) and one int32
+# histogram index (4) at a time, the drop masks (2), rounded up.
 SAMPLER_BYTES_PER_LOGIT = 32
 
 

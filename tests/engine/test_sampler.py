@@ -1,6 +1,7 @@
 """The sampler against transformers' logits processors and against the per-row oracle.
 
-tests/helpers/reference_sampler.py is dstp's first sampler, kept verbatim as the oracle:
+tests/helpers/reference_sampler.py is dstp's first sampler, kept as the oracle (verbatim
+but for the top-p and min-p cut rules, which follow filters.py's order-free statement):
 greedy rows, filters, penalties and logprobs must agree with it exactly, and
 sampled rows in distribution (a seeded chi-square test).
 """
@@ -19,7 +20,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from dstp.engine.sampling import SampleState, SamplingError, make_generator, sample
+from dstp.engine.sampling import SampleState, SamplingError, filters, make_generator, sample
 from dstp.engine.sampling import step as step_module
 from dstp.engine.sampling.draw import max_and_argmax
 from dstp.engine.sampling.filters import candidates, prefix_candidates
@@ -340,6 +341,54 @@ def test_top_p_fallback_row_is_the_oracles_filter_exactly(path):
     ours = new_probs(logits, states)
     for row, state, mine in zip(logits, states, ours, strict=True):
         assert torch.equal(mine, oracle_probs(row, state))
+
+
+def test_top_p_keeps_or_drops_tokens_tied_at_the_cut_together(path):
+    """filters.py's rule: a token is kept when the mass of strictly likelier tokens is at most
+    top_p's share, so a tie class straddling the cut is kept whole (a sort would split it
+    by its order), on the prefix path, the whole-row path and the fallback alike."""
+    vocab = 128256
+    logits = torch.full((4, vocab), -10.0)
+    logits[:, 5000:5010] = 4.0  # ten likely tokens, ~40 % of the mass
+    logits[:, 9000:9300] = 1.0  # 300 tied ones, ~60 %: top_p 0.5 cuts inside them
+    logits[3] = torch.randn(vocab).bfloat16().float() * 0.5  # flat, many ties: the fallback
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.5),  # the cut inside the tie: all 300 kept
+        SamplingParams(temperature=1.0, top_p=0.1),  # the ten tokens: the tie dropped whole
+        SamplingParams(temperature=1.0, top_k=400, top_p=0.5),  # a prefix row with top-k
+        SamplingParams(temperature=1.0, top_p=0.7),
+    ]
+    states = [SampleState(p, [0], [], None) for p in params]
+    ours = new_probs(logits, states)
+    for row, state, mine in zip(logits, states, ours, strict=True):
+        assert torch.equal(mine > 0, oracle_probs(row, state) > 0)
+    assert (ours[0, 9000:9300] > 0).all() and (ours[0] > 0).sum() == 310
+    assert (ours[1] > 0).sum() == 10
+    assert (ours[2] > 0).sum() == 310
+    kept = logits[3][ours[3] > 0]
+    cut = kept.min()  # every token at the cut's value is kept, none below it
+    assert torch.equal(ours[3] > 0, logits[3] >= cut)
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.5, 1.0, 4.0])
+def test_radix_select_cut_is_the_oracles(scale):
+    """The whole-row top-p (a radix select over the weights' bits, blocks of rows on the
+    CPU) keeps exactly the oracle's tokens: bf16-rounded logits (ties), -inf tokens, top_p
+    from tiny to nearly 1."""
+    torch.manual_seed(12)
+    vocab = 128256
+    logits = (torch.randn(6, vocab) * scale).bfloat16().float()
+    logits[1, 100:] = float("-inf")  # a top-k-like row
+    logits[2, :50000] = logits[2, 50000:100000]  # pairs of equal logits
+    top_p = [1e-6, 0.3, 0.5, 0.9, 0.99, 0.9999]
+    ours = filters.top_p_threshold(logits.clone(), torch.tensor(top_p))
+    for row, p, mine in zip(logits, top_p, ours, strict=True):
+        theirs = _filter(row.clone(), SamplingParams(temperature=1.0, top_p=p))
+        assert torch.equal(mine > float("-inf"), theirs > float("-inf"))
+
+
+def test_the_oracle_counts_mass_in_filters_units():
+    assert oracle.MASS_BITS == filters.MASS_BITS
 
 
 def chi_square_p(tokens: list[int], probs: torch.Tensor) -> float:

@@ -1,4 +1,12 @@
-"""The test oracle: dstp's first sampler, per row on the CPU, kept verbatim.
+"""The test oracle: dstp's first sampler, per row on the CPU, kept verbatim but for its cut rules.
+
+Top-p and min-p follow the rules stated in dstp/engine/sampling/filters.py, computed here
+the plain way (classes of equal weight from ``unique``, their masses summed per class):
+top-p keeps the tokens with at most floor(top_p * total) integer mass strictly above their
+weight, so tokens tied at the cut are kept or dropped together (the first sampler's
+``cumsum - p > top_p`` over a sorted row split them by the sort's order, and its float32
+cumsum rounded differently from any unsorted method); min-p drops weights
+exp(z - max z) below min_p. Everything else is the first sampler's.
 
 dstp/engine/sampling/ replaced it with a sampler batched over rows on the logits'
 device; tests/engine/test_sampler.py checks the new one against this one (exactly for
@@ -22,6 +30,8 @@ import torch
 
 from dstp.engine.outputs import TokenLogprob
 from dstp.engine.sampling_params import SamplingParams
+
+MASS_BITS = 30  # filters.py's unit of top-p mass, 2**-30 (tests check the two agree)
 
 
 @dataclass
@@ -64,13 +74,17 @@ def _filter(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         kth = torch.topk(row, p.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(row, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest set reaching top_p
-        row = row.scatter(0, order[drop], float("-inf"))
+        weight = torch.exp(row - row.max())
+        mass = (weight * 2.0**MASS_BITS).long()
+        top_p = float(torch.tensor(p.top_p, dtype=torch.float32))
+        budget = int(top_p * float(mass.sum()))
+        classes, which = torch.unique(weight, return_inverse=True)  # ascending weights
+        class_mass = torch.zeros(len(classes), dtype=torch.long).index_add_(0, which, mass)
+        above = class_mass.sum() - class_mass.cumsum(0)  # mass of strictly larger weights
+        row = row.masked_fill(above[which] > budget, float("-inf"))
     if p.min_p > 0.0:
-        probs = torch.softmax(row, dim=-1)
-        row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        weight = torch.exp(row - row.max())
+        row = row.masked_fill(weight < torch.tensor(p.min_p, dtype=torch.float32), float("-inf"))
     return row
 
 
