@@ -1,10 +1,11 @@
 """Fused decoder layers a policy may name (issue 22 item 1), swapped in after loading.
 
-HF's ``LlamaDecoderLayer`` on a packed decode step is ~36 ATen ops (~46 without
-dstp's CPU kernels): three q/k/v GEMMs, two gate/up GEMMs, a ten-op rotary, an
-eight-op RMSNorm twice. On a GPU each op is a kernel launch, and at decode sizes
-the launches, not the arithmetic, are the cost. :class:`FusedLlamaLayer` computes
-the same function with fewer ops, as vLLM's Llama layer and DeepSpeed-Inference's
+HF's ``LlamaDecoderLayer`` in a batch-8 decode step is 34 ops with dstp's CPU kernels
+and 55 in plain PyTorch (benchmarks/layer_ops.py): three q/k/v GEMMs, two gate/up
+GEMMs, a ten-op rotary, an eight-op RMSNorm twice. On a GPU each op is a kernel
+launch, and at decode sizes the launches, not the arithmetic, are the cost.
+:class:`FusedLlamaLayer` computes the same function in 24 and 31 (11 and 18 of
+them the attention behind the seam), as vLLM's Llama layer and DeepSpeed-Inference's
 injected layers do:
 
 - q/k/v as ONE column-parallel GEMM, gate/up as ONE: each rank's already-loaded
@@ -23,7 +24,10 @@ injected layers do:
   eager and flash all work as for HF's layer), one all-reduce per sub-layer
   (the row-parallel o/down projections').
 
-The layer takes the call ``LlamaModel`` makes and returns what HF's layer returns.
+:class:`FusedParallelLayer` is GPT-NeoX's parallel-residual form: attention and
+MLP partial sums added before ONE all-reduce per layer, where HF's layer has two.
+
+Each layer takes the call HF's model makes and returns what HF's layer returns.
 A policy names its form in ``Policy.fused_layer`` (see :data:`FUSED_LAYERS`).
 Each fused layer is probed against HF's own layer on seeded input before it
 replaces it; a layer that does not fit the form, or differs, keeps HF's layer
