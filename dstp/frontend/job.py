@@ -90,6 +90,42 @@ class EngineJob:
             " ".join(self.command[2:]),
         )
 
+    def record_ranks(self) -> None:
+        """Note the pid of every local rank (once the job serves), to name the dead later."""
+        import psutil
+
+        self.ranks: dict[int, psutil.Process] = {}
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+            except psutil.Error:
+                continue
+            if rank is not None:
+                self.ranks[int(rank)] = child
+        log.info(
+            "engine job's local ranks: %s",
+            ", ".join(f"rank {r} pid {p.pid}" for r, p in sorted(self.ranks.items())) or "none",
+        )
+
+    def dead_ranks(self, wait_s: float = 0.0) -> list[int]:
+        """The local ranks that no longer run (a crashed node's ranks are not seen here),
+        waiting up to ``wait_s`` for one: a killed process closes its sockets (the link's
+        end) a moment before it shows as dead."""
+        import psutil
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = []
+            for rank, proc in sorted(getattr(self, "ranks", {}).items()):
+                try:
+                    if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                        dead.append(rank)
+                except psutil.NoSuchProcess:
+                    dead.append(rank)
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.01)
+
     def exited(self) -> int | None:
         return self.process.poll()
 

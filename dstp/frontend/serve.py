@@ -124,7 +124,9 @@ class JobStarter:
     def connect(self, job: EngineJob) -> Link:
         listener = self._listeners.pop(id(job))
         try:
-            return _accept(listener, job)
+            link = _accept(listener, job)
+            job.record_ranks()
+            return link
         except BaseException:
             job.kill()
             raise

@@ -267,6 +267,7 @@ def test_rank_1_killed_mid_flight_loses_nothing(server, reference):
     same_as(reference, results)
     log = server.log(200_000)
     assert "replayed 15 request(s)" in log, log[-3000:]
+    assert "engine job failed (rank(s) 1 died;" in log
     print(
         f"\nsupervised TP=2 stories260k: cold start {server.cold_start_s:.1f} s, recovery "
         f"after SIGKILL of rank 1 {kills['recovery_s']:.1f} s"
@@ -285,6 +286,7 @@ def test_rank_0_killed_fails_only_the_request_in_flight_twice(server, reference)
     results = run_all(server.url, during=in_flight_then(server, 15, kill))
     same_as(reference, results)
     server.long_thread.join(120)
+    assert "engine job failed (rank(s) 0 died;" in server.log(400_000)
     poisoned = server.long_result["r"]
     assert poisoned["status"] == 500, poisoned
     assert "generation failed for request" in poisoned["body"]
