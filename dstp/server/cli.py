@@ -29,7 +29,12 @@ Run it under a launcher that sets the rank environment::
 
 Global rank 0 serves HTTP. SIGTERM or Ctrl-C on rank 0 stops every rank, failing
 in-flight requests with an error; if a rank dies, the job exits non-zero instead
-of hanging. docs/serving.md explains every flag in full.
+of hanging. Or run it supervised, with no launcher::
+
+    dstp serve --model PATH --tensor-parallel-size 2
+
+a front-end that serves HTTP, starts the ranks under deepspeed itself, and when one
+dies restarts them and replays every request. docs/serving.md explains every flag.
 """
 
 
