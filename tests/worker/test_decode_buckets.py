@@ -316,3 +316,46 @@ def test_a_bucketed_decode_step_on_the_fake_card_uploads_once_and_reads_nothing(
             assert runner.decode.buffers.flat is flat
         inputs = runner.decode.buffers.inputs(8)
         assert shadow(inputs.slot_mapping)[5:].eq(runner.cache.scratch_block * BLOCK).all()
+
+
+def test_buckets_at_tp2_give_the_packed_tokens(models, tmp_path):
+    """Two ranks (gloo): every rank pads the same plan the same way, so the row-parallel
+    all-reduces line up; ``compile_decode`` at TP>1 runs the buckets uncompiled (the
+    all-reduce is a graph break). Greedy tokens and logprobs are the packed path's."""
+    import json
+
+    from tests.helpers.launcher import run_ranks
+
+    prompts = [[5, 6, 7, 8, 9], [9, 10], [11, 12, 13], [3] * 11, [40, 41]]
+    base = dict(
+        model=str(models["llama"]),
+        dtype="float32",
+        max_model_len=MAX_LEN,
+        max_num_seqs=8,
+        block_size=BLOCK,
+        num_blocks=64,
+    )
+    params = [dict(max_tokens=9, temperature=0, logprobs=1)] * len(prompts)
+    scenarios = {
+        name: {"engine": dict(base, **extra), "prompts": prompts, "params": params}
+        for name, extra in (
+            ("packed", {}),
+            ("buckets", {"bucket_decode": True}),
+            ("compile_at_tp2", {"compile_decode": "eager"}),
+        )
+    }
+    job, out = tmp_path / "job.json", tmp_path / "out.json"
+    job.write_text(json.dumps({"scenarios": scenarios}))
+    for proc in run_ranks(2, ["tests/helpers/workers/engine_run.py", str(job), str(out)]):
+        assert proc.returncode == 0, proc.stdout[-3000:]
+    results = json.loads(out.read_text())
+    want = results["packed"]["outputs"]
+    for name in ("buckets", "compile_at_tp2"):
+        got = results[name]["outputs"]
+        assert [o[0]["token_ids"] for o in got] == [o[0]["token_ids"] for o in want], name
+        for g, w in zip(got, want, strict=True):
+            for (gid, glp, _), (wid, wlp, _) in zip(
+                g[0]["logprobs"], w[0]["logprobs"], strict=True
+            ):
+                assert gid == wid and abs(glp - wlp) < 1e-4, name
+        assert results[name]["all_blocks_free"]
