@@ -228,6 +228,18 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return None if norm is None else norm(x, weight, eps)
 
 
+def add_rms_norm_bf16(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(RMSNorm(residual + x), residual + x)`` of contiguous bf16 CPU rows in one call (the
+    sum rounded as ATen's add, the norm as HF's), or None without the kernel or while
+    compiling (the caller then adds and norms in two ops)."""
+    if torch.compiler.is_compiling():
+        return None
+    fused = getattr(_ops(), "add_rms_norm_bf16", None)
+    return None if fused is None else fused(x, residual, weight, eps, 1.0)
+
+
 def decode_attention_ops() -> ModuleType | None:
     """The paged decode attention (bf16 caches) both builds carry, or None without a build."""
     if torch.compiler.is_compiling():

@@ -11,11 +11,11 @@ injected layers do:
 - q/k/v as ONE column-parallel GEMM, gate/up as ONE: each rank's already-loaded
   shards are concatenated at swap time and the separate weights freed with HF's
   layer, so resident memory does not grow;
-- the residual add as one op beside each RMSNorm, the norm one op too: dstp's CPU
-  kernel where the RMSNorm swap (:mod:`dstp.model.norms`) proved it, ``F.rms_norm``
-  elsewhere (one fused kernel on a GPU, where HF's module is eight ops); Granite's
-  residual multiplier rides in the add (``alpha``); Qwen3's q/k norms are two ops
-  for all heads;
+- the residual add fused with the RMSNorm after attention (one dstp CPU kernel call
+  for bf16 on CPU, where the RMSNorm swap (:mod:`dstp.model.norms`) proved the
+  kernel); elsewhere each norm is one op, ``F.rms_norm`` (one fused kernel on a GPU,
+  where HF's module is eight ops); Granite's residual multiplier rides in the add
+  (``alpha``); Qwen3's q/k norms are two ops for all heads;
 - rotary as ``x * cos + roll(x) * (sin * sign)`` on q and k together: HF's
   ``rotate_half(x) * sin`` is ``roll(x) * sin`` with the first half's sign flipped;
 - SiLU-mul on the one gate/up output;
@@ -86,6 +86,28 @@ def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     """Qwen3's per-head q/k norms in two ops: ``F.rms_norm`` over ``head_dim``, then each
     head's weight (``weight``: ``[heads, head_dim]``), rounded as HF's modules round."""
     return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
+
+
+def add_rms_norm(
+    norm: nn.Module, residual: torch.Tensor, update: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(RMSNorm(residual + update * scale), residual + update * scale)``.
+
+    One call of dstp's add+RMSNorm kernel where the RMSNorm swap proved its norm and
+    the rows are contiguous bf16 on CPU (the sum rounded as ATen's add rounds it, the
+    norm as HF's); else the add and :func:`rms_norm`, two ops.
+    """
+    if (
+        isinstance(norm, FusedRMSNorm)
+        and scale == 1.0
+        and norm._kernel_takes(update)
+        and norm._kernel_takes(residual)
+    ):
+        fused = cpu_kernels.add_rms_norm_bf16(update, residual, norm.weight, norm.variance_epsilon)
+        if fused is not None:
+            return fused
+    summed = add_residual(residual, update, scale)
+    return rms_norm(norm, summed), summed
 
 
 def add_residual(residual: torch.Tensor, update: torch.Tensor, scale: float) -> torch.Tensor:
@@ -310,8 +332,9 @@ class FusedLlamaLayer(nn.Module):
         attn = self._attention(
             normed, attention_mask, position_ids, cache, use_cache, position_embeddings, kwargs
         )
-        hidden_states = add_residual(hidden_states, attn, self.residual_scale)
-        normed = rms_norm(self.post_attention_layernorm, hidden_states)
+        normed, hidden_states = add_rms_norm(
+            self.post_attention_layernorm, hidden_states, attn, self.residual_scale
+        )
         mlp = self.down_proj(silu_mul(self.gate_up_proj(normed), self.inner))
         return add_residual(hidden_states, mlp, self.residual_scale)
 

@@ -22,6 +22,13 @@ from tests.helpers.hf_reference import load_reference
 from tests.helpers.policy_models import make_config
 from tests.helpers.tiny_models import llama_config, save_random_model
 
+
+def cpu_kernels_available() -> bool:
+    from dstp.cpu import features
+
+    return features.has_avx2_fma() or features.has_avx512_bf16()
+
+
 IDS = [5, 9, 33, 7, 100, 3, 4, 200, 17, 8, 9, 10, 11, 12, 77, 1]
 # Granite is a derived policy; its fused form is named here (residual/attention multipliers)
 GRANITE = replace(
@@ -248,3 +255,24 @@ def test_all_reduces_per_layer(models, arch, hf, fused, monkeypatch):
         calls.clear()
         _logprobs(model)
         assert len(calls) == per_layer * 2, (on, len(calls))
+
+
+@pytest.mark.skipif(
+    not cpu_kernels_available(), reason="dstp's CPU kernels are not built here (no AVX2/AVX512)"
+)
+@pytest.mark.parametrize("shape", [(8, 256), (3, 5, 64), (1, 2048), (40, 200)])
+def test_the_add_rms_norm_kernel_rounds_as_aten_add_then_hf_norm(shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from dstp.cpu import kernels as cpu_kernels
+
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=generator) * 2).bfloat16()
+    residual = (torch.randn(shape, generator=generator) * 3).bfloat16()
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_(generator=generator)
+        normed, summed = cpu_kernels.add_rms_norm_bf16(x, residual, norm.weight, 1e-5)
+        assert torch.equal(summed, residual + x)
+        assert torch.equal(normed, cpu_kernels.rms_norm_bf16(residual + x, norm.weight, 1e-5))
+        assert (normed != norm(residual + x)).float().mean() <= 1e-3  # the mean's summation order

@@ -126,8 +126,9 @@ def _engine_logprob_error(path, monkeypatch, fuse: bool) -> tuple[float, int]:
     if not fuse:
         monkeypatch.setattr("dstp.model.inject.fused_replacements", lambda model: iter(()))
     calls = []
-    real = cpu_kernels.rms_norm_bf16
-    monkeypatch.setattr(cpu_kernels, "rms_norm_bf16", lambda *a: calls.append(1) or real(*a))
+    for kernel in ("rms_norm_bf16", "add_rms_norm_bf16"):  # the fused layers add and norm in one
+        real = getattr(cpu_kernels, kernel)
+        monkeypatch.setattr(cpu_kernels, kernel, lambda *a, real=real: calls.append(1) or real(*a))
     engine = Engine(EngineConfig(model=str(path), dtype="bfloat16", num_blocks=64))
     fused = [m for m in engine.runner.model.modules() if isinstance(m, FusedRMSNorm)]
     assert len(fused) == (5 if fuse else 0)  # 2 per layer and the final norm

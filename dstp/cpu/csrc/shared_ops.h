@@ -1,10 +1,14 @@
 // The ops both of dstp's CPU extensions link in and bind beside their own GEMV:
-// RMSNorm (rms_norm.cpp) and paged decode attention (decode_attention_avx2.cpp).
+// RMSNorm and add+RMSNorm (rms_norm.cpp) and paged decode attention (decode_attention_avx2.cpp).
 #pragma once
 
 #include <torch/extension.h>
 
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_bf16(const torch::Tensor& x,
+                                                           const torch::Tensor& residual,
+                                                           const torch::Tensor& weight,
+                                                           double eps, double alpha);
 torch::Tensor decode_scores_bf16(const torch::Tensor& q, const torch::Tensor& k_cache,
                                  const torch::Tensor& block_tables, const torch::Tensor& lens,
                                  int64_t block_size, int64_t max_len, double scaling);
@@ -17,4 +21,6 @@ inline void bind_shared_ops(pybind11::module& m) {
   m.def("decode_scores_bf16", &decode_scores_bf16, "paged decode attention, pass 1: q . k");
   m.def("decode_values_bf16", &decode_values_bf16, "paged decode attention, pass 2: p . v");
   m.def("rms_norm_bf16", &rms_norm_bf16, "Llama's RMSNorm over bf16 rows, HF's rounding");
+  m.def("add_rms_norm_bf16", &add_rms_norm_bf16,
+        "(RMSNorm(residual + alpha * x), residual + alpha * x) over bf16 rows, ATen's rounding");
 }
