@@ -32,7 +32,7 @@ def supervised(args: argparse.Namespace) -> bool:
     """Outside any launcher, a TP size above 1 (or ``--supervise``) makes a front-end."""
     if any(name in os.environ for name in LAUNCHER_ENV):
         return False
-    return args.supervise or args.tensor_parallel_size > 1
+    return args.supervise or (args.tensor_parallel_size or 1) > 1
 
 
 @dataclass(frozen=True)

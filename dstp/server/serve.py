@@ -128,6 +128,7 @@ def _run_frontend(args: argparse.Namespace) -> int:
     """Supervised mode: this process serves HTTP; an engine job it starts runs the ranks."""
     from dstp.frontend.serve import run_frontend
 
+    args.tensor_parallel_size = args.tensor_parallel_size or 1  # no launcher world to fill
     if not _flags_ok(args, 0, world_size=args.tensor_parallel_size):
         return 1
     return run_frontend(args, _bind, _serve)

@@ -20,6 +20,8 @@ from dstp.frontend.serve import serve_argv, supervised
         ({}, 2, False, True),  # `dstp serve -tp 2` alone: vLLM users' command line
         ({}, 1, False, False),  # one process, in-process as before
         ({}, 1, True, True),
+        ({}, None, False, False),  # no --tensor-parallel-size: the world, here 1
+        ({}, None, True, True),
         ({"RANK": "0", "WORLD_SIZE": "2"}, 2, False, False),  # under deepspeed / torchrun
         ({"LOCAL_RANK": "0"}, 2, True, False),
     ],

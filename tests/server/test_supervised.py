@@ -328,3 +328,32 @@ def test_past_max_restarts_the_server_exits_and_leaves_nothing(server):
     assert len(job_ports) == 3, job_ports  # the first start and two restarts
     for port in job_ports:
         assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+
+
+def test_killing_the_front_end_leaves_nothing_behind(model_dir, tmp_path):
+    """SIGKILL of the front-end (no cleanup code of its own runs): its ranks, port and
+    shared memory go too (``--supervise`` at TP=1: one rank, the cheapest job)."""
+    port = free_port()
+    cmd = [sys.executable, "launch/serve.py", "--model", str(model_dir), "--supervise"]
+    cmd += ["--served-model-name", MODEL, "--dtype", "float32", "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = ServerProcess(cmd, port, tmp_path / "server.log", env=env)
+    try:
+        proc.wait_healthy(600)
+        job = [p.pid for p in psutil.Process(proc.proc.pid).children(recursive=True)]
+        assert engine_ranks(proc.proc.pid), "no engine rank under the front-end"
+        stream = requests.post(
+            f"{proc.url}/v1/completions",
+            json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 400, "stream": True},
+            stream=True,
+            timeout=60,
+        )
+        next(stream.iter_lines())  # a stream is open when the front-end dies
+        proc.proc.send_signal(signal.SIGKILL)
+        assert wait_until(lambda: not any(psutil.pid_exists(p) for p in job), 60), job
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{proc.url}/health", timeout=2)
+        (job_port,) = re.findall(r"master port (\d+)", proc.log(100_000))
+        assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{job_port}_*")
+    finally:
+        proc.stop()
