@@ -104,8 +104,9 @@ class SupervisedEngine:
         if request_id not in self.journal:
             return
         if self.recovering:
-            self._ready.append(self.journal.pop(request_id).aborted())
+            self._ready.append(self.journal.pop(request_id).abort_output())
         else:
+            self.journal.requests[request_id].aborted = True  # not replayed if the job dies
             self.remote.abort(request_id)
 
     def has_unfinished(self) -> bool:
@@ -252,6 +253,8 @@ class SupervisedEngine:
         self._replay()
 
     def _replay(self) -> None:
+        for record in [r for r in self.journal.requests.values() if r.aborted]:
+            self._ready.append(self.journal.pop(record.request_id).abort_output())
         records = list(self.journal.requests.values())
         for record in records:
             resume = tuple(record.resume())

@@ -49,6 +49,7 @@ class RequestRecord:
     num_cached_tokens: int | None = None
     crashes: int = 0  # engine-job failures while it was in flight
     replayed: bool = False
+    aborted: bool = False  # its client went away; the engine may not have heard yet
 
     def observe(self, out: RequestOutput) -> RequestOutput:
         """Record one output; a replayed request's final output gets back the choices that
@@ -96,7 +97,7 @@ class RequestRecord:
         outputs += [CompletionOutput(i, [], "", finish_reason="error") for i in sorted(missing)]
         return RequestOutput(self.request_id, self.prompt, outputs, True, error=why)
 
-    def aborted(self) -> RequestOutput:
+    def abort_output(self) -> RequestOutput:
         """The final output of a request its client dropped while no engine ran it."""
         outputs = [CompletionOutput(i, [], "", finish_reason="abort") for i in range(self.params.n)]
         return RequestOutput(self.request_id, self.prompt, outputs, True)
