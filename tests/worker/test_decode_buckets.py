@@ -267,6 +267,26 @@ def test_compiled_decode_at_each_bucket_equals_eager_and_compiles_once(models, d
     assert counter.graphs == 3  # later steps at the same buckets: no recompilation
 
 
+def test_aot_eager_decode_equals_eager(models):
+    """AOTAutograd's functionalized graph (dstp's kernels as custom ops with fake
+    implementations, the cache write made functional and copied back): bf16, buckets 1
+    and 4, the eager logits bit for bit."""
+    engine = _engine(models["llama"], "bfloat16", max_num_seqs=4)
+    runner = engine.runner
+    bucketed = runner.decode
+    eager = bucketed.forward
+    compiled = compiled_forward(eager, "aot_eager")
+    groups = {n: Sequences(n, runner.num_blocks, runner.vocab_size, 20 + n) for n in (1, 3)}
+    for seqs in groups.values():
+        runner.execute(seqs.prefill())
+    for n, seqs in groups.items():
+        plan = seqs.decode()
+        bucketed.forward = compiled
+        got = runner.execute(plan)
+        bucketed.forward = eager
+        assert torch.equal(got, runner.execute(plan)), n
+
+
 def test_compile_decode_serves_the_eager_tokens(models):
     """``compile_decode`` end to end (an engine, greedy requests, the start-up probe's
     decode batch compiled too): the tokens of the uncompiled engine."""
