@@ -5,7 +5,7 @@ TP ?= 2
 # A CPU build here; on a GPU machine install your CUDA torch first and this is skipped.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint serve bench gpu-check
+.PHONY: install test lint serve bench gpu-check step-shape
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -25,6 +25,11 @@ serve: install
 # `make bench ARGS=--small` for a quick check; results in runs/bench/latest.
 bench: install
 	$(PY) benchmarks/run.py $(ARGS)
+
+# A batch-8 decode step's shape (issue 22's table): ops per decoder layer, ops outside the
+# layers, host readbacks per step, for dstp's CPU kernels and plain PyTorch (benchmarks/step_shape.py).
+step-shape: install
+	$(PY) benchmarks/step_shape.py $(ARGS)
 
 # dstp on one CUDA GPU: correctness against HF, the server, a speed line (benchmarks/gpu_check.py).
 # Without CUDA every check is skipped; `make gpu-check ARGS="--device cpu --quick"` runs on CPU.
