@@ -287,26 +287,39 @@ def test_aot_eager_decode_equals_eager(models):
         assert torch.equal(got, runner.execute(plan)), n
 
 
+def _step_into(engine: Engine, done: dict[str, list[int]]) -> None:
+    for out in engine.step():
+        if out.finished:
+            done[out.request_id] = out.outputs[0].token_ids
+
+
 def test_compile_decode_serves_the_eager_tokens(models):
-    """``compile_decode`` end to end (an engine, greedy requests, the start-up probe's
-    decode batch compiled too): the tokens of the uncompiled engine."""
+    """``compile_decode`` end to end: requests arriving while others decode (prefills
+    between decode steps, batches of 1 to 4), the start-up probe's decode batch compiled
+    too. The tokens are the uncompiled engine's, and Dynamo made one graph per bucket and
+    cache, none more: the packed prefill steps in between do not invalidate them."""
+    from torch._dynamo.utils import counters
+
     from dstp.engine.sampling_params import SamplingParams
 
-    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-    params = SamplingParams(max_tokens=8, temperature=0)
+    params = SamplingParams(max_tokens=12, temperature=0)
     runs = []
     for extra in ({}, {"compile_decode": "eager"}):
+        graphs = counters["stats"]["unique_graphs"]
         engine = _engine(models["llama"], "float32", max_num_seqs=4, **extra)
-        for i, ids in enumerate(prompts):
-            engine.add_request(str(i), ids, params)
-        done = {}
+        done: dict[str, list[int]] = {}
+        for i in range(6):
+            engine.add_request(str(i), [5 + i, 6, 7, 8][: 2 + i % 3], params)
+            for _ in range(3):
+                _step_into(engine, done)
         while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.outputs[0].token_ids
+            _step_into(engine, done)
+        assert len(done) == 6 and all(len(ids) == 12 for ids in done.values())
         runs.append(done)
         if extra:
-            assert {b for b, _ in engine.runner.decode.compile_seconds} >= {2, 4}
+            compiled = engine.runner.decode.compile_seconds
+            assert {bucket for bucket, _ in compiled} == {1, 2, 4}
+            assert counters["stats"]["unique_graphs"] - graphs == len(compiled)
     assert runs[0] == runs[1]
 
 
