@@ -13,12 +13,14 @@ Padding rows are invisible to results: each writes its new K/V to the cache's sc
 block (one block past those the allocator hands out, :class:`PagedKVCache`), attends to
 that block alone, and its hidden state is dropped before the LM head. Decode is row-wise
 (every op of a decoder layer treats each token on its own, and each row attends to its
-own blocks), so a padded step gives every real row the logits the unpadded step gives
-(tests/worker/test_decode_buckets.py checks it bit for bit).
+own blocks), so a real row gets, bit for bit, the logits it gets beside any other rows in
+a step of the same size (tests/worker/test_decode_buckets.py). Against the unpadded step
+of fewer rows it agrees to rounding only: a BLAS GEMM rounds a row differently with the
+call's row count (benchmarks/FINDINGS.md).
 
-What stays on the host, outside the fixed-shape forward: choosing the bucket, packing the
-one upload, and dropping the padding rows (``hidden[:n]``) before the LM head, whose
-logits are gathered and sampled per real row as before.
+What stays on the host, outside the fixed-shape forward: choosing the bucket and packing
+the one upload. After it, the sampled rows' hidden states (never a padding row's) are
+picked for the LM head, whose logits are gathered and sampled per real row as before.
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ if TYPE_CHECKING:
     from dstp.worker.attention.backends import AttentionBackend
 
 log = logging.getLogger("dstp")
-
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -155,13 +155,18 @@ DecodeForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def compiled_forward(
-    forward: DecodeForward, backend: str | Callable, fullgraph: bool = True
+    forward: DecodeForward, backend: str | Callable, graphs: int = 64
 ) -> DecodeForward:
     """``forward`` under ``torch.compile(fullgraph=True, dynamic=False)``: one graph per
     bucket, each compiled on its first step, none after (static shapes, static buffers).
 
-    Dynamo's per-function recompile limit (8) is raised to hold every bucket, and dstp's
-    CPU kernels are built first, so the tracer sees them as ops (:mod:`dstp.cpu.opaque_ops`).
+    Dynamo's per-function recompile limit (8) is raised to ``graphs`` (every bucket, over
+    the probe's cache and the step's), and dstp's CPU kernels are built first, so the
+    tracer sees them as ops (:mod:`dstp.cpu.opaque_ops`).
+
+    ``backend``: Dynamo's "eager" keeps the paged cache's in-place writes as they are;
+    AOTAutograd's backends ("aot_eager", "inductor") functionalize them into copies of the
+    whole cache per step unless a pass re-inplaces them (benchmarks/FINDINGS.md).
     """
     import torch._dynamo
 
@@ -170,8 +175,8 @@ def compiled_forward(
     opaque_ops.prepare()  # dstp's CPU kernels as ops the compiler keeps whole
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), 64))
-    return torch.compile(forward, backend=backend, fullgraph=fullgraph, dynamic=False)
+    setattr(config, limit, max(getattr(config, limit), graphs))
+    return torch.compile(forward, backend=backend, fullgraph=True, dynamic=False)
 
 
 class BucketedDecode:
@@ -197,7 +202,10 @@ class BucketedDecode:
         width = -(-max_model_len // block_size)
         self.buffers = DecodeBuffers(self.sizes[-1], width, block_size, device)
         self.compiled = compile_backend is not None
-        self.forward = compiled_forward(forward, compile_backend) if self.compiled else forward
+        graphs = 2 * len(self.sizes) + 8
+        self.forward = (
+            compiled_forward(forward, compile_backend, graphs) if self.compiled else forward
+        )
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._metadata: dict[int, AttentionMetadata] = {}
 
