@@ -1,10 +1,12 @@
 """Decode step time: packed (as the batch comes) vs padded to its bucket vs compiled.
 
 A random Llama (``--hidden``, ``--layers``) at TP=1 on CPU; ``--batches`` sequences of
-``--context`` tokens each decode one token per step. For each batch it prints the median
-step time (CPU time of the calling thread: run it with ``--threads 1``) of the packed path, of the bucketed path run eagerly, and of the bucketed path
-compiled with each ``--backends`` (Dynamo's ``eager``: fullgraph, static shapes; ``aot_eager``
-and ``inductor`` also functionalize, see FINDINGS.md), and each bucket's compile time.
+``--context`` tokens each decode one token per step. For each batch, interleaved step by
+step: the packed path, the bucketed path run eagerly, and the bucketed path compiled with
+each of ``--backends`` (Dynamo's ``eager``: fullgraph, static shapes; ``aot_eager`` and
+``inductor`` also functionalize, see FINDINGS.md). It prints each one's median step time
+(CPU time of the calling thread: run it with ``--threads 1``), the median ratios to the
+packed path, and the bucket's compile time.
 Example::
 
     python benchmarks/decode_buckets.py --dtype bfloat16 --batches 1,3,5,17 --threads 1
@@ -76,16 +78,30 @@ def _plans(n: int, context: int, blocks_per_seq: int) -> tuple[StepPlan, StepPla
     return prefill, decode
 
 
-def _median_ms(runner, plan: StepPlan, reps: int) -> float:
-    """Median CPU time of this thread per step (with ``--threads 1`` the step's whole
-    work, and steadier than wall time on a shared machine), in ms."""
-    runner.execute(plan)
-    times = []
-    for _ in range(reps):
-        start = time.thread_time()
-        runner.execute(plan)
-        times.append(time.thread_time() - start)
-    return statistics.median(times) * 1e3
+def _interleaved(runner, plan: StepPlan, variants: dict, rounds: int) -> dict[str, float]:
+    """Each round runs one step of every variant (``name -> (decode path, forward)``);
+    the median per variant of this thread's CPU time per step (with ``--threads 1`` the
+    step's whole work, steadier than wall time on a shared machine), in ms, and the median
+    over rounds of each variant's ratio to the first. Interleaving keeps the machine's
+    drift out of the ratios."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    bucketed = runner.decode or next(d for d, _ in variants.values() if d is not None)
+    for round_ in range(rounds + 1):
+        for name, (path, forward) in variants.items():
+            runner.decode = path
+            if forward is not None:
+                bucketed.forward = forward
+            start = time.thread_time()
+            runner.execute(plan)
+            if round_:  # the first round warms up
+                times[name].append(time.thread_time() - start)
+    first = next(iter(variants))
+    out = {f"{name}_ms": statistics.median(t) * 1e3 for name, t in times.items()}
+    for name, t in times.items():
+        if name != first:
+            ratios = [a / b for a, b in zip(t, times[first], strict=True)]
+            out[f"{name}/{first}"] = statistics.median(ratios)
+    return out
 
 
 def main() -> None:
@@ -127,17 +143,19 @@ def main() -> None:
         runner.decode = None
         runner.execute(prefill)
         row: dict[str, float | int | str] = {"batch": n, "bucket": bucket_for(n, bucketed.sizes)}
-        row["packed_ms"] = _median_ms(runner, decode, args.reps)
-        runner.decode = bucketed
-        bucketed.forward = eager
-        row["bucketed_eager_ms"] = _median_ms(runner, decode, args.reps)
         for backend in args.backends.split(","):
             torch._dynamo.reset()
-            bucketed.forward = compiled_forward(eager, backend)
+            compiled = compiled_forward(eager, backend)
+            runner.decode, bucketed.forward = bucketed, compiled
             start = time.perf_counter()
             runner.execute(decode)
             row[f"{backend}_compile_s"] = time.perf_counter() - start
-            row[f"{backend}_ms"] = _median_ms(runner, decode, args.reps)
+            variants = {
+                "packed": (None, None),
+                "bucketed": (bucketed, eager),
+                f"compiled_{backend}": (bucketed, compiled),
+            }
+            row.update(_interleaved(runner, decode, variants, args.reps))
         bucketed.forward = eager
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
 
