@@ -10,9 +10,9 @@ of that one device copy, and nothing else goes up.
 One choice depends on the logits: whether a row's kept set fits in its top
 ``PREFILTER`` logits (filters.py). Reading that back mid-step would be a second
 transfer, so on an accelerator every sampled row is filtered over its whole row
-(where a batched sort of whole rows is cheap) and nothing comes back before the end.
+(top-p by a radix select, a few batched passes) and nothing comes back before the end.
 On the CPU, where "reading back" is reading host memory, the prefix path and its
-per-row fallback are kept: a whole-row sort costs ~15x the prefix there.
+per-row fallback are kept: the whole-row filter costs several times the prefix there.
 """
 
 from __future__ import annotations
