@@ -24,7 +24,7 @@ from dstp.engine.outputs import CompletionOutput, RequestOutput, ResumedChoice
 from dstp.engine.sampling import NothingToDraw, Picks, SampleState, make_generator, sample
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams, check_request
 from dstp.engine.scheduler import Request, Schedule, Scheduler, Sequence
-from dstp.engine.structured import GrammarCompiler, GrammarState, MaskJob
+from dstp.engine.structured import GrammarCompiler, GrammarState, MaskJob, compiler_for
 from dstp.engine.tokenizer import load_tokenizer
 from dstp.worker.model_runner import ModelRunner
 from dstp.worker.step_plan import Command, StepPlan, send_command, send_plan
@@ -147,12 +147,7 @@ class Engine:
         if spec is None:
             return None
         if self.grammars is None:
-            if self.tokenizer is None:
-                raise InvalidRequest(
-                    "structured outputs need the model's tokenizer, and this model has none",
-                    "structured_outputs",
-                )
-            self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+            self.grammars = compiler_for(self.tokenizer, self.vocab_size, self.eos_ids)
         return self.grammars.matcher(spec)
 
     def abort(self, request_id: str) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from dstp.engine.loop import Liveness
 from dstp.engine.outputs import RequestOutput
 from dstp.engine.sampling_params import InvalidRequest, SamplingParams, check_request
+from dstp.engine.structured import compiler_for
 from dstp.frontend.journal import Journal
 from dstp.replicas.proxy import RemoteReplica
 from dstp.replicas.transport import Link
@@ -88,7 +89,9 @@ class SupervisedEngine:
             self.eos_ids,
         )
         if params.structured_outputs is not None:  # compiled (and cached) to refuse it here
-            self._grammar_compiler().matcher(params.structured_outputs)
+            if self._grammars is None:
+                self._grammars = compiler_for(self.tokenizer, self.vocab_size, self.eos_ids)
+            self._grammars.matcher(params.structured_outputs)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -275,15 +278,3 @@ class SupervisedEngine:
     def _take_ready(self) -> list[RequestOutput]:
         ready, self._ready = self._ready, []
         return ready
-
-    def _grammar_compiler(self):
-        if self._grammars is None:
-            from dstp.engine.structured import GrammarCompiler
-
-            if self.tokenizer is None:
-                raise InvalidRequest(
-                    "structured outputs need the model's tokenizer, and this model has none",
-                    "structured_outputs",
-                )
-            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
-        return self._grammars

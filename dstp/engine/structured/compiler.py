@@ -127,3 +127,14 @@ class GrammarCompiler:
 def _first_line(error: str) -> str:
     """llguidance's message without its parser-state dump."""
     return error.strip().split("\n<state>")[0].strip()
+
+
+def compiler_for(tokenizer, vocab_size: int, eos_ids: frozenset[int]) -> GrammarCompiler:
+    """The model's grammar compiler (``InvalidRequest`` if it has no tokenizer to match text
+    with): built on a model's first constrained request, by the engine and the front-end."""
+    if tokenizer is None:
+        raise InvalidRequest(
+            "structured outputs need the model's tokenizer, and this model has none",
+            "structured_outputs",
+        )
+    return GrammarCompiler(tokenizer, vocab_size, eos_ids)
