@@ -23,3 +23,14 @@ KEY_ENV = "DSTP_FRONTEND_KEY"  # the job's authentication key, hex
 def under_frontend() -> bool:
     """Whether this rank belongs to an engine job that a front-end started."""
     return bool(os.environ.get(ADDRESS_ENV))
+
+
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by deepspeed, torchrun, mpirun...
+
+
+def supervised(args) -> bool:
+    """Outside any launcher, a TP size above 1 (or ``--supervise``) makes a front-end
+    (``args``: ``dstp serve``'s parsed flags)."""
+    if any(name in os.environ for name in LAUNCHER_ENV):
+        return False
+    return args.supervise or (args.tensor_parallel_size or 1) > 1

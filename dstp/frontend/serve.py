@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 import threading
@@ -24,15 +23,6 @@ from dstp.frontend.wire import FrontendListener
 from dstp.replicas.transport import Link
 
 log = logging.getLogger("dstp")
-
-LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by deepspeed, torchrun, mpirun...
-
-
-def supervised(args: argparse.Namespace) -> bool:
-    """Outside any launcher, a TP size above 1 (or ``--supervise``) makes a front-end."""
-    if any(name in os.environ for name in LAUNCHER_ENV):
-        return False
-    return args.supervise or (args.tensor_parallel_size or 1) > 1
 
 
 @dataclass(frozen=True)

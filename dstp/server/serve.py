@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from dstp.frontend import under_frontend
+from dstp.frontend import supervised, under_frontend
 from dstp.server.cli import (
     FlagError,
     add_arguments,
@@ -84,8 +84,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    from dstp.frontend.serve import supervised
-
     if supervised(args):  # no launcher: a front-end that starts the ranks itself
         _setup_logging(args.log_level, "front-end")
         return _run_frontend(args)

@@ -9,9 +9,10 @@ import pytest
 
 from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from dstp.engine.sampling_params import SamplingParams
+from dstp.frontend import supervised
 from dstp.frontend.job import launcher_command
 from dstp.frontend.journal import Journal
-from dstp.frontend.serve import serve_argv, supervised
+from dstp.frontend.serve import serve_argv
 
 
 @pytest.mark.parametrize(
