@@ -241,7 +241,7 @@ def _scheduler_flags(e: argparse._ArgumentGroup) -> None:
         "run decode-only steps at padded batch sizes (1, 2, 4, 8, 16, 24, ... up to "
         "--max-num-seqs) over inputs allocated once, each size's forward traced whole by "
         "torch.compile (fullgraph, static shapes): the fixed-shape step a CUDA graph "
-        "captures. Each size compiles on its first step. TP=1; at TP>1 the padded steps "
+        "captures. Every size compiles at start-up. TP=1; at TP>1 the padded steps "
         "run uncompiled",
     )
 

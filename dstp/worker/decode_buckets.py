@@ -7,7 +7,8 @@ context lengths and block tables are written, in place, into device buffers allo
 start-up (the largest bucket times the most blocks a sequence may hold); every tensor the
 decode forward reads then has the same shape and the same address at every step of a
 bucket, which is what capturing the step as a CUDA graph needs, and what
-``torch.compile(fullgraph=True, dynamic=False)`` proves on a CPU (``--compile-decode``).
+``torch.compile(fullgraph=True, dynamic=False)`` proves on a CPU (``--compile-decode``;
+every bucket is compiled at start-up, after the start-up probe).
 
 Padding rows are invisible to results: each writes its new K/V to the cache's scratch
 block (one block past those the allocator hands out, :class:`PagedKVCache`), attends to
@@ -125,7 +126,7 @@ class DecodeBuffers:
         None where its contexts need more blocks than the buffers hold."""
         n, b, bs = plan.num_tokens, bucket, self.block_size
         lens = plan.context_lens
-        need = -(-int(lens.max()) // bs)  # host tensor: no device read
+        need = -(-int(lens.max()) // bs) if n else 0  # host tensor: no device read
         if need > self.width:
             return None
         tables = torch.full((b, self.width), scratch_block, dtype=torch.long)
@@ -138,6 +139,13 @@ class DecodeBuffers:
             tables.view(-1),
             plan.sample_rows,
         ]
+
+
+_EMPTY = torch.zeros(0, dtype=torch.long)
+_NO_ROWS = StepPlan(  # a decode step of no sequence: every row of a bucket is padding
+    _EMPTY, _EMPTY, _EMPTY, torch.zeros(1, dtype=torch.long), _EMPTY,
+    torch.zeros((0, 1), dtype=torch.long), _EMPTY, torch.zeros((0, 2), dtype=torch.long),
+)  # fmt: skip
 
 
 def _padded(values: torch.Tensor, size: int, fill: int) -> torch.Tensor:
@@ -226,12 +234,43 @@ class BucketedDecode:
         arrays = self.buffers.host_arrays(plan, bucket, cache.scratch_block)
         if arrays is None:
             return None
+        hidden = self._step(arrays, bucket, cache, backend, uploader)
+        return hidden.index_select(0, self.buffers.sample_rows(bucket, plan.sample_rows.numel()))
+
+    @torch.inference_mode()
+    def warm_up(
+        self, cache: PagedKVCache, backend: AttentionBackend, uploader: StepUploader
+    ) -> None:
+        """Compile every bucket now, before the first request (as vLLM captures its graphs
+        at start-up): one step of padding rows alone per bucket, which write the scratch
+        block and nothing else. Nothing to do uncompiled."""
+        if not self.compiled or cache.scratch_block is None:
+            return
+        start = time.perf_counter()
+        for bucket in self.sizes:
+            arrays = self.buffers.host_arrays(_NO_ROWS, bucket, cache.scratch_block)
+            self._step(arrays, bucket, cache, backend, uploader)
+        log.info(
+            "decode compiled at %d batch sizes (%s) in %.1f s",
+            len(self.sizes),
+            ", ".join(map(str, self.sizes)),
+            time.perf_counter() - start,
+        )
+
+    def _step(
+        self,
+        arrays: list[torch.Tensor],
+        bucket: int,
+        cache: PagedKVCache,
+        backend: AttentionBackend,
+        uploader: StepUploader,
+    ) -> torch.Tensor:
+        """The bucket's forward over ``arrays`` (uploaded into the buffers): ``[b, hidden]``."""
         uploader.upload_into(arrays, self.buffers.flat)
         inputs = self.buffers.inputs(bucket)
         self.buffers.refresh_valid(inputs)
         with step_context(self._metadata_for(bucket, inputs, cache, backend)):
-            hidden = self._forward(bucket, inputs, cache)
-        return hidden.index_select(0, self.buffers.sample_rows(bucket, plan.sample_rows.numel()))
+            return self._forward(bucket, inputs, cache)
 
     def _forward(self, bucket: int, inputs: DecodeInputs, cache: PagedKVCache) -> torch.Tensor:
         key = (bucket, cache.num_blocks)

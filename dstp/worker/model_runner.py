@@ -79,6 +79,8 @@ class ModelRunner:
         self.max_model_len = self._context_limit(config)
         self.decode = self._bucketed_decode(config)
         tp.agree(lambda: self.run_startup_probe(config))
+        if self.decode is not None:  # --compile-decode: every bucket compiled before serving
+            tp.agree(lambda: self.decode.warm_up(self.cache, self.attention_backend, self.uploader))
         if tp.is_driver:
             self._log_layout(time.perf_counter() - started)
 
