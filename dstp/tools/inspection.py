@@ -109,6 +109,7 @@ def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
         f"model: {', '.join(config.architectures or [config.model_type])}",
         f"policy: {policy_origin(policy, config)}",
         f"engine: {engine_verdict(config)}",
+        f"decoder layers: {_fused_form(policy)}",
     ]
     problems = policy.problems(config, tp)
     if problems:
@@ -167,6 +168,16 @@ def report(config: Any, tp: int, dtype: str) -> tuple[str, bool]:
         f"{DTYPE_BYTES[dtype]} bytes)"
     )
     return "\n".join(lines), True
+
+
+def _fused_form(policy: Any) -> str:
+    """What runs each decoder layer after loading (dstp.model.fused_layers)."""
+    if policy.fused_layer is None:
+        return "Hugging Face's own"
+    return (
+        f"dstp's fused {policy.fused_layer!r} form where each proves equal to HF's at load "
+        "(--no-fused-layers: HF's own)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

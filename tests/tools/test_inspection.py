@@ -124,6 +124,7 @@ def test_inspect_with_policy_uses_it(fresh_registry, tmp_path, capsys):
         f"policy: policy 'my_llama' from --policy {policy}, registered for LlamaForCausalLM" in out
     )
     assert "model.layers.0.self_attn.k_proj" in out and "(16, 64)" in out
+    assert "decoder layers: Hugging Face's own" in out  # the guide's policy names no fused form
     # the same file for a Qwen2 model: refused in one line naming the policy dstp would use
     qwen = tmp_path / "qwen2"
     from transformers import Qwen2Config
@@ -134,3 +135,12 @@ def test_inspect_with_policy_uses_it(fresh_registry, tmp_path, capsys):
     assert "none of them for this model" in err and "'qwen2'" in err
     assert main(["inspect", "--model", str(qwen), "--tp", "2", "--policy", "nope.py"]) == 2
     assert "--policy nope.py: no such file" in capsys.readouterr().err
+
+
+def test_inspect_names_the_fused_layer_form(tmp_path, capsys):
+    from dstp.__main__ import main
+    from tests.helpers.policy_models import make_config
+
+    make_config("qwen3").save_pretrained(tmp_path)
+    assert main(["inspect", "--model", str(tmp_path), "--tp", "2"]) == 0
+    assert "decoder layers: dstp's fused 'llama' form" in capsys.readouterr().out
