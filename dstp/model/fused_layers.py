@@ -37,6 +37,7 @@ and the log says why.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -214,6 +215,19 @@ def rotary_table(inner: nn.Module, config: Any, dtype: torch.dtype, device: Any)
 # -- the layer ---------------------------------------------------------------------------
 
 
+@functools.cache
+def as_hf_class(fused: type[nn.Module], hf: type[nn.Module]) -> type[nn.Module]:
+    """``fused``, made a subclass of HF's layer class too (its methods first).
+
+    HF records ``output_hidden_states`` with hooks on the instances of its decoder-layer
+    class (``_can_record_outputs``, matched by ``isinstance``): a fused layer that were
+    not one would silently drop out of them.
+    """
+    if issubclass(fused, hf) or not issubclass(hf, nn.Module):
+        return fused
+    return type(fused.__name__, (fused, hf), {"__module__": fused.__module__})
+
+
 class PackedColumnLinear(nn.Module):
     """Column-parallel linears sharing one input, as ONE GEMM over their concatenated shards.
 
@@ -257,7 +271,7 @@ class FusedLlamaLayer(nn.Module):
     """
 
     def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not HF's layer's __init__ (see :func:`as_hf_class`)
         attn, mlp = _part(layer, "self_attn"), _part(layer, "mlp")
         self.self_attn = attn
         # HF's norm modules, or dstp's one-call kernel where the RMSNorm swap proved it
@@ -302,7 +316,7 @@ class FusedLlamaLayer(nn.Module):
 
     @classmethod
     def from_hf(cls, layer: nn.Module) -> FusedLlamaLayer:
-        return cls(layer)
+        return as_hf_class(cls, type(layer))(layer)
 
     @property
     def attention_module(self) -> nn.Module:
@@ -446,7 +460,7 @@ class FusedParallelLayer(nn.Module):
     """
 
     def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not HF's layer's __init__ (see :func:`as_hf_class`)
         if getattr(layer, "use_parallel_residual", None) is not True:
             raise NotFusable("not a parallel-residual layer (use_parallel_residual)")
         attn, mlp = _part(layer, "attention"), _part(layer, "mlp")
@@ -484,7 +498,7 @@ class FusedParallelLayer(nn.Module):
 
     @classmethod
     def from_hf(cls, layer: nn.Module) -> FusedParallelLayer:
-        return cls(layer)
+        return as_hf_class(cls, type(layer))(layer)
 
     @property
     def attention_module(self) -> nn.Module:

@@ -276,3 +276,15 @@ def test_the_add_rms_norm_kernel_rounds_as_aten_add_then_hf_norm(shape):
         assert torch.equal(summed, residual + x)
         assert torch.equal(normed, cpu_kernels.rms_norm_bf16(residual + x, norm.weight, 1e-5))
         assert (normed != norm(residual + x)).float().mean() <= 1e-3  # the mean's summation order
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_output_hidden_states_still_records_every_layer(models, arch):
+    """HF records hidden states with hooks on instances of its layer class: a fused layer is one."""
+    fused, hf = _load(models[arch]), load_reference(models[arch])
+    ids = torch.tensor([IDS[:5]])
+    with torch.inference_mode():
+        ours = fused(ids, output_hidden_states=True).hidden_states
+        theirs = hf(ids, output_hidden_states=True).hidden_states
+    assert len(ours) == len(theirs) == 3
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs, strict=True))
