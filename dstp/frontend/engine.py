@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dstp.engine.loop import Liveness
@@ -34,6 +35,24 @@ WAIT_S = 0.02  # step() waits this long for the job's next outputs
 RANK_POLL_S = 0.1  # how often the local ranks' processes are looked at
 
 
+@dataclass(frozen=True)
+class JobShape:
+    """What the server reads of ``engine.tp``: the job's TP size (the front-end itself
+    holds no rank and no device)."""
+
+    size: int
+    num_replicas: int = 1
+    world_size: int = 1
+    device: None = None
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What the server reads of ``engine.config``."""
+
+    block_size: int
+
+
 class EngineGaveUp(RuntimeError):
     """The engine job failed more often than ``--max-restarts`` allows."""
 
@@ -46,6 +65,7 @@ class SupervisedEngine:
         starter: JobStarter,
         tokenizer: Any,
         *,
+        tp_size: int = 1,
         max_restarts: int = 3,
         liveness: Liveness | None = None,
     ) -> None:
@@ -70,7 +90,8 @@ class SupervisedEngine:
         self.max_model_len = hello.max_model_len
         self.vocab_size = hello.vocab_size
         self.eos_ids = frozenset(hello.eos_ids)
-        self.block_size = hello.block_size
+        self.tp = JobShape(tp_size)
+        self.config = JobConfig(hello.block_size)
         self._grammars = None
 
     # -- the EngineClient contract ------------------------------------------------------------

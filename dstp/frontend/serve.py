@@ -14,7 +14,6 @@ import shlex
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 from dstp.engine.loop import Liveness
 from dstp.frontend.engine import SupervisedEngine
@@ -23,21 +22,6 @@ from dstp.frontend.wire import FrontendListener
 from dstp.replicas.transport import Link
 
 log = logging.getLogger("dstp")
-
-
-@dataclass(frozen=True)
-class JobShape:
-    """What the server reads of ``engine.tp`` (the front-end itself holds no rank)."""
-
-    size: int
-    num_replicas: int = 1
-    world_size: int = 1
-    device: None = None
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    block_size: int
 
 
 def serve_argv(argv: list[str]) -> list[str]:
@@ -74,6 +58,7 @@ def run_frontend(args: argparse.Namespace, bind, serve) -> int:
         engine = SupervisedEngine(
             starter,
             load_tokenizer(model, args.trust_remote_code),
+            tp_size=args.tensor_parallel_size,
             max_restarts=args.max_restarts,
             liveness=Liveness(args.rank_timeout, args.step_timeout),
         )
@@ -81,8 +66,6 @@ def run_frontend(args: argparse.Namespace, bind, serve) -> int:
         log.error("the engine job did not start: %s", exc)
         server.close()
         return 1
-    engine.tp = JobShape(args.tensor_parallel_size)
-    engine.config = JobConfig(engine.block_size)
     return serve(args, engine, server, lazy, model, builtin)
 
 
