@@ -32,12 +32,13 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def sse_events(lines) -> list[object]:
-    """Data payloads of an SSE stream ('[DONE]' kept as a string)."""
+    """Data payloads of an SSE stream ('[DONE]' kept as a string; comment lines, the
+    server's keep-alives while nothing moves, skipped as the SSE standard says)."""
     events = []
     for raw in lines:
         line = raw.decode() if isinstance(raw, bytes) else raw
         if not line.startswith("data: "):
-            assert line == "", f"unexpected SSE line {line!r}"
+            assert line == "" or line == ": keep-alive", f"unexpected SSE line {line!r}"
             continue
         data = line[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
