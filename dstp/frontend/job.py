@@ -33,10 +33,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _libc_prctl():
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+# bound here, in the parent: the child between fork and exec must not load libraries or
+# import (other threads of the front-end may hold the locks that would take)
+_PRCTL = _libc_prctl()
+
+
 def _die_with_parent() -> None:
     """In the launcher's child process: SIGKILL when the front-end dies, however it dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def launcher_command(
