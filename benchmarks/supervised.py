@@ -64,6 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.checkpoint import LlamaShape, ensure_checkpoint  # noqa: E402
+from benchmarks.launch import free_port  # noqa: E402
 
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 STORIES = REPO / "dstp" / "assets" / "stories260k"
@@ -81,14 +82,6 @@ PLACES = ["the park", "the sea", "a big tree", "the shop"]
 PROMPTS = [
     f"Once upon a time, {s} went to {p}. One day" for s in SUBJECTS for p in PLACES
 ]  # 32 distinct prompts
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mid_checkpoint(workdir: Path) -> Path:

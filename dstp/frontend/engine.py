@@ -140,7 +140,7 @@ class SupervisedEngine:
         return set()  # their queue time ends at their first output
 
     def step(self) -> list[RequestOutput]:
-        outputs, self._ready = self._ready, []
+        outputs = self._take_ready()
         if self.recovering:
             self._continue_recovery()
             time.sleep(WAIT_S)

@@ -22,6 +22,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+import psutil
+
 log = logging.getLogger("dstp")
 
 PR_SET_PDEATHSIG = 1
@@ -82,6 +84,7 @@ class EngineJob:
         env: dict[str, str],
     ) -> None:
         self.master_port = free_port()
+        self.ranks: dict[int, psutil.Process] = {}  # filled by record_ranks()
         self.command = launcher_command(num_ranks, self.master_port, launcher_args, serve_argv)
         self._env_file = _deepspeed_env_file(env)  # the ranks on other nodes read it
         full_env = {
@@ -93,7 +96,6 @@ class EngineJob:
         self.process = subprocess.Popen(
             self.command, env=full_env, start_new_session=True, preexec_fn=_die_with_parent
         )
-        self.started = time.monotonic()
         log.info(
             "engine job started (launcher pid %d, master port %d): %s",
             self.process.pid,
@@ -103,9 +105,7 @@ class EngineJob:
 
     def record_ranks(self) -> None:
         """Note the pid of every local rank (once the job serves), to name the dead later."""
-        import psutil
-
-        self.ranks: dict[int, psutil.Process] = {}
+        self.ranks = {}
         for child in psutil.Process(self.process.pid).children(recursive=True):
             try:
                 rank = child.environ().get("RANK")
@@ -122,12 +122,10 @@ class EngineJob:
         """The local ranks that no longer run (a crashed node's ranks are not seen here),
         waiting up to ``wait_s`` for one: a killed process closes its sockets (the link's
         end) a moment before it shows as dead."""
-        import psutil
-
         deadline = time.monotonic() + wait_s
         while True:
             dead = []
-            for rank, proc in sorted(getattr(self, "ranks", {}).items()):
+            for rank, proc in sorted(self.ranks.items()):
                 try:
                     if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
                         dead.append(rank)
