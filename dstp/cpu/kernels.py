@@ -43,17 +43,19 @@ COMMON_FLAGS = ["-O3", "-fopenmp"]
 
 # headers every kernel may include (hashed and copied with each build's sources)
 HEADERS = sorted(CSRC.glob("*.h"))
+# every op but the GEMVs, built into both extensions and bound by csrc/shared_ops.h
+SHARED_SOURCES = sorted(p for p in CSRC.glob("*.cpp") if not p.name.startswith("gemv_"))
 # kernel name -> (extension name, sources, extra compiler flags, what it needs, for the log)
 KERNELS = {
     "avx512_bf16": (
         "dstp_cpu_kernels",
-        [CSRC / "gemv_bf16.cpp", CSRC / "decode_attention_avx2.cpp", CSRC / "rms_norm.cpp"],
-        ["-mavx2", "-mfma"],  # for the decode attention source; every AVX512-BF16 CPU has both
+        [CSRC / "gemv_bf16.cpp", *SHARED_SOURCES],
+        ["-mavx2", "-mfma"],  # for the shared sources; every AVX512-BF16 CPU has both
         "AVX512-BF16",
     ),
     "avx2": (
         "dstp_cpu_kernels_avx2",
-        [CSRC / "gemv_bf16_avx2.cpp", CSRC / "decode_attention_avx2.cpp", CSRC / "rms_norm.cpp"],
+        [CSRC / "gemv_bf16_avx2.cpp", *SHARED_SOURCES],
         ["-mavx2", "-mfma"],
         "AVX2+FMA",
     ),

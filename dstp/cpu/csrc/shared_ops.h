@@ -1,5 +1,8 @@
-// The ops both of dstp's CPU extensions link in and bind beside their own GEMV:
-// RMSNorm and add+RMSNorm (rms_norm.cpp) and paged decode attention (decode_attention_avx2.cpp).
+// The ops both of dstp's CPU extensions link in and bind beside their own GEMV (every csrc/*.cpp
+// that is not a GEMV, dstp/cpu/kernels.py's SHARED_SOURCES): RMSNorm and add+RMSNorm
+// (rms_norm.cpp), paged decode attention (decode_attention_avx2.cpp), the decoder layer's other
+// fused ops (layer_ops.cpp, bound by bind_layer_ops) and the sampler's (sampler_ops.cpp,
+// bound by bind_sampler_ops).
 #pragma once
 
 #include <torch/extension.h>
@@ -16,6 +19,9 @@ torch::Tensor decode_values_bf16(const torch::Tensor& probs, const torch::Tensor
                                  const torch::Tensor& block_tables, const torch::Tensor& lens,
                                  int64_t block_size);
 
+void bind_layer_ops(pybind11::module& m);
+void bind_sampler_ops(pybind11::module& m);
+
 // Binds the shared ops into an extension module.
 inline void bind_shared_ops(pybind11::module& m) {
   m.def("decode_scores_bf16", &decode_scores_bf16, "paged decode attention, pass 1: q . k");
@@ -23,4 +29,6 @@ inline void bind_shared_ops(pybind11::module& m) {
   m.def("rms_norm_bf16", &rms_norm_bf16, "Llama's RMSNorm over bf16 rows, HF's rounding");
   m.def("add_rms_norm_bf16", &add_rms_norm_bf16,
         "(RMSNorm(residual + alpha * x), residual + alpha * x) over bf16 rows, ATen's rounding");
+  bind_layer_ops(m);
+  bind_sampler_ops(m);
 }
