@@ -1,10 +1,13 @@
 """The engine job: the ranks, started by the ``deepspeed`` launcher, killed and reaped whole.
 
 The launcher runs in its own session, so one ``killpg`` reaches it and every rank it
-started on this host. Ranks die with the front-end three ways: the launcher gets SIGKILL
-when the front-end dies (``PR_SET_PDEATHSIG``), the job's rank 0 stops when its link to the
-front-end closes (and the launcher then ends the others), and the front-end kills the
-session on every exit path it controls.
+started on this host. Ranks on other hosts (a ``--hostfile`` job, started over pdsh/ssh)
+are outside that session: the launcher is first asked to stop them (SIGTERM, on which
+DeepSpeed's multi-node runner runs ``pkill`` of its launch command on every host). Ranks
+die with the front-end three ways: the launcher gets SIGKILL when the front-end dies
+(``PR_SET_PDEATHSIG``), the job's rank 0 stops when its link to the front-end closes (and
+the launcher then ends the others), and the front-end kills the session on every exit path
+it controls.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import psutil
 log = logging.getLogger("dstp")
 
 PR_SET_PDEATHSIG = 1
+REMOTE_STOP_S = 10.0  # DeepSpeed's runner: SIGTERM -> pdsh pkill on every host, then 1 s sleep
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -93,6 +97,7 @@ class EngineJob:
             "DS_ENV_FILE": self._env_file,
             "PYTHONUNBUFFERED": "1",
         }
+        self.multi_node = any(a.startswith("--hostfile") for a in launcher_args)
         self.process = subprocess.Popen(
             self.command, env=full_env, start_new_session=True, preexec_fn=_die_with_parent
         )
@@ -144,7 +149,10 @@ class EngineJob:
         return None
 
     def kill(self) -> None:
-        """SIGKILL the launcher's session (every local rank), reap it, remove what it left."""
+        """Stop the ranks on other hosts, SIGKILL the launcher's session (every local rank),
+        reap it, remove what it left."""
+        if self.multi_node:
+            self._stop_remote_ranks()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -155,6 +163,21 @@ class EngineJob:
             log.info("removed %d shared-memory segment(s) the engine job left", removed)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._env_file)
+
+
+    def _stop_remote_ranks(self) -> None:
+        """SIGTERM to the multi-node launcher, which kills the job's launch processes (and so
+        their ranks) on every host before it exits; SIGKILL would leave them running."""
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+        if self.wait(REMOTE_STOP_S) is None:
+            log.warning(
+                "the launcher did not stop the job's ranks on other hosts within %.0f s: "
+                "check them for leftover processes",
+                REMOTE_STOP_S,
+            )
 
 
 def _deepspeed_env_file(env: dict[str, str]) -> str:
