@@ -164,7 +164,6 @@ class EngineJob:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._env_file)
 
-
     def _stop_remote_ranks(self) -> None:
         """SIGTERM to the multi-node launcher, which kills the job's launch processes (and so
         their ranks) on every host before it exits; SIGKILL would leave them running."""
