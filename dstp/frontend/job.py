@@ -56,19 +56,30 @@ def _die_with_parent() -> None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def chosen_master_port(launcher_args: Sequence[str]) -> int | None:
+    """The ``--master_port`` the user gave the launcher (every start then reuses it), if any."""
+    for i, arg in enumerate(launcher_args):
+        if arg == "--master_port" and i + 1 < len(launcher_args):
+            return int(launcher_args[i + 1])
+        if arg.startswith("--master_port="):
+            return int(arg.split("=", 1)[1])
+    return None
+
+
 def launcher_command(
     num_ranks: int, master_port: int, launcher_args: Sequence[str], serve_argv: Sequence[str]
 ) -> list[str]:
-    """``deepspeed --num_gpus N --master_port P [launcher args] --module dstp serve ARGS``."""
+    """``deepspeed --num_gpus N --master_port P [launcher args] --module dstp serve ARGS``
+    (``--master_port`` only when the launcher args do not name one)."""
     has_hosts = any(a.startswith(("--hostfile", "--include", "--exclude")) for a in launcher_args)
     ranks = [] if has_hosts else ["--num_gpus", str(num_ranks)]
+    port = [] if chosen_master_port(launcher_args) else ["--master_port", str(master_port)]
     return [
         sys.executable,
         "-m",
         "deepspeed.launcher.runner",
         *ranks,
-        "--master_port",
-        str(master_port),
+        *port,
         *launcher_args,
         "--module",
         "dstp",
@@ -87,7 +98,7 @@ class EngineJob:
         serve_argv: Sequence[str],
         env: dict[str, str],
     ) -> None:
-        self.master_port = free_port()
+        self.master_port = chosen_master_port(launcher_args) or free_port()
         self.ranks: dict[int, psutil.Process] = {}  # filled by record_ranks()
         self.command = launcher_command(num_ranks, self.master_port, launcher_args, serve_argv)
         self._env_file = _deepspeed_env_file(env)  # the ranks on other nodes read it

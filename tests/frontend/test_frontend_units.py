@@ -10,7 +10,7 @@ import pytest
 from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from dstp.engine.sampling_params import SamplingParams
 from dstp.frontend import supervised
-from dstp.frontend.job import launcher_command
+from dstp.frontend.job import chosen_master_port, launcher_command
 from dstp.frontend.journal import Journal
 from dstp.frontend.serve import serve_argv
 
@@ -54,6 +54,15 @@ def test_the_launcher_command_passes_launcher_options_through():
     assert cmd[cmd.index("--master_port") + 1] == "29600"
     assert cmd[-5:] == ["--module", "dstp", "serve", "--model", "m"]
     assert launcher_command(4, 1, [], [])[3:5] == ["--num_gpus", "4"]
+
+
+@pytest.mark.parametrize("given", [["--master_port", "29777"], ["--master_port=29777"]])
+def test_a_master_port_the_user_names_is_the_jobs(given):
+    """Named in --launcher-args, the port is used as given (once) and is the one whose
+    shared-memory segments a kill removes; otherwise each start draws a fresh one."""
+    cmd = launcher_command(2, 29600, given, ["--model", "m"])
+    assert "29600" not in cmd and sum(a.startswith("--master_port") for a in cmd) == 1
+    assert chosen_master_port(given) == 29777 and chosen_master_port(["--include", "x"]) is None
 
 
 def out(request_id, choices, finished=False):
