@@ -337,3 +337,15 @@ def _aten_cpu_kernels() -> Iterator[None]:
         yield
     finally:
         torch._C._set_mkldnn_enabled(previous)
+
+
+# -- the sampler's kernels (csrc/sampler_ops.cpp, issue 22) ----------------------------------
+
+
+def sampler_ops() -> ModuleType | None:
+    """The sampler's fused CPU ops, or None without a build or while compiling (the sampler
+    then runs its plain PyTorch ops, which a GPU runs as they are)."""
+    if torch.compiler.is_compiling():
+        return None
+    ops = _ops()
+    return ops if hasattr(ops, "sample_rows") else None

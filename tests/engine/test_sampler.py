@@ -20,6 +20,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from dstp.cpu import kernels
 from dstp.engine.sampling import SampleState, SamplingError, filters, make_generator, sample
 from dstp.engine.sampling import step as step_module
 from dstp.engine.sampling.draw import max_and_argmax
@@ -529,3 +530,122 @@ def test_blocked_argmax_is_torchs(vocab):
     x[2, -1] = 10.0  # in the last (maybe padded) block
     row_max, argmax = max_and_argmax(x)
     assert torch.equal(argmax, x.argmax(-1)) and torch.equal(row_max, x.amax(-1))
+
+
+# -- the fused CPU ops (dstp/cpu/csrc/sampler_ops.cpp): the same rules in one call each -------
+
+FUSED_OPS = kernels.sampler_ops()
+needs_fused = pytest.mark.skipif(FUSED_OPS is None, reason="dstp's CPU kernels are not built")
+
+
+def fused_probs(logits: torch.Tensor, states: list[SampleState]) -> torch.Tensor:
+    """The fused op's filtered distribution of every row, after the fused edits, [B, V]."""
+    x = logits.float().clone()
+    with torch.inference_mode():
+        step = Step(states, None, x.shape[1], x.device, fused=True)
+        assert step.ops is not None
+        with written(x, edits(x, step)):
+            p = step.params
+            rows = torch.arange(len(states))
+            return FUSED_OPS.filter_probs(x, rows, p.temperature, p.top_k, p.top_p, p.min_p)
+
+
+@needs_fused
+@pytest.mark.parametrize("scale", [FLAT, 1.0, PEAKED])
+def test_fused_filter_matches_the_oracle(scale):
+    torch.manual_seed(5)
+    vocab = 4096
+    kwargs = FILTERS + [
+        dict(temperature=0.9, top_p=0.5, repetition_penalty=1.4, frequency_penalty=0.5),
+        dict(temperature=1.1, top_k=2000, top_p=0.7),
+        dict(temperature=1.0, min_p=0.9, presence_penalty=-1.0),
+        dict(temperature=0.6, top_p=0.95, min_tokens=3, stop_token_ids=[7, 8]),
+    ]
+    states = [
+        SampleState(SamplingParams(**kw), [7, 8, 9, 100], [9, 9, 4000], None, frozenset({7, 8}))
+        for kw in kwargs
+    ]
+    logits = torch.randn(len(states), vocab) * scale
+    logits[:, 7:10] += 3 * scale
+    for row, state, mine in zip(logits, states, fused_probs(logits, states), strict=True):
+        theirs = oracle_probs(row, state)
+        assert torch.equal(mine > 0, theirs > 0)
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-7)
+
+
+@needs_fused
+@pytest.mark.parametrize("scale", [0.01, 0.5, 4.0])
+def test_fused_top_p_cut_is_the_oracles(scale):
+    """Whole 128k rows: bf16-rounded logits (ties), -inf tokens, pairs of equal logits, a
+    cut inside a tie class, top_p from tiny to nearly 1."""
+    torch.manual_seed(12)
+    vocab = 128256
+    logits = (torch.randn(7, vocab) * scale).bfloat16().float()
+    logits[1, 100:] = float("-inf")
+    logits[2, :50000] = logits[2, 50000:100000]
+    logits[6] = -10.0
+    logits[6, 5000:5010], logits[6, 9000:9300] = 4.0, 1.0  # top_p 0.5 cuts inside the 300
+    top_p = [1e-6, 0.3, 0.5, 0.9, 0.99, 0.9999, 0.5]
+    states = [SampleState(SamplingParams(temperature=1.0, top_p=p), [0], [], None) for p in top_p]
+    ours = fused_probs(logits, states)
+    for row, state, mine in zip(logits, states, ours, strict=True):
+        assert torch.equal(mine > 0, _filter(row.clone(), state.params) > float("-inf"))
+    assert (ours[6] > 0).sum() == 310
+
+
+@needs_fused
+def test_fused_seeded_draws_are_the_oracles_keyed_draws():
+    """A seeded row's tokens are the oracle's keyed draws (tests/helpers/reference_sampler.py)
+    from the oracle's filtered distribution, at each position and for each of n draws."""
+    torch.manual_seed(13)
+    vocab = 3000
+    kinds = [
+        dict(temperature=0.8, top_p=0.9, seed=21, n=2),
+        dict(temperature=1.0, top_k=50, repetition_penalty=1.2, seed=22),
+        dict(temperature=1.0, min_p=0.05, seed=23, n=3),
+        dict(temperature=0.0),
+    ]
+    params = [SamplingParams(**kw) for kw in kinds]
+    states = [SampleState(p, [1, 2, 3], [], make_generator(p.seed, 0)) for p in params]
+    for step in range(4):
+        logits = torch.randn(len(states), vocab) * 2
+        draws = [p.n if step == 0 else 1 for p in params]
+        ours = sample(logits, states, draws)
+        for i, (state, p) in enumerate(zip(states, params, strict=True)):
+            if p.seed is None:
+                continue
+            probs = oracle_probs(logits[i], state)
+            key = oracle.choice_key(p.seed, 0)
+            keys = [oracle.draw_key(key, len(state.output_ids), j) for j in range(draws[i])]
+            assert [t for t, _ in ours[i]] == [oracle.keyed_draw(probs, k) for k in keys]
+        for state, picks in zip(states, ours, strict=True):
+            state.output_ids = state.output_ids + [picks[0][0]]
+
+
+@needs_fused
+def test_fused_edit_is_the_oracles_penalties_and_stop_mask():
+    p = SamplingParams(
+        repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2, min_tokens=9
+    )
+    state = SampleState(p, [3, 5, 5, 9, 7], [5, 9, 9, 11, 7], None, frozenset({7, 12}))
+    torch.manual_seed(14)
+    logits = torch.randn(50) * 3
+    x = logits.clone().unsqueeze(0)
+    with torch.inference_mode():
+        for where, values in edits(x, Step([state], None, 50, x.device, fused=True)):
+            x.view(-1)[where] = values
+    row = logits.clone()
+    row[[7, 12]] = float("-inf")
+    assert torch.equal(x[0], _penalise(row, state))
+
+
+@needs_fused
+def test_fused_row_max_argmax_is_torchs():
+    x = torch.randint(-3, 4, (5, 1009)).float()
+    x[1] = float("-inf")
+    x[2, -1] = 10.0
+    x[3, 7], x[3, 9] = float("nan"), 99.0
+    row_max, argmax = FUSED_OPS.row_max_argmax(x)
+    expected = x.max(-1)
+    assert torch.equal(row_max.nan_to_num(), expected.values.nan_to_num())
+    assert torch.equal(argmax, expected.indices)

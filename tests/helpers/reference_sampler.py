@@ -24,6 +24,7 @@ the model's raw distribution (before penalties and temperature).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,57 @@ def make_generator(seed: int | None, index: int) -> torch.Generator:
     else:
         gen.manual_seed((seed * 1_000_003 + index) % 2**63)
     return gen
+
+
+# -- the keyed draw of dstp's fused CPU sampler (csrc/sampler_ops.cpp), stated per element ---
+#
+# A seeded draw is keyed by (seed, choice, output position, draw j): no generator state, so a
+# replayed sequence draws again what it drew. Noise number i of a draw keyed k is
+# E = -log(u), u = (top 53 bits of splitmix64(k + (i + 1) * golden) + 1/2) / 2**53. The
+# race: argmax over blocks of 256 tokens of (the block's probability) / E(block), then
+# argmax over that block's tokens of p / E(2**32 + token): the first one on ties.
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_BLOCK = 256
+_INSIDE = 2**32
+
+
+def _splitmix64(z: int) -> int:
+    z %= 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def choice_key(seed: int, index: int) -> int:
+    """The key of a request's choice ``index`` (what make_generator seeds with)."""
+    return (seed * 1_000_003 + index) % 2**63
+
+
+def draw_key(choice: int, position: int, j: int) -> int:
+    """The key of draw ``j`` at output ``position`` of a choice keyed ``choice``."""
+    at = _splitmix64(choice + (position + 1) * _GOLDEN) % 2**63
+    return _splitmix64(at + (j + 1) * _GOLDEN) % 2**63
+
+
+def _exp_noise(key: int, index: int) -> float:
+    bits = _splitmix64(key + (index + 1) * _GOLDEN) >> 11
+    return -math.log((bits + 0.5) * 2.0**-53)
+
+
+def keyed_draw(probs: torch.Tensor, key: int) -> int:
+    """The token a draw keyed ``key`` takes from the filtered distribution ``probs``."""
+    p = probs.tolist()
+    best, block = -1.0, 0
+    for b in range(0, len(p), _BLOCK):
+        score = math.fsum(p[b : b + _BLOCK]) / _exp_noise(key, b // _BLOCK)
+        if score > best:
+            best, block = score, b
+    best, token = -1.0, block
+    for v in range(block, min(len(p), block + _BLOCK)):
+        if p[v] > 0 and p[v] / _exp_noise(key, _INSIDE + v) > best:
+            best, token = p[v] / _exp_noise(key, _INSIDE + v), v
+    return token
 
 
 def _penalise(row: torch.Tensor, state: SampleState) -> torch.Tensor:

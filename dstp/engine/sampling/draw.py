@@ -5,12 +5,18 @@ exactly. Over a whole vocabulary the race runs in two levels (a block, then a
 token in it), so it needs ~2 sqrt(V) noise values per draw, not V. A seeded
 request draws its noise from its own generator, so its tokens do not depend
 on the rest of the batch or on the TP size; the rest share one draw.
+
+On the CPU with dstp's kernels (step.py's ``fused_ops``) the sampled rows are drawn by one
+call instead, with the same two-level race over blocks of 256 tokens, its noise a hash of
+each draw's counter key and the block or token index (no generator state; the rule is
+stated per element in tests/helpers/reference_sampler.py's ``keyed_draw``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from types import ModuleType
 
 import torch
 
@@ -44,12 +50,17 @@ def _blocks(x: torch.Tensor, fill: float) -> torch.Tensor:
     return x.view(x.shape[0], -1, width)
 
 
-def max_and_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def max_and_argmax(
+    x: torch.Tensor, ops: ModuleType | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's max (NaN if it has one) and first argmax, like ``x.max(-1)``.
 
-    Reduced in blocks: on CPU torch's ``amax`` is vectorised and ``argmax`` is
-    not, so this is ~5x faster at 128k vocabularies.
+    With ``ops`` (the fused CPU ops, step.py's ``fused_ops``) in one call; else reduced in
+    blocks: on CPU torch's ``amax`` is vectorised and ``argmax`` is not, so this is ~5x
+    faster at 128k vocabularies.
     """
+    if ops is not None:
+        return ops.row_max_argmax(x)
     blocks = _blocks(x, NEG_INF)
     block_max = blocks.amax(-1)
     best = block_max.argmax(-1)  # the first block holding the max
@@ -94,6 +105,13 @@ def tokens(
 ) -> torch.Tensor:
     """One token per draw slot (row i's draws are consecutive slots), on the device."""
     picked = argmax.index_select(0, step.slot_rows)
+    if step.fused is not None:  # the CPU's fused filter and keyed draw, every sampled row
+        fused, params = step.fused, step.params
+        step.ops.sample_rows(
+            x, fused.rows, fused.starts, fused.slots, fused.keys,
+            params.temperature, params.top_k, params.top_p, params.min_p, picked,
+        )  # fmt: skip
+        return picked
     if step.prefix is None and step.whole is None:  # greedy rows only
         return picked
     found = candidates(x, step, unusable)

@@ -33,6 +33,13 @@ class Packer:
         host = torch.tensor(values, dtype=torch.float64)
         self._parts[name] = (host.view(torch.long), torch.float64, tuple(host.shape), host.numel())
 
+    def floats32(self, name: str, values: list[float]) -> None:
+        """Floats rounded to float32 on the host (as ``torch.tensor(v, dtype=torch.float32)``),
+        two to a word: on the device they are a float32 view, no conversion op."""
+        padded = list(values) + [0.0] * (len(values) % 2)
+        host = torch.tensor(padded, dtype=torch.float32).view(torch.long)
+        self._parts[name] = (host, torch.float32, (len(values),), len(values))
+
     def words(self, name: str, values: torch.Tensor) -> None:
         """int32 words of any shape (llguidance's [rows, words] bitmask)."""
         flat = values.to(torch.int32).reshape(-1)

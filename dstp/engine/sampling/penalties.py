@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dstp.engine.sampling.step import Penalties, Step
+from dstp.engine.sampling.step import FusedPenalties, Penalties, Step
 
 NEG_INF = float("-inf")
 
@@ -23,6 +23,10 @@ Edit = tuple[torch.Tensor, torch.Tensor]  # (flat positions in the logits, new v
 
 def edits(x: torch.Tensor, step: Step) -> list[Edit]:
     """(flat positions, new values) to write into x: penalties, then stop ids before min_tokens."""
+    if isinstance(step.penalties, FusedPenalties) or (
+        step.ops is not None and step.stops is not None
+    ):
+        return [_fused_edit(x, step)]
     found = [_penalty_edit(x, step.penalties), _stop_edit(x, step.stops)]
     return [edit for edit in found if edit is not None]
 
@@ -55,6 +59,29 @@ def _penalty_edit(x: torch.Tensor, seen: Penalties | None) -> Edit | None:
     values = torch.where(values > 0, values / rep, values * rep)
     values = values - torch.where(count > 0, freq * count + pres, 0.0)
     return flat, values
+
+
+def _fused_edit(x: torch.Tensor, step: Step) -> Edit:
+    """Both edits in one call of the fused CPU op (csrc/sampler_ops.cpp), by the same rule:
+    one value per distinct position, a stop id's -inf over its penalty."""
+    seen = step.penalties
+    stops = step.stops if step.stops is not None else torch.empty(0, dtype=torch.long)
+    if seen is None:
+        no_rows = torch.empty(0, dtype=torch.long)
+        no_values = torch.empty(0, dtype=torch.float32)
+        args = ([], no_rows, no_rows, no_rows, no_rows, no_values, no_values, no_values)
+    else:
+        args = (
+            seen.prompts,
+            seen.rows,
+            seen.pool,
+            seen.output_start,
+            seen.output_sizes,
+            seen.repetition,
+            seen.frequency,
+            seen.presence,
+        )
+    return step.ops.penalty_edit(x, *args, stops)
 
 
 def _stop_edit(x: torch.Tensor, stops: torch.Tensor | None) -> Edit | None:

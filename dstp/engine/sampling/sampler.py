@@ -93,16 +93,16 @@ def _sample_batch(
     allowed: torch.Tensor | None = None,
 ) -> list[Picks | Exception]:
     x = logits.float().contiguous()
-    step = Step(states, draws, x.shape[1], x.device, allowed)  # the one upload
+    step = Step(states, draws, x.shape[1], x.device, allowed, fused=True)  # the one upload
     if step.allowed is not None:
         x = constrain(x, step.allowed)  # a new tensor: the logits stay as they were
-    raw_max, argmax = max_and_argmax(x)
+    raw_max, argmax = max_and_argmax(x, step.ops)
     broken = raw_max.isnan() | raw_max.isposinf()
     changes = edits(x, step)
     with written(x, changes):
         row_max = raw_max
         if changes:
-            row_max, argmax = max_and_argmax(x)
+            row_max, argmax = max_and_argmax(x, step.ops)
         masked = torch.where(row_max == NEG_INF, RowStatus.MASKED.value, RowStatus.OK.value)
         status = torch.where(broken, RowStatus.BROKEN.value, masked)
         drawn = tokens(x, step, argmax, status != RowStatus.OK.value)

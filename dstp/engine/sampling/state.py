@@ -89,8 +89,8 @@ class TokenCounts:
     """The ids a sequence has seen, for its penalties: its distinct prompt ids and its output.
 
     The distinct prompt ids go to the device once, inside a step's packed upload, and stay
-    there (``on_device``). The output is kept on the host (extended with the tokens
-    appended since the last step) and in the device's ``OutputPool``, where each step
+    there (``on_device``). The output is kept on the host as a list (extended with the
+    tokens appended since the last step: no torch op per step) and in the device's ``OutputPool``, where each step
     writes only the tokens that are new to it, from the step's packed upload.
     """
 
@@ -99,28 +99,26 @@ class TokenCounts:
         self.prompt = torch.tensor(distinct, dtype=torch.long)  # host
         self.on_device: dict[torch.device, torch.Tensor] = {}  # the prompt ids, per device
         self.regions: dict[OutputPool, Region] = {}  # the output ids, per pool
-        self._output = torch.empty(0, dtype=torch.long)  # host, with room to grow
-        self.counted = 0  # how many output ids ``_output`` holds
+        self.ids: list[int] = []  # the output ids so far, on the host (a list: no torch op)
         self.largest = max(distinct, default=-1)  # checked against the vocabulary on the host
         self._first_size = max(16, min(max_tokens, 1024))
 
     @property
+    def counted(self) -> int:
+        """How many output ids are taken in."""
+        return len(self.ids)
+
+    @property
     def output(self) -> torch.Tensor:
-        """The output ids so far, on the host."""
-        return self._output[: self.counted]
+        """The output ids so far, as a host tensor."""
+        return torch.tensor(self.ids, dtype=torch.long)
 
     def update(self, output_ids: Sequence[int]) -> None:
         """Take in the output ids appended since the last call."""
         fresh = output_ids[self.counted :]
         if not fresh:
             return
-        total = self.counted + len(fresh)
-        if total > self._output.numel():
-            grown = torch.empty(max(total, 2 * self._output.numel()), dtype=torch.long)
-            grown[: self.counted] = self.output
-            self._output = grown
-        self._output[self.counted : total] = torch.tensor(list(fresh), dtype=torch.long)
-        self.counted = total
+        self.ids.extend(fresh)
         self.largest = max(self.largest, *fresh)
 
     def region(self, pool: OutputPool) -> Region:
@@ -183,6 +181,20 @@ class SampleState:
                 twin = self._device_generator = torch.Generator(device)
             gen = twin
         return gen.manual_seed(position_key(self._key, len(self.output_ids)))
+
+    def draw_keys(self, draws: int) -> list[int] | None:
+        """The counter keys of this sequence's next ``draws`` draws (None when unseeded).
+
+        Draw j at output position ``len(output_ids)`` is keyed (seed, choice, position, j),
+        so a replayed or recomputed sequence draws what it drew before; the fused CPU draw
+        (csrc/sampler_ops.cpp) hashes a key with each vocabulary index, no generator state.
+        """
+        if self.generator is None:
+            return None
+        if self._key is None:
+            self._key = self.generator.initial_seed()
+        at = position_key(self._key, len(self.output_ids))
+        return [position_key(at, j) for j in range(draws)]
 
 
 def position_key(key: int, position: int) -> int:

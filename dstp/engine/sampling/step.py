@@ -13,17 +13,24 @@ transfer, so on an accelerator every sampled row is filtered over its whole row
 (top-p by a radix select, a few batched passes) and nothing comes back before the end.
 On the CPU, where "reading back" is reading host memory, the prefix path and its
 per-row fallback are kept: the whole-row filter costs several times the prefix there.
+
+With dstp's CPU kernels built (``fused_ops``), the CPU takes neither: every sampled row is
+filtered over its whole row and drawn by one call (csrc/sampler_ops.cpp's ``sample_rows``:
+the same cut rules, a k-heap and a radix select per row, no sort), the penalties and stop
+ids are one edit (``penalty_edit``), and each draw is keyed by a counter (state.py's
+``draw_keys``), so nothing is read back before the end here either.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
 from dstp.engine.sampling.packed import Packer
-from dstp.engine.sampling.state import Generators, SampleState, output_pool
+from dstp.engine.sampling.state import Generators, SampleState, output_pool, position_key
 from dstp.engine.sampling_params import SamplingParams
 
 PREFILTER = 1024  # the largest logits per row that top-k / top-p / min-p start from
@@ -33,6 +40,16 @@ HOST_BRANCH = True  # False runs an accelerator's path on the CPU too (tests)
 def host_branch(device: torch.device) -> bool:
     """Whether the filters may read back, mid-step, which rows the prefix could not decide."""
     return HOST_BRANCH and device.type == "cpu"
+
+
+def fused_ops(device: torch.device) -> ModuleType | None:
+    """dstp's fused CPU sampler ops (csrc/sampler_ops.cpp) where a step may use them: on the
+    CPU's path with the kernels built; None elsewhere (plain PyTorch, as a GPU runs it)."""
+    if not host_branch(device):
+        return None
+    from dstp.cpu import kernels
+
+    return kernels.sampler_ops()
 
 
 def top_k_of(p: SamplingParams, vocab: int) -> int:
@@ -85,6 +102,30 @@ class Group:
 
 
 @dataclass
+class Fused:
+    """The sampled rows' inputs to the fused CPU draw (``sample_rows``), on the device."""
+
+    rows: torch.Tensor  # [G] batch rows
+    starts: torch.Tensor  # [G + 1] row j's draws are slots[starts[j] : starts[j + 1]]
+    slots: torch.Tensor  # [S] draw slots
+    keys: torch.Tensor  # [S] each draw's counter key (state.py's draw_keys)
+
+
+@dataclass
+class FusedPenalties:
+    """The penalised rows' inputs to the fused CPU edit (``penalty_edit``)."""
+
+    prompts: list[torch.Tensor]  # each row's distinct prompt ids
+    rows: torch.Tensor  # [P] batch rows
+    pool: torch.Tensor  # the output pool's ids
+    output_start: torch.Tensor  # [P]
+    output_sizes: torch.Tensor  # [P]
+    repetition: torch.Tensor  # [R] per batch row
+    frequency: torch.Tensor  # [R]
+    presence: torch.Tensor  # [R]
+
+
+@dataclass
 class Penalties:
     """The penalised rows' seen ids on the device: flat positions in the [R, V] logits."""
 
@@ -117,14 +158,20 @@ class Step:
         device: torch.device,
         allowed: torch.Tensor | None = None,
         branch: bool | None = None,
+        fused: bool = False,
     ) -> None:
+        """``fused``: use dstp's fused CPU ops where this device may (``fused_ops``)."""
         self.states, self.vocab, self.device = states, vocab, device
+        self.ops = fused_ops(device) if fused else None
         self.draws = list(draws) if draws else [1] * len(states)
         self.starts = [0, *itertools.accumulate(self.draws)]
         self.branch = host_branch(device) if branch is None else branch
         params = [state.params for state in states]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if self.branch:
+        fused_rows = sampled if self.ops is not None else []
+        if self.ops is not None:
+            prefix, whole = [], []
+        elif self.branch:
             prefix = [i for i in sampled if prefilters(params[i], vocab)]
             whole = [i for i in sampled if not prefilters(params[i], vocab)]
         else:
@@ -132,10 +179,12 @@ class Step:
         asking = [i for i, p in enumerate(params) if p.logprobs is not None]
 
         pack = Packer()
-        pack.floats("temperature", [p.temperature for p in params])
+        pack.floats32("temperature", [p.temperature for p in params])
         pack.ints("top_k", [top_k_of(p, vocab) for p in params])
-        pack.floats("top_p", [p.top_p for p in params])
-        pack.floats("min_p", [p.min_p for p in params])
+        pack.floats32("top_p", [p.top_p for p in params])
+        pack.floats32("min_p", [p.min_p for p in params])
+        if fused_rows:
+            self._plan_fused(pack, fused_rows)
         pack.ints("slot_rows", [i for i, n in enumerate(self.draws) for _ in range(n)])
         groups = {"prefix": prefix, "whole": whole, "logprobs": asking}
         for name, rows in groups.items():
@@ -150,10 +199,15 @@ class Step:
         on_device = pack.upload(device)  # the step's one upload
         self.allowed = on_device.get("allowed", allowed)
         self.params = RowParams(
-            on_device["temperature"].float().unsqueeze(1),
+            on_device["temperature"].unsqueeze(1),
             on_device["top_k"],
-            on_device["top_p"].float(),
-            on_device["min_p"].float(),
+            on_device["top_p"],
+            on_device["min_p"],
+        )
+        self.fused = (
+            Fused(*(on_device[f"fused.{key}"] for key in ("rows", "starts", "slots", "keys")))
+            if fused_rows
+            else None
         )
         self.slot_rows = on_device["slot_rows"]
         self.prefix, self.whole, self.logprobs = (
@@ -201,6 +255,23 @@ class Step:
         assert self.device.type == "cpu", "a mid-step choice of rows on an accelerator"
         return self._group(rows, lambda key, values: torch.tensor(values, dtype=torch.long))
 
+    def _plan_fused(self, pack: Packer, rows: list[int]) -> None:
+        """The fused draw's rows, their slots and each slot's counter key: a seeded row's
+        from its sequence (state.py), the others' from one random word per step."""
+        keys: list[int] = []
+        base = None
+        for i in rows:
+            seeded = self.states[i].draw_keys(self.draws[i])
+            if seeded is None:
+                if base is None:  # torch's generator: torch.manual_seed repeats a run
+                    base = int(torch.randint(0, 2**62, (1,)))
+                seeded = [position_key(base, s) for s in range(self.starts[i], self.starts[i + 1])]
+            keys += seeded
+        pack.ints("fused.rows", rows)
+        pack.ints("fused.starts", [0, *itertools.accumulate(self.draws[i] for i in rows)])
+        pack.ints("fused.slots", self.slots_of(rows))
+        pack.ints("fused.keys", keys)
+
     # -- penalties and stop ids -------------------------------------------------------------
 
     def _plan_penalties(self, pack: Packer, params: list[SamplingParams]) -> list[int]:
@@ -225,16 +296,23 @@ class Step:
         pack.ints("output_start", [r.start for r in regions])
         pack.ints("output_sizes", [c.counted for c in counts])
         new = [(r, c) for r, c in zip(regions, counts, strict=True) if r.written < c.counted]
-        where = [torch.arange(r.start + r.written, r.start + c.counted) for r, c in new]
-        pack.ints("new_where", torch.cat(where) if where else [])
-        pack.ints("new_ids", torch.cat([c.output[r.written :] for r, c in new]) if new else [])
-        pack.floats("repetition", [p.repetition_penalty for p in params])
-        pack.floats("frequency", [p.frequency_penalty for p in params])
-        pack.floats("presence", [p.presence_penalty for p in params])
+        # host lists, not tensors: no torch op per row on the host
+        pack.ints(
+            "new_where",
+            [k for r, c in new for k in range(r.start + r.written, r.start + c.counted)],
+        )
+        pack.ints("new_ids", [k for r, c in new for k in c.ids[r.written : c.counted]])
+        pack.floats32("repetition", [p.repetition_penalty for p in params])
+        pack.floats32("frequency", [p.frequency_penalty for p in params])
+        pack.floats32("presence", [p.presence_penalty for p in params])
+        if self.ops is not None:
+            pack.ints("penalised_rows", self._penalised)
         self._counts, self._regions = counts, regions
         return fresh
 
-    def _penalties(self, on_device: dict[str, torch.Tensor], fresh: list[int]) -> Penalties | None:
+    def _penalties(
+        self, on_device: dict[str, torch.Tensor], fresh: list[int]
+    ) -> Penalties | FusedPenalties | None:
         if not self._penalised:
             return None
         for j in fresh:  # kept on the device for the sequence's later steps
@@ -243,6 +321,17 @@ class Step:
         pool.ids[on_device["new_where"]] = on_device["new_ids"]  # the step's new output ids
         for region, counts in zip(self._regions, self._counts, strict=True):
             region.written = counts.counted
+        if self.ops is not None:  # the fused edit reads each row's output in the pool
+            return FusedPenalties(
+                [c.on_device[self.device] for c in self._counts],
+                on_device["penalised_rows"],
+                pool.ids,
+                on_device["output_start"],
+                on_device["output_sizes"],
+                on_device["repetition"],
+                on_device["frequency"],
+                on_device["presence"],
+            )
         sizes, base = on_device["output_sizes"], on_device["prompt_base"]
         total = sum(c.counted for c in self._counts)
         entry = torch.arange(total, device=self.device)
@@ -255,9 +344,9 @@ class Step:
             base,
             sum(c.prompt.numel() for c in self._counts),
             pool.ids[at] + base[owner],
-            on_device["repetition"].float(),
-            on_device["frequency"].float(),
-            on_device["presence"].float(),
+            on_device["repetition"],
+            on_device["frequency"],
+            on_device["presence"],
         )
 
     def _plan_stops(self, pack: Packer) -> None:
