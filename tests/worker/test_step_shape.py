@@ -23,10 +23,13 @@ from tests.helpers import step_counts
 
 KERNELS = cpu_kernels._ops() is not None  # else this process runs plain PyTorch
 MAX_READBACKS = 2  # issue 22's target, met
-# Today (2026-12-03, fused layers): 22 ops per layer with the kernels, 27 without; ~182
-# outside the layers. The bounds leave ~15 % (benchmarks/FINDINGS.md has the table).
+# the sampler's ids; without the kernels also its CPU prefix path's flag per row
+READBACKS = 1 if KERNELS else 2
+# Today (2026-12-03, fused layers): 22 ops per layer with the kernels, 27 without. Outside
+# the layers (2026-12-03 14:12, the fused sampler ops): 51 with the kernels, 160 without.
+# The bounds leave ~15 % (benchmarks/FINDINGS.md has the table).
 MAX_LAYER_OPS = 26 if KERNELS else 32
-MAX_OUTSIDE_OPS = 215
+MAX_OUTSIDE_OPS = 59 if KERNELS else 185
 TARGET_LAYER_OPS, TARGET_OUTSIDE_OPS = 16, 80  # issue 22's, with the kernels
 
 
@@ -63,6 +66,12 @@ def test_ops_meet_issue_22s_targets(shape):
     assert KERNELS and per_layer <= TARGET_LAYER_OPS and outside <= TARGET_OUTSIDE_OPS
 
 
+@pytest.mark.skipif(not KERNELS, reason="issue 22's outside target is with dstp's CPU kernels")
+def test_ops_outside_the_layers_meet_issue_22s_target(shape):
+    _, _, outside = shape
+    assert outside <= TARGET_OUTSIDE_OPS, outside
+
+
 def test_the_count_sees_a_readback_added_to_the_step(tmp_path, monkeypatch):
     """The test can fail: one more ``.tolist()`` of the logits in the step is counted."""
     execute = ModelRunner.execute
@@ -76,4 +85,4 @@ def test_the_count_sees_a_readback_added_to_the_step(tmp_path, monkeypatch):
     engine = step_counts.build_engine(2, tmp_path)
     counted = step_counts.count_decode_steps(engine, steps=2)
     engine.shutdown()
-    assert counted.per_step("readbacks") == MAX_READBACKS + 1, dict(counted.step.readbacks)
+    assert counted.per_step("readbacks") == READBACKS + 1, dict(counted.step.readbacks)
