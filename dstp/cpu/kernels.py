@@ -242,14 +242,72 @@ def add_rms_norm_bf16(
     return None if fused is None else fused(x, residual, weight, eps, 1.0)
 
 
-def decode_attention_ops() -> ModuleType | None:
-    """The paged decode attention (bf16 caches) both builds carry, or None without a build."""
+def rotary_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """Half-split rotary of bf16 CPU heads ``x [B, T, N, d]`` by ``cos``/``sin [B or 1, T, d]``
+    (``sin`` signed as :func:`dstp.model.fused_layers.rotate` takes it) in one call, as
+    ``addcmul(x * cos, roll(x), sin)`` rounds it; or None without the kernel."""
     if torch.compiler.is_compiling():
         from dstp.cpu import opaque_ops
 
-        return opaque_ops.decode_attention_ops()
-    ops = _ops()
-    return ops if hasattr(ops, "decode_scores_bf16") else None
+        return opaque_ops.rotary_bf16(x, cos, sin)
+    rotary = getattr(_ops(), "rotary_bf16", None)
+    return None if rotary is None else rotary(x, cos, sin)
+
+
+def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate) * up`` of a contiguous bf16 CPU ``[..., 2 * inner]`` (gate, then up) in one
+    call, rounded as the two ATen ops round; or None without the kernel."""
+    if torch.compiler.is_compiling():
+        from dstp.cpu import opaque_ops
+
+        return opaque_ops.silu_mul_bf16(gate_up)
+    silu_mul = getattr(_ops(), "silu_mul_bf16", None)
+    return None if silu_mul is None else silu_mul(gate_up)
+
+
+def write_kv_cache_bf16(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> bool:
+    """Write ``key``/``value [KV, T, d]`` (bf16) into the bf16 caches ``[KV, slots, d]`` at each
+    token's slot in one call (both ``index_copy_`` calls); False without the kernel."""
+    if torch.compiler.is_compiling():
+        from dstp.cpu import opaque_ops
+
+        return opaque_ops.write_kv_cache_bf16(key, value, k_cache, v_cache, slots)
+    write = getattr(_ops(), "write_kv_cache_bf16", None)
+    if write is None:
+        return False
+    write(key, value, k_cache, v_cache, slots)
+    return True
+
+
+def decode_attention_bf16(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    block_size: int,
+    scaling: float,
+    softcap: float | None,
+    window: int | None,
+) -> torch.Tensor | None:
+    """Paged decode attention in one call: ``[T, H, dv]`` bf16 with the decoding sequences' rows
+    ``rows`` attended over their blocks (scores, softmax and values in fp32), the other rows
+    unset; or None without the kernel. See csrc/layer_ops.cpp."""
+    args = (query, k_cache, v_cache, rows, tables, lens, block_size, scaling)
+    args += (softcap or 0.0, window or 0)
+    if torch.compiler.is_compiling():
+        from dstp.cpu import opaque_ops
+
+        return opaque_ops.decode_attention_bf16(*args)
+    attend = getattr(_ops(), "decode_attention_bf16", None)
+    return None if attend is None else attend(*args)
 
 
 def describe_paths() -> dict[str, str]:
@@ -261,7 +319,7 @@ def describe_paths() -> dict[str, str]:
         f"2-{cpu_gemm.MIN_ROWS - 1} rows": f"dstp {gemv} few-row kernel" if few else "oneDNN",
         f"{cpu_gemm.MIN_ROWS}+ rows": cpu_gemm.describe(),
         "decode attention": "dstp paged kernel (bf16 cache)"
-        if decode_attention_ops() is not None
+        if hasattr(_ops(), "decode_attention_bf16")
         else "PyTorch matmuls",
     }
 

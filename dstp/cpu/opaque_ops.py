@@ -3,8 +3,8 @@
 The kernels are pybind functions of an extension built at run time
 (:mod:`dstp.cpu.kernels`), chosen by Python code that reads ``/proc/cpuinfo`` and a
 ``functools.cache``: Dynamo can trace neither, so under ``--compile-decode`` a bf16 CPU
-model would break its graph at every linear, RMSNorm and decode attention. Under
-compilation :mod:`dstp.cpu.kernels` calls these ops instead: each is opaque to the
+model would break its graph at every linear, RMSNorm, rotary, SiLU-mul, cache write and
+decode attention. Under compilation :mod:`dstp.cpu.kernels` calls these ops instead: each is opaque to the
 compiler (its fake implementation gives the output's shape and dtype, from the inputs'
 shapes alone) and runs, at run time, exactly the eager dispatch, so a compiled step
 computes what an eager one does, bit for bit.
@@ -13,13 +13,17 @@ computes what an eager one does, bit for bit.
 which kernels it carries; the tracer reads that record as a constant.
 """
 
-from types import SimpleNamespace
-
 import torch
 
 from dstp.cpu import kernels
 
-_KERNEL_NAMES = ("rms_norm_bf16", "decode_scores_bf16", "decode_values_bf16")
+_KERNEL_NAMES = (
+    "rms_norm_bf16",
+    "rotary_bf16",
+    "silu_mul_bf16",
+    "write_kv_cache_bf16",
+    "decode_attention_bf16",
+)
 AVAILABLE: frozenset = frozenset()  # the kernels the build carries (prepare())
 
 
@@ -58,45 +62,89 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return _rms_norm(x, weight, eps) if "rms_norm_bf16" in AVAILABLE else None
 
 
-@torch.library.custom_op("dstp::decode_scores_bf16", mutates_args=())
-def _decode_scores(
-    q: torch.Tensor,
+@torch.library.custom_op("dstp::rotary_bf16", mutates_args=())
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return kernels._ops().rotary_bf16(x, cos, sin)
+
+
+@_rotary.register_fake
+def _(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+def rotary_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """:func:`dstp.cpu.kernels.rotary_bf16` under compilation: the op, or None."""
+    return _rotary(x, cos, sin) if "rotary_bf16" in AVAILABLE else None
+
+
+@torch.library.custom_op("dstp::silu_mul_bf16", mutates_args=())
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return kernels._ops().silu_mul_bf16(gate_up)
+
+
+@_silu_mul.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """:func:`dstp.cpu.kernels.silu_mul_bf16` under compilation: the op, or None."""
+    return _silu_mul(gate_up) if "silu_mul_bf16" in AVAILABLE else None
+
+
+@torch.library.custom_op("dstp::write_kv_cache_bf16", mutates_args=("k_cache", "v_cache"))
+def _write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
     k_cache: torch.Tensor,
-    blocks: torch.Tensor,
-    lens: torch.Tensor,
-    block_size: int,
-    max_len: int,
-    scaling: float,
-) -> torch.Tensor:
-    return kernels._ops().decode_scores_bf16(q, k_cache, blocks, lens, block_size, max_len, scaling)
-
-
-@_decode_scores.register_fake
-def _(q, k_cache, blocks, lens, block_size, max_len, scaling):
-    kv = k_cache.shape[0]
-    return q.new_empty((kv, q.shape[1], q.shape[0] // kv, max_len))
-
-
-@torch.library.custom_op("dstp::decode_values_bf16", mutates_args=())
-def _decode_values(
-    probs: torch.Tensor,
     v_cache: torch.Tensor,
-    blocks: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    kernels._ops().write_kv_cache_bf16(key, value, k_cache, v_cache, slots)
+
+
+@_write_kv_cache.register_fake
+def _(key, value, k_cache, v_cache, slots):
+    return None
+
+
+def write_kv_cache_bf16(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> bool:
+    """:func:`dstp.cpu.kernels.write_kv_cache_bf16` under compilation: the op (True), or False."""
+    if "write_kv_cache_bf16" not in AVAILABLE:
+        return False
+    _write_kv_cache(key, value, k_cache, v_cache, slots)
+    return True
+
+
+@torch.library.custom_op("dstp::decode_attention_bf16", mutates_args=())
+def _decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    tables: torch.Tensor,
     lens: torch.Tensor,
     block_size: int,
+    scaling: float,
+    softcap: float,
+    window: int,
 ) -> torch.Tensor:
-    return kernels._ops().decode_values_bf16(probs, v_cache, blocks, lens, block_size)
+    return kernels._ops().decode_attention_bf16(
+        query, k_cache, v_cache, rows, tables, lens, block_size, scaling, softcap, window
+    )
 
 
-@_decode_values.register_fake
-def _(probs, v_cache, blocks, lens, block_size):
-    kv, seqs, group = probs.shape[0], probs.shape[1], probs.shape[2]
-    return probs.new_empty((kv * group, seqs, v_cache.shape[2]))
+@_decode_attention.register_fake
+def _(query, k_cache, v_cache, rows, tables, lens, block_size, scaling, softcap, window):
+    return query.new_empty((query.shape[1], query.shape[0], v_cache.shape[2]))
 
 
-_DECODE_OPS = SimpleNamespace(decode_scores_bf16=_decode_scores, decode_values_bf16=_decode_values)
-
-
-def decode_attention_ops() -> SimpleNamespace | None:
-    """:func:`dstp.cpu.kernels.decode_attention_ops` under compilation: the two ops, or None."""
-    return _DECODE_OPS if "decode_scores_bf16" in AVAILABLE else None
+def decode_attention_bf16(*args: object) -> torch.Tensor | None:
+    """:func:`dstp.cpu.kernels.decode_attention_bf16` under compilation: the op, or None."""
+    return _decode_attention(*args) if "decode_attention_bf16" in AVAILABLE else None

@@ -1,12 +1,13 @@
 """Fused decoder layers a policy may name (issue 22 item 1), swapped in after loading.
 
-HF's ``LlamaDecoderLayer`` in a batch-8 decode step is 34 ops with dstp's CPU kernels
-and 55 in plain PyTorch (benchmarks/layer_ops.py): three q/k/v GEMMs, two gate/up
-GEMMs, a ten-op rotary, an eight-op RMSNorm twice. On a GPU each op is a kernel
-launch, and at decode sizes the launches, not the arithmetic, are the cost.
-:class:`FusedLlamaLayer` computes the same function in 24 and 31 (11 and 18 of
-them the attention behind the seam), as vLLM's Llama layer and DeepSpeed-Inference's
-injected layers do:
+HF's ``LlamaDecoderLayer`` in a batch-8 decode step is 32 ops with dstp's CPU kernels
+and 51 in plain PyTorch (benchmarks/step_shape.py, 2026-12-03 before the layer kernels):
+three q/k/v GEMMs, two gate/up GEMMs, a ten-op rotary, an eight-op RMSNorm twice. On a
+GPU each op is a kernel launch, and at decode sizes the launches, not the arithmetic, are
+the cost. :class:`FusedLlamaLayer` computes the same function in 11 ops with the kernels
+(norm, q/k/v GEMM, rotary, cache write, decode attention, o GEMM, add+norm, gate/up GEMM,
+SiLU-mul, down GEMM, residual add: one call each) and 27 in plain PyTorch, as vLLM's Llama
+layer (~13 kernels) and DeepSpeed-Inference's injected layers do:
 
 - q/k/v as ONE column-parallel GEMM, gate/up as ONE: each rank's already-loaded
   shards are concatenated at swap time and the separate weights freed with HF's
@@ -17,11 +18,13 @@ injected layers do:
   where HF's module is eight ops); Granite's residual multiplier rides in the add
   (``alpha``); Qwen3's q/k norms are two ops for all heads;
 - rotary as ``x * cos + roll(x) * (sin * sign)`` on q and k together: HF's
-  ``rotate_half(x) * sin`` is ``roll(x) * sin`` with the first half's sign flipped;
-- SiLU-mul on the one gate/up output;
+  ``rotate_half(x) * sin`` is ``roll(x) * sin`` with the first half's sign flipped
+  (one call of dstp's kernel for bf16 on CPU, the same rounding);
+- SiLU-mul on the one gate/up output (one kernel call for bf16 on CPU);
 - attention through the same seam HF's attention module uses
-  (``ALL_ATTENTION_FUNCTIONS`` with that module, so dstp's paged kernel, SDPA,
-  eager and flash all work as for HF's layer), one all-reduce per sub-layer
+  (``ALL_ATTENTION_FUNCTIONS`` with that module, so dstp's paged kernels (cache write
+  and decode attention, one call each on CPU), SDPA, eager and flash all work as for
+  HF's layer), one all-reduce per sub-layer
   (the row-parallel o/down projections').
 
 :class:`FusedParallelLayer` is GPT-NeoX's parallel-residual form: attention and
@@ -128,6 +131,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return torch.addcmul(x * cos, rolled, signed_sin)
 
 
+def rotate_heads(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate` of heads ``x [B, T, N, d]`` by ``cos``/``signed_sin [B, T, d]``.
+
+    One call of dstp's rotary kernel for bf16 on CPU (the same rounding, bit for bit), else
+    :func:`rotate`'s three ops.
+    """
+    table_shape = (x.shape[1], x.shape[3])
+    fits = cos.dim() == 3 and cos.shape == signed_sin.shape and cos.shape[1:] == table_shape
+    if fits and cos.shape[0] in (1, x.shape[0]) and _bf16_cpu(x, cos, signed_sin):
+        fused = None if _needs_grad(x) else cpu_kernels.rotary_bf16(x, cos, signed_sin)
+        if fused is not None:
+            return fused
+    return rotate(x, cos.unsqueeze(2), signed_sin.unsqueeze(2))
+
+
 def rope_sign(head_dim: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
     """-1 over the first half, +1 over the second: ``sin * rope_sign`` is what
     :func:`rotate` multiplies by (exact in any dtype)."""
@@ -137,8 +155,28 @@ def rope_sign(head_dim: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
 
 
 def silu_mul(gate_up: torch.Tensor, width: int) -> torch.Tensor:
-    """``silu(gate) * up`` of the packed gate/up GEMM output (gate first, then up)."""
+    """``silu(gate) * up`` of the packed gate/up GEMM output (gate first, then up).
+
+    One call of dstp's kernel for contiguous bf16 on CPU (each op's rounding kept), else
+    the two ops.
+    """
+    if _bf16_cpu(gate_up) and gate_up.is_contiguous() and not _needs_grad(gate_up):
+        fused = cpu_kernels.silu_mul_bf16(gate_up)
+        if fused is not None:
+            return fused
     return F.silu(gate_up[..., :width]) * gate_up[..., width:]
+
+
+def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether dstp's bf16 CPU kernels take these: bf16 on CPU, each row's last dim contiguous."""
+    return all(
+        t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors
+    )
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    """The kernels have no backward."""
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 # -- rotary from a table ------------------------------------------------------------------
@@ -370,7 +408,7 @@ class FusedLlamaLayer(nn.Module):
             qk = head_rms_norm(qk, self.qk_norm_weight, self.qk_norm_eps)
         cos, sin = position_embeddings
         signed_sin = sin if self.signed_sin else sin * self.rope_sign
-        qk = rotate(qk, cos.unsqueeze(2), signed_sin.unsqueeze(2))
+        qk = rotate_heads(qk, cos, signed_sin)
         query = qk[:, :, :qh].transpose(1, 2)
         key = qk[:, :, qh:].transpose(1, 2)
         value = qkv[..., (qh + kvh) * d :].view(batch, tokens, kvh, d).transpose(1, 2)

@@ -350,3 +350,121 @@ def test_a_stale_lock_of_another_extension_is_removed_a_fresh_one_kept(tmp_path,
     cpu_kernels.clear_stale_extension_lock("some_op")
     assert not lock.exists()
     cpu_kernels.clear_stale_extension_lock("some_op")  # nothing there: nothing to do
+
+
+# -- the decoder layer's fused ops (csrc/layer_ops.cpp, in both builds alike) -----------------
+# Each against the plain PyTorch ops it replaces in dstp/model/fused_layers.py and the
+# attention backends; paged decode attention is tested in tests/worker/test_decode_attention.py.
+
+
+@pytest.fixture(scope="module")
+def layer_ops():
+    if not cpu_features.has_avx2_fma():
+        pytest.skip("CPU without AVX2+FMA")
+    ops = cpu_kernels._ops()
+    assert ops is not None and hasattr(ops, "rotary_bf16"), "both builds carry the layer ops"
+    return ops
+
+
+def _plain_rotary(x, cos, sin):
+    """dstp.model.fused_layers.rotate: ``x * cos + roll(x) * signed sin`` in three bf16 ops."""
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos.unsqueeze(2), rolled, sin.unsqueeze(2))
+
+
+@pytest.mark.parametrize(
+    "batch,tokens,q_heads,kv_heads,dim,cos_batch",
+    [(1, 8, 4, 2, 64, 1), (1, 1, 8, 8, 128, 1), (2, 5, 6, 2, 32, 2), (3, 7, 3, 1, 10, 1)],
+)
+def test_rotary_is_the_three_plain_ops_bit_for_bit(
+    layer_ops, batch, tokens, q_heads, kv_heads, dim, cos_batch
+):
+    """q and k heads as the fused layer hands them over: a strided view of the q/k/v output."""
+    gen = torch.Generator().manual_seed(dim + tokens)
+    heads = q_heads + kv_heads
+    qkv = (torch.randn(batch, tokens, (heads + kv_heads) * dim, generator=gen) * 3).bfloat16()
+    x = qkv[..., : heads * dim].view(batch, tokens, heads, dim)
+    cos, sin = torch.randn(2, cos_batch, tokens, dim, generator=gen).bfloat16()
+    got = cpu_kernels.rotary_bf16(x, cos, sin)
+    assert got.is_contiguous() and torch.equal(got, _plain_rotary(x, cos, sin))
+    assert not torch.equal(got, _plain_rotary(x, cos, -sin))  # the test can fail
+
+
+def test_rotary_takes_fused_layers_tables(layer_ops):
+    """Through the fused layer's helper, with HF's rotate_half sign folded into sin."""
+    from dstp.model.fused_layers import rope_sign, rotate_heads
+
+    x = torch.randn(1, 6, 5, 16).bfloat16()
+    angles = torch.arange(6.0)[None, :, None] * torch.linspace(0.1, 1.0, 8).repeat(2)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    signed = sin * rope_sign(16, torch.bfloat16, "cpu")
+    x1, x2 = x.chunk(2, dim=-1)
+    hf = x * cos.unsqueeze(2) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(2)
+    got = rotate_heads(x, cos, signed)
+    assert torch.allclose(got.float(), hf.float(), rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.parametrize("rows,inner", [(8, 768), (1, 203), (3, 7), (2, 4096)])
+def test_silu_mul_is_the_two_plain_ops(layer_ops, rows, inner):
+    gen = torch.Generator().manual_seed(inner)
+    gate_up = (torch.randn(1, rows, 2 * inner, generator=gen) * 4).bfloat16()
+    gate_up[0, 0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's clamp, signed zero
+    want = F.silu(gate_up[..., :inner]) * gate_up[..., inner:]
+    got = cpu_kernels.silu_mul_bf16(gate_up)
+    assert got.shape == want.shape
+    # exp is not ATen's: a rare value may round to the neighbouring bf16
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-30)
+    assert (got != want).float().mean() < 1e-3
+    assert not torch.allclose(  # the test can fail: gate and up swapped
+        cpu_kernels.silu_mul_bf16(gate_up.roll(inner, -1)).float(), want.float(), rtol=2**-7
+    )
+
+
+def _plain_cache_write(key, value, k_cache, v_cache, slots):
+    """Token by token, in order: a slot named twice keeps the last (the scratch slot)."""
+    for t, slot in enumerate(slots.tolist()):
+        k_cache[:, slot] = key[:, t]
+        v_cache[:, slot] = value[:, t]
+
+
+@pytest.mark.parametrize("kv,dk,dv,tokens", [(2, 64, 64, 8), (1, 8, 16, 3), (4, 128, 128, 1)])
+def test_cache_write_puts_each_token_at_its_slot(layer_ops, kv, dk, dv, tokens):
+    """Shuffled slots, strided key/value views (as the fused layer's), and the decode buckets'
+    padding rows: all of them on the scratch block's first slot."""
+    gen = torch.Generator().manual_seed(dk + tokens)
+    slots_total = 64
+    qk = torch.randn(tokens, 3 * kv, dk, generator=gen).bfloat16()
+    key = qk[:, kv : 2 * kv].transpose(0, 1)  # [KV, T, dk], strided
+    value = torch.randn(tokens, kv, dv, generator=gen).bfloat16().transpose(0, 1)
+    slots = torch.randperm(slots_total - 4, generator=gen)[:tokens]
+    if tokens > 2:
+        slots[-2:] = slots_total - 4  # two padding rows on the scratch slot
+    caches = [torch.randn(kv, slots_total, d, generator=gen).bfloat16() for d in (dk, dv)]
+    want = [c.clone() for c in caches]
+    _plain_cache_write(key, value, *want, slots)
+    assert cpu_kernels.write_kv_cache_bf16(key, value, *caches, slots)
+    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+    key[:, 0] += 1  # the test can fail
+    assert cpu_kernels.write_kv_cache_bf16(key, value, *caches, slots)
+    assert not torch.equal(caches[0], want[0])
+
+
+def test_cache_write_refuses_a_slot_outside_the_cache(layer_ops):
+    key = torch.zeros(1, 2, 8, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 4, 8, dtype=torch.bfloat16)
+    for bad in (4, -1):
+        with pytest.raises(RuntimeError, match="outside the cache"):
+            cpu_kernels.write_kv_cache_bf16(key, key, cache, cache.clone(), torch.tensor([0, bad]))
+
+
+def test_layer_ops_fall_back_where_the_build_lacks_them(monkeypatch):
+    """Each wrapper answers None / False, and its caller runs the plain ops."""
+    from dstp.model.fused_layers import rotate_heads, silu_mul
+
+    monkeypatch.setattr(cpu_kernels, "_ops", lambda: None)
+    x, cos = torch.randn(1, 3, 2, 8).bfloat16(), torch.randn(1, 3, 8).bfloat16()
+    assert cpu_kernels.rotary_bf16(x, cos, cos) is None
+    assert cpu_kernels.silu_mul_bf16(x) is None
+    assert not cpu_kernels.write_kv_cache_bf16(x[0], x[0], x[0], x[0], torch.arange(3))
+    assert torch.equal(rotate_heads(x, cos, cos), _plain_rotary(x, cos, cos))
+    assert torch.equal(silu_mul(x.flatten(2), 8), F.silu(x.flatten(2)[..., :8]) * x[..., 1, :])

@@ -1,8 +1,9 @@
 """dstp's paged decode-attention kernel (CPU, both builds) against fp32 math and HF.
 
 Oracle for the kernel: the sdpa backend's decode on the same cache widened to fp32
-(blocks gathered, two matmuls, softmax), for shuffled block tables, every length
-from 1 to a full table, 1-16 query heads per KV head, softcap and sliding windows.
+(blocks gathered, two matmuls, softmax), rounded to bf16, for shuffled block tables,
+every length from 1 to a full table, 1-16 query heads per KV head, softcap and sliding
+windows.
 Oracle for the engine: HF unsharded at fp32 on the same bf16-rounded weights.
 """
 
@@ -27,8 +28,8 @@ needs_kernel = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def ops():
-    ops = cpu_kernels.decode_attention_ops()
-    assert ops is not None, "both builds carry the decode kernel"
+    ops = cpu_kernels._ops()
+    assert hasattr(ops, "decode_attention_bf16"), "both builds carry the decode kernel"
     return ops
 
 
@@ -65,15 +66,29 @@ CASES = [  # kv heads, query heads per kv head, head dim, block size, lengths
 ]
 
 
+def _kernel(query, k, v, step, scaling, softcap=None, window=None):
+    """The kernel's bf16 rows of the decoding sequences, as ``[H, D, dv]`` fp32."""
+    out = cpu_kernels.decode_attention_bf16(
+        query, k, v, step.decode_rows, step.decode_blocks, step.decode_lens,
+        step.cache.shape.block_size, scaling, softcap, window,
+    )  # fmt: skip
+    assert out.shape == (query.shape[1], query.shape[0], v.shape[-1]) and out.dtype == k.dtype
+    return out[step.decode_rows].transpose(0, 1).float()
+
+
+def _assert_rounded_from(got, want):
+    """``got`` is ``want`` rounded to bf16: within one bf16 ulp (2**-7 relative)."""
+    assert torch.allclose(got, want, rtol=2**-7, atol=1e-5), (got - want).abs().max()
+    assert (got == want.bfloat16().float()).float().mean() > 0.97  # mostly the same rounding
+
+
 @needs_kernel
 @pytest.mark.parametrize("kv,group,dim,block_size,lens", CASES)
 def test_matches_fp32_attention_on_the_paged_cache(ops, kv, group, dim, block_size, lens):
     k, v, step = _step(kv, dim, block_size, lens, seed=dim + group)
     query = torch.randn(kv * group, len(lens) + 2, dim).bfloat16()
     want = _fp32_reference(query, k, v, step, 0.3)
-    got = cpu_backend.paged_decode(ops, query.float(), k, v, step, LayerAttention(0.3))
-    assert got.shape == want.shape and got.dtype == torch.float32
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    _assert_rounded_from(_kernel(query, k, v, step, 0.3), want)
 
 
 @needs_kernel
@@ -82,19 +97,30 @@ def test_softcap_and_sliding_window_as_the_sdpa_backend(ops, softcap, window):
     k, v, step = _step(2, 64, 16, [1, 9, 50, 33], seed=3)
     query = torch.randn(8, 6, 64).bfloat16() * 4
     want = _fp32_reference(query, k, v, step, 0.125, softcap, window)
-    got = cpu_backend.paged_decode(
-        ops, query.float(), k, v, step, LayerAttention(0.125, softcap, window)
-    )
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    _assert_rounded_from(_kernel(query, k, v, step, 0.125, softcap, window), want)
+
+
+@needs_kernel
+def test_a_strided_query_and_a_wrong_scaling(ops):
+    """The query as the fused layer hands it over (a view of the q/k/v output, heads strided);
+    and the comparison can fail: another scaling is caught."""
+    k, v, step = _step(2, 32, 4, [5, 1, 12], seed=5)
+    qkv = torch.randn(5, (8 + 2 * 2) * 32).bfloat16()
+    query = qkv[:, : 8 * 32].view(5, 8, 32).transpose(0, 1)
+    want = _fp32_reference(query, k, v, step, 0.2)
+    _assert_rounded_from(_kernel(query, k, v, step, 0.2), want)
+    with pytest.raises(AssertionError):
+        _assert_rounded_from(_kernel(query, k, v, step, 0.21), want)
 
 
 @needs_kernel
 def test_lengths_outside_the_tables_are_refused_not_read(ops):
     k, v, step = _step(1, 8, 4, [3, 8], seed=0)
-    q = torch.randn(1, 2, 8)
+    q = torch.randn(1, 4, 8).bfloat16()
     for bad in ([0, 8], [3, 9]):
+        step.decode_lens = torch.tensor(bad)
         with pytest.raises(RuntimeError, match="keys, outside"):
-            ops.decode_scores_bf16(q, k, step.decode_blocks, torch.tensor(bad), 4, 8, 1.0)
+            _kernel(q, k, v, step, 1.0)
 
 
 @needs_kernel
@@ -102,22 +128,19 @@ def test_group_sizes_outside_1_to_16_are_refused(ops):
     """The kernels are picked from a table by group size: no size may index past it."""
     k, v, step = _step(2, 8, 4, [3, 8], seed=0)
     for heads in (0, 3, 34):  # no heads, not a multiple of the KV heads, 17 per KV head
-        q = torch.randn(heads, 2, 8)
+        q = torch.randn(heads, 4, 8).bfloat16()
         with pytest.raises(RuntimeError, match="query heads per KV head"):
-            ops.decode_scores_bf16(q, k, step.decode_blocks, step.decode_lens, 4, 8, 1.0)
-    for group in (0, 17):
-        probs = torch.rand(2, 2, group, 8)
-        with pytest.raises(RuntimeError, match="query heads per KV head"):
-            ops.decode_values_bf16(probs, v, step.decode_blocks, step.decode_lens, 4)
+            _kernel(q, k, v, step, 1.0)
 
 
 def test_the_cpu_backend_takes_only_what_the_kernel_takes():
     assert backend_for(torch.device("cpu")) is cpu_backend.BACKEND
     bf16 = torch.zeros(2, 16, 64, dtype=torch.bfloat16)
-    assert cpu_backend.fits(torch.zeros(8, 1, 64), bf16)
-    assert not cpu_backend.fits(torch.zeros(8, 1, 64), bf16.float())  # fp32 cache
-    assert not cpu_backend.fits(torch.zeros(8, 1, 60), bf16[..., :60])  # head dim 60
-    assert not cpu_backend.fits(torch.zeros(64, 1, 64), bf16)  # 32 heads per KV head
+    query = torch.zeros(8, 1, 64, dtype=torch.bfloat16)
+    assert cpu_backend.fits(query, bf16)
+    assert not cpu_backend.fits(query.float(), bf16.float())  # fp32 cache
+    assert not cpu_backend.fits(query[..., :60], bf16[..., :60])  # head dim 60
+    assert not cpu_backend.fits(query.repeat(8, 1, 1), bf16)  # 32 heads per KV head
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +157,13 @@ def _engine_logprob_error(path, monkeypatch, kernel: bool) -> tuple[float, int]:
     from tests.helpers.hf_reference import worst_greedy_logprob_error
 
     calls = []
-    real = cpu_kernels.decode_attention_ops
+    real = cpu_kernels.decode_attention_bf16
 
-    def counted():
+    def counted(*args):
         calls.append(1)
-        return real() if kernel else None
+        return real(*args) if kernel else None
 
-    monkeypatch.setattr(cpu_kernels, "decode_attention_ops", counted)
+    monkeypatch.setattr(cpu_kernels, "decode_attention_bf16", counted)
     engine = Engine(EngineConfig(model=str(path), dtype="bfloat16", num_blocks=64))
     prompts = [[5, 9, 33, 7], [1] + list(range(40, 70)), [3, 3], list(range(100, 117))]
     return worst_greedy_logprob_error(engine, path, prompts), len(calls)

@@ -50,11 +50,12 @@ def test_cache_shapes_and_bytes_count_both_head_sizes():
         PagedKVCache(shape, 0, torch.device("cpu"))
 
 
-def test_the_cpu_kernel_is_not_given_unequal_head_sizes():
-    q = torch.zeros(HEADS, 1, 64)
+def test_the_cpu_kernel_takes_unequal_head_sizes_in_multiples_of_8():
+    q = torch.zeros(HEADS, 1, 64, dtype=torch.bfloat16)
     k = torch.zeros(KV, 16, 64, dtype=torch.bfloat16)
     assert cpu_backend.fits(q, k, k)
-    assert not cpu_backend.fits(q, k, k[..., :32])
+    assert cpu_backend.fits(q, k, k[..., :32])
+    assert not cpu_backend.fits(q, k, k[..., :36])
 
 
 def _plan(tables: torch.Tensor, before: list[int], new: list[int]) -> StepPlan:

@@ -1,8 +1,7 @@
 // The ops both of dstp's CPU extensions link in and bind beside their own GEMV (every csrc/*.cpp
 // that is not a GEMV, dstp/cpu/kernels.py's SHARED_SOURCES): RMSNorm and add+RMSNorm
-// (rms_norm.cpp), paged decode attention (decode_attention_avx2.cpp), the decoder layer's other
-// fused ops (layer_ops.cpp, bound by bind_layer_ops) and the sampler's (sampler_ops.cpp,
-// bound by bind_sampler_ops).
+// (rms_norm.cpp), the decoder layer's other fused ops and paged decode attention (layer_ops.cpp,
+// bound by bind_layer_ops) and the sampler's (sampler_ops.cpp, bound by bind_sampler_ops).
 #pragma once
 
 #include <torch/extension.h>
@@ -12,20 +11,12 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm_bf16(const torch::Tensor& 
                                                            const torch::Tensor& residual,
                                                            const torch::Tensor& weight,
                                                            double eps, double alpha);
-torch::Tensor decode_scores_bf16(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                 const torch::Tensor& block_tables, const torch::Tensor& lens,
-                                 int64_t block_size, int64_t max_len, double scaling);
-torch::Tensor decode_values_bf16(const torch::Tensor& probs, const torch::Tensor& v_cache,
-                                 const torch::Tensor& block_tables, const torch::Tensor& lens,
-                                 int64_t block_size);
 
 void bind_layer_ops(pybind11::module& m);
 void bind_sampler_ops(pybind11::module& m);
 
 // Binds the shared ops into an extension module.
 inline void bind_shared_ops(pybind11::module& m) {
-  m.def("decode_scores_bf16", &decode_scores_bf16, "paged decode attention, pass 1: q . k");
-  m.def("decode_values_bf16", &decode_values_bf16, "paged decode attention, pass 2: p . v");
   m.def("rms_norm_bf16", &rms_norm_bf16, "Llama's RMSNorm over bf16 rows, HF's rounding");
   m.def("add_rms_norm_bf16", &add_rms_norm_bf16,
         "(RMSNorm(residual + alpha * x), residual + alpha * x) over bf16 rows, ATen's rounding");

@@ -158,10 +158,9 @@ class SdpaBackend:
         step: AttentionMetadata,
         layer: LayerAttention,
     ) -> torch.Tensor:
-        k_cache.index_copy_(1, step.slot_mapping, key.to(k_cache.dtype))
-        v_cache.index_copy_(1, step.slot_mapping, value.to(v_cache.dtype))
+        self._write_cache(key, value, k_cache, v_cache, step)
         # [H, T, dv]: V's head size, which may differ from K's (and the query's)
-        out = query.new_empty((*query.shape[:2], value.shape[-1]))
+        out = self._decode_output(query, value.shape[-1], k_cache, v_cache, step, layer)
         for s, ctx in enumerate(step.context_lens):
             if s in step.decode_seqs:
                 continue
@@ -180,6 +179,32 @@ class SdpaBackend:
                 out[:, a:b] = _fresh_prefill(query[:, a:b], k, v, layer.scaling)
             else:
                 out[:, a:b] = _continued_prefill(query[:, a:b], k, v, layer.scaling, offset)
+        return out
+
+    @staticmethod
+    def _write_cache(
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        step: AttentionMetadata,
+    ) -> None:
+        """The step's new K/V into the paged cache, at each token's slot."""
+        k_cache.index_copy_(1, step.slot_mapping, key.to(k_cache.dtype))
+        v_cache.index_copy_(1, step.slot_mapping, value.to(v_cache.dtype))
+
+    def _decode_output(
+        self,
+        query: torch.Tensor,
+        v_dim: int,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        step: AttentionMetadata,
+        layer: LayerAttention,
+    ) -> torch.Tensor:
+        """The ``[H, T, dv]`` output with the batched decode rows attended (the rest for the
+        prefill loop to fill)."""
+        out = query.new_empty((*query.shape[:2], v_dim))
         if step.decode_seqs:
             out.index_copy_(
                 1,
