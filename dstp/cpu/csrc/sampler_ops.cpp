@@ -74,18 +74,57 @@ void check_i64(const torch::Tensor& t, const char* what) {
               " must be a contiguous int64 CPU tensor");
 }
 
-// The k-th largest of the row's values (top-k's threshold): a min-heap of the k largest.
+// Lanes of 8 floats (as int32 bits) for which ``test`` holds, as a bit mask.
+template <typename Test>
+int lanes_where(const float* s, Test test) {
+  return _mm256_movemask_ps(_mm256_castsi256_ps(test(_mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(s)))));
+}
+
+// The k-th largest of the row's values (top-k's threshold): a min-heap of the k largest,
+// 8 values at a time skipped when none beats the heap's least.
 float kth_largest(const float* z, int64_t n, int64_t k) {
   std::priority_queue<float, std::vector<float>, std::greater<float>> heap;
-  for (int64_t v = 0; v < n; ++v) {
+  const auto offer = [&](float value) {
     if (static_cast<int64_t>(heap.size()) < k) {
-      heap.push(z[v]);
-    } else if (z[v] > heap.top()) {
+      heap.push(value);
+    } else if (value > heap.top()) {
       heap.pop();
-      heap.push(z[v]);
+      heap.push(value);
+    }
+  };
+  int64_t v = 0;
+  for (; v < n && static_cast<int64_t>(heap.size()) < k; ++v) offer(z[v]);
+  for (; v + 8 <= n; v += 8) {
+    const __m256 beats = _mm256_cmp_ps(_mm256_loadu_ps(z + v), _mm256_set1_ps(heap.top()),
+                                       _CMP_GT_OQ);
+    if (_mm256_movemask_ps(beats) == 0) continue;
+    for (int64_t i = v; i < v + 8; ++i) offer(z[i]);
+  }
+  for (; v < n; ++v) offer(z[v]);
+  return heap.top();
+}
+
+// Add each token's mass to its bin, for the tokens whose bits pass ``in`` (8 at a time,
+// skipped when none does): ``bin_of`` maps bits to a bin.
+template <typename In, typename BinOf>
+void histogram(const float* s, int64_t n, std::vector<int64_t>& hist, In in, BinOf bin_of) {
+  int64_t v = 0;
+  for (; v + 8 <= n; v += 8) {
+    int mask = lanes_where(s + v, in);
+    while (mask) {
+      const int i = __builtin_ctz(mask);
+      mask &= mask - 1;
+      hist[bin_of(bits_of(s[v + i]))] += static_cast<int32_t>(s[v + i]);
     }
   }
-  return heap.top();
+  for (; v < n; ++v) {
+    const int32_t b = bits_of(s[v]);
+    const __m256i one = _mm256_set1_epi32(b);
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(in(one))) != 0) {
+      hist[bin_of(b)] += static_cast<int32_t>(s[v]);
+    }
+  }
 }
 
 // The smallest scaled-weight bits a top-p row keeps: filters.py's radix select, in one row.
@@ -93,18 +132,19 @@ int32_t top_p_cut(const float* s, int64_t n, int64_t total, int64_t budget,
                   std::vector<int64_t>& hist) {
   const int64_t over = total - budget;  // the kept set has the mass of bits >= cut
   hist.assign(kBins, 0);
-  for (int64_t v = 0; v < n; ++v) {
-    const int32_t b = bits_of(s[v]);
-    if (b >= kOne) hist[(b >> kRadix) - kLow] += static_cast<int32_t>(s[v]);
-  }
+  const __m256i below_one = _mm256_set1_epi32(kOne - 1);
+  histogram(
+      s, n, hist, [&](__m256i b) { return _mm256_cmpgt_epi32(b, below_one); },
+      [](int32_t b) { return (b >> kRadix) - kLow; });  // tokens below 1.0 have no mass
   int64_t below = 0, bin = 0;
   while (bin < kBins - 1 && below + hist[bin] < over) below += hist[bin++];
   const int32_t base = static_cast<int32_t>((bin + kLow) << kRadix);
   hist.assign(int64_t{1} << kRadix, 0);
-  for (int64_t v = 0; v < n; ++v) {
-    const int32_t b = bits_of(s[v]);
-    if ((b >> kRadix) == bin + kLow) hist[b - base] += static_cast<int32_t>(s[v]);
-  }
+  const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(bin + kLow));
+  histogram(
+      s, n, hist,
+      [&](__m256i b) { return _mm256_cmpeq_epi32(_mm256_srai_epi32(b, kRadix), high); },
+      [&](int32_t b) { return b - base; });
   int32_t cut = base;
   for (int64_t j = 0; j < (int64_t{1} << kRadix) && below + hist[j] < over; ++j) {
     below += hist[j];
