@@ -6,8 +6,8 @@ penalty and seeds, five decode steps. A readback is a call that would make the h
 a GPU (``tolist``, ``item``/``int``/``bool``, ``cpu``, ``numpy``, ``.to("cpu")``) on a tensor
 that would live there; ``torch.tensor(..., device=...)`` is a blocking upload of Python data.
 
-The issue's targets with dstp's CPU kernels: at most 2 readbacks (met: the sampler's ids,
-and on the CPU only its prefix path's flag per row), 16 ops per decoder layer (met: 11) and
+The issue's targets with dstp's CPU kernels: at most 2 readbacks (met: the sampler's ids;
+without the kernels also its CPU prefix path's flag per row), 16 ops per decoder layer (met: 11) and
 80 outside the layers (met: 51); the bounds below hold today's counts with a margin. Without
 the kernels (not built, or ``DSTP_CPU_KERNELS=0``) the plain PyTorch path is counted, with
 its own bounds.
