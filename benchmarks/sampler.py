@@ -11,7 +11,10 @@ every row's output, as the engine does, so the penalty counts are updated
 incrementally. Logits are i.i.d. N(0, scale^2): at scale 4 and temperature 0.8
 each row's top 1024 tokens hold ~99 % of its mass, so no row needs the
 whole-row fallback; a smaller scale (2, say) flattens the rows and sends most of
-them to it (top-p by a radix select over the row, dstp/engine/sampling/filters.py). Prints the median milliseconds per step, wall and CPU time.
+them to it (top-p by a radix select over the row, dstp/engine/sampling/filters.py). With
+dstp's CPU kernels built, every sampled row goes through one fused call instead (whole rows,
+no prefix: dstp/cpu/csrc/sampler_ops.cpp's ``sample_rows``); ``DSTP_CPU_KERNELS=0`` runs the
+plain PyTorch path above. Prints the median milliseconds per step, wall and CPU time.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ the weights (two passes of 14 bits, each an integer histogram of mass per row): 
 work per row, batched, no sort and no host read (~1 ms a 128k-token row on one CPU
 thread, against ~11 ms for the sort it replaces). Choosing the fallback rows reads a flag
 per row back mid-step, so only the CPU takes the prefix path; an accelerator filters
-every sampled row over its whole row (step.py says why).
+every sampled row over its whole row (step.py says why). With dstp's CPU kernels built the
+CPU takes neither: csrc/sampler_ops.cpp's ``sample_rows`` applies these rules to whole rows
+in one call (the same radix select, per row).
 """
 
 from __future__ import annotations
