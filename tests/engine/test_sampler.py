@@ -649,3 +649,23 @@ def test_fused_row_max_argmax_is_torchs():
     expected = x.max(-1)
     assert torch.equal(row_max.nan_to_num(), expected.values.nan_to_num())
     assert torch.equal(argmax, expected.indices)
+
+
+@needs_fused
+@pytest.mark.parametrize("vocab", [1, 7, 13, 300])  # shorter than, or not a multiple of, 8 lanes
+def test_fused_ops_take_rows_of_any_width(vocab):
+    torch.manual_seed(vocab)
+    kinds = [
+        dict(temperature=0.9, top_p=0.8),
+        dict(temperature=1.0, top_k=3, min_p=0.1, repetition_penalty=1.3, seed=3, n=2),
+        dict(temperature=1.0),
+    ]
+    params = [SamplingParams(**kw) for kw in kinds]
+    states = [SampleState(p, [0], [0], make_generator(p.seed, 0)) for p in params]
+    logits = torch.randn(len(states), vocab)
+    picks = sample(logits, states, [p.n for p in params])
+    assert all(0 <= token < vocab for row in picks for token, _ in row), picks
+    for row, state, mine in zip(logits, states, fused_probs(logits, states), strict=True):
+        theirs = oracle_probs(row, state)
+        assert torch.equal(mine > 0, theirs > 0)
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-7)
