@@ -26,7 +26,7 @@ MAX_READBACKS = 2  # issue 22's target, met
 # the sampler's ids; without the kernels also its CPU prefix path's flag per row
 READBACKS = 1 if KERNELS else 2
 # Today (2026-12-03, fused layers): 11 ops per layer with the kernels (rotary, the cache
-# write, decode attention and SiLU-mul one call each), 27 without. Outside
+# write, decode attention and SiLU-mul one call each), 26 without. Outside
 # the layers (2026-12-03 14:12, the fused sampler ops): 51 with the kernels, 160 without.
 # The bounds leave ~15 % (benchmarks/FINDINGS.md has the table).
 MAX_LAYER_OPS = 13 if KERNELS else 31

@@ -102,7 +102,7 @@ def _decode(
     scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * scaling  # [KV, D, G, ctx]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
+    scores = torch.where(valid[None, :, None, :], scores, float("-inf"))  # one op, not two
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)  # [KV, D, G, dv]
     return out.transpose(1, 2).reshape(heads, d_seqs, v.shape[-1])
