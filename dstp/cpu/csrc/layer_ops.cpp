@@ -49,6 +49,16 @@ inline void narrow8(__m256 v, uint16_t* p) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
+// v rounded to the nearest bf16 (ties to even), kept as fp32: narrow8 then widen8 in registers
+// (a NaN from a widened bf16 stays NaN: its low 16 bits are 0, the add cannot carry out)
+inline __m256 round_to_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  return _mm256_castsi256_ps(_mm256_and_si256(r, high));
+}
+
 // exp(x) in fp32, Cephes' expf (2^n * a degree-5 polynomial on |r| <= ln2/2): within ~2 ulp
 // of the true value, as ATen's vectorised exp is; inf past fp32's range (so silu(x) of a very
 // negative x is -0, as ATen's), 0 below its normal range (where exp is < 2^-126).
@@ -146,12 +156,10 @@ torch::Tensor rotary_bf16(const torch::Tensor& x, const torch::Tensor& cos,
         int64_t i = 0;
         for (; i + 8 <= half; i += 8) {  // both halves, 8 columns each
           const __m256 lo = widen8(in + i), hi = widen8(in + half + i);
-          uint16_t scaled[16];
-          narrow8(_mm256_mul_ps(lo, _mm256_loadu_ps(&c[i])), scaled);
-          narrow8(_mm256_mul_ps(hi, _mm256_loadu_ps(&c[half + i])), scaled + 8);
-          narrow8(_mm256_fmadd_ps(hi, _mm256_loadu_ps(&s[i]), widen8(scaled)), dest + i);
-          narrow8(_mm256_fmadd_ps(lo, _mm256_loadu_ps(&s[half + i]), widen8(scaled + 8)),
-                  dest + half + i);
+          const __m256 lo_cos = round_to_bf16(_mm256_mul_ps(lo, _mm256_loadu_ps(&c[i])));
+          const __m256 hi_cos = round_to_bf16(_mm256_mul_ps(hi, _mm256_loadu_ps(&c[half + i])));
+          narrow8(_mm256_fmadd_ps(hi, _mm256_loadu_ps(&s[i]), lo_cos), dest + i);
+          narrow8(_mm256_fmadd_ps(lo, _mm256_loadu_ps(&s[half + i]), hi_cos), dest + half + i);
         }
         for (; i < half; ++i) {
           for (const int64_t at : {i, half + i}) {
@@ -237,9 +245,8 @@ torch::Tensor silu_mul_bf16(const torch::Tensor& gate_up) {
       for (; i + 8 <= width; i += 8) {
         const __m256 g = widen8(gate + i);
         const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        uint16_t silu[8];
-        narrow8(_mm256_div_ps(g, _mm256_add_ps(one, e)), silu);
-        narrow8(_mm256_mul_ps(widen8(silu), widen8(up + i)), dest + i);
+        const __m256 silu = round_to_bf16(_mm256_div_ps(g, _mm256_add_ps(one, e)));
+        narrow8(_mm256_mul_ps(silu, widen8(up + i)), dest + i);
       }
       for (; i < width; ++i) {
         const float g = bf16_to_float(gate[i]);
