@@ -180,12 +180,15 @@ def test_the_engine_through_the_kernel_is_as_close_to_hf_as_pytorch_attention(
 
 
 def test_a_float32_model_never_builds_the_bf16_kernels(bf16_llama, monkeypatch):
-    """Building them takes a minute or two on first use; a float32 server has no use for them."""
+    """Building them takes a minute or two on first use; a float32 model's layers have no use
+    for them (the sampler's ops take float32 logits from any model: they are stubbed out
+    here, so that only the layers' asks are seen)."""
     from dstp.engine.llm_engine import Engine, EngineConfig
     from dstp.engine.sampling_params import SamplingParams
 
     asked = []
     monkeypatch.setattr(cpu_kernels, "_ops", lambda: asked.append(1))
+    monkeypatch.setattr(cpu_kernels, "sampler_ops", lambda: None)
     engine = Engine(EngineConfig(model=str(bf16_llama), dtype="float32", num_blocks=64))
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     results = engine.generate([[5, 9, 33], [1, 2, 3, 4, 5]], params)
