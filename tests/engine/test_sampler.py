@@ -23,7 +23,7 @@ from transformers.generation.logits_process import (
 from dstp.cpu import kernels
 from dstp.engine.sampling import SampleState, SamplingError, filters, make_generator, sample
 from dstp.engine.sampling import step as step_module
-from dstp.engine.sampling.draw import max_and_argmax
+from dstp.engine.sampling.draw import exp_noise, max_and_argmax, splitmix64
 from dstp.engine.sampling.filters import candidates, prefix_candidates
 from dstp.engine.sampling.penalties import edits, written
 from dstp.engine.sampling.step import Step
@@ -532,6 +532,24 @@ def test_blocked_argmax_is_torchs(vocab):
     assert torch.equal(argmax, x.argmax(-1)) and torch.equal(row_max, x.amax(-1))
 
 
+def test_the_tensor_hash_is_splitmix64():
+    """draw.py's int64 splitmix64 (wrapping products, logical shifts by masking) gives the
+    oracle's uint64 bits (the kernel's rule), for keys and indices across the 64 bits; its
+    noise is the oracle's to an ulp of log."""
+    gen = torch.Generator().manual_seed(15)
+    keys = torch.cat([
+        torch.randint(0, 2**62, (60,), generator=gen) * 2 + torch.randint(0, 2, (60,), generator=gen),
+        torch.tensor([0, 1, 2**63 - 1, 2**62]),
+    ])  # fmt: skip
+    index = torch.tensor([0, 1, 7, 255, 501, 2**32, 2**32 + 128255, 2**62, 2**63 - 2])
+    bits = splitmix64(keys.unsqueeze(1), index)
+    noise = exp_noise(keys.unsqueeze(1), index)
+    for a, key in enumerate(keys.tolist()):
+        for b, i in enumerate(index.tolist()):
+            assert int(bits[a, b]) % 2**64 == oracle._splitmix64(key + (i + 1) * oracle._GOLDEN)
+            assert float(noise[a, b]) == pytest.approx(oracle._exp_noise(key, i), rel=5e-16)
+
+
 # -- the fused CPU ops (dstp/cpu/csrc/sampler_ops.cpp): the same rules in one call each -------
 
 FUSED_OPS = kernels.sampler_ops()
@@ -593,22 +611,27 @@ def test_fused_top_p_cut_is_the_oracles(scale):
     assert (ours[6] > 0).sum() == 310
 
 
-@needs_fused
-def test_fused_seeded_draws_are_the_oracles_keyed_draws():
-    """A seeded row's tokens are the oracle's keyed draws (tests/helpers/reference_sampler.py)
-    from the oracle's filtered distribution, at each position and for each of n draws."""
+def test_seeded_draws_are_the_oracles_keyed_draws(path):
+    """On every path (the fused CPU ops, the CPU's plain prefix and whole-row ops, an
+    accelerator's whole rows) a seeded row's tokens are the oracle's keyed draws
+    (tests/helpers/reference_sampler.py) from the oracle's filtered distribution, at each
+    position and for each of n draws: the same tokens everywhere."""
     torch.manual_seed(13)
-    vocab = 3000
+    vocab = 3000  # not a multiple of the race's 256-token blocks
     kinds = [
         dict(temperature=0.8, top_p=0.9, seed=21, n=2),
         dict(temperature=1.0, top_k=50, repetition_penalty=1.2, seed=22),
         dict(temperature=1.0, min_p=0.05, seed=23, n=3),
+        dict(temperature=1.0, seed=24, n=2),  # no filter: the whole row on every path
+        dict(temperature=1.0, top_p=0.95, seed=25),  # flat: the prefix path's fallback
         dict(temperature=0.0),
+        dict(temperature=1.0),  # unseeded: keyed off the step's random word
     ]
     params = [SamplingParams(**kw) for kw in kinds]
     states = [SampleState(p, [1, 2, 3], [], make_generator(p.seed, 0)) for p in params]
     for step in range(4):
         logits = torch.randn(len(states), vocab) * 2
+        logits[4] *= 0.01
         draws = [p.n if step == 0 else 1 for p in params]
         ours = sample(logits, states, draws)
         for i, (state, p) in enumerate(zip(states, params, strict=True)):

@@ -1,15 +1,15 @@
 """The draw: a blocked argmax for greedy rows, exponential races for sampled ones.
 
 Draws are exponential races, argmax(p / E) with E ~ Exp(1), which sample p
-exactly. Over a whole vocabulary the race runs in two levels (a block, then a
-token in it), so it needs ~2 sqrt(V) noise values per draw, not V. A seeded
-request draws its noise from its own generator, so its tokens do not depend
-on the rest of the batch or on the TP size; the rest share one draw.
+exactly. Over a whole vocabulary the race runs in two levels (a block of 256 tokens,
+then a token in it), so it needs ~V / 256 + 256 noise values per draw, not V. Each
+draw's noise is a hash of its counter key (step.py plans the keys: a seeded row's from
+its sequence, state.py's ``draw_keys``) and the block or token index, so a seeded
+row's tokens do not depend on the rest of the batch, the TP size, a replay or the path.
 
 On the CPU with dstp's kernels (step.py's ``fused_ops``) the sampled rows are drawn by one
-call instead, with the same two-level race over blocks of 256 tokens, its noise a hash of
-each draw's counter key and the block or token index (no generator state; the rule is
-stated per element in tests/helpers/reference_sampler.py's ``keyed_draw``).
+call (csrc/sampler_ops.cpp's ``sample_rows``); elsewhere by the plain ops below, with the
+same rule (stated per element in tests/helpers/reference_sampler.py's ``keyed_draw``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from types import ModuleType
 import torch
 
 from dstp.engine.sampling.filters import candidates
-from dstp.engine.sampling.state import Generators
 from dstp.engine.sampling.step import Group, Step
 
 NEG_INF = float("-inf")
@@ -68,36 +67,99 @@ def max_and_argmax(
     return block_max.amax(-1), best * blocks.shape[2] + inside
 
 
-# -- sampled rows: races --------------------------------------------------------------------
+# -- sampled rows: keyed races ------------------------------------------------------------
+#
+# Every draw is keyed (state.py's ``draw_keys``; an unseeded row's key comes from one random
+# word per step), and its noise is a hash of the key and an index: noise number i of a draw
+# keyed k is E = -log(u), u = (the top 53 bits of splitmix64(k + (i + 1) * golden) + 1/2) / 2**53.
+# The race runs in two levels, as csrc/sampler_ops.cpp's: a block of ``BLOCK`` tokens by
+# argmax(block mass / E(b)), then a token of that block by argmax(p / E(INSIDE + token)). So
+# each path (the CPU's kernels, the plain ops here, a GPU) draws the same token for a key, up
+# to the float rounding of the probabilities, with no generator state: fixed int64 and
+# float64 ops over [slots, blocks] and [slots, BLOCK], no per-row op, no host read.
+
+BLOCK = 256  # the race's first level: blocks of this many tokens (sampler_ops.cpp's kBlock)
+INSIDE = 1 << 32  # the second level's noise indices start here (kInside)
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's constants as int64 (two's complement)
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
 
 
-def _noise(gens: Generators, width: int, device: torch.device) -> torch.Tensor:
-    """Exp(1) noise [len(gens), width]: a seeded slot's from its own generator, so its token
-    does not depend on the rest of the batch; the others from one batched draw."""
-    noise = torch.empty(len(gens), width, device=device).exponential_()
-    for slot, gen in enumerate(gens):
-        if gen is not None:
-            noise[slot].exponential_(generator=gen)
-    return noise
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """A logical right shift of int64 words (torch's is arithmetic): shift, then mask."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def _race(weights: torch.Tensor, gens: Generators) -> torch.Tensor:
-    """Column drawn from each row of ``weights`` (unnormalised probabilities): argmax(p / E)."""
-    noise = _noise(gens, weights.shape[1], weights.device)
-    tiny = torch.finfo(noise.dtype).tiny  # E = 0 would let a zero-probability token win
-    return (weights / noise.clamp_min(tiny)).argmax(-1)
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 words (the uint64's bits): int64 products wrap as
+    uint64's do, so no device needs unsigned ops."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
 
 
-def _race_whole_rows(
-    probs: torch.Tensor, row_of_slot: torch.Tensor, gens: Generators
+def splitmix64(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """splitmix64(key + (index + 1) * golden), broadcast, as int64 words."""
+    return _mix(keys + (index + 1) * _GOLDEN)
+
+
+def _log_uniform(start: torch.Tensor) -> torch.Tensor:
+    """log(u) (float64) of the noise whose splitmix64 input is ``start``: -E, so that
+    argmax(w / E) is argmin(w / log u) exactly, one negation fewer."""
+    return _shr(_mix(start), 11).double().add_(0.5).mul_(2.0**-53).log_()
+
+
+def exp_noise(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise (float64) number ``index`` of the draws keyed ``keys`` (broadcast)."""
+    return _log_uniform(keys + (index + 1) * _GOLDEN).neg_()
+
+
+def _keyed_argmax(weights: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax of weights / E, E the noise started at ``start`` (key + (index + 1)
+    * golden): the first one on ties, as the kernel's."""
+    return (weights / _log_uniform(start)).argmin(-1)
+
+
+def _steps(n: int, device: torch.device) -> torch.Tensor:
+    """(index + 1) * golden for index < n: each noise index's step from its key."""
+    return torch.arange(1, n + 1, device=device) * _GOLDEN
+
+
+def _race_whole_rows(probs: torch.Tensor, row_of_slot: torch.Tensor, keys: torch.Tensor):
+    """Token drawn for each slot from its row of [R, V] ``probs`` by its key: a block by its
+    mass, then a token in that block."""
+    pad = -probs.shape[1] % BLOCK
+    if pad:
+        probs = torch.nn.functional.pad(probs, (0, pad))
+    blocks = probs.view(len(probs), -1, BLOCK)
+    sums = blocks.sum(-1, dtype=torch.float64).index_select(0, row_of_slot)
+    steps = _steps(max(sums.shape[1], BLOCK), probs.device)
+    block = _keyed_argmax(sums, keys.unsqueeze(1) + steps[: sums.shape[1]])
+    first = block * BLOCK
+    # token t of the block is noise index INSIDE + first + t: its step, split in two
+    start = (keys + (first + INSIDE) * _GOLDEN).unsqueeze(1) + steps[:BLOCK]
+    return first + _keyed_argmax(blocks[row_of_slot, block], start)
+
+
+def _race_ids(
+    probs: torch.Tensor,
+    ids: torch.Tensor,
+    row_of_slot: torch.Tensor,
+    keys: torch.Tensor,
+    vocab: int,
 ) -> torch.Tensor:
-    """Token drawn for each slot from its row of [R, V] ``probs``: a block by its mass, then a
-    token in that block. The same distribution as one race over V, for ~2 sqrt(V) noise
-    values per draw instead of V."""
-    blocks = _blocks(probs, 0.0)
-    block = _race(blocks.sum(-1)[row_of_slot], gens)
-    inside = _race(blocks[row_of_slot, block], gens)
-    return block * blocks.shape[2] + inside
+    """The same keyed race over rows whose kept tokens are ``ids`` [R, K] (the CPU's prefix,
+    zero probability elsewhere): block masses summed from the prefix, then the race among the
+    prefix's tokens in the drawn block."""
+    p, ids = probs.index_select(0, row_of_slot), ids.index_select(0, row_of_slot)
+    owner = ids // BLOCK
+    blocks = -(-vocab // BLOCK)
+    sums = p.new_zeros(len(p), blocks, dtype=torch.float64).scatter_add_(1, owner, p.double())
+    keys = keys.unsqueeze(1)
+    block = _keyed_argmax(sums, keys + _steps(blocks, p.device))
+    inside = torch.where(owner == block.unsqueeze(1), p, 0.0)
+    column = _keyed_argmax(inside, keys + (ids + (INSIDE + 1)) * _GOLDEN)
+    return ids.gather(1, column.unsqueeze(1)).squeeze(1)
 
 
 def tokens(
@@ -119,10 +181,9 @@ def tokens(
     def draw(group: Group, probs: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Race each of the group's slots over its row of ``probs`` (over ``ids`` if given)."""
         if ids is None:
-            won = _race_whole_rows(probs, group.row_of_slot, group.gens)
+            won = _race_whole_rows(probs, group.row_of_slot, group.keys)
         else:
-            columns = _race(probs[group.row_of_slot], group.gens)
-            won = ids[group.row_of_slot].gather(1, columns.unsqueeze(1)).squeeze(1)
+            won = _race_ids(probs, ids, group.row_of_slot, group.keys, x.shape[1])
         picked.index_copy_(0, group.slots, won)
 
     if found.prefix is not None:

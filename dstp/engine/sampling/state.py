@@ -1,4 +1,4 @@
-"""What the sampler keeps per sequence: its parameters, seen ids and seeded generator.
+"""What the sampler keeps per sequence: its parameters, seen ids and draw keys.
 
 Each sequence keeps its distinct prompt ids on the logits' device (uploaded once, in
 a step's packed upload) and its output ids on the host and in a pool on the device,
@@ -20,8 +20,6 @@ from dstp.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from dstp.engine.structured.matcher import GrammarState
-
-Generators = list[torch.Generator | None]
 
 
 class OutputPool:
@@ -145,13 +143,10 @@ class SampleState:
     params: SamplingParams
     prompt_ids: list[int]
     output_ids: list[int]  # the engine assigns the live list before each step
-    generator: torch.Generator | None  # only seeded requests have one
+    generator: torch.Generator | None  # only seeded requests have one: its seed keys the draws
     stop_ids: frozenset[int] = field(default_factory=frozenset)  # EOS + stop_token_ids
     grammar: GrammarState | None = None  # structured outputs: the sequence's matcher
     _counts: TokenCounts | None = field(default=None, init=False, repr=False, compare=False)
-    _device_generator: torch.Generator | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
     _key: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def token_counts(self) -> TokenCounts:
@@ -162,32 +157,13 @@ class SampleState:
         counts.update(self.output_ids)
         return counts
 
-    def generator_on(self, device: torch.device) -> torch.Generator | None:
-        """The seeded generator on ``device``, reseeded for this sequence's next output position.
-
-        Draws are keyed by (seed, choice, position), not by how many draws came before: a
-        sequence recomputed after preemption, or replayed from its tokens after a rank died,
-        draws exactly what it would have drawn. Reseeding is host-side state (no device
-        work), so it costs nothing on an accelerator.
-        """
-        gen = self.generator
-        if gen is None:
-            return None
-        if self._key is None:
-            self._key = gen.initial_seed()
-        if gen.device != device:
-            twin = self._device_generator
-            if twin is None or twin.device != device:
-                twin = self._device_generator = torch.Generator(device)
-            gen = twin
-        return gen.manual_seed(position_key(self._key, len(self.output_ids)))
-
     def draw_keys(self, draws: int) -> list[int] | None:
         """The counter keys of this sequence's next ``draws`` draws (None when unseeded).
 
         Draw j at output position ``len(output_ids)`` is keyed (seed, choice, position, j),
-        so a replayed or recomputed sequence draws what it drew before; the fused CPU draw
-        (csrc/sampler_ops.cpp) hashes a key with each vocabulary index, no generator state.
+        so a replayed or recomputed sequence draws what it drew before; every path's draw
+        (draw.py, csrc/sampler_ops.cpp) hashes a key with block and token indices, no
+        generator state.
         """
         if self.generator is None:
             return None
@@ -207,8 +183,9 @@ def position_key(key: int, position: int) -> int:
 
 def make_generator(seed: int | None, index: int) -> torch.Generator | None:
     """Choice ``index``'s own generator when the request has a seed, so its draws repeat on any
-    TP size and batch and after a replay (:meth:`SampleState.generator_on` keys each draw by
-    position); None without a seed (unseeded rows share one batched draw)."""
+    TP size and batch and after a replay (only its seed is used: :meth:`SampleState.draw_keys`
+    keys each draw by position); None without a seed (unseeded rows key off one random word
+    per step)."""
     if seed is None:
         return None
     gen = torch.Generator()

@@ -17,8 +17,12 @@ per-row fallback are kept: the whole-row filter costs several times the prefix t
 With dstp's CPU kernels built (``fused_ops``), the CPU takes neither: every sampled row is
 filtered over its whole row and drawn by one call (csrc/sampler_ops.cpp's ``sample_rows``:
 the same cut rules, a k-heap and a radix select per row, no sort), the penalties and stop
-ids are one edit (``penalty_edit``), and each draw is keyed by a counter (state.py's
-``draw_keys``), so nothing is read back before the end here either.
+ids are one edit (``penalty_edit``), so nothing is read back before the end here either.
+
+Every path draws by the same counter keys, planned here and sent in the upload (a seeded
+row's from state.py's ``draw_keys``, the others' from one random word per step): the draw
+hashes a key with block and token indices (draw.py), so a seeded row draws the same tokens
+on the CPU's kernels, the plain ops and a GPU, and no generator is kept or reseeded per row.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from types import ModuleType
 import torch
 
 from dstp.engine.sampling.packed import Packer
-from dstp.engine.sampling.state import Generators, SampleState, output_pool, position_key
+from dstp.engine.sampling.state import SampleState, output_pool, position_key
 from dstp.engine.sampling_params import SamplingParams
 
 PREFILTER = 1024  # the largest logits per row that top-k / top-p / min-p start from
@@ -92,7 +96,7 @@ class Group:
     index: torch.Tensor | None  # [G] the rows; None when they are the whole batch in order
     slots: torch.Tensor  # [S] the rows' draw slots (row i has draws[i] consecutive slots)
     row_of_slot: torch.Tensor  # [S] each slot's position in ``rows``
-    gens: Generators  # each slot's seeded generator on the device, or None
+    keys: torch.Tensor  # [S] each slot's counter key (draw.py's keyed race)
     params: RowParams
     subsets: dict[str, tuple[list[int], torch.Tensor]]  # filter -> positions in rows
     largest_k: int  # the rows' largest top_k (0: none)
@@ -177,6 +181,7 @@ class Step:
         else:
             prefix, whole = [], sampled
         asking = [i for i, p in enumerate(params) if p.logprobs is not None]
+        self.keys = self._draw_keys(sampled)
 
         pack = Packer()
         pack.floats32("temperature", [p.temperature for p in params])
@@ -230,6 +235,7 @@ class Step:
             "slots": self.slots_of(rows),
             "row_of_slot": [j for j, i in enumerate(rows) for _ in range(self.draws[i])],
         }
+        lists["keys"] = [self.keys[s] for s in lists["slots"]]
         for name, uses in _SUBSETS.items():
             lists[name] = [j for j, i in enumerate(rows) if uses(self.states[i].params, self.vocab)]
         return lists
@@ -242,7 +248,7 @@ class Step:
             index,
             tensor("slots", lists["slots"]),
             tensor("row_of_slot", lists["row_of_slot"]),
-            _generators([self.states[i] for i in rows], [self.draws[i] for i in rows], self.device),
+            tensor("keys", lists["keys"]),
             self.params.subset(index),
             {name: (lists[name], tensor(name, lists[name])) for name in _SUBSETS},
             max(top_k_of(self.states[i].params, self.vocab) for i in rows),
@@ -255,22 +261,27 @@ class Step:
         assert self.device.type == "cpu", "a mid-step choice of rows on an accelerator"
         return self._group(rows, lambda key, values: torch.tensor(values, dtype=torch.long))
 
-    def _plan_fused(self, pack: Packer, rows: list[int]) -> None:
-        """The fused draw's rows, their slots and each slot's counter key: a seeded row's
-        from its sequence (state.py), the others' from one random word per step."""
-        keys: list[int] = []
+    def _draw_keys(self, sampled: list[int]) -> list[int]:
+        """Each draw slot's counter key (0 for greedy rows): a seeded row's from its sequence
+        (state.py), the others' from one random word per step. Every path draws by these."""
+        keys = [0] * self.starts[-1]
         base = None
-        for i in rows:
+        for i in sampled:
             seeded = self.states[i].draw_keys(self.draws[i])
             if seeded is None:
-                if base is None:  # torch's generator: torch.manual_seed repeats a run
+                if base is None:  # torch's generator, on the host: torch.manual_seed repeats a run
                     base = int(torch.randint(0, 2**62, (1,)))
                 seeded = [position_key(base, s) for s in range(self.starts[i], self.starts[i + 1])]
-            keys += seeded
+            keys[self.starts[i] : self.starts[i + 1]] = seeded
+        return keys
+
+    def _plan_fused(self, pack: Packer, rows: list[int]) -> None:
+        """The fused draw's rows, their slots and each slot's counter key."""
+        slots = self.slots_of(rows)
         pack.ints("fused.rows", rows)
         pack.ints("fused.starts", [0, *itertools.accumulate(self.draws[i] for i in rows)])
-        pack.ints("fused.slots", self.slots_of(rows))
-        pack.ints("fused.keys", keys)
+        pack.ints("fused.slots", slots)
+        pack.ints("fused.keys", [self.keys[s] for s in slots])
 
     # -- penalties and stop ids -------------------------------------------------------------
 
@@ -362,13 +373,3 @@ class Step:
         if not all(0 <= token < self.vocab for _, token in masked):
             raise IndexError(f"a stop id is outside the vocabulary of {self.vocab}")
         pack.ints("stops", [i * self.vocab + token for i, token in masked])
-
-
-def _generators(states: list[SampleState], draws: list[int], device: torch.device) -> Generators:
-    """Each draw slot's generator: a row's draws share its generator, reseeded once for the
-    row's position (a forking row's ``n`` draws come from it one after another)."""
-    return [
-        gen
-        for state, k in zip(states, draws, strict=True)
-        for gen in [state.generator_on(device)] * k
-    ]
