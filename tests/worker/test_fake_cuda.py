@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from dstp.engine.llm_engine import Engine, EngineConfig
 from dstp.engine.sampling_params import SamplingParams
@@ -248,23 +249,65 @@ def test_a_host_tensor_in_the_forward_fails(run, monkeypatch):
         engine.runner.execute(plan)
 
 
-def test_seeded_sampling_draws_with_a_generator_on_the_card(run):
-    """A CPU generator on the cuda logits would fail on CUDA (the harness raises
-    DeviceMixError for it); the sampler keeps a seeded twin on the logits' device."""
+_RANDOM = frozenset({
+    "exponential_", "uniform_", "normal_", "random_", "geometric_", "cauchy_", "log_normal_",
+    "bernoulli", "bernoulli_", "multinomial", "rand", "randn", "randint", "randperm",
+    "rand_like", "randn_like", "randint_like",
+})  # fmt: skip
+
+
+def _on_card(args, kwargs) -> bool:
+    values = [*args, *kwargs.values()]
+    return any(
+        (isinstance(v, torch.Tensor) and v.device.type == "cuda")
+        or (isinstance(v, (str, torch.device)) and torch.device(v).type == "cuda")
+        for v in values
+    )
+
+
+class _RandomOnTheCard(TorchFunctionMode):
+    """Records every random draw made for the card's tensors (its function's name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _RANDOM and _on_card(args, kwargs):
+            self.draws.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+def test_sampling_draws_no_random_numbers_on_the_card(run):
+    """Seeded and unseeded rows draw by counter keys hashed on the card (draw.py): a seeded
+    request repeats its tokens, and no generator draws for the card at all, so there is no
+    per-row generator state to keep on the device (nor a host one for CUDA to refuse)."""
     engine, _ = run
-    params = SamplingParams(max_tokens=3, temperature=1.0, seed=7)
-    first, again = (engine.generate([PROMPT], params)[0].outputs[0] for _ in range(2))
-    assert first.finish_reason == "length"
+    seeded = SamplingParams(max_tokens=3, temperature=1.0, seed=7)
+    with _RandomOnTheCard() as watch:
+        first, again = (engine.generate([PROMPT], seeded)[0].outputs[0] for _ in range(2))
+        unseeded = engine.generate([PROMPT], SamplingParams(max_tokens=3, temperature=1.0))
+    assert first.finish_reason == unseeded[0].outputs[0].finish_reason == "length"
     assert first.token_ids == again.token_ids
+    assert watch.draws == []
 
 
-def test_a_host_generator_on_the_card_is_caught(run, monkeypatch, caplog):
-    """The check behind the test above: the sampler's old way (the host generator drawing
-    for cuda logits) ends the request with the harness's DeviceMixError."""
-    from dstp.engine.sampling.state import SampleState
+def test_a_generator_drawing_on_the_card_is_caught(run, monkeypatch):
+    """The check behind the test above can fail: the sampler's old way (each seeded slot's
+    noise from its own generator on the card, one ``exponential_`` per slot) is seen."""
+    from dstp.engine.sampling import draw
+
+    def per_slot_generators(start: torch.Tensor) -> torch.Tensor:  # log(u) = -E
+        noise = torch.empty(start.shape, dtype=torch.float64, device=start.device)
+        for slot in range(len(start)):
+            noise[slot].exponential_(generator=torch.Generator(start.device).manual_seed(slot))
+        return noise.neg_()
 
     engine, _ = run
-    monkeypatch.setattr(SampleState, "generator_on", lambda self, device: self.generator)
+    monkeypatch.setattr(draw, "_log_uniform", per_slot_generators)
     params = SamplingParams(max_tokens=3, temperature=1.0, seed=7)
-    assert engine.generate([PROMPT], params)[0].outputs[0].finish_reason == "error"
-    assert "DeviceMixError: exponential_: a cpu generator drawing for cuda" in caplog.text
+    with _RandomOnTheCard() as watch:
+        out = engine.generate([PROMPT], params)[0].outputs[0]
+    assert out.finish_reason == "length"
+    assert watch.draws and set(watch.draws) == {"exponential_"}
