@@ -56,7 +56,7 @@ def make_generator(seed: int | None, index: int) -> torch.Generator:
     return gen
 
 
-# -- the keyed draw of dstp's fused CPU sampler (csrc/sampler_ops.cpp), stated per element ---
+# -- dstp's keyed draw (csrc/sampler_ops.cpp, and draw.py's plain ops), stated per element --
 #
 # A seeded draw is keyed by (seed, choice, output position, draw j): no generator state, so a
 # replayed sequence draws again what it drew. Noise number i of a draw keyed k is
