@@ -300,11 +300,9 @@ def test_sampled_rows_logprobs_match_the_oracle(path):
 FLAT, PEAKED = 0.02, 4.0  # logit scales: the prefix's mass is ~25 % of a flat row's, ~100 % else
 
 
-@pytest.mark.parametrize("scale", [FLAT, 1.0, PEAKED])
-def test_filtered_distributions_match_the_oracle(scale, path):
-    """Kept sets equal, probabilities equal to rounding, on both the prefix and whole-row paths."""
+def mixed_rows(scale: float) -> tuple[torch.Tensor, list[SampleState]]:
+    """Every filter alone and mixed with penalties, min_tokens and stop ids, over 4096 ids."""
     torch.manual_seed(5)
-    vocab = 4096
     kwargs = FILTERS + [
         dict(temperature=0.9, top_p=0.5, repetition_penalty=1.4, frequency_penalty=0.5),
         dict(temperature=1.1, top_k=2000, top_p=0.7),  # top_k beyond the prefix
@@ -315,8 +313,15 @@ def test_filtered_distributions_match_the_oracle(scale, path):
         SampleState(SamplingParams(**kw), [7, 8, 9, 100], [9, 9, 4000], None, frozenset({7, 8}))
         for kw in kwargs
     ]
-    logits = torch.randn(len(states), vocab) * scale
+    logits = torch.randn(len(states), 4096) * scale
     logits[:, 7:10] += 3 * scale
+    return logits, states
+
+
+@pytest.mark.parametrize("scale", [FLAT, 1.0, PEAKED])
+def test_filtered_distributions_match_the_oracle(scale, path):
+    """Kept sets equal, probabilities equal to rounding, on both the prefix and whole-row paths."""
+    logits, states = mixed_rows(scale)
     ours = new_probs(logits, states)
     for row, state, mine in zip(logits, states, ours, strict=True):
         theirs = oracle_probs(row, state)
@@ -571,20 +576,7 @@ def fused_probs(logits: torch.Tensor, states: list[SampleState]) -> torch.Tensor
 @needs_fused
 @pytest.mark.parametrize("scale", [FLAT, 1.0, PEAKED])
 def test_fused_filter_matches_the_oracle(scale):
-    torch.manual_seed(5)
-    vocab = 4096
-    kwargs = FILTERS + [
-        dict(temperature=0.9, top_p=0.5, repetition_penalty=1.4, frequency_penalty=0.5),
-        dict(temperature=1.1, top_k=2000, top_p=0.7),
-        dict(temperature=1.0, min_p=0.9, presence_penalty=-1.0),
-        dict(temperature=0.6, top_p=0.95, min_tokens=3, stop_token_ids=[7, 8]),
-    ]
-    states = [
-        SampleState(SamplingParams(**kw), [7, 8, 9, 100], [9, 9, 4000], None, frozenset({7, 8}))
-        for kw in kwargs
-    ]
-    logits = torch.randn(len(states), vocab) * scale
-    logits[:, 7:10] += 3 * scale
+    logits, states = mixed_rows(scale)
     for row, state, mine in zip(logits, states, fused_probs(logits, states), strict=True):
         theirs = oracle_probs(row, state)
         assert torch.equal(mine > 0, theirs > 0)
