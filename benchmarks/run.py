@@ -213,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     end_pinned = sysinfo.bandwidth_pinned(args.tp)
     if end_pinned["read_gbs"] > pinned["read_gbs"]:
         pinned = end_pinned
+    gemm_end = sysinfo.gemm_peaks(args.tp)
+    gemm = {**gemm, "end": gemm_end, "limit": sysinfo.gemm_limit(gemm, gemm_end)}
     results = report.load_results(args.out)
     table = report.comparison(results, [128, 1024], args.decode_batches)
     ceiling_gbs = max(bw2["read_gbs"], pinned["read_gbs"])
     roof = report.roofline(results, sizes["decode_bytes_per_step"], ceiling_gbs)
-    lim = report.limits(results, sizes, ceiling_gbs, gemm["best"], [128, 1024], args.decode_batches)
+    lim = report.limits(
+        results, sizes, ceiling_gbs, gemm["limit"], [128, 1024], args.decode_batches
+    )
     summary = {
         "machine": machine,
         "bandwidth": bw2,

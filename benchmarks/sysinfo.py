@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -149,7 +150,8 @@ COMPUTE_TYPES = ("bf16", "fp32", "bf16 widened to fp32")
 
 
 def _gemm(core: int, kind: str, seconds: float) -> float:
-    """GFLOP/s of one pinned single-thread process running ``kind`` GEMMs for ``seconds``."""
+    """GFLOP/s of one pinned single-thread process running ``kind`` GEMMs for ``seconds``: the
+    median call (issue 22's decision: a sustained rate, not one lucky call)."""
     import torch
     import torch.nn.functional as F
 
@@ -161,23 +163,29 @@ def _gemm(core: int, kind: str, seconds: float) -> float:
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     run = (lambda: cpu_gemm.widened_linear(x, w)) if "widened" in kind else (lambda: F.linear(x, w))
     run()
-    best, end = float("inf"), time.time() + seconds
+    calls, end = [], time.time() + seconds
     while time.time() < end:
         t = time.perf_counter()
         run()
-        best = min(best, time.perf_counter() - t)
-    return 2 * m * n * k / best / 1e9
+        calls.append(time.perf_counter() - t)
+    return 2 * m * n * k / statistics.median(calls) / 1e9
 
 
 def gemm_peaks(processes: int, seconds: float = 4.0) -> dict[str, float]:
     """Aggregate GFLOP/s of ``processes`` pinned single-thread processes (one per TP rank)
-    for each compute type, run one type at a time; ``best`` is the machine's compute limit."""
+    for each compute type, run one type at a time; ``best`` is the fastest type's."""
     peaks = {
         kind: sum(_run_pinned(processes, f"_gemm({{core}}, {kind!r}, {seconds})"))
         for kind in COMPUTE_TYPES
     }
     peaks["best"] = max(peaks.values())
     return {"processes": processes, "shape": list(GEMM_SHAPE), **peaks}
+
+
+def gemm_limit(start: dict, end: dict) -> float:
+    """The machine's compute limit for a run: the median of the fastest type's rate measured
+    at its start and at its end (the neighbours' load moves it; issue 22's decision)."""
+    return statistics.median([start["best"], end["best"]])
 
 
 if __name__ == "__main__":
