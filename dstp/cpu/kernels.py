@@ -234,10 +234,12 @@ def add_rms_norm_bf16(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(RMSNorm(residual + x), residual + x)`` of contiguous bf16 CPU rows in one call (the
-    sum rounded as ATen's add, the norm as HF's), or None without the kernel or while
-    compiling (the caller then adds and norms in two ops)."""
+    sum rounded as ATen's add, the norm as HF's), or None without the kernel (the caller
+    then adds and norms in two ops)."""
     if torch.compiler.is_compiling():
-        return None
+        from dstp.cpu import opaque_ops
+
+        return opaque_ops.add_rms_norm_bf16(x, residual, weight, eps)
     fused = getattr(_ops(), "add_rms_norm_bf16", None)
     return None if fused is None else fused(x, residual, weight, eps, 1.0)
 

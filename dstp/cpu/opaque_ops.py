@@ -3,7 +3,7 @@
 The kernels are pybind functions of an extension built at run time
 (:mod:`dstp.cpu.kernels`), chosen by Python code that reads ``/proc/cpuinfo`` and a
 ``functools.cache``: Dynamo can trace neither, so under ``--compile-decode`` a bf16 CPU
-model would break its graph at every linear, RMSNorm, rotary, SiLU-mul, cache write and
+model would break its graph at every linear, RMSNorm, add+RMSNorm, rotary, SiLU-mul, cache write and
 decode attention. Under compilation :mod:`dstp.cpu.kernels` calls these ops instead: each is opaque to the
 compiler (its fake implementation gives the output's shape and dtype, from the inputs'
 shapes alone) and runs, at run time, exactly the eager dispatch, so a compiled step
@@ -19,6 +19,7 @@ from dstp.cpu import kernels
 
 _KERNEL_NAMES = (
     "rms_norm_bf16",
+    "add_rms_norm_bf16",
     "rotary_bf16",
     "silu_mul_bf16",
     "write_kv_cache_bf16",
@@ -60,6 +61,25 @@ def _(x, weight, eps):
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """:func:`dstp.cpu.kernels.rms_norm_bf16` under compilation: the op, or None."""
     return _rms_norm(x, weight, eps) if "rms_norm_bf16" in AVAILABLE else None
+
+
+@torch.library.custom_op("dstp::add_rms_norm_bf16", mutates_args=())
+def _add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels._ops().add_rms_norm_bf16(x, residual, weight, eps, 1.0)
+
+
+@_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def add_rms_norm_bf16(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`dstp.cpu.kernels.add_rms_norm_bf16` under compilation: the op, or None."""
+    return _add_rms_norm(x, residual, weight, eps) if "add_rms_norm_bf16" in AVAILABLE else None
 
 
 @torch.library.custom_op("dstp::rotary_bf16", mutates_args=())
