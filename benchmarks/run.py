@@ -41,10 +41,6 @@ DEFAULT_CONFIGS = ("dstp", "dstp_engine", "hf", "ds_autotp")
 EXTRA_CONFIGS = ("hf_1thread", "dstp_gloo", "dstp_aten_gemv")
 
 
-def engine_available() -> bool:
-    return (REPO / "dstp" / "engine.py").exists()
-
-
 def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[dict, int, dict]]:
     """(plan, ranks, extra env) per configuration, in run order."""
     small = args.small
@@ -106,9 +102,6 @@ def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[
     for name in args.configs.split(","):
         if name not in plans:
             raise SystemExit(f"unknown config {name!r}; choose from {sorted(plans)}")
-        if name == "dstp_engine" and not engine_available():
-            print("  dstp_engine: dstp/engine/llm_engine.py not present yet, skipped")
-            continue
         plan, ranks, env = plans[name]
         plan = {"impl": name, **plan, "config": name}
         if args.no_workload:
