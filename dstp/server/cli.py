@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 
 from dstp.engine.config import DTYPE_CHOICES, context_length
 from dstp.server.limits import (
@@ -524,6 +525,29 @@ def check_ranges(args: argparse.Namespace) -> None:
         raise FlagError(
             f"--gpu-memory-utilization {util} is outside (0, 1]: it is the share of each "
             "device's memory dstp may use; pass e.g. 0.9 (the default) for 90 %"
+        )
+    check_launcher_args(args.launcher_args)
+
+
+def check_launcher_args(text: str) -> None:
+    """``--launcher-args`` must split into shell words and name a usable ``--master_port``
+    (the supervised front-end reads it; a bad one would fail only when the job starts)."""
+    from dstp.frontend.job import chosen_master_port
+
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise FlagError(
+            f"--launcher-args {text!r} does not split into shell words ({exc}): balance its quotes"
+        ) from None
+    try:
+        port = chosen_master_port(words)
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise FlagError(
+            f"--launcher-args {text!r} names a --master_port that is not a TCP port: pass "
+            "1-65535, or leave it out for a free port drawn at each start"
         )
 
 

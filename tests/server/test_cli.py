@@ -345,6 +345,24 @@ def test_unusable_numbers_fail_at_start_naming_the_fix(argv, flag):
     assert "pass " in text  # the fix: what to pass instead
 
 
+@pytest.mark.parametrize(
+    ("launcher_args", "names"),
+    [
+        ("--master_port abc", "not a TCP port: pass 1-65535"),
+        ("--master_port=70000", "not a TCP port: pass 1-65535"),
+        ("--master_port=0", "not a TCP port: pass 1-65535"),
+        ('--hostfile "hosts', "does not split into shell words"),
+    ],
+)
+def test_launcher_args_are_checked_at_start(launcher_args, names):
+    """The supervised front-end reads --master_port from --launcher-args; a bad one used to
+    raise a bare ValueError only when the first engine job started."""
+    with pytest.raises(FlagError, match=names) as info:
+        parse(f"--launcher-args={launcher_args}")
+    assert str(info.value).startswith("--launcher-args ") and "\n" not in str(info.value)
+    assert parse("--launcher-args=--master_port 29600 --include localhost:0,1")
+
+
 def test_edge_values_are_accepted():
     args = parse("--max-num-seqs", "1", "--max-num-batched-tokens", "1", "--block-size", "1")
     assert (args.max_num_seqs, args.max_num_batched_tokens, args.block_size) == (1, 1, 1)
