@@ -10,8 +10,11 @@ SiLU-mul, down GEMM, residual add: one call each) and 27 in plain PyTorch, as vL
 layer (~13 kernels) and DeepSpeed-Inference's injected layers do:
 
 - q/k/v as ONE column-parallel GEMM, gate/up as ONE: each rank's already-loaded
-  shards are concatenated at swap time and the separate weights freed with HF's
-  layer, so resident memory does not grow;
+  shards are copied into one weight at swap time, a layer at a time, and HF's layer
+  with its separate weights is freed (and the freed heap trimmed) as it is swapped.
+  After loading, resident memory is what HF's layers would hold (a 1B bf16 model:
+  +14 MB, benchmarks/FINDINGS.md); while loading, the peak is one layer's packed
+  copies above it (~80 MB there);
 - the residual add fused with the RMSNorm after attention (one dstp CPU kernel call
   for bf16 on CPU, where the RMSNorm swap (:mod:`dstp.model.norms`) proved the
   kernel); elsewhere each norm is one op, ``F.rms_norm`` (one fused kernel on a GPU,
@@ -54,6 +57,7 @@ from torch import nn
 from dstp.cpu import kernels as cpu_kernels
 from dstp.distributed import TPGroup
 from dstp.model.layers import ColumnParallelLinear, RowParallelLinear
+from dstp.model.loading import release_free_heap
 from dstp.model.norms import FusedRMSNorm
 from dstp.policies.base import FUSED_LAYER_NAMES, Policy, glob_to_regex
 
@@ -280,7 +284,11 @@ class PackedColumnLinear(nn.Module):
 
     @classmethod
     def pack(cls, linears: list[nn.Module]) -> PackedColumnLinear:
-        """Concatenate the shards of ``linears`` (each this rank's ``ColumnParallelLinear``)."""
+        """Concatenate the shards of ``linears`` (each this rank's ``ColumnParallelLinear``).
+
+        A copy: the sources stay allocated until the caller drops them (the fused layer's
+        ``release_hf_weights`` and the swap that frees HF's layer).
+        """
         for linear in linears:
             if not isinstance(linear, ColumnParallelLinear) or linear.gather_output:
                 raise NotFusable(f"{type(linear).__name__} is not a column-parallel shard")
@@ -362,7 +370,10 @@ class FusedLlamaLayer(nn.Module):
         return self.self_attn
 
     def release_hf_weights(self) -> None:
-        """Drop HF's separate q/k/v projections (and q/k norms) from the kept attention module."""
+        """Drop HF's separate q/k/v projections (and q/k norms) from the kept attention module.
+
+        Its gate/up projections go with HF's layer (and its MLP) when this layer replaces it.
+        """
         for name in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm"):
             if name in self.self_attn._modules:
                 delattr(self.self_attn, name)
@@ -754,6 +765,8 @@ def fuse_decoder_layers(model: nn.Module, policy: Policy, tp: TPGroup) -> int:
 
     Every rank builds and probes every layer (the probes all-reduce) and a layer
     is swapped only where every rank's probe passed, so the ranks stay alike.
+    Each HF layer is freed as it is swapped, so a rank holds at most one layer's
+    weights twice (its packed copies and HF's separate ones) at any time.
     """
     if policy.fused_layer is None:
         return 0
@@ -767,21 +780,24 @@ def fuse_decoder_layers(model: nn.Module, policy: Policy, tp: TPGroup) -> int:
         )
         return 0
     swapped, reasons = [], {}
-    layers = decoder_layers(model, policy)
-    for name, layer in layers:
-        fused, reason = _build_and_probe(build, layer, rotary)
+    # names, not modules: a list of HF's layers would keep each replaced one (and its
+    # separate q/k/v and gate/up weights) resident until the last layer is swapped
+    layer_names = [name for name, _ in decoder_layers(model, policy)]
+    for name in layer_names:
+        fused, reason = _build_and_probe(build, model.get_submodule(name), rotary)
         if tp.min_over_ranks(0 if reason else 1) == 0:
             reasons.setdefault(reason or "another rank's probe failed", []).append(name)
             continue
         fused.release_hf_weights()
-        _set_module(model, name, fused)
+        _set_module(model, name, fused)  # HF's layer is freed here: nothing else holds it
+        release_free_heap()  # its q/k/v may be heap chunks (glibc's mmap threshold rises)
         swapped.append(fused)
     for reason, names in reasons.items():
         log.warning(
             "%d decoder layer(s) keep HF's forward, not the fused %r layer of policy %r (%s): %s...",
             len(names), policy.fused_layer, policy.name, reason, names[0],
         )  # fmt: skip
-    table = bool(swapped) and len(swapped) == len(layers)
+    table = bool(swapped) and len(swapped) == len(layer_names)
     table = table and _use_rotary_table(model, rotary, swapped, tp)
     log.debug(
         "%d decoder layers run dstp's fused %r form (rotary from a table: %s)",

@@ -7,7 +7,9 @@ count of fused layers each rank reports.
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -137,6 +139,38 @@ def test_no_extra_parameter_memory(models):
     # each layer's rotary sign row (head_dim), and the cos/sin table (positions x head_dim)
     assert table.table.shape == (256, 8)
     assert extra_buffers == 2 * 8 * 4 + table.table.numel() * 4
+
+
+def test_each_replaced_layer_is_freed_as_it_is_swapped(models, monkeypatch):
+    """HF's separate q/k/v and gate/up weights are freed when their layer is swapped.
+
+    Not at the next cyclic GC (so the test runs with it off): a loaded parameter that
+    kept its TP layer's bound ``weight_loader`` was a reference cycle, and the list of
+    HF's layers kept every one until the last was swapped. Both left a 1B model's
+    load 1.2 GB more resident than without fused layers (benchmarks/FINDINGS.md).
+    """
+    dropped: list[list[weakref.ref]] = []  # per layer: HF's weights the fused layer does not use
+    build_and_probe = fused_layers._build_and_probe
+
+    def recording(build, layer, rotary):
+        fused, reason = build_and_probe(build, layer, rotary)
+        released = tuple(f"self_attn.{n}_proj." for n in "qkv")  # by release_hf_weights
+        used = fused.named_parameters() if fused is not None else ()
+        kept = {id(p) for name, p in used if not name.startswith(released)}
+        dropped.append([weakref.ref(p) for p in layer.parameters() if id(p) not in kept])
+        if len(dropped) > 1:  # the layer swapped before this one is gone already
+            assert not [ref for ref in dropped[-2] if ref() is not None]
+        return fused, reason
+
+    monkeypatch.setattr(fused_layers, "_build_and_probe", recording)
+    gc.disable()
+    try:
+        model = _load(models["llama"], torch.bfloat16)
+        assert model.dstp.fused_layers == len(dropped) == 2
+        assert len(dropped[-1]) == 10  # q/k/v and gate/up, weights and biases
+        assert not [ref for refs in dropped for ref in refs if ref() is not None]
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gpt_neox"])
