@@ -7,38 +7,88 @@ one small reused buffer that stays in cache, and each block is one fp32 GEMM.
 The sums are fp32 and rounded to bf16 once, as oneDNN's bf16 GEMM does, so the
 two agree within bf16 rounding.
 
-``--cpu-compute-dtype``: "auto" widens where the CPU has no bf16 dot product,
-"float32" always, "bfloat16" never (oneDNN's bf16 GEMM everywhere).
+``--cpu-compute-dtype``: "auto" widens where the CPU has no bf16 dot product and,
+where it has one, if :func:`settle` measured widening faster on this machine (a
+bf16 dot product does not make oneDNN's bf16 GEMM fast: on a KVM Xeon with
+AVX512-BF16 and its AMX hidden it ran at 0.61x fp32's rate, benchmarks/FINDINGS.md);
+"float32" always widens, "bfloat16" never does (oneDNN's bf16 GEMM everywhere).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from dstp.cpu import features as cpu_features
 
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
-TILE_BYTES = 2 << 20  # one widened fp32 block of weight rows (benchmarks/FINDINGS.md)
+TILE_BYTES = 4 << 20  # one widened fp32 block of weight rows (benchmarks/FINDINGS.md)
 MIN_ROWS = 56  # below, widening costs more (cpu_kernels' few-row kernel takes 2-55 rows)
+# "auto" widens only if it measures this much faster: a near tie keeps oneDNN's bf16 GEMM,
+# so the choice does not flip between runs of the same machine
+MEASURED_MARGIN = 1.1
+PROBE_SHAPE = (256, 2048, 2048)  # rows, in, out: a prefill-sized linear, ~2 GFLOP
+
+log = logging.getLogger("dstp")
 
 _setting = "auto"
+_measured_fp32: bool | None = None  # "auto"'s measured choice, once settle() ran
 _buffers = threading.local()
 
 
 def set_compute_dtype(name: str) -> None:
     """Chooses how multi-row bf16 linears compute (``--cpu-compute-dtype``)."""
-    global _setting
+    global _setting, _measured_fp32
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"--cpu-compute-dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
-    _setting = name
+    _setting, _measured_fp32 = name, None
+
+
+def settle(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
+    """Decides "auto" on a CPU with a bf16 dot product by timing both ways once.
+
+    Each rank times oneDNN's bf16 GEMM against :func:`widened_linear` on its own
+    threads (as it will run them); every rank widens only if every rank measured
+    widening at least ``MEASURED_MARGIN`` times faster (``min_over_ranks`` is the
+    TP group's), so all ranks round alike. About 0.3 s, once per process.
+    """
+    global _measured_fp32
+    if _setting != "auto" or not cpu_features.has_native_bf16_dot() or _measured_fp32 is not None:
+        return
+    rows, k, n = PROBE_SHAPE
+    x, weight = torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16()
+    bf16_s = _median_seconds(lambda: F.linear(x, weight))
+    widened_s = _median_seconds(lambda: widened_linear(x, weight))
+    vote = int(bf16_s >= MEASURED_MARGIN * widened_s)
+    _measured_fp32 = bool(min_over_ranks(vote))
+    log.info(
+        "bf16 linears of %d+ rows: %s (measured here: widened fp32 %.2fx oneDNN bf16's rate)",
+        MIN_ROWS, describe(), bf16_s / widened_s,
+    )  # fmt: skip
+
+
+def _median_seconds(run: Callable[[], object], calls: int = 5) -> float:
+    run()  # oneDNN builds its kernel on the first call
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[calls // 2]
 
 
 def computes_in_fp32() -> bool:
     """Whether bf16 linears of two or more rows on CPU compute in fp32 on widened weights
-    (the setting, and for "auto" the CPU's lack of a bf16 dot product)."""
+    (the setting; for "auto", the CPU's lack of a bf16 dot product or :func:`settle`'s
+    measurement)."""
     if _setting == "auto":
+        if _measured_fp32 is not None:
+            return _measured_fp32
         return not cpu_features.has_native_bf16_dot()
     return _setting == "float32"
 
@@ -51,7 +101,12 @@ def widens(rows: int) -> bool:
 def describe() -> str:
     """The multi-row path in use, for start-up logs and benchmark records."""
     if computes_in_fp32():
-        why = "asked for" if _setting == "float32" else "no bf16 dot product on this CPU"
+        if _setting == "float32":
+            why = "asked for"
+        elif _measured_fp32:
+            why = "measured faster than oneDNN's bf16 GEMM here"
+        else:
+            why = "no bf16 dot product on this CPU"
         return f"fp32 on widened bf16 weight blocks ({why})"
     return "oneDNN bf16 GEMM"
 

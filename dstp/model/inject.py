@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dstp.cpu import gemm as cpu_gemm
 from dstp.cpu import kernels as cpu_kernels
 from dstp.distributed import TPGroup
 from dstp.model.fused_layers import fuse_decoder_layers
@@ -427,6 +428,7 @@ def shard_model(
     finish_staged_reads()
     if dtype == torch.bfloat16 and tp.device.type == "cpu":
         cpu_kernels.available()  # build the batch-1 GEMV now, not on the first request
+        cpu_gemm.settle(tp.min_over_ranks)  # "auto": time bf16 against widened fp32 once
         _fuse_rms_norms(model)
     fused = tp.agree(lambda: fuse_decoder_layers(model, policy, tp)) if fused_layers else 0
     # after the fusing, not before it: its probes and packed copies leave freed heap

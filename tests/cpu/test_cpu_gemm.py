@@ -72,6 +72,53 @@ def test_the_choice_follows_the_cpu_and_the_flag(
     assert ("widened" in cpu_gemm.describe()) is widens
 
 
+@pytest.mark.parametrize(
+    "bf16_s,widened_s,other_ranks_vote,widens",
+    [
+        (1.6, 1.0, 1, True),  # oneDNN's bf16 at 0.61x fp32 (a KVM Xeon without AMX)
+        (1.05, 1.0, 1, False),  # a near tie keeps oneDNN's bf16: no flip between runs
+        (0.8, 1.0, 1, False),  # bf16 dots pay (Zen 4, AMX)
+        (1.6, 1.0, 0, False),  # another rank measured otherwise: all ranks round alike
+    ],
+)
+def test_auto_settles_by_measuring_where_the_cpu_has_bf16_dots(
+    monkeypatch, compute_dtype, bf16_s, widened_s, other_ranks_vote, widens
+):
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2", "fma", "avx512_bf16"}))
+    times = iter([bf16_s, widened_s])
+    monkeypatch.setattr(cpu_gemm, "_median_seconds", lambda run: next(times))
+    compute_dtype("auto")
+    assert not cpu_gemm.computes_in_fp32()  # before measuring: the flag rule
+    cpu_gemm.settle(lambda vote: min(vote, other_ranks_vote))
+    assert cpu_gemm.computes_in_fp32() is widens
+    assert ("measured" in cpu_gemm.describe()) is widens
+    cpu_gemm.settle(lambda vote: 1 / 0)  # settled once per process: no second measurement
+    compute_dtype("auto")  # a new setting forgets the measurement
+    assert not cpu_gemm.computes_in_fp32()
+
+
+@pytest.mark.parametrize(
+    "flags,setting",
+    [({"avx2", "fma"}, "auto"), ({"avx512_bf16"}, "float32"), ({"avx512_bf16"}, "bfloat16")],
+)
+def test_settle_measures_only_an_open_choice(monkeypatch, compute_dtype, flags, setting):
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset(flags))
+    monkeypatch.setattr(cpu_gemm, "_median_seconds", lambda run: 1 / 0)
+    compute_dtype(setting)
+    before = cpu_gemm.computes_in_fp32()
+    cpu_gemm.settle()
+    assert cpu_gemm.computes_in_fp32() is before
+
+
+def test_settle_times_the_real_gemms(monkeypatch, compute_dtype, caplog):
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(cpu_gemm, "PROBE_SHAPE", (64, 256, 256))
+    compute_dtype("auto")
+    with caplog.at_level("INFO", logger="dstp"):
+        cpu_gemm.settle()
+    assert "widened fp32" in caplog.text and "x oneDNN bf16's rate" in caplog.text
+
+
 def test_linear_2d_widens_from_a_few_rows(monkeypatch, compute_dtype):
     calls = []
     real = cpu_gemm.widened_linear
