@@ -17,6 +17,13 @@ pass over enough copies of the weight to far exceed the last-level cache
 of a pass, and each number is the best of ``--repeats`` passes (5).
 
     python benchmarks/gemv.py [--json out.json]
+
+``--rows 2,4,8,16,32,48`` times the few-row case instead (batched decode, x ``[M, K]``) on
+the shapes of the 1B model at TP=2 (``FEW_SHAPES``), one thread, the median of
+``--repeats`` passes, interleaved: ``dstp`` is the chosen build's ``gemm_few_bf16``,
+``avx2`` the AVX2 build's beside it on an AVX512-BF16 CPU, ``onednn`` plain ``F.linear``
+(oneDNN's bf16 GEMM), ``aten`` ``F.linear`` with oneDNN off; GB/s of weight read and
+GFLOP/s.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dstp.cpu import features as cpu_features
 from dstp.cpu import kernels as cpu_kernels
 from dstp.cpu.kernels import _aten_cpu_kernels
 
 SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192), (64128, 2048)]  # [N, K]: out x in
+# a 1B Llama's linears at TP=2, [N, K]: qkv, gate_up, down, the LM head's shard
+FEW_SHAPES = [(1536, 2048), (8192, 2048), (2048, 4096), (64128, 2048)]
 
 
 def cpu_model() -> str:
@@ -89,6 +99,74 @@ def gemv_rates(n: int, k: int, pass_mib: int, repeats: int) -> dict[str, float]:
     return rates
 
 
+def few_row_rates(
+    n: int, k: int, rows: list[int], pass_mib: int, repeats: int
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """{M: {path: (GB/s of weight, GFLOP/s)}} for x [M, K] against copies of W [N, K]: the
+    median pass of each path, the paths' passes interleaved (this VM's noise hits all)."""
+    gen = torch.Generator().manual_seed(0)
+    nbytes = n * k * 2
+    copies = max(1, math.ceil(pass_mib * 2**20 / nbytes))
+    weights = [torch.randn(n, k, generator=gen).bfloat16() for _ in range(copies)]
+
+    def aten(x, w, bias):
+        with _aten_cpu_kernels():
+            return F.linear(x, w, bias)
+
+    paths = {}
+    if getattr(cpu_kernels._ops(), "gemm_few_bf16", None) is not None:
+        paths["dstp"] = cpu_kernels.gemm_few_bf16
+    if cpu_kernels.kernel() == "avx512_bf16" and cpu_features.has_avx2_fma():
+        avx2 = cpu_kernels._build("avx2")  # the AVX2 build, loaded beside the chosen one
+        if avx2 is not None:
+            paths["avx2"] = avx2.gemm_few_bf16
+    paths.update(onednn=F.linear, aten=aten)
+    out: dict[int, dict[str, tuple[float, float]]] = {}
+    for m in rows:
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for repeat in range(repeats + 1):  # the first round warms up
+            for name, linear in paths.items():
+                start = time.perf_counter()
+                for w in weights:
+                    linear(x, w, None)
+                if repeat:
+                    times[name].append(time.perf_counter() - start)
+        out[m] = {}
+        for name, passes in times.items():
+            seconds = sorted(passes)[len(passes) // 2]
+            out[m][name] = (copies * nbytes / seconds / 1e9, copies * 2 * m * n * k / seconds / 1e9)
+    return out
+
+
+def main_few_rows(args) -> None:
+    rows = [int(r) for r in args.rows.split(",")]
+    kernel = cpu_kernels.kernel()
+    print(
+        f"CPU: {cpu_model()}; {args.threads} thread(s); dstp kernel: {kernel}; "
+        f"median of {args.repeats} passes of >= {args.pass_mib} MiB"
+    )
+    names = ("dstp", "avx2", "onednn", "aten")
+    print(
+        f"{'N x K':>12} {'M':>3}  "
+        + "  ".join(f"{p:>15}" for p in names)
+        + "   GB/s of weights / GFLOP/s"
+    )
+    result: dict[str, object] = {"cpu": cpu_model(), "kernel": kernel, "shapes": {}}
+    for n, k in FEW_SHAPES:
+        rates = few_row_rates(n, k, rows, args.pass_mib, args.repeats)
+        result["shapes"][f"{n}x{k}"] = rates
+        for m, by_path in rates.items():
+            cells = [
+                f"{by_path[p][0]:5.1f} / {by_path[p][1]:5.1f}" if p in by_path else "-"
+                for p in names
+            ]
+            print(f"{f'{n}x{k}':>12} {m:>3}  " + "  ".join(f"{c:>15}" for c in cells), flush=True)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(result, out, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -96,8 +174,12 @@ def main() -> None:
     parser.add_argument("--roofline-mib", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--rows", help="the few-row case at these M (comma-separated)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.rows:
+        main_few_rows(args)
+        return
 
     kernel = cpu_kernels.kernel()
     result: dict[str, object] = {

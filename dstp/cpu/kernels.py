@@ -1,7 +1,8 @@
 """dstp's own CPU kernels, compiled on first use (the way DeepSpeed builds its CPU ops).
 
-Only where they beat PyTorch's: a single-row bf16 GEMV (batch-1 decode), in
-two builds chosen at run time by the CPU's flags in ``/proc/cpuinfo``:
+Only where they beat PyTorch's: a single-row bf16 GEMV (batch-1 decode) and a
+few-row bf16 GEMM (batched decode, :func:`few_row_kernel_applies`), in two builds
+chosen at run time by the CPU's flags in ``/proc/cpuinfo``:
 ``avx512_bf16`` gets ``csrc/gemv_bf16.cpp`` (native bf16 dot products), else
 ``avx2`` + ``fma`` gets ``csrc/gemv_bf16_avx2.cpp`` (bf16 widened to fp32 in
 registers). Anything else, a CPU without either, no compiler, or
@@ -214,10 +215,36 @@ def gemv_bf16(
 def gemm_few_bf16(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """``F.linear`` for a few contiguous bf16 rows on CPU (AVX2 build), or None without it."""
+    """``F.linear`` for a few contiguous bf16 rows on CPU (both builds), or None without it."""
     ops = _ops()
     few = getattr(ops, "gemm_few_bf16", None)
     return None if few is None else few(x, weight, bias)
+
+
+# the rows the AVX512-BF16 build's few-row kernel takes: all below the widened GEMM's. On a
+# KVM Xeon without AMX it ran 1.35-1.75x oneDNN's bf16 GEMM at 2-4 rows (memory-bound),
+# 1.04-1.29x at 8-32, a tie at 48-55 (both compute-bound): benchmarks/FINDINGS.md, 2026-12-03
+FEW_ROWS_AVX512 = range(2, cpu_gemm.MIN_ROWS)
+
+
+def few_row_kernel_applies(rows: int) -> bool:
+    """Whether a bf16 linear of ``rows`` rows on CPU takes dstp's few-row kernel.
+
+    The AVX2 build's widens the weights to fp32 in registers: it takes 2 to
+    ``cpu_gemm.MIN_ROWS - 1`` rows where multi-row linears compute in fp32
+    (:func:`dstp.cpu.gemm.computes_in_fp32`). The AVX512-BF16 build's accumulates
+    bf16 products in fp32 as oneDNN's bf16 GEMM does, and reads each weight once where
+    oneDNN's is compute-bound: it takes ``FEW_ROWS_AVX512`` whatever
+    ``--cpu-compute-dtype`` says, but for "bfloat16" (oneDNN's bf16 GEMM everywhere).
+    """
+    if not 2 <= rows < cpu_gemm.MIN_ROWS:
+        return False
+    ops = _ops()
+    if not hasattr(ops, "gemm_few_bf16"):
+        return False
+    if ops.dstp_kernel == "avx512_bf16":
+        return rows in FEW_ROWS_AVX512 and cpu_gemm._setting != "bfloat16"
+    return cpu_gemm.computes_in_fp32()
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -315,10 +342,14 @@ def decode_attention_bf16(
 def describe_paths() -> dict[str, str]:
     """What computes a bf16 linear of one, a few and many rows here (logs, benchmarks)."""
     gemv = kernel()
-    few = gemv is not None and hasattr(_ops(), "gemm_few_bf16") and cpu_gemm.computes_in_fp32()
+    few = [rows for rows in range(2, cpu_gemm.MIN_ROWS) if few_row_kernel_applies(rows)]
+    if few and len(few) < cpu_gemm.MIN_ROWS - 2:
+        few_path = f"dstp {gemv} few-row kernel at {few[0]}-{few[-1]} rows, else oneDNN"
+    else:
+        few_path = f"dstp {gemv} few-row kernel" if few else "oneDNN"
     return {
         "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
-        f"2-{cpu_gemm.MIN_ROWS - 1} rows": f"dstp {gemv} few-row kernel" if few else "oneDNN",
+        f"2-{cpu_gemm.MIN_ROWS - 1} rows": few_path,
         f"{cpu_gemm.MIN_ROWS}+ rows": cpu_gemm.describe(),
         "decode attention": "dstp paged kernel (bf16 cache)"
         if hasattr(_ops(), "decode_attention_bf16")
@@ -339,11 +370,12 @@ def linear_2d(
       about half the memory bandwidth of ATen's own kernel (8192x2048, one
       thread: 2.8 vs 1.5 ms), and dstp's four-stream kernel about 1.3x ATen's
       on Zen 4 (AVX512-BF16), ~1.8x on an AVX2-only EPYC (benchmarks/gemv.py);
-      from two rows on oneDNN is faster.
-    - On a CPU without bf16 dot products, from 2 rows dstp's few-row kernel
-      (AVX2 build: weights widened in registers, read once), from
-      ``cpu_gemm.MIN_ROWS`` fp32 GEMMs on widened weight blocks
-      (:mod:`dstp.cpu.gemm`).
+      from two rows oneDNN beats ATen.
+    - From 2 rows dstp's few-row kernel, weights read once, wherever
+      :func:`few_row_kernel_applies` (AVX512-BF16 build: bf16 dot products; AVX2
+      build, on a CPU without them: weights widened in registers); from
+      ``cpu_gemm.MIN_ROWS`` fp32 GEMMs on widened weight blocks where the CPU has no
+      bf16 dot product (:mod:`dstp.cpu.gemm`), else oneDNN's bf16 GEMM.
     """
     flat = x.reshape(-1, x.shape[-1])
     bf16_on_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
@@ -356,7 +388,7 @@ def linear_2d(
         out = _single_row_bf16(flat, weight, bias)
     elif bf16_on_cpu and cpu_gemm.widens(rows) and not _needs_grad(weight):
         out = cpu_gemm.widened_linear(flat, weight, bias)
-    elif bf16_on_cpu and cpu_gemm.computes_in_fp32() and _kernel_takes(weight, bias):
+    elif bf16_on_cpu and few_row_kernel_applies(rows) and _kernel_takes(weight, bias):
         out = gemm_few_bf16(flat.contiguous(), weight, bias)
         if out is None:
             out = F.linear(flat, weight, bias)

@@ -126,27 +126,42 @@ def test_matches_pytorch_within_bf16_rounding(chosen, n, k, bias):
 
 @pytest.fixture
 def avx2(monkeypatch, fresh_dispatch):
-    """The AVX2 build in use (it alone has the few-row kernel)."""
+    """The AVX2 build in use."""
     monkeypatch.setenv(cpu_kernels.ENV_KERNEL, "avx2")
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
 
 
-@needs_avx2
+@pytest.fixture
+def avx512_bf16(monkeypatch, fresh_dispatch):
+    """The AVX512-BF16 build in use, multi-row linears as "auto" has them."""
+    monkeypatch.delenv(cpu_kernels.ENV_KERNEL, raising=False)
+    monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(cpu_gemm, "_setting", "auto")
+    assert cpu_kernels.kernel() == "avx512_bf16"
+
+
+# both builds' few-row kernels (AVX2: pairs of x rows against 4 weight rows, blocks of 48;
+# AVX512-BF16: groups of up to 6 x rows against 8, 6 or 4 weight rows, 32 columns a step,
+# blocks of 48)
 @pytest.mark.parametrize(
     "m,n,k,bias",
     [
         (2, 1023, 2048, True),  # 4 weight rows per pass; a last block of 15, 3 rows alone
+        (2, 101, 33, False),  # AVX512: 8 rows a pass, 5 alone; a tail of one column
         (3, 37, 100, False),  # K with a tail of 4
+        (3, 50, 2047, True),  # an odd K: the last pair half zero
         (4, 64, 4096, True),  # several column chunks
         (5, 17, 31, True),  # K below one vector: all tail
-        (7, 4097, 2056, False),
+        (7, 4097, 2056, False),  # AVX512: a group of 6 x rows and one alone
+        (7, 97, 70, True),
         (8, 33, 16, True),
         (9, 100, 300, False),  # four pairs of x rows and one alone; blocks of 48, 48, 4
         (17, 5, 1040, True),
         (cpu_gemm.MIN_ROWS - 1, 70, 48, True),  # the most rows it takes
+        (cpu_gemm.MIN_ROWS - 1, 131, 200, False),  # AVX512: nine groups of 6 and one of 1
     ],
 )
-def test_few_rows_match_fp32_math_rounded_once(avx2, m, n, k, bias):
+def test_few_rows_match_fp32_math_rounded_once(chosen, m, n, k, bias):
     gen = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(m, k, generator=gen).bfloat16()
     w = torch.randn(n, k, generator=gen).bfloat16()
@@ -178,8 +193,49 @@ def test_linear_2d_takes_the_few_row_kernel_below_the_widened_gemm(avx2, monkeyp
     assert len(calls) == 2
 
 
+@needs_kernel
+@pytest.mark.parametrize("setting", ["auto", "float32"])
+def test_linear_2d_takes_the_avx512_few_row_kernel_unless_bf16_is_asked_for(
+    avx512_bf16, monkeypatch, setting
+):
+    """The AVX512-BF16 build's kernel accumulates in fp32 as oneDNN's bf16 GEMM does: it takes
+    2-55 rows whatever --cpu-compute-dtype says, but for "bfloat16" (oneDNN everywhere)."""
+    calls = []
+    real = cpu_kernels.gemm_few_bf16
+    monkeypatch.setattr(
+        cpu_kernels, "gemm_few_bf16", lambda x, *a: calls.append(x.shape[0]) or real(x, *a)
+    )
+    monkeypatch.setattr(cpu_gemm, "_setting", setting)
+    w, b = torch.randn(64, 128).bfloat16(), torch.randn(64).bfloat16()
+    x = torch.randn(2, 4, 128).bfloat16()  # batch-8 decode, flattened
+    got = linear_2d(x, w, b)
+    assert calls == [8] and got.shape == (2, 4, 64)
+    exact = F.linear(x.float(), w.float(), b.float())
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3 * exact.abs().max()).all()
+    for rows in (1, 2, cpu_gemm.MIN_ROWS - 1, cpu_gemm.MIN_ROWS):
+        linear_2d(torch.randn(rows, 128).bfloat16(), w)
+    assert calls == [8, 2, cpu_gemm.MIN_ROWS - 1]
+    assert "few-row kernel" in cpu_kernels.describe_paths()[f"2-{cpu_gemm.MIN_ROWS - 1} rows"]
+    monkeypatch.setattr(cpu_gemm, "_setting", "bfloat16")
+    x = torch.randn(8, 128).bfloat16()
+    assert torch.equal(linear_2d(x, w), F.linear(x, w))
+    assert len(calls) == 3
+    assert cpu_kernels.describe_paths()[f"2-{cpu_gemm.MIN_ROWS - 1} rows"] == "oneDNN"
+
+
+@needs_kernel
+def test_the_avx512_few_row_kernel_checks_its_inputs(avx512_bf16):
+    w = torch.randn(64, 128).bfloat16()
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu_kernels.gemm_few_bf16(torch.randn(4, 100).bfloat16(), w)
+    with pytest.raises(RuntimeError, match="bf16 inputs only"):
+        cpu_kernels.gemm_few_bf16(torch.randn(4, 128), w)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_kernels.gemm_few_bf16(torch.randn(4, 128).bfloat16(), w, torch.randn(63).bfloat16())
+
+
 def test_few_rows_fall_back_where_the_build_lacks_the_kernel(monkeypatch):
-    """The AVX512-BF16 build has no few-row kernel: oneDNN computes (natively there)."""
+    """A build without the few-row kernel (or none): oneDNN computes."""
     monkeypatch.setattr(cpu_kernels, "_ops", lambda: object())
     monkeypatch.setattr(cpu_gemm, "_setting", "float32")
     w, x = torch.randn(64, 128).bfloat16(), torch.randn(3, 128).bfloat16()
@@ -214,6 +270,7 @@ def test_linear_2d_uses_the_kernel_for_single_rows(chosen, monkeypatch):
     exact = F.linear(x.float(), w.float(), b.float())
     assert ((out.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3 * exact.abs().max()).all()
     x3 = torch.randn(1, 3, 128).bfloat16()
+    monkeypatch.setattr(cpu_gemm, "_setting", "bfloat16")  # no few-row kernel in either build
     assert torch.equal(linear_2d(x3, w, b), F.linear(x3, w, b))  # three rows: oneDNN
     assert calls == [1]
 
@@ -264,6 +321,7 @@ def test_failed_build_falls_back_to_pytorch(monkeypatch, fresh_dispatch, caplog)
 def test_batched_and_other_dtypes_bypass_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "gemv_bf16", lambda *a: pytest.fail("kernel called"))
     monkeypatch.setattr(cpu_gemm, "computes_in_fp32", lambda: False)  # see test_cpu_gemm for True
+    monkeypatch.setattr(cpu_kernels, "few_row_kernel_applies", lambda rows: False)
     w = torch.randn(64, 128).bfloat16()
     x2 = torch.randn(2, 128).bfloat16()
     assert torch.equal(linear_2d(x2, w), F.linear(x2, w))  # batch 2: F.linear (oneDNN)

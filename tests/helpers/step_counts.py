@@ -176,7 +176,10 @@ class _CountedKernels:
 
         def counted(*args, **kwargs):
             self._counter.op(f"dstp.{name}")
-            return attr(*args, **kwargs)
+            out = attr(*args, **kwargs)
+            for t in out if isinstance(out, (list, tuple)) else (out,):
+                self._counter.mark(t)  # as a dispatched op's output on device tensors
+            return out
 
         return counted
 
