@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dstp.cpu import gemm as cpu_gemm
+from dstp.cpu import huge_pages
 from dstp.cpu import kernels as cpu_kernels
 from dstp.distributed import TPGroup
 from dstp.model.fused_layers import fuse_decoder_layers
@@ -434,6 +435,8 @@ def shard_model(
     # after the fusing, not before it: its probes and packed copies leave freed heap
     # (~200 MB of a 1B model) that glibc keeps resident until trimmed
     release_free_heap()
+    if tp.device.type == "cpu":
+        huge_pages.collapse(model.parameters())  # decode streams them: fewer TLB misses
     sharded = ShardedModel(model, policy, heads, config, ckpt.nbytes(), fused)
     if tp.is_driver:
         log.info(

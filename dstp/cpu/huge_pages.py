@@ -1,0 +1,75 @@
+"""Weights on 2 MiB pages: batch-1 decode streams every weight once per token.
+
+With 4 KiB pages a 1B model's rank walks ~300,000 pages a token, and under a
+hypervisor each TLB miss is a two-level (guest and host) page walk. Linux backs
+anonymous memory with transparent huge pages only where a region asks
+(``madvise`` mode, the common default), so after loading each large CPU
+parameter's pages are advised and collapsed in place (``MADV_COLLAPSE``, Linux
+6.1+; ~0.4 s for 1.2 GB). Measured on a KVM Xeon: the GEMV read 2-6 % faster
+(benchmarks/FINDINGS.md). Where the kernel or libc refuses, nothing changes.
+``DSTP_HUGE_PAGES=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+import torch
+
+log = logging.getLogger("dstp")
+
+ENV_SWITCH = "DSTP_HUGE_PAGES"  # "0": leave the weights on the pages malloc gave them
+HUGE = 2 << 20
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+
+
+@functools.cache
+def _madvise():
+    """libc's ``madvise``, or None (not Linux/glibc)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        madvise = ctypes.CDLL(name, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
+def huge_page_span(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """The whole 2 MiB pages inside ``tensor``'s storage as (start address, length), if any."""
+    storage = tensor.untyped_storage()
+    first = (storage.data_ptr() + HUGE - 1) // HUGE * HUGE
+    last = (storage.data_ptr() + storage.nbytes()) // HUGE * HUGE
+    return (first, last - first) if last > first else None
+
+
+def collapse(tensors: Iterable[torch.Tensor]) -> int:
+    """Backs each CPU tensor's whole 2 MiB pages with huge pages; returns the bytes collapsed."""
+    madvise = _madvise()
+    if madvise is None or os.environ.get(ENV_SWITCH, "1") == "0":
+        return 0
+    started, done, refused, seen = time.perf_counter(), 0, None, set()
+    for tensor in tensors:
+        span = None if tensor.device.type != "cpu" else huge_page_span(tensor)
+        if span is None or span in seen:
+            continue
+        seen.add(span)
+        if madvise(span[0], span[1], MADV_HUGEPAGE) or madvise(span[0], span[1], MADV_COLLAPSE):
+            refused = os.strerror(ctypes.get_errno())
+            continue
+        done += span[1]
+    if refused:
+        log.debug("some weights stay on 4 KiB pages: madvise said %s", refused)
+    log.debug(
+        "%.2f GB of weights on 2 MiB pages in %.2f s", done / 1e9, time.perf_counter() - started
+    )
+    return done
