@@ -67,7 +67,7 @@ def settle(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
     vote = int(bf16_s >= MEASURED_MARGIN * widened_s)
     _measured_fp32 = bool(min_over_ranks(vote))
     log.info(
-        "bf16 linears of %d+ rows: %s (measured here: widened fp32 %.2fx oneDNN bf16's rate)",
+        "bf16 linears of %d+ rows: %s (widened fp32 measured at %.2fx oneDNN bf16's rate)",
         MIN_ROWS, describe(), bf16_s / widened_s,
     )  # fmt: skip
 
