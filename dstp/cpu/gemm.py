@@ -55,10 +55,16 @@ def settle(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
     Each rank times oneDNN's bf16 GEMM against :func:`widened_linear` on its own
     threads (as it will run them); every rank widens only if every rank measured
     widening at least ``MEASURED_MARGIN`` times faster (``min_over_ranks`` is the
-    TP group's), so all ranks round alike. About 0.3 s, once per process.
+    TP group's), so all ranks round alike. About 0.3 s, once per process. A rank
+    without a bf16 dot product joins the vote for widening (and always widens), so
+    ranks on unlike CPUs still meet in the same collective.
     """
     global _measured_fp32
-    if _setting != "auto" or not cpu_features.has_native_bf16_dot() or _measured_fp32 is not None:
+    if _setting != "auto" or _measured_fp32 is not None:
+        return
+    if not cpu_features.has_native_bf16_dot():
+        min_over_ranks(1)  # the other ranks' collective; widening is the only fast path here
+        _measured_fp32 = True
         return
     rows, k, n = PROBE_SHAPE
     x, weight = torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16()
@@ -103,7 +109,7 @@ def describe() -> str:
     if computes_in_fp32():
         if _setting == "float32":
             why = "asked for"
-        elif _measured_fp32:
+        elif cpu_features.has_native_bf16_dot():
             why = "measured faster than oneDNN's bf16 GEMM here"
         else:
             why = "no bf16 dot product on this CPU"

@@ -106,8 +106,12 @@ def test_settle_measures_only_an_open_choice(monkeypatch, compute_dtype, flags, 
     monkeypatch.setattr(cpu_gemm, "_median_seconds", lambda run: 1 / 0)
     compute_dtype(setting)
     before = cpu_gemm.computes_in_fp32()
-    cpu_gemm.settle()
+    votes = []
+    cpu_gemm.settle(lambda vote: votes.append(vote) or 0)
     assert cpu_gemm.computes_in_fp32() is before
+    # "auto" without a bf16 dot still meets the other ranks' vote (for widening): no hang
+    # between ranks on unlike CPUs; an explicit setting never votes
+    assert votes == ([1] if setting == "auto" else [])
 
 
 def test_settle_times_the_real_gemms(monkeypatch, compute_dtype, caplog):
