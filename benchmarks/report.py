@@ -12,6 +12,11 @@ from typing import Any
 
 GB = 1e9
 
+# the configurations whose batch-1 decode is set against the read roofline, in report order
+ROOFLINE_CONFIGS = (
+    "dstp", "dstp_engine", "dstp_aten_gemv", "dstp_avx2_gemv", "hf", "ds_autotp", "hf_1thread",
+)  # fmt: skip
+
 
 def load_results(out: Path) -> dict[str, list[dict]]:
     """config -> per-rank results (rank order)."""
@@ -129,7 +134,7 @@ def roofline(results: dict, decode_bytes: int, bandwidth_gbs: float) -> dict:
     """Batch-1 decode as a fraction of bandwidth / weight bytes read per token."""
     ceiling = bandwidth_gbs * GB / decode_bytes
     out = {"bandwidth_gbs": bandwidth_gbs, "bytes_per_step": decode_bytes, "ceiling_tok_s": ceiling}
-    for name in ("dstp", "dstp_engine", "dstp_aten_gemv", "hf", "ds_autotp", "hf_1thread"):
+    for name in ROOFLINE_CONFIGS:
         tok_s = _decode(results.get(name, []), 1) if results.get(name) else None
         if tok_s:
             out[name] = {"tok_s": tok_s, "fraction": tok_s / ceiling}
@@ -334,7 +339,7 @@ def markdown(summary: dict) -> str:
         f"Batch-1 decode roofline: {roof['bandwidth_gbs']:.1f} GB/s / {roof['bytes_per_step'] / GB:.2f} GB "
         f"per token = {roof['ceiling_tok_s']:.2f} tok/s.",
     ]
-    for name in ("dstp", "dstp_engine", "dstp_aten_gemv", "hf", "ds_autotp", "hf_1thread"):
+    for name in ROOFLINE_CONFIGS:
         if name in roof:
             lines.append(
                 f"- {name}: {roof[name]['tok_s']:.2f} tok/s = {100 * roof[name]['fraction']:.0f}% of roofline"

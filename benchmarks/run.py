@@ -17,6 +17,8 @@ configuration alone, one after another (never two models' ranks at once):
     hf_1thread   (extra) HF with one thread: a TP=2 rank's compute budget
     dstp_gloo    (extra) dstp with DSTP_FAST_ALLREDUCE=0 (gloo): prefill 128, decode b1
     dstp_aten_gemv (extra) dstp with DSTP_CPU_KERNELS=0 (ATen's GEMV): decode b1
+    dstp_avx2_gemv (extra) dstp with DSTP_CPU_KERNEL=avx2 (the AVX2 build on an AVX512
+                 CPU, this memory system's figure for AVX2-only hosts): decode b1
 
 Results: <out>/results.json and <out>/results.md (default out: runs/bench/latest),
 plus per-rank JSON and logs.
@@ -38,7 +40,7 @@ from benchmarks import checkpoint, report, sysinfo  # noqa: E402
 from benchmarks.launch import REPO, run_config  # noqa: E402
 
 DEFAULT_CONFIGS = ("dstp", "dstp_engine", "hf", "ds_autotp")
-EXTRA_CONFIGS = ("hf_1thread", "dstp_gloo", "dstp_aten_gemv")
+EXTRA_CONFIGS = ("hf_1thread", "dstp_gloo", "dstp_aten_gemv", "dstp_avx2_gemv")
 
 
 def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[dict, int, dict]]:
@@ -91,6 +93,11 @@ def build_plans(args: argparse.Namespace, model: Path, out: Path) -> list[tuple[
             {**base, "impl": "dstp", "prefill": [], "decode_batches": [1]},
             args.tp,
             {"DSTP_CPU_KERNELS": "0"},
+        ),
+        "dstp_avx2_gemv": (
+            {**base, "impl": "dstp", "prefill": [], "decode_batches": [1]},
+            args.tp,
+            {"DSTP_CPU_KERNEL": "avx2"},
         ),
         "dstp_gloo": (
             {**base, "impl": "dstp", "prefill": [128], "decode_batches": [1]},
