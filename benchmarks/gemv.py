@@ -20,8 +20,10 @@ of a pass, and each number is the best of ``--repeats`` passes (5).
 
 ``--rows 2,4,8,16,32,48`` times the few-row case instead (batched decode, x ``[M, K]``) on
 the shapes of the 1B model at TP=2 (``FEW_SHAPES``), one thread, the median of
-``--repeats`` passes, interleaved: ``dstp`` is the chosen build's ``gemm_few_bf16``,
-``avx2`` the AVX2 build's beside it on an AVX512-BF16 CPU, ``onednn`` plain ``F.linear``
+``--repeats`` passes, interleaved: ``dstp`` is the chosen build's ``gemm_few_bf16`` (on the
+AVX512-BF16 build its two variants instead, ``dpbf16``: vdpbf16ps, and ``fma``:
+``gemm_few_bf16_fma``, fp32 FMAs on weights widened in registers), ``avx2`` the AVX2
+build's beside it on an AVX512-BF16 CPU (``--no-avx2`` leaves it out), ``onednn`` plain ``F.linear``
 (oneDNN's bf16 GEMM), ``aten`` ``F.linear`` with oneDNN off; GB/s of weight read and
 GFLOP/s.
 """
@@ -100,7 +102,7 @@ def gemv_rates(n: int, k: int, pass_mib: int, repeats: int) -> dict[str, float]:
 
 
 def few_row_rates(
-    n: int, k: int, rows: list[int], pass_mib: int, repeats: int
+    n: int, k: int, rows: list[int], pass_mib: int, repeats: int, with_avx2: bool = True
 ) -> dict[int, dict[str, tuple[float, float]]]:
     """{M: {path: (GB/s of weight, GFLOP/s)}} for x [M, K] against copies of W [N, K]: the
     median pass of each path, the paths' passes interleaved (this VM's noise hits all)."""
@@ -114,9 +116,13 @@ def few_row_rates(
             return F.linear(x, w, bias)
 
     paths = {}
-    if getattr(cpu_kernels._ops(), "gemm_few_bf16", None) is not None:
-        paths["dstp"] = cpu_kernels.gemm_few_bf16
-    if cpu_kernels.kernel() == "avx512_bf16" and cpu_features.has_avx2_fma():
+    ops = cpu_kernels._ops()
+    if getattr(ops, "gemm_few_bf16_fma", None) is not None:  # the AVX512-BF16 build's two
+        paths["dpbf16"] = ops.gemm_few_bf16
+        paths["fma"] = ops.gemm_few_bf16_fma
+    elif getattr(ops, "gemm_few_bf16", None) is not None:
+        paths["dstp"] = ops.gemm_few_bf16
+    if cpu_kernels.kernel() == "avx512_bf16" and cpu_features.has_avx2_fma() and with_avx2:
         avx2 = cpu_kernels._build("avx2")  # the AVX2 build, loaded beside the chosen one
         if avx2 is not None:
             paths["avx2"] = avx2.gemm_few_bf16
@@ -146,7 +152,11 @@ def main_few_rows(args) -> None:
         f"CPU: {cpu_model()}; {args.threads} thread(s); dstp kernel: {kernel}; "
         f"median of {args.repeats} passes of >= {args.pass_mib} MiB"
     )
-    names = ("dstp", "avx2", "onednn", "aten")
+    names = ("dstp", "dpbf16", "fma", "avx2", "onednn", "aten")
+    if kernel == "avx512_bf16":
+        names = names[1:]  # its two variants, not the one settle_few_rows chose
+    if args.no_avx2:
+        names = tuple(name for name in names if name != "avx2")
     print(
         f"{'N x K':>12} {'M':>3}  "
         + "  ".join(f"{p:>15}" for p in names)
@@ -154,7 +164,7 @@ def main_few_rows(args) -> None:
     )
     result: dict[str, object] = {"cpu": cpu_model(), "kernel": kernel, "shapes": {}}
     for n, k in FEW_SHAPES:
-        rates = few_row_rates(n, k, rows, args.pass_mib, args.repeats)
+        rates = few_row_rates(n, k, rows, args.pass_mib, args.repeats, not args.no_avx2)
         result["shapes"][f"{n}x{k}"] = rates
         for m, by_path in rates.items():
             cells = [
@@ -174,6 +184,7 @@ def main() -> None:
     parser.add_argument("--roofline-mib", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--no-avx2", action="store_true", help="--rows: not the AVX2 build")
     parser.add_argument("--rows", help="the few-row case at these M (comma-separated)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

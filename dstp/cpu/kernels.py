@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -215,10 +215,62 @@ def gemv_bf16(
 def gemm_few_bf16(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """``F.linear`` for a few contiguous bf16 rows on CPU (both builds), or None without it."""
+    """``F.linear`` for a few contiguous bf16 rows on CPU (both builds), or None without it.
+
+    On the AVX512-BF16 build, the variant :func:`settle_few_rows` chose (vdpbf16ps, or fp32
+    FMAs on weights widened in registers)."""
     ops = _ops()
-    few = getattr(ops, "gemm_few_bf16", None)
+    few = getattr(ops, FEW_FMA_OP if _few_rows_fma else "gemm_few_bf16", None)
     return None if few is None else few(x, weight, bias)
+
+
+# The AVX512-BF16 build's few-row kernel in two variants, alike but for how the fp32 sums are
+# formed: vdpbf16ps ("gemm_few_bf16") or fp32 FMAs on weights widened in registers
+# (FEW_FMA_OP). On a KVM Xeon without AMX vdpbf16ps issues at about half the FMA rate: the
+# FMA variant measured 1.17-1.22x at the probe, ~1.0-1.1x with weights from DRAM at 16-55
+# rows (benchmarks/FINDINGS.md, 2026-12-03); on Zen 4 the bf16 dot is the faster one.
+# settle_few_rows times both once per process.
+FEW_FMA_OP = "gemm_few_bf16_fma"
+FEW_PROBE_SHAPE = (32, 2048, 2048)  # rows, in, out: ~0.27 GFLOP, the weight mostly in cache
+_few_rows_fma: bool | None = None  # settle_few_rows' choice; None: not measured (vdpbf16ps)
+
+
+def settle_few_rows(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
+    """Chooses the AVX512-BF16 build's few-row variant by timing both once per process.
+
+    Each rank times both on its own threads (medians of 5 calls); every rank takes the FMA
+    variant only if every rank measured it at least ``cpu_gemm.MEASURED_MARGIN`` times faster
+    (``min_over_ranks`` is the TP group's), so all ranks round alike. Every call that has not
+    settled votes, measured or not (0 where there is nothing to choose), so ranks never wait
+    on each other. A few milliseconds.
+    """
+    global _few_rows_fma
+    if _few_rows_fma is not None:
+        return
+    ops = _ops()
+    ratio = None
+    if hasattr(ops, FEW_FMA_OP) and hasattr(ops, "gemm_few_bf16"):
+        rows, k, n = FEW_PROBE_SHAPE
+        x, weight = torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16()
+        dot_s = cpu_gemm._median_seconds(lambda: ops.gemm_few_bf16(x, weight, None))
+        fma_s = cpu_gemm._median_seconds(lambda: getattr(ops, FEW_FMA_OP)(x, weight, None))
+        ratio = dot_s / fma_s
+    vote = int(ratio is not None and ratio >= cpu_gemm.MEASURED_MARGIN)
+    _few_rows_fma = bool(min_over_ranks(vote))
+    if ratio is not None:
+        log.info(
+            "bf16 linears of 2-%d rows: %s (the FMA variant measured at %.2fx vdpbf16ps' rate)",
+            cpu_gemm.MIN_ROWS - 1, few_row_variant(), ratio,
+        )  # fmt: skip
+
+
+def few_row_variant() -> str:
+    """Which few-row kernel computes (logs, describe_paths)."""
+    if not hasattr(_ops(), FEW_FMA_OP):
+        return "few-row kernel"
+    if _few_rows_fma:
+        return "few-row kernel, fp32 FMAs on widened weights (measured faster than vdpbf16ps)"
+    return "few-row kernel, vdpbf16ps"
 
 
 # the rows the AVX512-BF16 build's few-row kernel takes: all below the widened GEMM's. On a
@@ -344,9 +396,9 @@ def describe_paths() -> dict[str, str]:
     gemv = kernel()
     few = [rows for rows in range(2, cpu_gemm.MIN_ROWS) if few_row_kernel_applies(rows)]
     if few and len(few) < cpu_gemm.MIN_ROWS - 2:
-        few_path = f"dstp {gemv} few-row kernel at {few[0]}-{few[-1]} rows, else oneDNN"
+        few_path = f"dstp {gemv} {few_row_variant()} at {few[0]}-{few[-1]} rows, else oneDNN"
     else:
-        few_path = f"dstp {gemv} few-row kernel" if few else "oneDNN"
+        few_path = f"dstp {gemv} {few_row_variant()}" if few else "oneDNN"
     return {
         "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
         f"2-{cpu_gemm.MIN_ROWS - 1} rows": few_path,

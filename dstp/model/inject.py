@@ -430,6 +430,7 @@ def shard_model(
     if dtype == torch.bfloat16 and tp.device.type == "cpu":
         cpu_kernels.available()  # build the batch-1 GEMV now, not on the first request
         cpu_gemm.settle(tp.min_over_ranks)  # "auto": time bf16 against widened fp32 once
+        cpu_kernels.settle_few_rows(tp.min_over_ranks)  # AVX512-BF16: vdpbf16ps or fp32 FMAs
         _fuse_rms_norms(model)
     fused = tp.agree(lambda: fuse_decoder_layers(model, policy, tp)) if fused_layers else 0
     # after the fusing, not before it: its probes and packed copies leave freed heap

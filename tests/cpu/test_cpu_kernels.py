@@ -32,10 +32,13 @@ KERNELS = [
 
 @pytest.fixture
 def fresh_dispatch():
-    """Clears the cached kernel choice before and after (the choice reads the environment)."""
+    """Clears the cached kernel choice before and after (the choice reads the environment),
+    and the few-row variant settle_few_rows chose (the dpbf16 one, unsettled, inside)."""
     cpu_kernels._ops.cache_clear()
+    settled, cpu_kernels._few_rows_fma = cpu_kernels._few_rows_fma, None
     yield
     cpu_kernels._ops.cache_clear()
+    cpu_kernels._few_rows_fma = settled
 
 
 @pytest.fixture(params=KERNELS)
@@ -142,7 +145,9 @@ def avx512_bf16(monkeypatch, fresh_dispatch):
 
 # both builds' few-row kernels (AVX2: pairs of x rows against 4 weight rows, blocks of 48;
 # AVX512-BF16: groups of up to 6 x rows against 8, 6 or 4 weight rows, 32 columns a step,
-# blocks of 48)
+# blocks of 48; its FMA variant: groups of up to 8 x rows, as even as they go, against 8, 6,
+# 4 or 3 weight rows), each variant ("fma": the AVX512-BF16 build's gemm_few_bf16_fma)
+@pytest.mark.parametrize("variant", ["chosen", "fma"])
 @pytest.mark.parametrize(
     "m,n,k,bias",
     [
@@ -158,16 +163,22 @@ def avx512_bf16(monkeypatch, fresh_dispatch):
         (9, 100, 300, False),  # four pairs of x rows and one alone; blocks of 48, 48, 4
         (17, 5, 1040, True),
         (cpu_gemm.MIN_ROWS - 1, 70, 48, True),  # the most rows it takes
+        (16, 49, 96, True),  # FMA: two groups of 8 x rows
         (cpu_gemm.MIN_ROWS - 1, 131, 200, False),  # AVX512: nine groups of 6 and one of 1
     ],
 )
-def test_few_rows_match_fp32_math_rounded_once(chosen, m, n, k, bias):
+def test_few_rows_match_fp32_math_rounded_once(chosen, variant, m, n, k, bias):
+    if variant == "fma" and chosen != "avx512_bf16":
+        pytest.skip("the FMA variant is the AVX512-BF16 build's")
     gen = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(m, k, generator=gen).bfloat16()
     w = torch.randn(n, k, generator=gen).bfloat16()
     b = torch.randn(n, generator=gen).bfloat16() if bias else None
     exact = F.linear(x.float(), w.float(), None if b is None else b.float())
-    got = cpu_kernels.gemm_few_bf16(x, w, b)
+    if variant == "fma":
+        got = cpu_kernels._ops().gemm_few_bf16_fma(x, w, b)
+    else:
+        got = cpu_kernels.gemm_few_bf16(x, w, b)
     assert got.shape == (m, n) and got.dtype == torch.bfloat16
     tol = exact.abs() * 2**-8 + 1e-3 * exact.abs().max()
     assert ((got.float() - exact).abs() <= tol).all()
@@ -224,14 +235,64 @@ def test_linear_2d_takes_the_avx512_few_row_kernel_unless_bf16_is_asked_for(
 
 
 @needs_kernel
-def test_the_avx512_few_row_kernel_checks_its_inputs(avx512_bf16):
+@pytest.mark.parametrize("op", ["gemm_few_bf16", "gemm_few_bf16_fma"])
+def test_the_avx512_few_row_kernel_checks_its_inputs(avx512_bf16, op):
+    few = getattr(cpu_kernels._ops(), op)
     w = torch.randn(64, 128).bfloat16()
     with pytest.raises(RuntimeError, match="columns"):
-        cpu_kernels.gemm_few_bf16(torch.randn(4, 100).bfloat16(), w)
+        few(torch.randn(4, 100).bfloat16(), w, None)
     with pytest.raises(RuntimeError, match="bf16 inputs only"):
-        cpu_kernels.gemm_few_bf16(torch.randn(4, 128), w)
+        few(torch.randn(4, 128), w, None)
     with pytest.raises(RuntimeError, match="bias"):
-        cpu_kernels.gemm_few_bf16(torch.randn(4, 128).bfloat16(), w, torch.randn(63).bfloat16())
+        few(torch.randn(4, 128).bfloat16(), w, torch.randn(63).bfloat16())
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "dot_s,fma_s,other_ranks_vote,fma",
+    [
+        (1.45, 1.0, 1, True),  # vdpbf16ps at half the FMA rate (a KVM Xeon without AMX)
+        (1.05, 1.0, 1, False),  # a near tie keeps vdpbf16ps: no flip between runs
+        (0.8, 1.0, 1, False),  # the bf16 dot pays (Zen 4)
+        (1.45, 1.0, 0, False),  # another rank measured otherwise: all ranks round alike
+    ],
+)
+def test_settle_few_rows_picks_the_variant_by_measurement(
+    avx512_bf16, monkeypatch, dot_s, fma_s, other_ranks_vote, fma
+):
+    times = iter([dot_s, fma_s])
+    monkeypatch.setattr(cpu_gemm, "_median_seconds", lambda run: next(times))
+    votes = []
+    cpu_kernels.settle_few_rows(lambda vote: votes.append(vote) or min(vote, other_ranks_vote))
+    assert votes == [int(dot_s >= cpu_gemm.MEASURED_MARGIN * fma_s)]
+    few_path = cpu_kernels.describe_paths()[f"2-{cpu_gemm.MIN_ROWS - 1} rows"]
+    assert ("fp32 FMAs" in few_path) is fma and ("vdpbf16ps" in few_path)
+    cpu_kernels.settle_few_rows(lambda vote: 1 / 0)  # settled once per process
+    ops, calls = cpu_kernels._ops(), []
+    for name in ("gemm_few_bf16", "gemm_few_bf16_fma"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(
+            ops, name, lambda x, *a, name=name, real=real: calls.append(name) or real(x, *a)
+        )
+    x, w = torch.randn(8, 128).bfloat16(), torch.randn(64, 128).bfloat16()
+    got = linear_2d(x, w)
+    assert calls == ["gemm_few_bf16_fma" if fma else "gemm_few_bf16"]
+    exact = F.linear(x.float(), w.float())
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3 * exact.abs().max()).all()
+
+
+def test_settle_few_rows_votes_without_a_choice(fresh_dispatch, monkeypatch):
+    """A build without the FMA variant (AVX2, none) measures nothing but still meets the
+    other ranks' vote: no rank waits for one that skipped it."""
+    monkeypatch.setattr(cpu_kernels, "_ops", lambda: object())
+    monkeypatch.setattr(cpu_gemm, "_median_seconds", lambda run: 1 / 0)
+    votes = []
+    cpu_kernels.settle_few_rows(lambda vote: votes.append(vote) or vote)
+    assert votes == [0] and cpu_kernels._few_rows_fma is False
+    assert (
+        cpu_kernels.gemm_few_bf16(torch.randn(3, 8).bfloat16(), torch.randn(4, 8).bfloat16())
+        is None
+    )
 
 
 def test_few_rows_fall_back_where_the_build_lacks_the_kernel(monkeypatch):

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -133,6 +134,146 @@ using BlockFew = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t, co
 constexpr BlockFew kBlockFew[kFewMaxGroup] = {block_few<1>, block_few<2>, block_few<3>,
                                               block_few<4>, block_few<5>, block_few<6>};
 
+// -- gemm_few_bf16_fma: the same blocking with weights widened to fp32 in registers ---------
+//
+// Where vdpbf16ps issues at about half the fp32 FMA rate (a KVM Xeon without AMX: ~70 GFLOP/s
+// one thread against ~140 for MKL's sgemm) the AVX2 build's plan at 512 bits can be faster
+// (kernels.settle_few_rows measures which):
+// x goes to fp32 once, each 32-column chunk of a row as its 16 even then its 16 odd elements
+// (zero past K); each 32-bf16 weight load is widened in registers (even elements: 32-bit
+// lanes shifted left 16; odd: lanes masked with 0xFFFF0000) and both halves meet x's with
+// 512-bit fp32 FMAs. A group of MG x rows against R weight rows holds MG * R accumulators,
+// 2 * R widened weight vectors and 2 x vectors in zmm registers (at most 32); groups of up to
+// 8 x rows, as even as they go, so that the widening (2 ops per 2 * MG FMAs, on the FMA
+// ports) costs little. Blocks, the first group's software prefetch, one horizontal sum per
+// output, bias and one rounding to bf16 as gemm_few_bf16 above; the later groups, reading the
+// block from L2, also bring the next block into L2 (NextBlock). Only how the fp32 sums are formed differs (products exact in fp32
+// both ways; the order of the additions is not).
+
+constexpr int kFmaMaxGroup = 8;  // x rows per pass over a block
+
+// weight rows per pass: MG * R + 2 * R + 2 registers, R dividing kFewBlock
+constexpr int fma_rows_per_pass(int mg) { return mg == 1 ? 8 : (mg == 2 ? 6 : (mg <= 5 ? 4 : 3)); }
+
+// M rows in passes of at most kFmaMaxGroup, as even as they go (16: 8 + 8, not 8 + 6 + 2)
+inline int64_t fma_group(int64_t m_size, int64_t m0) {
+  const int64_t passes = (m_size + kFmaMaxGroup - 1) / kFmaMaxGroup, base = m_size / passes;
+  const int64_t extra = m_size % passes;  // the first `extra` passes take base + 1
+  const int64_t index = m0 < extra * (base + 1) ? m0 / (base + 1) : extra + (m0 - extra * (base + 1)) / base;
+  return index < extra ? base + 1 : base;
+}
+
+// One 32-column step: R weight vectors widened, then MG x rows' even and odd halves.
+template <int MG, int R>
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void fma_step(
+    const float* xj, const __m512i* wv, __m512i high, __m512 (&acc)[MG][R]) {
+  __m512 we[R], wo[R];
+  for (int r = 0; r < R; ++r) {
+    we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(wv[r], 16));
+    wo[r] = _mm512_castsi512_ps(_mm512_and_si512(wv[r], high));
+  }
+  for (int m = 0; m < MG; ++m) {
+    __m512 xe = _mm512_loadu_ps(xj + m * 32), xo = _mm512_loadu_ps(xj + m * 32 + 16);
+    // in registers: else GCC folds each x load into every FMA that uses it, 2 * MG * R
+    // loads a step where 2 * MG do, and the loads (two 512-bit a cycle) bound the FMAs
+    __asm__("" : "+v"(xe), "+v"(xo));
+    for (int r = 0; r < R; ++r) {
+      acc[m][r] = _mm512_fmadd_ps(xe, we[r], acc[m][r]);
+      acc[m][r] = _mm512_fmadd_ps(xo, wo[r], acc[m][r]);
+    }
+  }
+}
+
+// x rows [0, MG) packed (k_pad floats a row, chunk j of row m at (j * MG + m) * 32) against
+// weight rows [0, R) (row stride k_size); out[m * n_size + r] = the sum (plus bias[r]).
+// Lines of the next block brought into L2 by the passes that read this one from cache: one
+// per weight row and step, so one such pass covers a whole block (the first pass of the next
+// block then reads L2, not DRAM, from 16 rows up).
+struct NextBlock {
+  const char* next;
+  const char* end;
+};
+
+template <int MG, int R, bool kPrefetch>
+__attribute__((target("avx512f,avx512bw"))) inline void dot_few_fma(
+    const float* xg, const uint16_t* w, int64_t k_size, const uint16_t* bias, uint16_t* out,
+    int64_t n_size, NextBlock& ahead) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 acc[MG][R];
+  for (int m = 0; m < MG; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  const float* xj = xg;
+  for (; k + 32 <= k_size; k += 32, xj += MG * 32) {
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) {
+      if (kPrefetch) {  // one 64-byte line per row and step
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * k_size + k) + kFewAhead, _MM_HINT_T0);
+      } else if (ahead.next < ahead.end) {
+        _mm_prefetch(ahead.next, _MM_HINT_T1);
+        ahead.next += 64;
+      }
+      wv[r] = _mm512_loadu_si512(w + r * k_size + k);
+    }
+    fma_step<MG, R>(xj, wv, high, acc);
+  }
+  if (k < k_size) {  // the tail: masked loads read zeros past the end (x is zero there too)
+    const __mmask32 mask = static_cast<__mmask32>((1ull << (k_size - k)) - 1);
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * k_size + k);
+    fma_step<MG, R>(xj, wv, high, acc);
+  }
+  for (int m = 0; m < MG; ++m)
+    for (int r = 0; r < R; ++r) {
+      const float v = _mm512_reduce_add_ps(acc[m][r]);
+      out[m * n_size + r] = float_to_bf16(bias ? v + bf16_to_float(bias[r]) : v);
+    }
+}
+
+template <int MG>
+__attribute__((target("avx512f,avx512bw"))) void block_few_fma(
+    const float* xg, const uint16_t* w, int64_t rows, int64_t k_size, const uint16_t* bias,
+    uint16_t* out, int64_t n_size, bool stream, NextBlock& ahead) {
+  constexpr int R = fma_rows_per_pass(MG);
+  int64_t n = 0;
+  for (; n + R <= rows; n += R) {
+    const uint16_t* b = bias ? bias + n : nullptr;
+    if (stream && kFewAhead > 0)
+      dot_few_fma<MG, R, true>(xg, w + n * k_size, k_size, b, out + n, n_size, ahead);
+    else
+      dot_few_fma<MG, R, false>(xg, w + n * k_size, k_size, b, out + n, n_size, ahead);
+  }
+  for (; n < rows; ++n)
+    dot_few_fma<MG, 1, false>(xg, w + n * k_size, k_size, bias ? bias + n : nullptr, out + n,
+                              n_size, ahead);
+}
+
+using BlockFewFma = void (*)(const float*, const uint16_t*, int64_t, int64_t, const uint16_t*,
+                             uint16_t*, int64_t, bool, NextBlock&);
+constexpr BlockFewFma kBlockFewFma[kFmaMaxGroup] = {
+    block_few_fma<1>, block_few_fma<2>, block_few_fma<3>, block_few_fma<4>,
+    block_few_fma<5>, block_few_fma<6>, block_few_fma<7>, block_few_fma<8>};
+
+// x [M, K] bf16 to fp32 in groups of kFmaMaxGroup rows: group g's chunk j of row m (32
+// columns: the 16 even elements, then the 16 odd) at m0 * k_pad + (j * group + m) * 32,
+// zero past K.
+std::vector<float> pack_x_fma(const uint16_t* xp, int64_t m_size, int64_t k_size,
+                              int64_t k_pad) {
+  std::vector<float> packed(static_cast<size_t>(m_size * k_pad), 0.0f);
+  for (int64_t m0 = 0, group; m0 < m_size; m0 += group) {
+    group = fma_group(m_size, m0);
+    float* base = packed.data() + m0 * k_pad;
+    for (int64_t m = 0; m < group; ++m) {
+      const uint16_t* src = xp + (m0 + m) * k_size;
+      for (int64_t k = 0; k < k_size; ++k) {
+        const int64_t j = k / 32, i = k % 32;
+        base[(j * group + m) * 32 + (i % 2) * 16 + i / 2] = bf16_to_float(src[k]);
+      }
+    }
+  }
+  return packed;
+}
+
 }  // namespace
 
 // y = x W^T (+ b) for a few bf16 rows x [M, K] (batched decode): see above.
@@ -160,6 +301,42 @@ torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weig
         kBlockFew[group - 1](xp + m0 * k_size, wp + begin * k_size, end - begin, k_size,
                              bp ? bp + begin : nullptr, yp + m0 * n_size + begin, n_size,
                              m0 == 0);
+      }
+    }
+  });
+  return y;
+}
+
+// gemm_few_bf16's result with fp32 FMAs on weights widened in registers: see above.
+torch::Tensor gemm_few_bf16_fma(const torch::Tensor& x_in, const torch::Tensor& weight,
+                                const c10::optional<torch::Tensor>& bias) {
+  RECORD_FUNCTION("dstp::gemm_few_bf16_fma", std::vector<c10::IValue>({x_in, weight}));
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "gemm_few_bf16_fma: bf16 inputs only");
+  TORCH_CHECK(x_in.is_contiguous() && x_in.dim() == 2 && weight.is_contiguous() &&
+                  weight.dim() == 2,
+              "gemm_few_bf16_fma: contiguous 2-D x and weight only");
+  const int64_t m_size = x_in.size(0), n_size = weight.size(0), k_size = weight.size(1);
+  TORCH_CHECK(x_in.size(1) == k_size, "gemm_few_bf16_fma: x has ", x_in.size(1),
+              " columns, weight wants ", k_size);
+  const uint16_t* bp = dstp::bias_bits(bias, n_size, "gemm_few_bf16_fma");
+  const int64_t k_pad = (k_size + 31) / 32 * 32;
+  const auto xf = pack_x_fma(reinterpret_cast<const uint16_t*>(x_in.data_ptr<at::BFloat16>()),
+                             m_size, k_size, k_pad);
+  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  auto y = torch::empty({m_size, n_size}, x_in.options());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  at::parallel_for(0, (n_size + kFewBlock - 1) / kFewBlock, 1, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t begin = block * kFewBlock, end = std::min(n_size, begin + kFewBlock);
+      const int64_t next_end = block + 1 < last ? std::min(n_size, end + kFewBlock) : end;
+      NextBlock ahead{reinterpret_cast<const char*>(wp + end * k_size),
+                      reinterpret_cast<const char*>(wp + next_end * k_size)};
+      for (int64_t m0 = 0, group; m0 < m_size; m0 += group) {
+        group = fma_group(m_size, m0);
+        kBlockFewFma[group - 1](xf.data() + m0 * k_pad, wp + begin * k_size, end - begin, k_size,
+                                bp ? bp + begin : nullptr, yp + m0 * n_size + begin, n_size,
+                                m0 == 0, ahead);
       }
     }
   });
@@ -196,5 +373,7 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T (+ b) for one bf16 row (AVX512-BF16)");
   m.def("gemm_few_bf16", &gemm_few_bf16, "y = x W^T (+ b) for a few bf16 rows (AVX512-BF16)");
+  m.def("gemm_few_bf16_fma", &gemm_few_bf16_fma,
+        "y = x W^T (+ b) for a few bf16 rows (AVX512F: fp32 FMAs on weights widened in registers)");
   bind_shared_ops(m);
 }
