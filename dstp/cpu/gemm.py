@@ -49,6 +49,11 @@ def set_compute_dtype(name: str) -> None:
     _setting, _measured_fp32 = name, None
 
 
+def setting() -> str:
+    """``--cpu-compute-dtype`` as set ("auto", "bfloat16" or "float32")."""
+    return _setting
+
+
 def settle(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
     """Decides "auto" on a CPU with a bf16 dot product by timing both ways once.
 
@@ -68,8 +73,8 @@ def settle(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
         return
     rows, k, n = PROBE_SHAPE
     x, weight = torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16()
-    bf16_s = _median_seconds(lambda: F.linear(x, weight))
-    widened_s = _median_seconds(lambda: widened_linear(x, weight))
+    bf16_s = median_seconds(lambda: F.linear(x, weight))
+    widened_s = median_seconds(lambda: widened_linear(x, weight))
     vote = int(bf16_s >= MEASURED_MARGIN * widened_s)
     _measured_fp32 = bool(min_over_ranks(vote))
     log.info(
@@ -78,7 +83,8 @@ def settle(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
     )  # fmt: skip
 
 
-def _median_seconds(run: Callable[[], object], calls: int = 5) -> float:
+def median_seconds(run: Callable[[], object], calls: int = 5) -> float:
+    """The median time of ``calls`` calls of ``run`` after one warm-up (settle's timer)."""
     run()  # oneDNN builds its kernel on the first call
     times = []
     for _ in range(calls):

@@ -252,8 +252,8 @@ def settle_few_rows(min_over_ranks: Callable[[int], int] = lambda vote: vote) ->
     if hasattr(ops, FEW_FMA_OP) and hasattr(ops, "gemm_few_bf16"):
         rows, k, n = FEW_PROBE_SHAPE
         x, weight = torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16()
-        dot_s = cpu_gemm._median_seconds(lambda: ops.gemm_few_bf16(x, weight, None))
-        fma_s = cpu_gemm._median_seconds(lambda: getattr(ops, FEW_FMA_OP)(x, weight, None))
+        dot_s = cpu_gemm.median_seconds(lambda: ops.gemm_few_bf16(x, weight, None))
+        fma_s = cpu_gemm.median_seconds(lambda: getattr(ops, FEW_FMA_OP)(x, weight, None))
         ratio = dot_s / fma_s
     vote = int(ratio is not None and ratio >= cpu_gemm.MEASURED_MARGIN)
     _few_rows_fma = bool(min_over_ranks(vote))
@@ -295,7 +295,7 @@ def few_row_kernel_applies(rows: int) -> bool:
     if not hasattr(ops, "gemm_few_bf16"):
         return False
     if ops.dstp_kernel == "avx512_bf16":
-        return rows in FEW_ROWS_AVX512 and cpu_gemm._setting != "bfloat16"
+        return rows in FEW_ROWS_AVX512 and cpu_gemm.setting() != "bfloat16"
     return cpu_gemm.computes_in_fp32()
 
 

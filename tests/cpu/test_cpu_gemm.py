@@ -86,7 +86,7 @@ def test_auto_settles_by_measuring_where_the_cpu_has_bf16_dots(
 ):
     monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2", "fma", "avx512_bf16"}))
     times = iter([bf16_s, widened_s])
-    monkeypatch.setattr(cpu_gemm, "_median_seconds", lambda run: next(times))
+    monkeypatch.setattr(cpu_gemm, "median_seconds", lambda run: next(times))
     compute_dtype("auto")
     assert not cpu_gemm.computes_in_fp32()  # before measuring: the flag rule
     cpu_gemm.settle(lambda vote: min(vote, other_ranks_vote))
@@ -103,7 +103,7 @@ def test_auto_settles_by_measuring_where_the_cpu_has_bf16_dots(
 )
 def test_settle_measures_only_an_open_choice(monkeypatch, compute_dtype, flags, setting):
     monkeypatch.setattr(cpu_features, "flags", lambda: frozenset(flags))
-    monkeypatch.setattr(cpu_gemm, "_median_seconds", lambda run: 1 / 0)
+    monkeypatch.setattr(cpu_gemm, "median_seconds", lambda run: 1 / 0)
     compute_dtype(setting)
     before = cpu_gemm.computes_in_fp32()
     votes = []

@@ -261,7 +261,7 @@ def test_settle_few_rows_picks_the_variant_by_measurement(
     avx512_bf16, monkeypatch, dot_s, fma_s, other_ranks_vote, fma
 ):
     times = iter([dot_s, fma_s])
-    monkeypatch.setattr(cpu_gemm, "_median_seconds", lambda run: next(times))
+    monkeypatch.setattr(cpu_gemm, "median_seconds", lambda run: next(times))
     votes = []
     cpu_kernels.settle_few_rows(lambda vote: votes.append(vote) or min(vote, other_ranks_vote))
     assert votes == [int(dot_s >= cpu_gemm.MEASURED_MARGIN * fma_s)]
@@ -285,7 +285,7 @@ def test_settle_few_rows_votes_without_a_choice(fresh_dispatch, monkeypatch):
     """A build without the FMA variant (AVX2, none) measures nothing but still meets the
     other ranks' vote: no rank waits for one that skipped it."""
     monkeypatch.setattr(cpu_kernels, "_ops", lambda: object())
-    monkeypatch.setattr(cpu_gemm, "_median_seconds", lambda run: 1 / 0)
+    monkeypatch.setattr(cpu_gemm, "median_seconds", lambda run: 1 / 0)
     votes = []
     cpu_kernels.settle_few_rows(lambda vote: votes.append(vote) or vote)
     assert votes == [0] and cpu_kernels._few_rows_fma is False
