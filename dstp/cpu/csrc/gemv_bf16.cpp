@@ -280,19 +280,12 @@ std::vector<float> pack_x_fma(const uint16_t* xp, int64_t m_size, int64_t k_size
 torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("dstp::gemm_few_bf16", std::vector<c10::IValue>({x_in, weight}));
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
-              "gemm_few_bf16: bf16 inputs only");
-  TORCH_CHECK(x_in.is_contiguous() && x_in.dim() == 2 && weight.is_contiguous() &&
-                  weight.dim() == 2,
-              "gemm_few_bf16: contiguous 2-D x and weight only");
-  const int64_t m_size = x_in.size(0), n_size = weight.size(0), k_size = weight.size(1);
-  TORCH_CHECK(x_in.size(1) == k_size, "gemm_few_bf16: x has ", x_in.size(1),
-              " columns, weight wants ", k_size);
-  const uint16_t* bp = dstp::bias_bits(bias, n_size, "gemm_few_bf16");
-  const auto* xp = reinterpret_cast<const uint16_t*>(x_in.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  auto y = torch::empty({m_size, n_size}, x_in.options());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const dstp::FewCall call(x_in, weight, bias, "gemm_few_bf16");
+  const int64_t m_size = call.m_size, n_size = call.n_size, k_size = call.k_size;
+  const uint16_t* bp = call.bias;
+  const uint16_t* xp = call.x;
+  const uint16_t* wp = call.w;
+  uint16_t* yp = call.out;
   at::parallel_for(0, (n_size + kFewBlock - 1) / kFewBlock, 1, [&](int64_t first, int64_t last) {
     for (int64_t block = first; block < last; ++block) {
       const int64_t begin = block * kFewBlock, end = std::min(n_size, begin + kFewBlock);
@@ -304,28 +297,21 @@ torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weig
       }
     }
   });
-  return y;
+  return call.y;
 }
 
 // gemm_few_bf16's result with fp32 FMAs on weights widened in registers: see above.
 torch::Tensor gemm_few_bf16_fma(const torch::Tensor& x_in, const torch::Tensor& weight,
                                 const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("dstp::gemm_few_bf16_fma", std::vector<c10::IValue>({x_in, weight}));
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
-              "gemm_few_bf16_fma: bf16 inputs only");
-  TORCH_CHECK(x_in.is_contiguous() && x_in.dim() == 2 && weight.is_contiguous() &&
-                  weight.dim() == 2,
-              "gemm_few_bf16_fma: contiguous 2-D x and weight only");
-  const int64_t m_size = x_in.size(0), n_size = weight.size(0), k_size = weight.size(1);
-  TORCH_CHECK(x_in.size(1) == k_size, "gemm_few_bf16_fma: x has ", x_in.size(1),
-              " columns, weight wants ", k_size);
-  const uint16_t* bp = dstp::bias_bits(bias, n_size, "gemm_few_bf16_fma");
+  const dstp::FewCall call(x_in, weight, bias, "gemm_few_bf16_fma");
+  const int64_t m_size = call.m_size, n_size = call.n_size, k_size = call.k_size;
+  const uint16_t* bp = call.bias;
   const int64_t k_pad = (k_size + 31) / 32 * 32;
-  const auto xf = pack_x_fma(reinterpret_cast<const uint16_t*>(x_in.data_ptr<at::BFloat16>()),
+  const auto xf = pack_x_fma(call.x,
                              m_size, k_size, k_pad);
-  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  auto y = torch::empty({m_size, n_size}, x_in.options());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const uint16_t* wp = call.w;
+  uint16_t* yp = call.out;
   at::parallel_for(0, (n_size + kFewBlock - 1) / kFewBlock, 1, [&](int64_t first, int64_t last) {
     for (int64_t block = first; block < last; ++block) {
       const int64_t begin = block * kFewBlock, end = std::min(n_size, begin + kFewBlock);
@@ -340,7 +326,7 @@ torch::Tensor gemm_few_bf16_fma(const torch::Tensor& x_in, const torch::Tensor& 
       }
     }
   });
-  return y;
+  return call.y;
 }
 
 torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,

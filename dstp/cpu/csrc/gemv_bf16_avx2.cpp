@@ -201,20 +201,13 @@ constexpr RowsFew kRowsFew[kMaxGroup] = {rows_few<1>, rows_few<2>};
 torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("dstp::gemm_few_bf16_avx2", std::vector<c10::IValue>({x_in, weight}));
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
-              "gemm_few_bf16: bf16 inputs only");
-  TORCH_CHECK(x_in.is_contiguous() && x_in.dim() == 2 && weight.is_contiguous() &&
-                  weight.dim() == 2,
-              "gemm_few_bf16: contiguous 2-D x and weight only");
-  const int64_t m_size = x_in.size(0), n_size = weight.size(0), k_size = weight.size(1);
-  TORCH_CHECK(x_in.size(1) == k_size, "gemm_few_bf16: x has ", x_in.size(1),
-              " columns, weight wants ", k_size);
-  const uint16_t* bp = dstp::bias_bits(bias, n_size, "gemm_few_bf16");
-  const auto x = pack_rows(reinterpret_cast<const uint16_t*>(x_in.data_ptr<at::BFloat16>()),
+  const dstp::FewCall call(x_in, weight, bias, "gemm_few_bf16");
+  const int64_t m_size = call.m_size, n_size = call.n_size, k_size = call.k_size;
+  const uint16_t* bp = call.bias;
+  const auto x = pack_rows(call.x,
                            m_size, k_size, kMaxGroup);
-  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  auto y = torch::empty({m_size, n_size}, x_in.options());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const uint16_t* wp = call.w;
+  uint16_t* yp = call.out;
   constexpr int64_t kBlock = 48;  // weight rows kept in cache across the groups of x rows
                                   // (a multiple of every R: no row left to the 1-row path)
   at::parallel_for(0, (n_size + kBlock - 1) / kBlock, 1, [&](int64_t first, int64_t last) {
@@ -238,7 +231,7 @@ torch::Tensor gemm_few_bf16(const torch::Tensor& x_in, const torch::Tensor& weig
       }
     }
   });
-  return y;
+  return call.y;
 }
 
 torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& weight,
