@@ -13,7 +13,6 @@ parameter's pages are advised and collapsed in place (``MADV_COLLAPSE``, Linux
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import os
@@ -21,6 +20,8 @@ import time
 from collections.abc import Iterable
 
 import torch
+
+from dstp.cpu import libc
 
 log = logging.getLogger("dstp")
 
@@ -32,15 +33,10 @@ MADV_COLLAPSE = 25
 
 @functools.cache
 def _madvise():
-    """libc's ``madvise``, or None (not Linux/glibc)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        madvise = ctypes.CDLL(name, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    """libc's ``madvise`` with its argument types, or None (not Linux/glibc)."""
+    madvise = libc.function("madvise")
+    if madvise is not None:
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return madvise
 
 

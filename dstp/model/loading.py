@@ -15,8 +15,6 @@ reported before any weight is read.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -26,6 +24,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from dstp.cpu import libc
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -277,14 +277,9 @@ def release_free_heap() -> None:
     Loading allocates and frees one slice per tensor; without this, glibc's
     arenas can keep tens of MB of them resident for the process's lifetime.
     """
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return
-    try:
-        trim = ctypes.CDLL(libc_name).malloc_trim
-    except (OSError, AttributeError):
-        return  # not glibc
-    trim(0)
+    trim = libc.function("malloc_trim")
+    if trim is not None:  # glibc's
+        trim(0)
 
 
 class Checkpoint:
