@@ -273,21 +273,17 @@ def few_row_variant() -> str:
     return "few-row kernel, vdpbf16ps"
 
 
-# the rows the AVX512-BF16 build's few-row kernel takes: all below the widened GEMM's. On a
-# KVM Xeon without AMX it ran 1.35-1.75x oneDNN's bf16 GEMM at 2-4 rows (memory-bound),
-# 1.04-1.29x at 8-32, a tie at 48-55 (both compute-bound): benchmarks/FINDINGS.md, 2026-12-03
-FEW_ROWS_AVX512 = range(2, cpu_gemm.MIN_ROWS)
-
-
 def few_row_kernel_applies(rows: int) -> bool:
-    """Whether a bf16 linear of ``rows`` rows on CPU takes dstp's few-row kernel.
+    """Whether a bf16 linear of ``rows`` rows on CPU takes dstp's few-row kernel: 2 to
+    ``cpu_gemm.MIN_ROWS - 1`` rows, all below the widened GEMM's.
 
-    The AVX2 build's widens the weights to fp32 in registers: it takes 2 to
-    ``cpu_gemm.MIN_ROWS - 1`` rows where multi-row linears compute in fp32
-    (:func:`dstp.cpu.gemm.computes_in_fp32`). The AVX512-BF16 build's accumulates
-    bf16 products in fp32 as oneDNN's bf16 GEMM does, and reads each weight once where
-    oneDNN's is compute-bound: it takes ``FEW_ROWS_AVX512`` whatever
-    ``--cpu-compute-dtype`` says, but for "bfloat16" (oneDNN's bf16 GEMM everywhere).
+    The AVX2 build's widens the weights to fp32 in registers: it takes them where
+    multi-row linears compute in fp32 (:func:`dstp.cpu.gemm.computes_in_fp32`). The
+    AVX512-BF16 build's accumulates in fp32 as oneDNN's bf16 GEMM does and reads each
+    weight once: it takes them whatever ``--cpu-compute-dtype`` says, but for "bfloat16"
+    (oneDNN's bf16 GEMM everywhere). On a KVM Xeon without AMX it ran 1.35-1.75x oneDNN's
+    bf16 GEMM at 2-4 rows (memory-bound), 1.04-1.29x at 8-32, a tie at 48-55 (both
+    compute-bound): benchmarks/FINDINGS.md, 2026-12-03.
     """
     if not 2 <= rows < cpu_gemm.MIN_ROWS:
         return False
@@ -295,7 +291,7 @@ def few_row_kernel_applies(rows: int) -> bool:
     if not hasattr(ops, "gemm_few_bf16"):
         return False
     if ops.dstp_kernel == "avx512_bf16":
-        return rows in FEW_ROWS_AVX512 and cpu_gemm.setting() != "bfloat16"
+        return cpu_gemm.setting() != "bfloat16"
     return cpu_gemm.computes_in_fp32()
 
 
@@ -394,11 +390,8 @@ def decode_attention_bf16(
 def describe_paths() -> dict[str, str]:
     """What computes a bf16 linear of one, a few and many rows here (logs, benchmarks)."""
     gemv = kernel()
-    few = [rows for rows in range(2, cpu_gemm.MIN_ROWS) if few_row_kernel_applies(rows)]
-    if few and len(few) < cpu_gemm.MIN_ROWS - 2:
-        few_path = f"dstp {gemv} {few_row_variant()} at {few[0]}-{few[-1]} rows, else oneDNN"
-    else:
-        few_path = f"dstp {gemv} {few_row_variant()}" if few else "oneDNN"
+    # the few-row kernel takes all of 2-55 rows or none (few_row_kernel_applies)
+    few_path = f"dstp {gemv} {few_row_variant()}" if few_row_kernel_applies(2) else "oneDNN"
     return {
         "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
         f"2-{cpu_gemm.MIN_ROWS - 1} rows": few_path,
