@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("dstp")
 
 WAIT_S = 0.02  # step() waits this long for the job's next outputs
-RANK_POLL_S = 0.1  # how often the local ranks' processes are looked at
 
 
 @dataclass(frozen=True)
@@ -80,8 +79,6 @@ class SupervisedEngine:
         self._ready: list[RequestOutput] = []  # outputs made here (failed, aborted)
         self._recovery: threading.Thread | None = None
         self._recovered: Link | BaseException | None = None
-        self._first_dead: list[int] = []  # local ranks seen dead first, for the log
-        self._next_poll = 0.0
         self.job = starter.spawn()
         link = starter.connect(self.job)
         self._connect(link)
@@ -146,7 +143,6 @@ class SupervisedEngine:
             time.sleep(WAIT_S)
             return outputs + self._take_ready()
         self.remote.flush()
-        self._watch_ranks()
         try:
             self.remote.check()
         except RuntimeError as exc:
@@ -169,7 +165,6 @@ class SupervisedEngine:
         if self.recovering:
             self._continue_recovery()
             return
-        self._watch_ranks()
         try:
             self.remote.check()
         except RuntimeError as exc:
@@ -195,25 +190,15 @@ class SupervisedEngine:
         self.job.kill()
 
     # -- recovery ------------------------------------------------------------------------------
-    def _watch_ranks(self) -> None:
-        """Every ``RANK_POLL_S``: note the first local ranks found dead (the launcher ends the
-        others right after, so the first seen is the cause the log names)."""
-        now = time.monotonic()
-        if self._first_dead or now < self._next_poll:
-            return
-        self._next_poll = now + RANK_POLL_S
-        self._first_dead = self.job.dead_ranks()
-
     def _connect(self, link: Link) -> None:
         self.remote = RemoteReplica(0, "engine job", link, self._outputs, self.liveness)
 
     def _begin_recovery(self, why: str) -> None:
         """The job failed: fail the requests it failed twice, restart it in the background."""
         self.restarts += 1
-        dead = self._first_dead or self.job.dead_ranks(wait_s=1.0)
+        dead = self.job.first_dead(wait_s=1.0)
         if dead:
             why = f"rank(s) {', '.join(map(str, dead))} died; {why}"
-        self._first_dead = []
         log.error(
             "engine job failed (%s); in flight: %d request(s); restart %d of at most %d",
             why,

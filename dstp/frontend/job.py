@@ -17,11 +17,13 @@ import ctypes
 import glob
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 
@@ -100,6 +102,7 @@ class EngineJob:
     ) -> None:
         self.master_port = chosen_master_port(launcher_args) or free_port()
         self.ranks: dict[int, psutil.Process] = {}  # filled by record_ranks()
+        self._deaths: DeathWatch | None = None
         self.command = launcher_command(num_ranks, self.master_port, launcher_args, serve_argv)
         self._env_file = _deepspeed_env_file(env)  # the ranks on other nodes read it
         full_env = {
@@ -129,27 +132,17 @@ class EngineJob:
                 continue
             if rank is not None:
                 self.ranks[int(rank)] = child
+        self._deaths = DeathWatch(self.ranks)
         log.info(
             "engine job's local ranks: %s",
             ", ".join(f"rank {r} pid {p.pid}" for r, p in sorted(self.ranks.items())) or "none",
         )
 
-    def dead_ranks(self, wait_s: float = 0.0) -> list[int]:
-        """The local ranks that no longer run (a crashed node's ranks are not seen here),
+    def first_dead(self, wait_s: float = 0.0) -> list[int]:
+        """The local rank(s) that died first (a crashed node's ranks are not seen here),
         waiting up to ``wait_s`` for one: a killed process closes its sockets (the link's
         end) a moment before it shows as dead."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            dead = []
-            for rank, proc in sorted(self.ranks.items()):
-                try:
-                    if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-                        dead.append(rank)
-                except psutil.NoSuchProcess:
-                    dead.append(rank)
-            if dead or time.monotonic() >= deadline:
-                return dead
-            time.sleep(0.01)
+        return self._deaths.first(wait_s) if self._deaths is not None else []
 
     def exited(self) -> int | None:
         return self.process.poll()
@@ -162,6 +155,8 @@ class EngineJob:
     def kill(self) -> None:
         """Stop the ranks on other hosts, SIGKILL the launcher's session (every local rank),
         reap it, remove what it left."""
+        if self._deaths is not None:
+            self._deaths.stop()
         if self.multi_node:
             self._stop_remote_ranks()
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -188,6 +183,81 @@ class EngineJob:
                 "check them for leftover processes",
                 REMOTE_STOP_S,
             )
+
+
+class DeathWatch:
+    """Which local ranks died first, told apart from those that then fail on the dead one's
+    closed sockets a few milliseconds later: a thread sleeps on every rank's pidfd and wakes
+    at the first exit (a 0.1 s poll often saw the killed rank and its peer dead together).
+    Where pidfds are refused (Linux < 5.3, some seccomp profiles) it polls every 10 ms."""
+
+    POLL_S = 0.01
+
+    def __init__(self, ranks: dict[int, psutil.Process]) -> None:
+        self._dead: list[int] = []
+        self._seen = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # stop() ends the wait
+        self._thread = threading.Thread(
+            target=self._watch, args=(dict(ranks),), name="dstp-rank-deaths", daemon=True
+        )
+        self._thread.start()
+
+    def first(self, wait_s: float = 0.0) -> list[int]:
+        self._seen.wait(wait_s)
+        return list(self._dead)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join(5.0)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _watch(self, ranks: dict[int, psutil.Process]) -> None:
+        pidfds: dict[int, int] = {}
+        gone = []
+        try:
+            for rank, proc in ranks.items():
+                try:
+                    pidfds[os.pidfd_open(proc.pid)] = rank
+                except ProcessLookupError:
+                    gone.append(rank)
+        except (OSError, AttributeError):  # no pidfds here
+            self._close(pidfds)
+            self._poll(ranks)
+            return
+        try:
+            if not gone:
+                ready, _, _ = select.select([*pidfds, self._wake_r], [], [])
+                gone = [pidfds[fd] for fd in ready if fd in pidfds]
+            self._record(gone)
+        finally:
+            self._close(pidfds)
+
+    def _poll(self, ranks: dict[int, psutil.Process]) -> None:
+        while not select.select([self._wake_r], [], [], self.POLL_S)[0]:
+            gone = [rank for rank, proc in ranks.items() if not _running(proc)]
+            if gone:
+                self._record(gone)
+                return
+
+    def _record(self, gone: list[int]) -> None:
+        if gone:
+            self._dead = sorted(gone)
+            self._seen.set()
+
+    @staticmethod
+    def _close(pidfds: dict[int, int]) -> None:
+        for fd in pidfds:
+            os.close(fd)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _deepspeed_env_file(env: dict[str, str]) -> str:

@@ -4,13 +4,19 @@ and the journal that replays requests (the real recovery: tests/server/test_supe
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
 from dstp.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from dstp.engine.sampling_params import SamplingParams
 from dstp.frontend import supervised
-from dstp.frontend.job import chosen_master_port, launcher_command
+from dstp.frontend.job import DeathWatch, chosen_master_port, launcher_command
 from dstp.frontend.journal import Journal
 from dstp.frontend.serve import serve_argv
 
@@ -100,3 +106,39 @@ def test_a_request_without_tokens_is_simply_added_again_and_a_failed_one_says_wh
     failed = record.failed("in flight across two consecutive engine failures")
     assert failed.finished and {c.finish_reason for c in failed.outputs} == {"error"}
     assert len(failed.outputs) == 2 and "two consecutive" in failed.error
+
+
+FOLLOWER = """
+import sys, time
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:  # exits ~1 ms after its peer dies, as a rank does
+    with open(f"/proc/{sys.argv[1]}/stat") as stat:  # when a collective's socket closes
+        if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+            sys.exit(1)
+    time.sleep(0.001)
+"""
+
+
+@pytest.mark.parametrize("pidfds", [True, False])
+def test_the_rank_that_died_first_is_named_not_the_peer_that_failed_after_it(monkeypatch, pidfds):
+    if not pidfds:  # the 10 ms poll where pidfds are refused
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    follower = subprocess.Popen([sys.executable, "-c", FOLLOWER, str(killed.pid)])
+    time.sleep(0.5)  # both started
+    watch = DeathWatch({0: psutil.Process(follower.pid), 1: psutil.Process(killed.pid)})
+    try:
+        assert watch.first() == []
+        killed.send_signal(signal.SIGKILL)
+        first = watch.first(wait_s=10.0)
+        assert follower.wait(10) == 1  # the peer did die, after
+        if pidfds:
+            assert first == [1]
+        else:  # a poll may see both; the killed rank is always named
+            assert 1 in first
+        assert watch.first() == first  # the first deaths stay what was seen
+    finally:
+        watch.stop()
+        for proc in (killed, follower):
+            proc.kill()
+            proc.wait()

@@ -92,11 +92,12 @@ def requests_of(url: str, long: int = 300):
         "stream_seeded": lambda: completion(client, PROMPTS[1], True, max_tokens=long, **seeded),
         "n2": lambda: completion(client, PROMPTS[0], False, max_tokens=short, n=2, **seeded),
         "stream_n2": lambda: completion(client, PROMPTS[1], True, max_tokens=short, n=2, **seeded),
+        # stop strings met ~110 and ~170 tokens in: later than every kill hook fires
         "stop": lambda: completion(
-            client, PROMPTS[0], True, max_tokens=long, temperature=0, stop=["Tim", "park"]
+            client, PROMPTS[0], True, max_tokens=long, temperature=0, stop=["Tim", "help"]
         ),
         "stop_seeded": lambda: completion(
-            client, PROMPTS[2], False, max_tokens=long, stop=[" the "], **seeded
+            client, PROMPTS[2], False, max_tokens=long, stop=["grass"], **seeded
         ),
         "chat": lambda: chat(client, max_tokens=short, temperature=0),
         "chat_seeded": lambda: chat(client, max_tokens=short, **seeded),
@@ -144,11 +145,17 @@ def engine_ranks(frontend_pid: int) -> dict[int, psutil.Process]:
     return ranks
 
 
-def kill_rank(server, rank: int) -> float:
+def rank_killer(server, rank: int):
+    """A call that SIGKILLs ``rank`` and returns when it did: the process is found now, so
+    the kill itself takes no time (a request could finish while the ranks were looked up)."""
     ranks = engine_ranks(server.proc.pid)
     assert rank in ranks, f"no rank {rank} under the front-end: {ranks}"
-    ranks[rank].send_signal(signal.SIGKILL)
-    return time.monotonic()
+
+    def kill() -> float:
+        ranks[rank].send_signal(signal.SIGKILL)
+        return time.monotonic()
+
+    return kill
 
 
 def recovered(server, since: float) -> float:

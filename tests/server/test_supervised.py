@@ -37,7 +37,7 @@ from tests.helpers.supervised import (
     engine_ranks,
     generate,
     in_flight_then,
-    kill_rank,
+    rank_killer,
     recovered,
     run_all,
     same_as,
@@ -106,8 +106,10 @@ def test_rank_1_killed_mid_flight_loses_nothing(server, reference):
     server.long_thread.start()
     server.long_result = long_result
 
+    kill_rank = rank_killer(server, 1)
+
     def kill():
-        kills["at"] = kill_rank(server, 1)
+        kills["at"] = kill_rank()
         kills["recovery_s"] = recovered(server, kills["at"])
 
     results = run_all(server.url, during=in_flight_then(server, 15, kill))
@@ -126,8 +128,10 @@ def test_rank_0_killed_fails_only_the_request_in_flight_twice(server, reference)
     assert server.long_thread.is_alive(), "the long request ended before the second kill"
     kills = {}
 
+    kill_rank = rank_killer(server, 0)
+
     def kill():
-        kills["at"] = kill_rank(server, 0)
+        kills["at"] = kill_rank()
         kills["recovery_s"] = recovered(server, kills["at"])
 
     results = run_all(server.url, during=in_flight_then(server, 15, kill))
