@@ -229,18 +229,27 @@ class DeathWatch:
             return
         try:
             if not gone:
-                ready, _, _ = select.select([*pidfds, self._wake_r], [], [])
+                ready = self._readable([*pidfds, self._wake_r], None)
                 gone = [pidfds[fd] for fd in ready if fd in pidfds]
             self._record(gone)
         finally:
             self._close(pidfds)
 
     def _poll(self, ranks: dict[int, psutil.Process]) -> None:
-        while not select.select([self._wake_r], [], [], self.POLL_S)[0]:
+        while not self._readable([self._wake_r], self.POLL_S):
             gone = [rank for rank, proc in ranks.items() if not _running(proc)]
             if gone:
                 self._record(gone)
                 return
+
+    @staticmethod
+    def _readable(fds: list[int], timeout_s: float | None) -> list[int]:
+        """poll(2), not select(2): a busy server's descriptors run past select's 1024."""
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        timeout_ms = None if timeout_s is None else timeout_s * 1000
+        return [fd for fd, _ in poller.poll(timeout_ms)]
 
     def _record(self, gone: list[int]) -> None:
         if gone:

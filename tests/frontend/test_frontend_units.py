@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -119,8 +120,25 @@ while time.monotonic() < deadline:  # exits ~1 ms after its peer dies, as a rank
 """
 
 
+@pytest.fixture
+def busy_descriptors():
+    """1,100 open descriptors, as a server with many connections has: the watch's own are
+    numbered past select(2)'s 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    yield
+    for fd in held:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.mark.parametrize("pidfds", [True, False])
-def test_the_rank_that_died_first_is_named_not_the_peer_that_failed_after_it(monkeypatch, pidfds):
+def test_the_rank_that_died_first_is_named_not_the_peer_that_failed_after_it(
+    monkeypatch, busy_descriptors, pidfds
+):
     if not pidfds:  # the 10 ms poll where pidfds are refused
         monkeypatch.delattr(os, "pidfd_open", raising=False)
     killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
