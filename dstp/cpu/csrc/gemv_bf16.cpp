@@ -145,10 +145,13 @@ constexpr BlockFew kBlockFew[kFewMaxGroup] = {block_few<1>, block_few<2>, block_
 // 512-bit fp32 FMAs. A group of MG x rows against R weight rows holds MG * R accumulators,
 // 2 * R widened weight vectors and 2 x vectors in zmm registers (at most 32); groups of up to
 // 8 x rows, as even as they go, so that the widening (2 ops per 2 * MG FMAs, on the FMA
-// ports) costs little. Blocks, the first group's software prefetch, one horizontal sum per
-// output, bias and one rounding to bf16 as gemm_few_bf16 above; the later groups, reading the
-// block from L2, also bring the next block into L2 (NextBlock). Only how the fp32 sums are formed differs (products exact in fp32
-// both ways; the order of the additions is not).
+// ports) costs little. Blocks of kFewBlock weight rows as gemm_few_bf16 above, but each group
+// goes over a block kFmaChunk columns at a time (the group's x slice for them stays in L1; the
+// sums in between wait as zmm in a small scratch). The first group reads the block from DRAM
+// and prefetches the next R weight rows' line beside each it loads; the later groups, reading
+// it from L2, bring the next block into L2 (NextBlock). One horizontal sum per output, bias
+// and one rounding to bf16 as gemm_few_bf16: only how the fp32 sums are formed differs
+// (products exact in fp32 both ways; the order of the additions is not).
 
 constexpr int kFmaMaxGroup = 8;  // x rows per pass over a block
 
@@ -194,21 +197,33 @@ struct NextBlock {
   const char* end;
 };
 
+// Columns of K per pass over a block's rows: the group's x slice for them (at most 8 rows x 512
+// x 4 bytes = 16 KiB) stays in L1 while every weight row of the block meets it. All of K at
+// once read the x slice (64 KiB at K = 2048: past L1) from L2 for every R weight rows, 1 KiB
+// per 48 FMAs. 256 columns ran ~10 % slower on the KVM Xeon; 1024 (32 KiB) ~3 % faster there
+// but past a 32 KiB L1d.
+constexpr int64_t kFmaChunk = 512;  // a multiple of 32
+
+// x rows [0, MG) packed (chunk j of row m at (j * MG + m) * 32; xj: column k0's) against
+// weight rows [0, R) (row stride k_size) over columns [k0, k_end). The sums so far are R * MG
+// zmm at part (none when k0 == 0); at k_end == k_size out[m * n_size + r] = the sum (plus
+// bias[r]), else they go back to part. kPrefetch: the call is the first group's (DRAM).
 template <int MG, int R, bool kPrefetch>
 __attribute__((target("avx512f,avx512bw"))) inline void dot_few_fma(
-    const float* xg, const uint16_t* w, int64_t k_size, const uint16_t* bias, uint16_t* out,
-    int64_t n_size, NextBlock& ahead) {
+    const float* xj, const uint16_t* w, int64_t k0, int64_t k_end, int64_t k_size, float* part,
+    const uint16_t* bias, uint16_t* out, int64_t n_size, NextBlock& ahead) {
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 acc[MG][R];
   for (int m = 0; m < MG; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  const float* xj = xg;
-  for (; k + 32 <= k_size; k += 32, xj += MG * 32) {
+    for (int r = 0; r < R; ++r)
+      acc[m][r] = k0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(part + (r * MG + m) * 16);
+  int64_t k = k0;
+  for (; k + 32 <= k_end; k += 32, xj += MG * 32) {
     __m512i wv[R];
     for (int r = 0; r < R; ++r) {
-      if (kPrefetch) {  // one 64-byte line per row and step
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * k_size + k) + kFewAhead, _MM_HINT_T0);
+      if (kPrefetch) {  // the line of the next R rows (the next call's) at this column:
+        // 1 KiB ahead in the same row, as before the K chunks, lands a chunk too late
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * k_size + k), _MM_HINT_T0);
       } else if (ahead.next < ahead.end) {
         _mm_prefetch(ahead.next, _MM_HINT_T1);
         ahead.next += 64;
@@ -217,11 +232,16 @@ __attribute__((target("avx512f,avx512bw"))) inline void dot_few_fma(
     }
     fma_step<MG, R>(xj, wv, high, acc);
   }
-  if (k < k_size) {  // the tail: masked loads read zeros past the end (x is zero there too)
-    const __mmask32 mask = static_cast<__mmask32>((1ull << (k_size - k)) - 1);
+  if (k < k_end) {  // the tail: masked loads read zeros past the end (x is zero there too)
+    const __mmask32 mask = static_cast<__mmask32>((1ull << (k_end - k)) - 1);
     __m512i wv[R];
     for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * k_size + k);
     fma_step<MG, R>(xj, wv, high, acc);
+  }
+  if (k_end < k_size) {
+    for (int m = 0; m < MG; ++m)
+      for (int r = 0; r < R; ++r) _mm512_store_ps(part + (r * MG + m) * 16, acc[m][r]);
+    return;
   }
   for (int m = 0; m < MG; ++m)
     for (int r = 0; r < R; ++r) {
@@ -230,44 +250,59 @@ __attribute__((target("avx512f,avx512bw"))) inline void dot_few_fma(
     }
 }
 
+// x rows [0, MG) against weight rows [0, rows) of one block, kFmaChunk columns at a time: R
+// rows at a time, then one; part holds rows * MG partial sums (zmm) between chunks.
 template <int MG>
 __attribute__((target("avx512f,avx512bw"))) void block_few_fma(
     const float* xg, const uint16_t* w, int64_t rows, int64_t k_size, const uint16_t* bias,
-    uint16_t* out, int64_t n_size, bool stream, NextBlock& ahead) {
+    uint16_t* out, int64_t n_size, bool stream, NextBlock& ahead, float* part) {
   constexpr int R = fma_rows_per_pass(MG);
-  int64_t n = 0;
-  for (; n + R <= rows; n += R) {
-    const uint16_t* b = bias ? bias + n : nullptr;
-    if (stream && kFewAhead > 0)
-      dot_few_fma<MG, R, true>(xg, w + n * k_size, k_size, b, out + n, n_size, ahead);
-    else
-      dot_few_fma<MG, R, false>(xg, w + n * k_size, k_size, b, out + n, n_size, ahead);
-  }
-  for (; n < rows; ++n)
-    dot_few_fma<MG, 1, false>(xg, w + n * k_size, k_size, bias ? bias + n : nullptr, out + n,
-                              n_size, ahead);
+  int64_t k0 = 0;
+  do {  // once even at K = 0 (the outputs are then the bias)
+    const int64_t k_end = std::min(k_size, k0 + kFmaChunk);
+    const float* xj = xg + k0 * MG;
+    int64_t n = 0;
+    for (; n + R <= rows; n += R) {
+      const uint16_t* b = bias ? bias + n : nullptr;
+      float* p = part + n * MG * 16;
+      if (stream)
+        dot_few_fma<MG, R, true>(xj, w + n * k_size, k0, k_end, k_size, p, b, out + n, n_size,
+                                 ahead);
+      else
+        dot_few_fma<MG, R, false>(xj, w + n * k_size, k0, k_end, k_size, p, b, out + n, n_size,
+                                  ahead);
+    }
+    for (; n < rows; ++n)
+      dot_few_fma<MG, 1, false>(xj, w + n * k_size, k0, k_end, k_size, part + n * MG * 16,
+                                bias ? bias + n : nullptr, out + n, n_size, ahead);
+  } while ((k0 += kFmaChunk) < k_size);
 }
 
 using BlockFewFma = void (*)(const float*, const uint16_t*, int64_t, int64_t, const uint16_t*,
-                             uint16_t*, int64_t, bool, NextBlock&);
+                             uint16_t*, int64_t, bool, NextBlock&, float*);
 constexpr BlockFewFma kBlockFewFma[kFmaMaxGroup] = {
     block_few_fma<1>, block_few_fma<2>, block_few_fma<3>, block_few_fma<4>,
     block_few_fma<5>, block_few_fma<6>, block_few_fma<7>, block_few_fma<8>};
 
 // x [M, K] bf16 to fp32 in groups of kFmaMaxGroup rows: group g's chunk j of row m (32
-// columns: the 16 even elements, then the 16 odd) at m0 * k_pad + (j * group + m) * 32,
-// zero past K.
-std::vector<float> pack_x_fma(const uint16_t* xp, int64_t m_size, int64_t k_size,
-                              int64_t k_pad) {
-  std::vector<float> packed(static_cast<size_t>(m_size * k_pad), 0.0f);
+// columns: the 16 even elements, then the 16 odd, widened as the weights are) at
+// m0 * k_pad + (j * group + m) * 32, zero past K.
+__attribute__((target("avx512f,avx512bw"))) std::vector<float> pack_x_fma(
+    const uint16_t* xp, int64_t m_size, int64_t k_size, int64_t k_pad) {
+  std::vector<float> packed(static_cast<size_t>(m_size * k_pad));
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t m0 = 0, group; m0 < m_size; m0 += group) {
     group = fma_group(m_size, m0);
     float* base = packed.data() + m0 * k_pad;
     for (int64_t m = 0; m < group; ++m) {
       const uint16_t* src = xp + (m0 + m) * k_size;
-      for (int64_t k = 0; k < k_size; ++k) {
-        const int64_t j = k / 32, i = k % 32;
-        base[(j * group + m) * 32 + (i % 2) * 16 + i / 2] = bf16_to_float(src[k]);
+      for (int64_t k = 0; k < k_size; k += 32) {
+        const int64_t left = k_size - k;
+        const __mmask32 mask = left >= 32 ? ~0u : static_cast<__mmask32>((1u << left) - 1);
+        const __m512i v = _mm512_maskz_loadu_epi16(mask, src + k);
+        float* dst = base + (k / 32 * group + m) * 32;
+        _mm512_storeu_ps(dst, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+        _mm512_storeu_ps(dst + 16, _mm512_castsi512_ps(_mm512_and_si512(v, high)));
       }
     }
   }
@@ -313,6 +348,7 @@ torch::Tensor gemm_few_bf16_fma(const torch::Tensor& x_in, const torch::Tensor& 
   const uint16_t* wp = call.w;
   uint16_t* yp = call.out;
   at::parallel_for(0, (n_size + kFewBlock - 1) / kFewBlock, 1, [&](int64_t first, int64_t last) {
+    alignas(64) float part[kFewBlock * kFmaMaxGroup * 16];  // partial sums between chunks
     for (int64_t block = first; block < last; ++block) {
       const int64_t begin = block * kFewBlock, end = std::min(n_size, begin + kFewBlock);
       const int64_t next_end = block + 1 < last ? std::min(n_size, end + kFewBlock) : end;
@@ -322,7 +358,7 @@ torch::Tensor gemm_few_bf16_fma(const torch::Tensor& x_in, const torch::Tensor& 
         group = fma_group(m_size, m0);
         kBlockFewFma[group - 1](xf.data() + m0 * k_pad, wp + begin * k_size, end - begin, k_size,
                                 bp ? bp + begin : nullptr, yp + m0 * n_size + begin, n_size,
-                                m0 == 0, ahead);
+                                m0 == 0, ahead, part);
       }
     }
   });
