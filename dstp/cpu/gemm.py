@@ -28,7 +28,7 @@ from dstp.cpu import features as cpu_features
 
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 TILE_BYTES = 4 << 20  # one widened fp32 block of weight rows (benchmarks/FINDINGS.md)
-MIN_ROWS = 56  # below, widening costs more (cpu_kernels' few-row kernel takes 2-55 rows)
+MIN_ROWS = 56  # below, widening costs more (see also kernels.few_row_limit)
 # "auto" widens only if it measures this much faster: a near tie keeps oneDNN's bf16 GEMM,
 # so the choice does not flip between runs of the same machine
 MEASURED_MARGIN = 1.1

@@ -233,6 +233,9 @@ def gemm_few_bf16(
 FEW_FMA_OP = "gemm_few_bf16_fma"
 FEW_PROBE_SHAPE = (32, 2048, 2048)  # rows, in, out: ~0.27 GFLOP, the weight mostly in cache
 _few_rows_fma: bool | None = None  # settle_few_rows' choice; None: not measured (vdpbf16ps)
+# rows from which the GEMMs beat the FMA variant: it ran 1.26x the widened fp32 GEMM at 64
+# rows, 1.16x at 96, a tie at 128 (1B shapes at TP=2, one thread; benchmarks/FINDINGS.md)
+FEW_FMA_ROW_LIMIT = 112
 
 
 def settle_few_rows(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
@@ -260,7 +263,7 @@ def settle_few_rows(min_over_ranks: Callable[[int], int] = lambda vote: vote) ->
     if ratio is not None:
         log.info(
             "bf16 linears of 2-%d rows: %s (the FMA variant measured at %.2fx vdpbf16ps' rate)",
-            cpu_gemm.MIN_ROWS - 1, few_row_variant(), ratio,
+            few_row_limit() - 1, few_row_variant(), ratio,
         )  # fmt: skip
 
 
@@ -273,9 +276,16 @@ def few_row_variant() -> str:
     return "few-row kernel, vdpbf16ps"
 
 
+def few_row_limit() -> int:
+    """The fewest rows the few-row kernel leaves to the GEMMs: ``FEW_FMA_ROW_LIMIT`` where
+    the FMA variant computes (it reads each weight once and widens in registers, where the
+    widened GEMM first writes the block out), else ``cpu_gemm.MIN_ROWS``."""
+    return FEW_FMA_ROW_LIMIT if _few_rows_fma else cpu_gemm.MIN_ROWS
+
+
 def few_row_kernel_applies(rows: int) -> bool:
     """Whether a bf16 linear of ``rows`` rows on CPU takes dstp's few-row kernel: 2 to
-    ``cpu_gemm.MIN_ROWS - 1`` rows, all below the widened GEMM's.
+    ``few_row_limit() - 1`` rows.
 
     The AVX2 build's widens the weights to fp32 in registers: it takes them where
     multi-row linears compute in fp32 (:func:`dstp.cpu.gemm.computes_in_fp32`). The
@@ -285,7 +295,7 @@ def few_row_kernel_applies(rows: int) -> bool:
     bf16 GEMM at 2-4 rows (memory-bound), 1.04-1.29x at 8-32, a tie at 48-55 (both
     compute-bound): benchmarks/FINDINGS.md, 2026-12-03.
     """
-    if not 2 <= rows < cpu_gemm.MIN_ROWS:
+    if not 2 <= rows < few_row_limit():
         return False
     ops = _ops()
     if not hasattr(ops, "gemm_few_bf16"):
@@ -390,12 +400,13 @@ def decode_attention_bf16(
 def describe_paths() -> dict[str, str]:
     """What computes a bf16 linear of one, a few and many rows here (logs, benchmarks)."""
     gemv = kernel()
-    # the few-row kernel takes all of 2-55 rows or none (few_row_kernel_applies)
+    # the few-row kernel takes all of 2 to few_row_limit() - 1 rows or none
     few_path = f"dstp {gemv} {few_row_variant()}" if few_row_kernel_applies(2) else "oneDNN"
+    limit = few_row_limit()
     return {
         "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
-        f"2-{cpu_gemm.MIN_ROWS - 1} rows": few_path,
-        f"{cpu_gemm.MIN_ROWS}+ rows": cpu_gemm.describe(),
+        f"2-{limit - 1} rows": few_path,
+        f"{limit}+ rows": cpu_gemm.describe(),
         "decode attention": "dstp paged kernel (bf16 cache)"
         if hasattr(_ops(), "decode_attention_bf16")
         else "PyTorch matmuls",
@@ -417,10 +428,10 @@ def linear_2d(
       on Zen 4 (AVX512-BF16), ~1.8x on an AVX2-only EPYC (benchmarks/gemv.py);
       from two rows oneDNN beats ATen.
     - From 2 rows dstp's few-row kernel, weights read once, wherever
-      :func:`few_row_kernel_applies` (AVX512-BF16 build: bf16 dot products; AVX2
-      build, on a CPU without them: weights widened in registers); from
-      ``cpu_gemm.MIN_ROWS`` fp32 GEMMs on widened weight blocks where the CPU has no
-      bf16 dot product (:mod:`dstp.cpu.gemm`), else oneDNN's bf16 GEMM.
+      :func:`few_row_kernel_applies` (AVX512-BF16 build: bf16 dot products or, where
+      measured faster, fp32 FMAs on weights widened in registers; AVX2 build, on a CPU
+      without them: the latter); past it fp32 GEMMs on widened weight blocks where those
+      compute (:mod:`dstp.cpu.gemm`), else oneDNN's bf16 GEMM.
     """
     flat = x.reshape(-1, x.shape[-1])
     bf16_on_cpu = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
@@ -431,12 +442,12 @@ def linear_2d(
         out = opaque_ops.linear_bf16_cpu(flat, weight, bias)
     elif bf16_on_cpu and rows == 1:
         out = _single_row_bf16(flat, weight, bias)
-    elif bf16_on_cpu and cpu_gemm.widens(rows) and not _needs_grad(weight):
-        out = cpu_gemm.widened_linear(flat, weight, bias)
     elif bf16_on_cpu and few_row_kernel_applies(rows) and _kernel_takes(weight, bias):
         out = gemm_few_bf16(flat.contiguous(), weight, bias)
         if out is None:
             out = F.linear(flat, weight, bias)
+    elif bf16_on_cpu and cpu_gemm.widens(rows) and not _needs_grad(weight):
+        out = cpu_gemm.widened_linear(flat, weight, bias)
     else:
         out = F.linear(flat, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])

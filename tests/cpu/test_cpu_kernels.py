@@ -235,6 +235,36 @@ def test_linear_2d_takes_the_avx512_few_row_kernel_unless_bf16_is_asked_for(
 
 
 @needs_kernel
+def test_the_fma_variant_takes_rows_up_to_its_own_limit(avx512_bf16, monkeypatch):
+    """Where the FMA variant computes it beat the widened GEMM up to ~120 rows (no block
+    written out first): linears below ``FEW_FMA_ROW_LIMIT`` rows take it, not the GEMM."""
+    calls, widened = [], []
+    real_few, real_widened = cpu_kernels.gemm_few_bf16, cpu_gemm.widened_linear
+    monkeypatch.setattr(
+        cpu_kernels, "gemm_few_bf16", lambda x, *a: calls.append(x.shape[0]) or real_few(x, *a)
+    )
+    monkeypatch.setattr(
+        cpu_gemm, "widened_linear", lambda x, *a: widened.append(x.shape[0]) or real_widened(x, *a)
+    )
+    monkeypatch.setattr(cpu_gemm, "_setting", "float32")
+    monkeypatch.setattr(cpu_kernels, "_few_rows_fma", True)
+    limit = cpu_kernels.FEW_FMA_ROW_LIMIT
+    assert cpu_gemm.MIN_ROWS < limit == cpu_kernels.few_row_limit()
+    w = torch.randn(64, 128).bfloat16()
+    for rows in (2, cpu_gemm.MIN_ROWS, limit - 1, limit):
+        x = torch.randn(rows, 128).bfloat16()
+        got = linear_2d(x, w)
+        exact = F.linear(x.float(), w.float())
+        assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3 * exact.abs().max()).all()
+    assert calls == [2, cpu_gemm.MIN_ROWS, limit - 1] and widened == [limit]
+    paths = cpu_kernels.describe_paths()
+    assert "fp32 FMAs" in paths[f"2-{limit - 1} rows"] and "widened" in paths[f"{limit}+ rows"]
+    monkeypatch.setattr(cpu_kernels, "_few_rows_fma", False)  # vdpbf16ps: the GEMMs from 56
+    linear_2d(torch.randn(cpu_gemm.MIN_ROWS, 128).bfloat16(), w)
+    assert widened == [limit, cpu_gemm.MIN_ROWS]
+
+
+@needs_kernel
 @pytest.mark.parametrize("op", ["gemm_few_bf16", "gemm_few_bf16_fma"])
 def test_the_avx512_few_row_kernel_checks_its_inputs(avx512_bf16, op):
     few = getattr(cpu_kernels._ops(), op)
@@ -265,7 +295,9 @@ def test_settle_few_rows_picks_the_variant_by_measurement(
     votes = []
     cpu_kernels.settle_few_rows(lambda vote: votes.append(vote) or min(vote, other_ranks_vote))
     assert votes == [int(dot_s >= cpu_gemm.MEASURED_MARGIN * fma_s)]
-    few_path = cpu_kernels.describe_paths()[f"2-{cpu_gemm.MIN_ROWS - 1} rows"]
+    limit = cpu_kernels.few_row_limit()
+    assert limit == (cpu_kernels.FEW_FMA_ROW_LIMIT if fma else cpu_gemm.MIN_ROWS)
+    few_path = cpu_kernels.describe_paths()[f"2-{limit - 1} rows"]
     assert ("fp32 FMAs" in few_path) is fma and ("vdpbf16ps" in few_path)
     cpu_kernels.settle_few_rows(lambda vote: 1 / 0)  # settled once per process
     ops, calls = cpu_kernels._ops(), []
