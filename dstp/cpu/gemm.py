@@ -2,10 +2,13 @@
 
 Without AVX512-BF16 or AMX, oneDNN's bf16 GEMM runs several times slower than
 fp32 GEMM at the same work (benchmarks/FINDINGS.md). Here the weight stays
-bf16 in memory and is widened to fp32 a block of output rows at a time, into
-one small reused buffer that stays in cache, and each block is one fp32 GEMM.
-The sums are fp32 and rounded to bf16 once, as oneDNN's bf16 GEMM does, so the
-two agree within bf16 rounding.
+bf16 in memory and is widened to fp32 as it is packed: dstp's GEMM
+(csrc/gemm_widened.cpp) widens each panel of weight rows into L1, where every
+tile of x meets it. Without dstp's kernels, each block of weight rows is widened
+into one small reused buffer and multiplied by MKL's fp32 GEMM (the weight then
+crosses memory three times, so that path starts at ``MIN_ROWS``). The sums are
+fp32 and rounded to bf16 once, as oneDNN's bf16 GEMM does, so the two agree
+within bf16 rounding.
 
 ``--cpu-compute-dtype``: "auto" widens where the CPU has no bf16 dot product and,
 where it has one, if :func:`settle` measured widening faster on this machine (a
@@ -28,7 +31,7 @@ from dstp.cpu import features as cpu_features
 
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 TILE_BYTES = 4 << 20  # one widened fp32 block of weight rows (benchmarks/FINDINGS.md)
-MIN_ROWS = 56  # below, widening costs more (see also kernels.few_row_limit)
+MIN_ROWS = 56  # without dstp's GEMM: below, widening costs more (see also kernels.few_row_limit)
 # "auto" widens only if it measures this much faster: a near tie keeps oneDNN's bf16 GEMM,
 # so the choice does not flip between runs of the same machine
 MEASURED_MARGIN = 1.1
@@ -38,6 +41,8 @@ log = logging.getLogger("dstp")
 
 _setting = "auto"
 _measured_fp32: bool | None = None  # "auto"'s measured choice, once settle() ran
+_blocks_faster = False  # settle() timed MKL's widened blocks faster than dstp's GEMM here
+_widening_timed = False  # once per process: the machine, not the setting, decides it
 _buffers = threading.local()
 
 
@@ -55,6 +60,36 @@ def setting() -> str:
 
 
 def settle(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
+    """Times the fp32 paths once per process (:func:`_settle_widening`), then decides "auto" on
+    a CPU with a bf16 dot product by timing oneDNN's bf16 GEMM against the faster of them."""
+    if _setting != "bfloat16":
+        _settle_widening()
+    _settle_auto(min_over_ranks)
+
+
+def _settle_widening() -> None:
+    """dstp's GEMM or MKL's on widened blocks, whichever this rank times faster (dstp's unless
+    MKL's is ``MEASURED_MARGIN`` times faster: only dstp's pays below ``MIN_ROWS``). No vote:
+    both are fp32 sums rounded to bf16 once, apart only in the order of the additions. With
+    AVX512, dstp's ran 1.2-1.6x MKL's at 64-128 rows (benchmarks/FINDINGS.md); its 256-bit
+    form has not met an AVX2-only host yet, hence the measurement."""
+    global _blocks_faster, _widening_timed
+    kernel = _kernel()
+    if kernel is None or _widening_timed:
+        return
+    _widening_timed = True
+    rows, k, n = PROBE_SHAPE
+    x, weight = torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16()
+    kernel_s = median_seconds(lambda: kernel(x, weight, None))
+    blocks_s = median_seconds(lambda: _widened_blocks(x, weight, None))
+    _blocks_faster = kernel_s >= MEASURED_MARGIN * blocks_s
+    log.info(
+        "fp32 bf16 linears: %s (dstp's GEMM measured at %.2fx MKL's on widened blocks)",
+        "MKL's on widened blocks" if _blocks_faster else "dstp's GEMM", blocks_s / kernel_s,
+    )  # fmt: skip
+
+
+def _settle_auto(min_over_ranks: Callable[[int], int]) -> None:
     """Decides "auto" on a CPU with a bf16 dot product by timing both ways once.
 
     Each rank times oneDNN's bf16 GEMM against :func:`widened_linear` on its own
@@ -106,8 +141,9 @@ def computes_in_fp32() -> bool:
 
 
 def widens(rows: int) -> bool:
-    """Whether a bf16 linear of ``rows`` rows on CPU takes :func:`widened_linear`."""
-    return rows >= MIN_ROWS and computes_in_fp32()
+    """Whether a bf16 linear of ``rows`` rows on CPU takes :func:`widened_linear` (dstp's
+    few-row kernels, where they apply, are chosen before it)."""
+    return computes_in_fp32() and rows >= (2 if _kernel() is not None else MIN_ROWS)
 
 
 def describe() -> str:
@@ -119,14 +155,30 @@ def describe() -> str:
             why = "measured faster than oneDNN's bf16 GEMM here"
         else:
             why = "no bf16 dot product on this CPU"
-        return f"fp32 on widened bf16 weight blocks ({why})"
+        how = (
+            "dstp GEMM, fp32 on bf16 weights widened as packed"
+            if _kernel()
+            else ("fp32 on widened bf16 weight blocks")
+        )
+        return f"{how} ({why})"
     return "oneDNN bf16 GEMM"
 
 
 def widened_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a 2-D bf16 ``x``, computed in fp32 block by block."""
+    """``F.linear(x, weight, bias)`` for a 2-D bf16 ``x``, computed in fp32: dstp's GEMM,
+    or MKL's on widened weight blocks (no kernels, or a strided weight)."""
+    kernel = _kernel()
+    if kernel is not None and weight.is_contiguous() and (bias is None or bias.is_contiguous()):
+        return kernel(x.contiguous(), weight, bias)
+    return _widened_blocks(x, weight, bias)
+
+
+def _widened_blocks(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`widened_linear` by MKL: each block of weight rows widened into a reused buffer."""
     rows, k = weight.shape
     step = max(1, min(rows, TILE_BYTES // (4 * k)))
     block = _block_buffer(step * k).view(step, k)
@@ -140,6 +192,14 @@ def widened_linear(
     if bias is not None:
         out += bias
     return out.to(x.dtype)
+
+
+def _kernel() -> Callable[..., torch.Tensor] | None:
+    """dstp's widening GEMM, or None where its kernels are not built (or are switched off) or
+    where :func:`settle` timed MKL's blocks faster."""
+    from dstp.cpu import kernels  # here, not at the top: kernels imports this module
+
+    return None if _blocks_faster else kernels.gemm_widened_op()
 
 
 def _block_buffer(numel: int) -> torch.Tensor:

@@ -57,7 +57,7 @@ KERNELS = {
     "avx2": (
         "dstp_cpu_kernels_avx2",
         [CSRC / "gemv_bf16_avx2.cpp", *SHARED_SOURCES],
-        ["-mavx2", "-mfma"],
+        ["-mavx2", "-mfma", "-DDSTP_AVX2_ONLY"],  # no AVX512 path even where the CPU has it
         "AVX2+FMA",
     ),
 }
@@ -224,6 +224,12 @@ def gemm_few_bf16(
     return None if few is None else few(x, weight, bias)
 
 
+def gemm_widened_op() -> Callable[..., torch.Tensor] | None:
+    """Both builds' many-row GEMM (fp32 on bf16 weights widened as they are packed), or None
+    without the kernels: :func:`dstp.cpu.gemm.widened_linear` calls it."""
+    return getattr(_ops(), "gemm_widened_bf16", None)
+
+
 # The AVX512-BF16 build's few-row kernel in two variants, alike but for how the fp32 sums are
 # formed: vdpbf16ps ("gemm_few_bf16") or fp32 FMAs on weights widened in registers
 # (FEW_FMA_OP). On a KVM Xeon without AMX vdpbf16ps issues at about half the FMA rate: the
@@ -233,9 +239,9 @@ def gemm_few_bf16(
 FEW_FMA_OP = "gemm_few_bf16_fma"
 FEW_PROBE_SHAPE = (32, 2048, 2048)  # rows, in, out: ~0.27 GFLOP, the weight mostly in cache
 _few_rows_fma: bool | None = None  # settle_few_rows' choice; None: not measured (vdpbf16ps)
-# rows from which the GEMMs beat the FMA variant: it ran 1.26x the widened fp32 GEMM at 64
-# rows, 1.16x at 96, a tie at 128 (1B shapes at TP=2, one thread; benchmarks/FINDINGS.md)
-FEW_FMA_ROW_LIMIT = 112
+# rows from which dstp's widening GEMM beats the FMA variant: a tie at 32 rows, 1.15-1.2x
+# from 48 (1B shapes at TP=2, one thread, 2026-12-04; benchmarks/FINDINGS.md)
+FEW_FMA_ROW_LIMIT = 32
 
 
 def settle_few_rows(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
@@ -278,8 +284,8 @@ def few_row_variant() -> str:
 
 def few_row_limit() -> int:
     """The fewest rows the few-row kernel leaves to the GEMMs: ``FEW_FMA_ROW_LIMIT`` where
-    the FMA variant computes (it reads each weight once and widens in registers, where the
-    widened GEMM first writes the block out), else ``cpu_gemm.MIN_ROWS``."""
+    the FMA variant computes (both it and dstp's widening GEMM compute in fp32 FMAs; the
+    GEMM's x tiles are 16 or 32 rows wide), else ``cpu_gemm.MIN_ROWS``."""
     return FEW_FMA_ROW_LIMIT if _few_rows_fma else cpu_gemm.MIN_ROWS
 
 

@@ -235,9 +235,9 @@ def test_linear_2d_takes_the_avx512_few_row_kernel_unless_bf16_is_asked_for(
 
 
 @needs_kernel
-def test_the_fma_variant_takes_rows_up_to_its_own_limit(avx512_bf16, monkeypatch):
-    """Where the FMA variant computes it beat the widened GEMM up to ~120 rows (no block
-    written out first): linears below ``FEW_FMA_ROW_LIMIT`` rows take it, not the GEMM."""
+def test_the_fma_variant_hands_rows_to_the_widening_gemm_at_its_own_limit(avx512_bf16, monkeypatch):
+    """Where the FMA variant computes, dstp's widening GEMM tied it at 32 rows and beat it
+    from 48: linears from ``FEW_FMA_ROW_LIMIT`` rows take the GEMM, below it the variant."""
     calls, widened = [], []
     real_few, real_widened = cpu_kernels.gemm_few_bf16, cpu_gemm.widened_linear
     monkeypatch.setattr(
@@ -247,21 +247,22 @@ def test_the_fma_variant_takes_rows_up_to_its_own_limit(avx512_bf16, monkeypatch
         cpu_gemm, "widened_linear", lambda x, *a: widened.append(x.shape[0]) or real_widened(x, *a)
     )
     monkeypatch.setattr(cpu_gemm, "_setting", "float32")
+    monkeypatch.setattr(cpu_gemm, "_blocks_faster", False)
     monkeypatch.setattr(cpu_kernels, "_few_rows_fma", True)
     limit = cpu_kernels.FEW_FMA_ROW_LIMIT
-    assert cpu_gemm.MIN_ROWS < limit == cpu_kernels.few_row_limit()
+    assert limit == cpu_kernels.few_row_limit() < cpu_gemm.MIN_ROWS
     w = torch.randn(64, 128).bfloat16()
-    for rows in (2, cpu_gemm.MIN_ROWS, limit - 1, limit):
+    for rows in (2, limit - 1, limit, cpu_gemm.MIN_ROWS - 1):
         x = torch.randn(rows, 128).bfloat16()
         got = linear_2d(x, w)
         exact = F.linear(x.float(), w.float())
         assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3 * exact.abs().max()).all()
-    assert calls == [2, cpu_gemm.MIN_ROWS, limit - 1] and widened == [limit]
+    assert calls == [2, limit - 1] and widened == [limit, cpu_gemm.MIN_ROWS - 1]
     paths = cpu_kernels.describe_paths()
-    assert "fp32 FMAs" in paths[f"2-{limit - 1} rows"] and "widened" in paths[f"{limit}+ rows"]
+    assert "fp32 FMAs" in paths[f"2-{limit - 1} rows"] and "dstp GEMM" in paths[f"{limit}+ rows"]
     monkeypatch.setattr(cpu_kernels, "_few_rows_fma", False)  # vdpbf16ps: the GEMMs from 56
-    linear_2d(torch.randn(cpu_gemm.MIN_ROWS, 128).bfloat16(), w)
-    assert widened == [limit, cpu_gemm.MIN_ROWS]
+    linear_2d(torch.randn(cpu_gemm.MIN_ROWS - 1, 128).bfloat16(), w)
+    assert calls[-1] == cpu_gemm.MIN_ROWS - 1
 
 
 @needs_kernel
