@@ -36,6 +36,7 @@ MIN_ROWS = 56  # without dstp's GEMM: below, widening costs more (see also kerne
 # so the choice does not flip between runs of the same machine
 MEASURED_MARGIN = 1.1
 PROBE_SHAPE = (256, 2048, 2048)  # rows, in, out: a prefill-sized linear, ~2 GFLOP
+WIDENING_PROBE_ROWS = (64, 256)  # dstp's GEMM against MKL's: a decode batch, a prefill chunk
 
 log = logging.getLogger("dstp")
 
@@ -61,32 +62,44 @@ def setting() -> str:
 
 def settle(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
     """Times the fp32 paths once per process (:func:`_settle_widening`), then decides "auto" on
-    a CPU with a bf16 dot product by timing oneDNN's bf16 GEMM against the faster of them."""
+    a CPU with a bf16 dot product by timing oneDNN's bf16 GEMM against the faster of them.
+    ``min_over_ranks`` is the TP group's minimum of one vote a rank (a collective)."""
     if _setting != "bfloat16":
-        _settle_widening()
+        _settle_widening(min_over_ranks)
     _settle_auto(min_over_ranks)
 
 
-def _settle_widening() -> None:
-    """dstp's GEMM or MKL's on widened blocks, whichever this rank times faster (dstp's unless
-    MKL's is ``MEASURED_MARGIN`` times faster: only dstp's pays below ``MIN_ROWS``). No vote:
-    both are fp32 sums rounded to bf16 once, apart only in the order of the additions. With
-    AVX512, dstp's ran 1.2-1.6x MKL's at 64-128 rows (benchmarks/FINDINGS.md); its 256-bit
-    form has not met an AVX2-only host yet, hence the measurement."""
+def _settle_widening(min_over_ranks: Callable[[int], int]) -> None:
+    """dstp's GEMM, unless MKL's on widened blocks timed ``MEASURED_MARGIN`` times faster at
+    both ``WIDENING_PROBE_ROWS`` on every rank (only dstp's pays below ``MIN_ROWS`` rows).
+    The ranks time together, after the vote's collective, as they will compute. With AVX512,
+    dstp's ran 1.1-2x MKL's at 32-512 rows (benchmarks/FINDINGS.md); its 256-bit form has
+    not met an AVX2-only host yet, hence the measurement. Both are fp32 sums rounded to bf16
+    once, apart only in the order of the additions."""
     global _blocks_faster, _widening_timed
-    kernel = _kernel()
-    if kernel is None or _widening_timed:
+    if _widening_timed:
         return
     _widening_timed = True
-    rows, k, n = PROBE_SHAPE
+    min_over_ranks(1)  # all ranks start timing together
+    kernel, vote = _kernel(), 0
+    if kernel is not None:
+        speedups = [_kernel_speedup(kernel, rows) for rows in WIDENING_PROBE_ROWS]
+        vote = int(max(speedups) <= 1 / MEASURED_MARGIN)
+        log.info(
+            "dstp's widening GEMM measured at %s MKL's on widened blocks (%s rows)",
+            "/".join(f"{s:.2f}x" for s in speedups), "/".join(map(str, WIDENING_PROBE_ROWS)),
+        )  # fmt: skip
+    _blocks_faster = bool(min_over_ranks(vote))
+    if _blocks_faster:
+        log.info("fp32 bf16 linears of %d+ rows: MKL's on widened blocks", MIN_ROWS)
+
+
+def _kernel_speedup(kernel: Callable[..., torch.Tensor], rows: int) -> float:
+    """How many times faster dstp's GEMM ran than MKL's blocks for ``rows`` rows of the probe."""
+    k, n = PROBE_SHAPE[1:]
     x, weight = torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16()
     kernel_s = median_seconds(lambda: kernel(x, weight, None))
-    blocks_s = median_seconds(lambda: _widened_blocks(x, weight, None))
-    _blocks_faster = kernel_s >= MEASURED_MARGIN * blocks_s
-    log.info(
-        "fp32 bf16 linears: %s (dstp's GEMM measured at %.2fx MKL's on widened blocks)",
-        "MKL's on widened blocks" if _blocks_faster else "dstp's GEMM", blocks_s / kernel_s,
-    )  # fmt: skip
+    return median_seconds(lambda: _widened_blocks(x, weight, None)) / kernel_s
 
 
 def _settle_auto(min_over_ranks: Callable[[int], int]) -> None:

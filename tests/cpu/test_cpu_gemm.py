@@ -198,28 +198,38 @@ def test_settle_times_the_real_gemms(monkeypatch, compute_dtype, caplog):
         cpu_gemm.settle()
     assert "widened fp32" in caplog.text and "x oneDNN bf16's rate" in caplog.text
     if cpu_kernels.gemm_widened_op() is not None or cpu_gemm._blocks_faster:
-        assert "dstp's GEMM measured at" in caplog.text
+        assert "dstp's widening GEMM measured at" in caplog.text
 
 
 @pytest.mark.parametrize(
-    "kernel_s,blocks_s,blocks", [(1.0, 1.0, False), (1.05, 1.0, False), (1.2, 1.0, True)]
+    "times,vote,others_vote,blocks",
+    [
+        ([1.0, 1.0, 1.0, 1.0], 0, 1, False),  # a tie keeps dstp's GEMM (it alone pays below 56)
+        ([1.2, 1.0, 1.2, 1.0], 1, 1, True),  # MKL's 1.2x faster at both sizes, on every rank
+        ([1.2, 1.0, 1.0, 1.0], 0, 1, False),  # ... but at one of them only
+        ([1.2, 1.0, 1.2, 1.0], 1, 0, False),  # another rank measured otherwise
+    ],
 )
 def test_mkl_blocks_replace_dstp_gemm_only_where_they_time_faster(
-    monkeypatch, compute_dtype, kernel_s, blocks_s, blocks
+    monkeypatch, compute_dtype, times, vote, others_vote, blocks
 ):
-    """A near tie keeps dstp's GEMM (it alone pays below MIN_ROWS rows); timed once."""
+    """Kernel, blocks at 64 rows, then at 256: MKL's blocks only if faster at both on every
+    rank; timed once per process, the ranks meeting in the vote whatever they measured."""
     if cpu_kernels.gemm_widened_op() is None:
         pytest.skip("dstp's CPU kernels do not build here")
     monkeypatch.setattr(cpu_gemm, "_widening_timed", False)
     monkeypatch.setattr(cpu_gemm, "_blocks_faster", False)
     monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx2", "fma"}))  # no bf16 dot
-    times = iter([kernel_s, blocks_s])
-    monkeypatch.setattr(cpu_gemm, "median_seconds", lambda run: next(times))
+    timed = iter(times)
+    monkeypatch.setattr(cpu_gemm, "median_seconds", lambda run: next(timed))
     compute_dtype("auto")
-    cpu_gemm.settle()
+    votes = []
+    cpu_gemm.settle(lambda vote: votes.append(vote) or min(vote, others_vote))
+    assert votes == [1, vote, 1]  # together; this rank's measurement; "auto" (no bf16 dot)
     assert cpu_gemm.widens(cpu_gemm.MIN_ROWS - 1) is not blocks
     assert ("dstp GEMM" in cpu_gemm.describe()) is not blocks
-    cpu_gemm.settle()  # a second load in the same process: no second timing
+    cpu_gemm.settle(lambda vote: 1 / 0)  # a second load in the same process: no collective
+    compute_dtype("auto")
 
 
 def test_linear_2d_widens_from_a_few_rows(monkeypatch, compute_dtype):
