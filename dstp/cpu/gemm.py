@@ -159,6 +159,12 @@ def widens(rows: int) -> bool:
     return computes_in_fp32() and rows >= (2 if _kernel() is not None else MIN_ROWS)
 
 
+def widens_in_dstp_gemm() -> bool:
+    """Whether multi-row bf16 linears compute in dstp's widening GEMM (not MKL's blocks or
+    oneDNN's bf16 GEMM): the few-row kernels then hand it rows sooner."""
+    return computes_in_fp32() and _kernel() is not None
+
+
 def describe() -> str:
     """The multi-row path in use, for start-up logs and benchmark records."""
     if computes_in_fp32():

@@ -239,8 +239,9 @@ def gemm_widened_op() -> Callable[..., torch.Tensor] | None:
 FEW_FMA_OP = "gemm_few_bf16_fma"
 FEW_PROBE_SHAPE = (32, 2048, 2048)  # rows, in, out: ~0.27 GFLOP, the weight mostly in cache
 _few_rows_fma: bool | None = None  # settle_few_rows' choice; None: not measured (vdpbf16ps)
-# rows from which dstp's widening GEMM beats the FMA variant: a tie at 32 rows, 1.15-1.2x
-# from 48 (1B shapes at TP=2, one thread, 2026-12-04; benchmarks/FINDINGS.md)
+# rows from which dstp's widening GEMM beats the fp32 few-row kernels (the AVX512-BF16
+# build's FMA variant and the AVX2 build's): a tie at 32 rows, 1.15-1.2x from 48 (1B shapes
+# at TP=2, one thread, 2026-12-04; benchmarks/FINDINGS.md)
 FEW_FMA_ROW_LIMIT = 32
 
 
@@ -283,10 +284,12 @@ def few_row_variant() -> str:
 
 
 def few_row_limit() -> int:
-    """The fewest rows the few-row kernel leaves to the GEMMs: ``FEW_FMA_ROW_LIMIT`` where
-    the FMA variant computes (both it and dstp's widening GEMM compute in fp32 FMAs; the
-    GEMM's x tiles are 16 or 32 rows wide), else ``cpu_gemm.MIN_ROWS``."""
-    return FEW_FMA_ROW_LIMIT if _few_rows_fma else cpu_gemm.MIN_ROWS
+    """The fewest rows the few-row kernel leaves to the GEMMs: ``FEW_FMA_ROW_LIMIT`` where it
+    computes in fp32 FMAs (the FMA variant, the AVX2 build) and dstp's widening GEMM takes
+    the rest (its x tiles are 16 or 32 rows wide), else ``cpu_gemm.MIN_ROWS`` (vdpbf16ps, or
+    oneDNN's or MKL's GEMMs past it)."""
+    fma = _few_rows_fma or getattr(_ops(), "dstp_kernel", None) == "avx2"
+    return FEW_FMA_ROW_LIMIT if fma and cpu_gemm.widens_in_dstp_gemm() else cpu_gemm.MIN_ROWS
 
 
 def few_row_kernel_applies(rows: int) -> bool:

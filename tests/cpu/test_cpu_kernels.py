@@ -194,10 +194,14 @@ def test_linear_2d_takes_the_few_row_kernel_below_the_widened_gemm(avx2, monkeyp
     )
     w = torch.randn(64, 128).bfloat16()
     monkeypatch.setattr(cpu_gemm, "_setting", "float32")
-    for rows in (1, 2, cpu_gemm.MIN_ROWS - 1, cpu_gemm.MIN_ROWS):
+    limit = cpu_kernels.few_row_limit()  # dstp's widening GEMM takes rows from here
+    assert limit == (
+        cpu_gemm.MIN_ROWS if cpu_gemm._blocks_faster else cpu_kernels.FEW_FMA_ROW_LIMIT
+    )
+    for rows in (1, 2, limit - 1, limit):
         linear_2d(torch.randn(rows, 128).bfloat16(), w)
     linear_2d(torch.randn(3, 128).bfloat16(), torch.randn(64, 256).bfloat16()[:, ::2])  # strided
-    assert calls == [2, cpu_gemm.MIN_ROWS - 1]
+    assert calls == [2, limit - 1]
     monkeypatch.setattr(cpu_gemm, "_setting", "bfloat16")  # oneDNN's bf16 GEMM, as asked
     x = torch.randn(3, 128).bfloat16()
     assert torch.equal(linear_2d(x, w), F.linear(x, w))
@@ -265,6 +269,21 @@ def test_the_fma_variant_hands_rows_to_the_widening_gemm_at_its_own_limit(avx512
     assert calls[-1] == cpu_gemm.MIN_ROWS - 1
 
 
+@needs_avx2
+def test_the_avx2_build_hands_rows_to_dstp_gemm_at_the_fma_limit(avx2, monkeypatch):
+    """The AVX2 build's few-row kernel computes in fp32 FMAs too: dstp's widening GEMM takes
+    rows from ``FEW_FMA_ROW_LIMIT``, MKL's widened blocks (where settle timed them faster)
+    only from ``cpu_gemm.MIN_ROWS``."""
+    monkeypatch.setattr(cpu_gemm, "_setting", "float32")
+    monkeypatch.setattr(cpu_gemm, "_blocks_faster", False)
+    assert cpu_kernels.few_row_limit() == cpu_kernels.FEW_FMA_ROW_LIMIT
+    assert not cpu_kernels.few_row_kernel_applies(cpu_kernels.FEW_FMA_ROW_LIMIT)
+    monkeypatch.setattr(cpu_gemm, "_blocks_faster", True)
+    assert cpu_kernels.few_row_limit() == cpu_gemm.MIN_ROWS
+    assert cpu_kernels.few_row_kernel_applies(cpu_gemm.MIN_ROWS - 1)
+    assert not cpu_gemm.widens(cpu_gemm.MIN_ROWS - 1) and cpu_gemm.widens(cpu_gemm.MIN_ROWS)
+
+
 @needs_kernel
 @pytest.mark.parametrize("op", ["gemm_few_bf16", "gemm_few_bf16_fma"])
 def test_the_avx512_few_row_kernel_checks_its_inputs(avx512_bf16, op):
@@ -293,6 +312,8 @@ def test_settle_few_rows_picks_the_variant_by_measurement(
 ):
     times = iter([dot_s, fma_s])
     monkeypatch.setattr(cpu_gemm, "median_seconds", lambda run: next(times))
+    monkeypatch.setattr(cpu_gemm, "_setting", "float32")  # dstp's GEMM past the few rows
+    monkeypatch.setattr(cpu_gemm, "_blocks_faster", False)
     votes = []
     cpu_kernels.settle_few_rows(lambda vote: votes.append(vote) or min(vote, other_ranks_vote))
     assert votes == [int(dot_s >= cpu_gemm.MEASURED_MARGIN * fma_s)]
