@@ -34,7 +34,16 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "linear",
-        ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn", "onednn", "dstp::gemv"),
+        (
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::baddbmm",
+            "mkldnn",
+            "onednn",
+            "dstp::gemv",
+            "dstp::gemm",
+        ),
     ),
 )
 
