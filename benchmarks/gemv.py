@@ -23,9 +23,10 @@ the shapes of the 1B model at TP=2 (``FEW_SHAPES``), one thread, the median of
 ``--repeats`` passes, interleaved: ``dstp`` is the chosen build's ``gemm_few_bf16`` (on the
 AVX512-BF16 build its two variants instead, ``dpbf16``: vdpbf16ps, and ``fma``:
 ``gemm_few_bf16_fma``, fp32 FMAs on weights widened in registers), ``avx2`` the AVX2
-build's beside it on an AVX512-BF16 CPU (``--no-avx2`` leaves it out), ``onednn`` plain ``F.linear``
-(oneDNN's bf16 GEMM), ``aten`` ``F.linear`` with oneDNN off; GB/s of weight read and
-GFLOP/s.
+build's beside it on an AVX512-BF16 CPU (``--no-avx2`` leaves it out), ``gemm`` dstp's
+widening GEMM (``gemm_widened_bf16``, what takes over from the few-row kernels), ``blocks``
+MKL's sgemm on widened weight blocks (its fallback), ``onednn`` plain ``F.linear`` (oneDNN's
+bf16 GEMM), ``aten`` ``F.linear`` with oneDNN off; GB/s of weight read and GFLOP/s.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from dstp.cpu import features as cpu_features
+from dstp.cpu import gemm as cpu_gemm
 from dstp.cpu import kernels as cpu_kernels
 from dstp.cpu.kernels import _aten_cpu_kernels
 
@@ -126,7 +128,9 @@ def few_row_rates(
         avx2 = cpu_kernels._build("avx2")  # the AVX2 build, loaded beside the chosen one
         if avx2 is not None:
             paths["avx2"] = avx2.gemm_few_bf16
-    paths.update(onednn=F.linear, aten=aten)
+    if getattr(ops, "gemm_widened_bf16", None) is not None:
+        paths["gemm"] = ops.gemm_widened_bf16
+    paths.update(blocks=cpu_gemm._widened_blocks, onednn=F.linear, aten=aten)
     out: dict[int, dict[str, tuple[float, float]]] = {}
     for m in rows:
         x = torch.randn(m, k, generator=gen).bfloat16()
@@ -152,7 +156,7 @@ def main_few_rows(args) -> None:
         f"CPU: {cpu_model()}; {args.threads} thread(s); dstp kernel: {kernel}; "
         f"median of {args.repeats} passes of >= {args.pass_mib} MiB"
     )
-    names = ("dstp", "dpbf16", "fma", "avx2", "onednn", "aten")
+    names = ("dstp", "dpbf16", "fma", "avx2", "gemm", "blocks", "onednn", "aten")
     if kernel == "avx512_bf16":
         names = names[1:]  # its two variants, not the one settle_few_rows chose
     if args.no_avx2:

@@ -161,7 +161,7 @@ def widens(rows: int) -> bool:
 
 def widens_in_dstp_gemm() -> bool:
     """Whether multi-row bf16 linears compute in dstp's widening GEMM (not MKL's blocks or
-    oneDNN's bf16 GEMM): the few-row kernels then hand it rows sooner."""
+    oneDNN's bf16 GEMM): where to hand rows over from the few-row kernels depends on it."""
     return computes_in_fp32() and _kernel() is not None
 
 

@@ -239,10 +239,14 @@ def gemm_widened_op() -> Callable[..., torch.Tensor] | None:
 FEW_FMA_OP = "gemm_few_bf16_fma"
 FEW_PROBE_SHAPE = (32, 2048, 2048)  # rows, in, out: ~0.27 GFLOP, the weight mostly in cache
 _few_rows_fma: bool | None = None  # settle_few_rows' choice; None: not measured (vdpbf16ps)
-# rows from which dstp's widening GEMM beats the fp32 few-row kernels (the AVX512-BF16
-# build's FMA variant and the AVX2 build's): a tie at 32 rows, 1.15-1.2x from 48 (1B shapes
-# at TP=2, one thread, 2026-12-04; benchmarks/FINDINGS.md)
-FEW_FMA_ROW_LIMIT = 32
+# rows from which MKL's sgemm on widened blocks beats the FMA variant: it ran 1.26x the blocks
+# at 64 rows, 1.16x at 96, a tie at 128 (1B shapes at TP=2, one thread; FINDINGS.md)
+FEW_FMA_ROW_LIMIT = 112
+# rows from which dstp's widening GEMM beats the fp32 few-row kernels (the FMA variant, the
+# AVX2 build's), weights streaming from DRAM as in a decode step: the FMA variant ran
+# 1.04-1.19x the GEMM at 32-40 rows, about even at 48-56, 0.86-0.97x from 64 (1B shapes at
+# TP=2, one thread, 2026-12-04; benchmarks/FINDINGS.md)
+DSTP_GEMM_ROW_LIMIT = 64
 
 
 def settle_few_rows(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
@@ -284,12 +288,14 @@ def few_row_variant() -> str:
 
 
 def few_row_limit() -> int:
-    """The fewest rows the few-row kernel leaves to the GEMMs: ``FEW_FMA_ROW_LIMIT`` where it
-    computes in fp32 FMAs (the FMA variant, the AVX2 build) and dstp's widening GEMM takes
-    the rest (its x tiles are 16 or 32 rows wide), else ``cpu_gemm.MIN_ROWS`` (vdpbf16ps, or
-    oneDNN's or MKL's GEMMs past it)."""
-    fma = _few_rows_fma or getattr(_ops(), "dstp_kernel", None) == "avx2"
-    return FEW_FMA_ROW_LIMIT if fma and cpu_gemm.widens_in_dstp_gemm() else cpu_gemm.MIN_ROWS
+    """The fewest rows the few-row kernel leaves to the GEMMs: ``DSTP_GEMM_ROW_LIMIT`` where it
+    computes in fp32 FMAs (the FMA variant, the AVX2 build) and dstp's widening GEMM takes the
+    rest; else ``FEW_FMA_ROW_LIMIT`` for the FMA variant (MKL's widened blocks need more rows
+    to pay for their widening pass), ``cpu_gemm.MIN_ROWS`` for the others."""
+    avx2 = getattr(_ops(), "dstp_kernel", None) == "avx2"
+    if (_few_rows_fma or avx2) and cpu_gemm.widens_in_dstp_gemm():
+        return DSTP_GEMM_ROW_LIMIT
+    return FEW_FMA_ROW_LIMIT if _few_rows_fma else cpu_gemm.MIN_ROWS
 
 
 def few_row_kernel_applies(rows: int) -> bool:

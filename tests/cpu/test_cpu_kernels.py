@@ -196,7 +196,7 @@ def test_linear_2d_takes_the_few_row_kernel_below_the_widened_gemm(avx2, monkeyp
     monkeypatch.setattr(cpu_gemm, "_setting", "float32")
     limit = cpu_kernels.few_row_limit()  # dstp's widening GEMM takes rows from here
     assert limit == (
-        cpu_gemm.MIN_ROWS if cpu_gemm._blocks_faster else cpu_kernels.FEW_FMA_ROW_LIMIT
+        cpu_gemm.MIN_ROWS if cpu_gemm._blocks_faster else cpu_kernels.DSTP_GEMM_ROW_LIMIT
     )
     for rows in (1, 2, limit - 1, limit):
         linear_2d(torch.randn(rows, 128).bfloat16(), w)
@@ -240,8 +240,9 @@ def test_linear_2d_takes_the_avx512_few_row_kernel_unless_bf16_is_asked_for(
 
 @needs_kernel
 def test_the_fma_variant_hands_rows_to_the_widening_gemm_at_its_own_limit(avx512_bf16, monkeypatch):
-    """Where the FMA variant computes, dstp's widening GEMM tied it at 32 rows and beat it
-    from 48: linears from ``FEW_FMA_ROW_LIMIT`` rows take the GEMM, below it the variant."""
+    """Where the FMA variant computes, dstp's widening GEMM beat it from 64 rows (weights from
+    DRAM): linears from ``DSTP_GEMM_ROW_LIMIT`` rows take the GEMM, below it the variant; the
+    vdpbf16ps variant hands over at ``cpu_gemm.MIN_ROWS``."""
     calls, widened = [], []
     real_few, real_widened = cpu_kernels.gemm_few_bf16, cpu_gemm.widened_linear
     monkeypatch.setattr(
@@ -253,31 +254,33 @@ def test_the_fma_variant_hands_rows_to_the_widening_gemm_at_its_own_limit(avx512
     monkeypatch.setattr(cpu_gemm, "_setting", "float32")
     monkeypatch.setattr(cpu_gemm, "_blocks_faster", False)
     monkeypatch.setattr(cpu_kernels, "_few_rows_fma", True)
-    limit = cpu_kernels.FEW_FMA_ROW_LIMIT
-    assert limit == cpu_kernels.few_row_limit() < cpu_gemm.MIN_ROWS
+    limit = cpu_kernels.DSTP_GEMM_ROW_LIMIT
+    assert limit == cpu_kernels.few_row_limit() > cpu_gemm.MIN_ROWS
     w = torch.randn(64, 128).bfloat16()
-    for rows in (2, limit - 1, limit, cpu_gemm.MIN_ROWS - 1):
+    for rows in (2, cpu_gemm.MIN_ROWS, limit - 1, limit):
         x = torch.randn(rows, 128).bfloat16()
         got = linear_2d(x, w)
         exact = F.linear(x.float(), w.float())
         assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3 * exact.abs().max()).all()
-    assert calls == [2, limit - 1] and widened == [limit, cpu_gemm.MIN_ROWS - 1]
+    assert calls == [2, cpu_gemm.MIN_ROWS, limit - 1] and widened == [limit]
     paths = cpu_kernels.describe_paths()
     assert "fp32 FMAs" in paths[f"2-{limit - 1} rows"] and "dstp GEMM" in paths[f"{limit}+ rows"]
+    monkeypatch.setattr(cpu_gemm, "_blocks_faster", True)  # MKL's blocks: the variant to 111
+    assert cpu_kernels.few_row_limit() == cpu_kernels.FEW_FMA_ROW_LIMIT
     monkeypatch.setattr(cpu_kernels, "_few_rows_fma", False)  # vdpbf16ps: the GEMMs from 56
-    linear_2d(torch.randn(cpu_gemm.MIN_ROWS - 1, 128).bfloat16(), w)
-    assert calls[-1] == cpu_gemm.MIN_ROWS - 1
+    linear_2d(torch.randn(cpu_gemm.MIN_ROWS, 128).bfloat16(), w)
+    assert widened == [limit, cpu_gemm.MIN_ROWS]
 
 
 @needs_avx2
-def test_the_avx2_build_hands_rows_to_dstp_gemm_at_the_fma_limit(avx2, monkeypatch):
+def test_the_avx2_build_hands_rows_to_dstp_gemm_at_its_limit(avx2, monkeypatch):
     """The AVX2 build's few-row kernel computes in fp32 FMAs too: dstp's widening GEMM takes
-    rows from ``FEW_FMA_ROW_LIMIT``, MKL's widened blocks (where settle timed them faster)
-    only from ``cpu_gemm.MIN_ROWS``."""
+    rows from ``DSTP_GEMM_ROW_LIMIT``, MKL's widened blocks (where settle timed them faster)
+    from ``cpu_gemm.MIN_ROWS``."""
     monkeypatch.setattr(cpu_gemm, "_setting", "float32")
     monkeypatch.setattr(cpu_gemm, "_blocks_faster", False)
-    assert cpu_kernels.few_row_limit() == cpu_kernels.FEW_FMA_ROW_LIMIT
-    assert not cpu_kernels.few_row_kernel_applies(cpu_kernels.FEW_FMA_ROW_LIMIT)
+    assert cpu_kernels.few_row_limit() == cpu_kernels.DSTP_GEMM_ROW_LIMIT
+    assert not cpu_kernels.few_row_kernel_applies(cpu_kernels.DSTP_GEMM_ROW_LIMIT)
     monkeypatch.setattr(cpu_gemm, "_blocks_faster", True)
     assert cpu_kernels.few_row_limit() == cpu_gemm.MIN_ROWS
     assert cpu_kernels.few_row_kernel_applies(cpu_gemm.MIN_ROWS - 1)
@@ -318,7 +321,7 @@ def test_settle_few_rows_picks_the_variant_by_measurement(
     cpu_kernels.settle_few_rows(lambda vote: votes.append(vote) or min(vote, other_ranks_vote))
     assert votes == [int(dot_s >= cpu_gemm.MEASURED_MARGIN * fma_s)]
     limit = cpu_kernels.few_row_limit()
-    assert limit == (cpu_kernels.FEW_FMA_ROW_LIMIT if fma else cpu_gemm.MIN_ROWS)
+    assert limit == (cpu_kernels.DSTP_GEMM_ROW_LIMIT if fma else cpu_gemm.MIN_ROWS)
     few_path = cpu_kernels.describe_paths()[f"2-{limit - 1} rows"]
     assert ("fp32 FMAs" in few_path) is fma and ("vdpbf16ps" in few_path)
     cpu_kernels.settle_few_rows(lambda vote: 1 / 0)  # settled once per process
