@@ -12,7 +12,8 @@
 // weight operand one broadcast per row: kMR x kNR sums stay in registers over a kKC block.
 // The sums of a block of kNC weight rows (C^T, [kNC][tiles * kMR]) stay in L2 across the K
 // blocks, then go to y transposed, bias added, rounded to bf16 once (as oneDNN's bf16 GEMM and
-// dstp's other kernels round). Threads split the weight rows.
+// dstp's other kernels round). Threads split the weight rows. Measurements and the variants
+// tried: benchmarks/FINDINGS.md, "dstp's widening GEMM".
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <immintrin.h>
@@ -20,9 +21,9 @@
 
 #include <algorithm>
 #include <array>
-#include <utility>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "bf16.h"
@@ -135,11 +136,13 @@ struct Avx512 {
         __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, c + n * ldc + i, 4);
         if (bias) {
           const __m256i b = _mm256_maskz_loadu_epi16(mask, bias + n);
-          v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+          const __m512i widened = _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16);
+          v = _mm512_add_ps(v, _mm512_castsi512_ps(widened));
         }
         const __m512i bits = _mm512_castps_si512(v);
-        __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one)));
-        r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(round, lsb)), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
         _mm256_mask_storeu_epi16(out + i * n_size + n, mask, _mm512_cvtepi32_epi16(r));
       }
   }
