@@ -177,7 +177,7 @@ def describe() -> str:
         how = (
             "dstp GEMM, fp32 on bf16 weights widened as packed"
             if _kernel()
-            else ("fp32 on widened bf16 weight blocks")
+            else "fp32 on widened bf16 weight blocks"
         )
         return f"{how} ({why})"
     return "oneDNN bf16 GEMM"

@@ -65,6 +65,12 @@ struct Scalar {
 
 // One instruction set's micro-kernel: kMR x rows (vector lanes) by NR weight rows (broadcasts).
 struct Avx512 {
+  // the 16 lanes' offsets for a gather of one element a row, rows `stride` elements apart
+  __attribute__((target("avx512f"))) static __m512i lane_offsets(int64_t stride) {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(stride)));
+  }
+
   static constexpr int kMR = 32;  // two zmm
   static constexpr int kNR = 12;  // 24 accumulators + 2 x vectors + a broadcast of 32 zmm
 
@@ -99,8 +105,7 @@ struct Avx512 {
                                                            int64_t k_size, int64_t mr,
                                                            float* xt) {
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i index = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(k_size)));
+    const __m512i index = lane_offsets(k_size);
     for (int64_t r0 = 0; r0 < mr; r0 += 16) {
       const int64_t live = std::clamp<int64_t>(rows - r0, 0, 16);
       const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1);
@@ -126,8 +131,7 @@ struct Avx512 {
   __attribute__((target("avx512f,avx512bw,avx512vl"))) static void store(
       const float* c, int64_t ldc, int64_t rows, int64_t count, const uint16_t* bias,
       uint16_t* out, int64_t n_size) {
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i index = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(ldc)));
+    const __m512i index = lane_offsets(ldc);
     const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
     const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
     for (int64_t i = 0; i < rows; ++i)
