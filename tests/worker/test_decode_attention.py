@@ -210,3 +210,23 @@ def test_decode_groups_under_the_byte_cap_give_the_same_attention(monkeypatch, s
     assert sdpa.decode_group_size(5, 10**6) == 1
     alone = SdpaBackend._decode_batch(query, k.float(), v.float(), step, layer)
     assert torch.allclose(alone, whole, atol=1e-6)
+
+
+def test_a_strided_sdpa_output_as_cuda_returns_it(monkeypatch):
+    """CUDA's memory-efficient SDPA kernel returns its output strided ([B, L, H, d] in
+    memory, seen on an H200 on 2026-12-04, where a ``.view`` of it failed the start-up
+    probe); a continued prefill must read it whatever its strides, as on CPU."""
+    from dstp.worker.attention.backends import sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(8, 3, 16, generator=gen)  # 8 query heads, 3 new tokens
+    k, v = (torch.randn(2, 7, 16, generator=gen) for _ in range(2))  # 2 KV heads, 7 keys
+    want = sdpa._continued_prefill(q, k, v, 0.25, offset=4)
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def strided(*args, **kwargs):
+        out = plain(*args, **kwargs)  # [B, H, L, d] laid out as [B, L, H, d]
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", strided)
+    torch.testing.assert_close(sdpa._continued_prefill(q, k, v, 0.25, offset=4), want)

@@ -54,7 +54,8 @@ def _continued_prefill(
     out = F.scaled_dot_product_attention(
         folded[None], k[None], v[None], attn_mask=mask, scale=scaling
     )
-    return out[0].view(heads, q_len, v.shape[-1])
+    # CUDA's memory-efficient kernel returns it strided: reshape copies only then
+    return out[0].reshape(heads, q_len, v.shape[-1])
 
 
 def _masked_prefill(
