@@ -398,11 +398,13 @@ def _join_world(
             log.info(
                 "building DeepSpeed's shared-memory all-reduce op (first start only, about a minute)"
             )
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        timeout=timedelta(seconds=timeout_s),
-        verbose=False,
-    )
+    timeout = timedelta(seconds=timeout_s)
+    if accel.device_name() != "cpu" and local_size > accel.device_count():
+        # Ranks sharing a GPU (gloo; _bind_device refuses it under NCCL): DeepSpeed would
+        # join with device_id=cuda:LOCAL_RANK, a GPU this host lacks (seen on an H200,
+        # FINDINGS). Join first without one; DeepSpeed then takes the group as it is.
+        tdist.init_process_group(backend, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     group = dist.get_world_group()
     world_cpu = group if backend == "gloo" else tdist.new_group(backend="gloo")
     atexit.register(shutdown)

@@ -94,3 +94,32 @@ def test_the_engine_thread_runs_on_its_ranks_gpu():
         loop.start()
         loop.stop()
     assert ("dstp-engine", 5) in card.set_device_calls
+
+
+class _Joined(Exception):
+    """Stops _join_world at its first join, with what it was joined with."""
+
+
+@pytest.mark.parametrize("gpus, binds_itself", [(1, True), (2, False)])
+def test_ranks_sharing_a_gpu_join_without_binding_one(monkeypatch, gpus, binds_itself):
+    """Two local ranks over gloo on one GPU: DeepSpeed would pass device_id=cuda:1 to
+    init_process_group, which does not exist (rank 1 failed so on an H200, rank 0 then
+    waited in the rendezvous); dstp joins first, with no device. With a GPU each it
+    leaves the join, device binding and all, to DeepSpeed."""
+    import deepspeed
+    import torch.distributed as tdist
+
+    def joined(*args, **kwargs):
+        raise _Joined(("torch", args, kwargs))
+
+    def deepspeed_joined(**kwargs):
+        raise _Joined(("deepspeed", (), kwargs))
+
+    monkeypatch.setattr(tdist, "init_process_group", joined)
+    monkeypatch.setattr(deepspeed, "init_distributed", deepspeed_joined)
+    with pytest.raises(_Joined) as first:
+        distributed._join_world(_Accelerator(gpus), "gloo", 1, 2, timeout_s=30)
+    who, args, kwargs = first.value.args[0]
+    assert who == ("torch" if binds_itself else "deepspeed")
+    if binds_itself:
+        assert args == ("gloo",) and "device_id" not in kwargs
