@@ -83,9 +83,16 @@ class EngineConfig:
     tensor_parallel_size: int | None = None
     # decode-only steps at padded batch buckets over preallocated inputs (fixed shapes,
     # dstp.worker.decode_buckets); compile_decode ("inductor", "aot_eager", "eager") also
-    # runs each bucket's forward under torch.compile(fullgraph=True, dynamic=False)
+    # runs each bucket's forward under torch.compile(fullgraph=True, dynamic=False);
+    # cuda_graphs captures each bucket's forward as a CUDA graph (dstp.worker.cuda_graphs)
     bucket_decode: bool = False
     compile_decode: str | None = None
+    cuda_graphs: bool = False
+
+    @property
+    def fixed_shape_decode(self) -> bool:
+        """Decode-only steps run at padded buckets (any of the three options asks for it)."""
+        return self.bucket_decode or self.cuda_graphs or self.compile_decode is not None
 
     @property
     def torch_dtype(self) -> torch.dtype:

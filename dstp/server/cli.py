@@ -245,6 +245,14 @@ def _scheduler_flags(e: argparse._ArgumentGroup) -> None:
         "captures. Every size compiles at start-up. TP=1; at TP>1 the padded steps "
         "run uncompiled",
     )
+    _switch(
+        e,
+        "--cuda-graphs",
+        "capture each padded decode batch size (as --compile-decode lists them) as a CUDA "
+        "graph at start-up and replay it at every decode-only step: one launch per step "
+        "instead of one per kernel. CUDA, TP=1 for now; elsewhere the padded steps run "
+        "eagerly",
+    )
 
 
 def _http_flags(h: argparse._ArgumentGroup) -> None:

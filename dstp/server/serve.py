@@ -71,6 +71,7 @@ def _engine_config(args: argparse.Namespace, model: str, name: str | None = None
         num_blocks=args.num_kv_blocks,
         tensor_parallel_size=args.tensor_parallel_size,
         compile_decode="eager" if args.compile_decode else None,
+        cuda_graphs=args.cuda_graphs,
     )
 
 

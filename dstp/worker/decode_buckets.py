@@ -6,9 +6,10 @@ of 8 up to ``max_num_seqs``) not below its batch. Its token ids, positions, cach
 context lengths and block tables are written, in place, into device buffers allocated at
 start-up (the largest bucket times the most blocks a sequence may hold); every tensor the
 decode forward reads then has the same shape and the same address at every step of a
-bucket, which is what capturing the step as a CUDA graph needs, and what
-``torch.compile(fullgraph=True, dynamic=False)`` proves on a CPU (``--compile-decode``;
-every bucket is compiled at start-up, after the start-up probe).
+bucket, which is what capturing the step as a CUDA graph needs (``--cuda-graphs``,
+:mod:`dstp.worker.cuda_graphs`), and what ``torch.compile(fullgraph=True, dynamic=False)``
+proves on a CPU (``--compile-decode``; every bucket is compiled at start-up, after the
+start-up probe).
 
 Padding rows are invisible to results: each writes its new K/V to the cache's scratch
 block (one block past those the allocator hands out, :class:`PagedKVCache`), attends to
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dstp.worker.attention.metadata import AttentionMetadata, step_context
+from dstp.worker.cuda_graphs import DecodeGraphs
 from dstp.worker.kv_cache import PagedKVCache
 from dstp.worker.step_inputs import StepUploader
 from dstp.worker.step_plan import StepPlan
@@ -192,8 +194,9 @@ class BucketedDecode:
 
     ``forward(input_ids [b], positions [b]) -> hidden [b, hidden]`` is the decoder stack
     (the LM head stays outside, as in vLLM's graphs); with ``compile_backend`` it runs
-    compiled (:func:`compiled_forward`). ``compile_seconds`` holds each bucket's first
-    (compiling) call, per cache it ran over.
+    compiled (:func:`compiled_forward`); with ``graphs`` each bucket is captured at
+    start-up and replayed (:mod:`dstp.worker.cuda_graphs`). ``compile_seconds`` holds each
+    bucket's first (compiling) call, per cache it ran over.
     """
 
     def __init__(
@@ -205,15 +208,17 @@ class BucketedDecode:
         block_size: int,
         device: torch.device,
         compile_backend: str | Callable | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.sizes = bucket_sizes(max_num_seqs)
         width = -(-max_model_len // block_size)
         self.buffers = DecodeBuffers(self.sizes[-1], width, block_size, device)
         self.compiled = compile_backend is not None
-        graphs = 2 * len(self.sizes) + 8
+        most_graphs = 2 * len(self.sizes) + 8
         self.forward = (
-            compiled_forward(forward, compile_backend, graphs) if self.compiled else forward
+            compiled_forward(forward, compile_backend, most_graphs) if self.compiled else forward
         )
+        self.graphs = graphs
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._metadata: dict[int, AttentionMetadata] = {}
 
@@ -241,21 +246,58 @@ class BucketedDecode:
     def warm_up(
         self, cache: PagedKVCache, backend: AttentionBackend, uploader: StepUploader
     ) -> None:
-        """Compile every bucket now, before the first request (as vLLM captures its graphs
-        at start-up): one step of padding rows alone per bucket, which write the scratch
-        block and nothing else. Nothing to do uncompiled."""
-        if not self.compiled or cache.scratch_block is None:
+        """Compile every bucket now, and capture its graph, before the first request (as
+        vLLM captures its graphs at start-up): steps of padding rows alone, which write the
+        scratch block and nothing else. Nothing to do uncompiled and without graphs."""
+        if cache.scratch_block is None:
             return
-        start = time.perf_counter()
-        for bucket in self.sizes:
-            arrays = self.buffers.host_arrays(_NO_ROWS, bucket, cache.scratch_block)
-            self._step(arrays, bucket, cache, backend, uploader)
-        log.info(
-            "decode compiled at %d batch sizes (%s) in %.1f s",
-            len(self.sizes),
-            ", ".join(map(str, self.sizes)),
-            time.perf_counter() - start,
-        )
+        if self.compiled:
+            start = time.perf_counter()
+            for bucket in self.sizes:
+                self._step(self._padding(bucket, cache), bucket, cache, backend, uploader)
+            log.info(
+                "decode compiled at %d batch sizes (%s) in %.1f s",
+                len(self.sizes),
+                ", ".join(map(str, self.sizes)),
+                time.perf_counter() - start,
+            )
+        if self.graphs is not None:
+            self.graphs.capture_all(
+                self.sizes,
+                cache,
+                lambda bucket: self._padded_forward(bucket, cache, backend, uploader),
+            )
+
+    def _padded_forward(
+        self,
+        bucket: int,
+        cache: PagedKVCache,
+        backend: AttentionBackend,
+        uploader: StepUploader,
+    ) -> Callable[[], torch.Tensor]:
+        """The bucket's forward over its buffers, filled now with padding rows alone: what
+        a graph captures (and later replays over whatever the buffers then hold)."""
+        inputs = self._fill(self._padding(bucket, cache), bucket, uploader)
+        metadata = self._metadata_for(bucket, inputs, cache, backend)
+
+        def forward() -> torch.Tensor:
+            with step_context(metadata):
+                return self.forward(inputs.input_ids, inputs.positions)
+
+        return forward
+
+    def _padding(self, bucket: int, cache: PagedKVCache) -> list[torch.Tensor]:
+        """A step of padding rows alone at ``bucket``: it writes the scratch block only."""
+        return self.buffers.host_arrays(_NO_ROWS, bucket, cache.scratch_block)
+
+    def _fill(
+        self, arrays: list[torch.Tensor], bucket: int, uploader: StepUploader
+    ) -> DecodeInputs:
+        """``arrays`` uploaded into the buffers: the bucket's inputs, ready for its forward."""
+        uploader.upload_into(arrays, self.buffers.flat)
+        inputs = self.buffers.inputs(bucket)
+        self.buffers.refresh_valid(inputs)
+        return inputs
 
     def _step(
         self,
@@ -266,9 +308,11 @@ class BucketedDecode:
         uploader: StepUploader,
     ) -> torch.Tensor:
         """The bucket's forward over ``arrays`` (uploaded into the buffers): ``[b, hidden]``."""
-        uploader.upload_into(arrays, self.buffers.flat)
-        inputs = self.buffers.inputs(bucket)
-        self.buffers.refresh_valid(inputs)
+        inputs = self._fill(arrays, bucket, uploader)
+        if self.graphs is not None:
+            hidden = self.graphs.replay(bucket, cache)
+            if hidden is not None:
+                return hidden
         with step_context(self._metadata_for(bucket, inputs, cache, backend)):
             return self._forward(bucket, inputs, cache)
 

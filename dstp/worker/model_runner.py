@@ -23,6 +23,7 @@ from dstp.engine.config import EngineConfig, context_length
 from dstp.model.inject import shard_model
 from dstp.policies import TPConfigError
 from dstp.worker import attention, kv_budget
+from dstp.worker.cuda_graphs import DecodeGraphs
 from dstp.worker.decode_buckets import BucketedDecode
 from dstp.worker.kv_budget import KVBudget
 from dstp.worker.kv_cache import CacheShape, PagedKVCache, v_head_dim
@@ -73,13 +74,13 @@ class ModelRunner:
         self.block_size = config.block_size
         self.attention_backend = attention.backend_for(tp.device)
         self.uploader = StepUploader(tp.device)
-        self.scratch_block = config.bucket_decode or config.compile_decode is not None
+        self.scratch_block = config.fixed_shape_decode
         self.decode: BucketedDecode | None = None  # made once the context is known
         self.num_blocks, self.cache = self._make_cache(config)
         self.max_model_len = self._context_limit(config)
         self.decode = self._bucketed_decode(config)
         tp.agree(lambda: self.run_startup_probe(config))
-        if self.decode is not None:  # --compile-decode: every bucket compiled before serving
+        if self.decode is not None:  # every bucket compiled / captured before serving
             tp.agree(lambda: self.decode.warm_up(self.cache, self.attention_backend, self.uploader))
         if tp.is_driver:
             self._log_layout(time.perf_counter() - started)
@@ -140,7 +141,23 @@ class ModelRunner:
             block_size=config.block_size,
             device=self.tp.device,
             compile_backend=backend,
+            graphs=self._decode_graphs(config),
         )
+
+    def _decode_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
+        """CUDA graphs for the decode buckets (``--cuda-graphs``) where they can run."""
+        if not config.cuda_graphs:
+            return None
+        why_not = None
+        if self.tp.device.type != "cuda":
+            why_not = f"the device is {self.tp.device.type}, not CUDA"
+        elif self.tp.size > 1:  # not yet run with NCCL inside a graph: no multi-GPU lent
+            why_not = "they are captured at TP=1 only for now"
+        if why_not is None:
+            return DecodeGraphs.for_device(self.tp.device)
+        if self.tp.is_driver:
+            log.warning("--cuda-graphs: %s; decode steps run at padded buckets, eagerly", why_not)
+        return None
 
     def _kv_budget(self, config: EngineConfig, shape: CacheShape) -> KVBudget:
         if config.kv_cache_memory_gib is not None:

@@ -446,3 +446,11 @@ def test_compile_decode_reaches_the_engine_config(argv, backend, tmp_path):
     args = parse("--dtype", "float32", *argv)
     assert _engine_config(args, str(tmp_path)).compile_decode == backend
     assert EngineConfig(model="m").compile_decode is None  # off by default
+
+
+@pytest.mark.parametrize("argv, graphs", [([], False), (["--cuda-graphs"], True)])
+def test_cuda_graphs_reaches_the_engine_config(argv, graphs, tmp_path):
+    from dstp.server.serve import _engine_config
+
+    config = _engine_config(parse("--dtype", "float32", *argv), str(tmp_path))
+    assert config.cuda_graphs is graphs and config.fixed_shape_decode is graphs

@@ -1,0 +1,185 @@
+"""Decode steps as CUDA graphs (``--cuda-graphs``), checked on a CPU.
+
+A CUDA graph replays the captured kernels on the captured addresses, whatever Python
+would do now. :class:`ReplayingApi` holds the engine to that contract: its capture runs
+the forward and records every tensor it reads that the forward did not make (weights,
+the cache, the bucket's buffers); each replay runs it again and fails if it reads any
+other memory, then writes into the captured output, as a graph does. Over it the engine
+must give the eager buckets' tokens. The real capture ran on an H200 (benchmarks/FINDINGS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.engine.sampling_params import SamplingParams
+from dstp.worker import model_runner
+from dstp.worker.cuda_graphs import DecodeGraphs
+from tests.helpers.tiny_models import llama_config, save_random_model
+
+BLOCK = 4
+MAX_LEN = 64
+
+
+class _ExternalReads(TorchDispatchMode):
+    """The storages an op reads that no earlier op of this run made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: set[int] = set()
+        self.read: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for arg in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() not in self.made:
+                self.read.add(arg.untyped_storage().data_ptr())
+        out = func(*args, **(kwargs or {}))
+        for res in torch.utils._pytree.tree_leaves(out):
+            if isinstance(res, torch.Tensor):
+                self.made.add(res.untyped_storage().data_ptr())
+        return out
+
+
+class ReplayingApi:
+    """A CUDA graph's contract on a CPU: replay reads what capture read, into one output."""
+
+    def __init__(self, fail_at_capture: int | None = None) -> None:
+        self.fail_at_capture = fail_at_capture
+        self.captured: list[int] = []  # output rows of each capture, in order
+        self.replays = 0
+
+    def capture(self, forward, pool):
+        if len(self.captured) == self.fail_at_capture:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        with _ExternalReads() as reads:
+            output = forward().clone()
+        self.captured.append(output.shape[0])
+        return (forward, output, reads.read), output, (pool or 0) + 1
+
+    def replay(self, graph) -> None:
+        forward, output, captured_reads = graph
+        with _ExternalReads() as reads:
+            fresh = forward()
+        assert reads.read == captured_reads, "a replay would read memory the capture did not"
+        output.copy_(fresh)
+        self.replays += 1
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    config = llama_config(num_attention_heads=8, num_key_value_heads=2, vocab_size=256)
+    return save_random_model(config, tmp_path_factory.mktemp("graphs") / "llama")
+
+
+def _engine(path, **kwargs) -> Engine:
+    config = EngineConfig(
+        model=str(path),
+        dtype="float32",
+        max_model_len=MAX_LEN,
+        max_num_seqs=4,
+        block_size=BLOCK,
+        num_blocks=4 * (MAX_LEN // BLOCK),
+        **kwargs,
+    )
+    return Engine(config)
+
+
+def _with_api(monkeypatch, api: ReplayingApi) -> None:
+    """The runner gets graphs over ``api`` whatever its device (CPU here)."""
+    monkeypatch.setattr(
+        model_runner.ModelRunner, "_decode_graphs", lambda self, config: DecodeGraphs(api)
+    )
+
+
+def _serve(engine: Engine) -> dict[str, list[int]]:
+    """Requests arriving while others decode: decode-only steps of 1-4 rows between
+    prefills; also ``logprobs`` so the sampled rows' logits are compared, not only ids."""
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=2)
+    done: dict[str, list] = {}
+    for i in range(6):
+        engine.add_request(str(i), [5 + i, 6, 7, 8][: 2 + i % 3], params)
+        for _ in range(3):
+            _collect(engine, done)
+    while engine.has_unfinished():
+        _collect(engine, done)
+    return done
+
+
+def _collect(engine: Engine, done: dict) -> None:
+    for out in engine.step():
+        if out.finished:
+            first = out.outputs[0]
+            done[out.request_id] = (first.token_ids, first.logprobs)
+
+
+def _same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key][0] == want[key][0], key
+        for mine, theirs in zip(got[key][1], want[key][1], strict=True):
+            assert mine.top.keys() == theirs.top.keys()
+            torch.testing.assert_close(
+                [mine.logprob, *mine.top.values()], [theirs.logprob, *theirs.top.values()]
+            )
+
+
+def test_replayed_graphs_serve_the_eager_buckets_tokens(llama, monkeypatch):
+    """Captured at start-up, largest bucket first, over the serving cache (the probe's
+    steps run eagerly); every later decode-only step replays; tokens and logprobs are
+    the eager buckets'."""
+    want = _serve(_engine(llama, bucket_decode=True))
+    api = ReplayingApi()
+    _with_api(monkeypatch, api)
+    engine = _engine(llama, cuda_graphs=True)
+    graphs = engine.runner.decode.graphs
+    assert api.captured == [4, 2, 1] and graphs.buckets == (1, 2, 4)
+    assert graphs.failure is None and api.replays == 0  # the probe ran over its own cache
+    _same(_serve(engine), want)
+    assert api.replays == 19  # every decode-only step of this pattern
+
+
+def test_a_failed_capture_leaves_every_bucket_eager(llama, monkeypatch, caplog):
+    want = _serve(_engine(llama, bucket_decode=True))
+    api = ReplayingApi(fail_at_capture=1)
+    _with_api(monkeypatch, api)
+    with caplog.at_level(logging.WARNING, logger="dstp"):
+        engine = _engine(llama, cuda_graphs=True)
+    graphs = engine.runner.decode.graphs
+    assert graphs.buckets == () and "not permitted when stream is capturing" in graphs.failure
+    assert "CUDA graph capture failed, decode runs eagerly" in caplog.text
+    _same(_serve(engine), want)
+    assert api.replays == 0
+
+
+def test_off_cuda_the_flag_runs_the_buckets_eagerly_and_says_so(llama, caplog):
+    with caplog.at_level(logging.WARNING, logger="dstp"):
+        engine = _engine(llama, cuda_graphs=True)
+    assert engine.runner.decode is not None and engine.runner.decode.graphs is None
+    assert "--cuda-graphs: the device is cpu, not CUDA" in caplog.text
+
+
+def test_a_replayed_step_on_the_fake_card_uploads_once_and_reads_nothing(llama, monkeypatch):
+    """On tests/helpers/fake_cuda.py's card: a decode step that replays a graph still
+    makes one upload (into the captured buffers) and no read back in the runner."""
+    from tests.helpers.fake_cuda import fake_cuda_rank
+    from tests.worker.test_decode_buckets import Sequences
+
+    api = ReplayingApi()
+    _with_api(monkeypatch, api)
+    with fake_cuda_rank(total_gib=0.05) as device:
+        runner = _engine(llama, cuda_graphs=True).runner
+        seqs = Sequences(3, runner.num_blocks, runner.vocab_size, 3)
+        runner.execute(seqs.prefill())
+        for _ in range(3):
+            device.transfers.reset()
+            before = api.replays
+            logits = runner.execute(seqs.decode())
+            counts, sites = device.transfers.snapshot(), device.transfers.sites
+            assert api.replays == before + 1 and logits.shape == (3, runner.vocab_size)
+            assert counts["upload"] == 1 and "step_inputs.py" in sites["upload"][0], sites
+            assert counts["download"] == counts["sync"] == 0, sites
