@@ -14,6 +14,7 @@ itself is tested where no GPU is.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,7 +97,8 @@ def _greedy_hf(model, prompt: list[int], new: int) -> list[int]:
 
 
 def check_tp1_logits(ctx: Context, rec: Record) -> None:
-    """dstp.load vs unsharded HF on the same device: fp32 logits, bf16 greedy tokens."""
+    """dstp.load vs unsharded HF on the same device: fp32 logits; bf16 logprobs as close to
+    HF's fp32 as HF's own bf16 (64 tokens: mean within 10 %, worst within 1.5x)."""
     import dstp
 
     for name, path in ctx.models().items():
@@ -110,13 +112,25 @@ def check_tp1_logits(ctx: Context, rec: Record) -> None:
         if err > 1e-3:
             raise AssertionError(f"{name}: fp32 logits differ by {err:.2e} (> 1e-3)")
         ref16, ours16 = _hf(path, torch.bfloat16, ctx.device), dstp.load(str(path), torch.bfloat16)
-        same = _common_prefix(
+        long = torch.tensor([_prompt(ref.config.vocab_size, n=64, seed=1)], device=ctx.device)
+        want = _logprobs(ref, long)
+        mine, theirs = (_logprobs(ours16, long) - want).abs(), (_logprobs(ref16, long) - want).abs()
+        for who, gap in (("dstp", mine), ("hf", theirs)):
+            rec.figures[f"{name}_bf16_{who}_mean_err"] = gap.mean().item()
+            rec.figures[f"{name}_bf16_{who}_max_err"] = gap.max().item()
+        rec.figures[f"{name}_bf16_same_greedy_tokens"] = _common_prefix(
             _greedy_hf(ours16, prompt, NEW_TOKENS), _greedy_hf(ref16, prompt, NEW_TOKENS)
-        )
-        rec.figures[f"{name}_bf16_same_greedy_tokens"] = same
-        # The GPU contract; on CPU bf16 kernels round differently from HF's, so it is a figure.
-        if same < NEW_TOKENS and ctx.device.type == "cuda":
-            raise AssertionError(f"{name}: bf16 greedy tokens differ from HF's after {same}")
+        )  # a figure: near-ties in bf16 logits make greedy paths part early either way
+        # The GPU contract (the same cuBLAS GEMMs); on CPU dstp's kernels round differently
+        # from HF's (tests/model/test_fused_layers.py bounds them), so it is a figure there.
+        further = mine.mean() > 1.1 * theirs.mean() or mine.max() > 1.5 * theirs.max()
+        if further and ctx.device.type == "cuda":
+            raise AssertionError(f"{name}: bf16 logprobs further from HF fp32 than HF's bf16")
+
+
+def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(ids).logits.float(), dim=-1)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -175,7 +189,7 @@ def check_tp2_one_device(ctx: Context, rec: Record) -> None:
         )
         for r in range(2)
     ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    logs = [_output_within(p, TP2_TIMEOUT_S) for p in procs]
     if any(p.returncode for p in procs):
         raise AssertionError("a TP=2 rank failed:\n" + logs[0][-2000:] + logs[1][-2000:])
     ref = _hf(path, torch.float32, ctx.device)
@@ -187,6 +201,18 @@ def check_tp2_one_device(ctx: Context, rec: Record) -> None:
     rec.figures["tp2_vs_hf_max_abs_err"] = err
     if err > 1e-3:
         raise AssertionError(f"TP=2 logits differ from HF's by {err:.2e}")
+
+
+TP2_TIMEOUT_S = 90  # the worker dumps its stacks at 75 s (gpu_check_worker.py)
+
+
+def _output_within(proc: subprocess.Popen, timeout_s: float) -> str:
+    """The process's output; killed (and its output so far kept) past ``timeout_s``."""
+    try:
+        return proc.communicate(timeout=timeout_s)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return f"(killed after {timeout_s} s)\n" + proc.communicate()[0]
 
 
 def check_server(ctx: Context, rec: Record) -> None:
@@ -248,7 +274,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 240) -> N
 
 
 def check_speed(ctx: Context, rec: Record) -> None:
-    """Llama-3.2-1B shape, bf16: prefill 1k, decode batch 1 / 64, the 64-request workload."""
+    """Llama-3.2-1B shape, bf16: prefill 1k, decode batch 1 / 8 / 64 and the 64-request
+    workload, each eager (packed steps) and with CUDA graphs (``cuda_graphs``)."""
     if ctx.quick:
         raise SkipCheck("--quick")
     from benchmarks import workload
@@ -258,26 +285,84 @@ def check_speed(ctx: Context, rec: Record) -> None:
 
     path = ensure_checkpoint(REPO / "runs" / "bench" / "models", LLAMA_1B)
     vocab = LLAMA_1B.vocab_size
-    engine = Engine(EngineConfig(str(path), dtype="bfloat16"))
     prompt = _prompt(vocab, n=1024)
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    engine.generate([prompt], one)
-    start = _synced_clock(ctx)
-    engine.generate([prompt[::-1]], one)
-    rec.figures["dstp_prefill_1k_s"] = _synced_clock(ctx) - start
-    for batch in (1, 64):
-        rate = workload.run_engine_decode(engine, batch, 32, 32, vocab)["tok_s"]
-        rec.figures[f"dstp_decode_b{batch}_tok_s"] = rate
-    spec = {"num_requests": 64, "seed": 0}  # prompts 32-512, outputs 64-128
-    rec.figures["dstp_workload_tok_s"] = workload.run_engine(engine, spec, vocab)["output_tok_s"]
+    for label, extra in (("dstp", {}), ("dstp_graphs", {"cuda_graphs": True})):
+        engine = Engine(EngineConfig(str(path), dtype="bfloat16", **extra))
+        if extra:
+            graphs = engine.runner.decode.graphs
+            rec.figures["graph_buckets"] = len(graphs.buckets)
+            if graphs.failure:
+                rec.detail = f"capture failed: {graphs.failure}"[:300]
+        engine.generate([prompt], one)
+        start = _synced_clock(ctx)
+        engine.generate([prompt[::-1]], one)
+        rec.figures[f"{label}_prefill_1k_s"] = _synced_clock(ctx) - start
+        for batch in (1, 8, 64):
+            rate = workload.run_engine_decode(engine, batch, 32, 32, vocab)["tok_s"]
+            rec.figures[f"{label}_decode_b{batch}_tok_s"] = rate
+        spec = {"num_requests": 64, "seed": 0}  # prompts 32-512, outputs 64-128
+        rec.figures[f"{label}_workload_tok_s"] = workload.run_engine(engine, spec, vocab)[
+            "output_tok_s"
+        ]
+        engine.shutdown()
+        del engine
+        _release_device_memory(ctx)
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     bandwidth = _read_bandwidth(ctx.device)
     rec.figures["hbm_read_gb_s"] = bandwidth / 1e9
-    rec.figures["decode_b1_roofline_fraction"] = (
-        rec.figures["dstp_decode_b1_tok_s"] * weights / bandwidth
-    )
-    del engine
+    for label in ("dstp", "dstp_graphs"):
+        rec.figures[f"{label}_decode_b1_roofline_fraction"] = (
+            rec.figures[f"{label}_decode_b1_tok_s"] * weights / bandwidth
+        )
     _hf_speed(ctx, path, vocab, rec)
+
+
+def _release_device_memory(ctx: Context) -> None:
+    import gc
+
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_cuda_graphs(ctx: Context, rec: Record) -> None:
+    """``cuda_graphs``: every bucket captured; 32 concurrent requests equal HF generate
+    and the eager engine's logprobs."""
+    if ctx.device.type != "cuda":
+        raise SkipCheck("CUDA only")
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
+
+    path = ctx.tiny_model()
+    ref = _hf(path, torch.float32, ctx.device)
+    prompts = [_prompt(512, n=8 + i % 9, seed=i) for i in range(32)]
+    params = SamplingParams(max_tokens=16, min_tokens=16, temperature=0, logprobs=1)
+    want = [_greedy_hf(ref, p, 16) for p in prompts]
+    runs = {}
+    for label, extra in (("eager", {}), ("graphs", {"cuda_graphs": True})):
+        config = EngineConfig(str(path), dtype="float32", max_num_seqs=32, num_blocks=512)
+        engine = Engine(dataclasses.replace(config, **extra))
+        if extra:
+            graphs = engine.runner.decode.graphs
+            rec.figures["graph_buckets"] = len(graphs.buckets)
+            if graphs.failure or not graphs.buckets:
+                raise AssertionError(f"no graphs captured: {graphs.failure}")
+        runs[label] = [r.outputs[0] for r in engine.generate(prompts, params)]
+        engine.shutdown()
+        del engine  # its KV cache, before the next engine sizes its own
+        _release_device_memory(ctx)
+    got = [list(o.token_ids) for o in runs["graphs"]]
+    if got != want:
+        raise AssertionError(f"{sum(g != w for g, w in zip(got, want, strict=True))} of 32 differ")
+    gap = max(
+        abs(a.logprob - b.logprob)
+        for x, y in zip(runs["graphs"], runs["eager"], strict=True)
+        for a, b in zip(x.logprobs, y.logprobs, strict=True)
+    )
+    rec.figures["graphs_vs_eager_max_logprob_diff"] = gap
+    if gap > 1e-4:
+        raise AssertionError(f"graph logprobs differ from eager ones by {gap:.2e}")
 
 
 def _hf_speed(ctx: Context, path: Path, vocab: int, rec: Record) -> None:
@@ -349,6 +434,7 @@ CHECKS: dict[str, Callable[[Context, Record], None]] = {
     "server": check_server,
     "speed": check_speed,
     "sync_debug": check_sync_debug,
+    "cuda_graphs": check_cuda_graphs,
 }
 
 
@@ -371,7 +457,12 @@ def run(names: list[str], device: str, quick: bool, out: Path) -> list[Record]:
                 except SkipCheck as why:
                     rec.status, rec.detail = "skipped", str(why)
                 except Exception as exc:  # a check's failure is its record, not the run's end
-                    rec.status, rec.detail = "failed", f"{type(exc).__name__}: {exc}"[:500]
+                    why = f"{type(exc).__name__}: {exc}"
+                    print(f"{name} failed:\n{why}", flush=True)  # whole, with any rank logs
+                    rec.status, rec.detail = "failed", why[:500]
+            # The check's engines go: the next check (or the server) sizes its KV cache from
+            # what is free, and a cache left cached in this process would leave it none.
+            _release_device_memory(ctx)
             rec.seconds = round(time.perf_counter() - started, 2)
             records.append(rec)
             print(f"{rec.name:16} {rec.status:8} {rec.seconds:7.1f}s  {rec.detail}", flush=True)

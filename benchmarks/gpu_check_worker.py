@@ -4,6 +4,7 @@ Usage (with RANK, WORLD_SIZE, ... set): gpu_check_worker.py MODEL OUT_DIR. Rank 
 writes ``logits.pt`` (on the host) for the check to compare with HF's.
 """
 
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import dstp  # noqa: E402
 from benchmarks.gpu_check import _prompt  # noqa: E402
 from dstp.distributed import get_tp, shutdown  # noqa: E402
 
+faulthandler.dump_traceback_later(75, exit=True)  # a hang shows where (gpu_check: 90 s)
 model_path, out = sys.argv[1], Path(sys.argv[2])
 model = dstp.load(model_path, torch.float32)
 tp = get_tp()

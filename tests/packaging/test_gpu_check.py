@@ -30,7 +30,7 @@ def test_without_cuda_every_check_is_skipped(tmp_path):
     proc, results = _run(tmp_path)
     assert proc.returncode == 0
     assert {c["status"] for c in results["checks"]} == {"skipped"}
-    assert len(results["checks"]) == 6
+    assert len(results["checks"]) == 7
 
 
 def test_the_correctness_checks_pass_on_cpu(tmp_path):
