@@ -230,9 +230,6 @@ class Engine:
             if item.produces_token:
                 rows.append(starts[-1] - 1)
         width = max(len(t) for t in tables)
-        table = torch.zeros((len(tables), width), dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t)
         lt = torch.long
         return StepPlan(
             torch.tensor(ids, dtype=lt),
@@ -240,7 +237,7 @@ class Engine:
             torch.tensor(slots, dtype=lt),
             torch.tensor(starts, dtype=lt),
             torch.tensor(ctx, dtype=lt),
-            table,
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=lt),  # one tensor
             torch.tensor(rows, dtype=lt),
             torch.tensor(schedule.copies, dtype=lt).view(-1, 2),
         )

@@ -25,7 +25,7 @@ from dstp.engine.sampling import SampleState
 from dstp.engine.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `in running` / `remove` compared every field, O(n^2) a step
 class Sequence:
     """One sample of a request: its tokens, its blocks and how many are computed."""
 
@@ -59,7 +59,7 @@ class Sequence:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_ids: list[int]
