@@ -1,16 +1,17 @@
-"""Decode steps replayed as CUDA graphs: one graph per decode bucket, captured at start-up.
+"""Decode steps replayed as CUDA graphs: one graph per decode shape, captured at start-up.
 
 A small model's decode step on a GPU costs what the host spends launching its few
 hundred kernels, not what they compute. A CUDA graph records a step's kernels once
 and replays them in one launch, on the same addresses: that is why the bucketed
 decode (:mod:`dstp.worker.decode_buckets`) writes each step's inputs into buffers
 allocated once and keeps the LM head and the sampler outside. Capture follows
-vLLM's: largest bucket first, every graph in one shared memory pool (one bucket's
+vLLM's: largest shape first, every graph in one shared memory pool (one shape's
 activations at a time), an eager warm-up run on a side stream before each capture.
+A shape is a batch bucket by a block-table width (:class:`BucketedDecode`).
 
 A graph holds the addresses of the cache it was captured over, so a step over any
 other cache (the start-up probe's scratch one) runs eagerly. A capture that fails
-(an op that syncs with the host, say) leaves every bucket eager and says why: the
+(an op that syncs with the host, say) leaves every shape eager and says why: the
 server still serves, only slower.
 
 How capture and replay are done is a :class:`GraphApi`: CUDA's by default; the tests
@@ -30,6 +31,7 @@ import torch
 log = logging.getLogger("dstp")
 
 Forward = Callable[[], torch.Tensor]
+Shape = tuple[int, int]  # (rows, block-table width): dstp.worker.decode_buckets.Shape
 
 
 class GraphApi(Protocol):
@@ -67,12 +69,12 @@ class CudaGraphApi:
 
 
 class DecodeGraphs:
-    """The captured decode forward of every bucket, over the one cache they were captured on."""
+    """The captured decode forward of every shape, over the one cache they were captured on."""
 
     def __init__(self, api: GraphApi) -> None:
         self.api = api
         self.failure: str | None = None  # why capture was given up, if it was
-        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._graphs: dict[Shape, tuple[Any, torch.Tensor]] = {}
         self._cache: object | None = None
         self._pool: Any = None
 
@@ -81,22 +83,22 @@ class DecodeGraphs:
         return cls(CudaGraphApi(device))
 
     @property
-    def buckets(self) -> tuple[int, ...]:
+    def shapes(self) -> tuple[Shape, ...]:
         return tuple(sorted(self._graphs))
 
     def capture_all(
-        self, buckets: tuple[int, ...], cache: object, prepare: Callable[[int], Forward]
+        self, shapes: tuple[Shape, ...], cache: object, prepare: Callable[[Shape], Forward]
     ) -> None:
-        """Capture each bucket's forward over ``cache``, largest first (the shared pool then
-        never grows); ``prepare(bucket)`` fills the bucket's buffers and returns its forward.
+        """Capture each shape's forward over ``cache``, largest first (the shared pool then
+        never grows); ``prepare(shape)`` fills the shape's buffers and returns its forward.
         On a failure every graph is dropped and decode runs eagerly."""
         started = time.perf_counter()
         self._graphs.clear()
         self._cache = cache
         try:
-            for bucket in sorted(buckets, reverse=True):
-                graph, output, self._pool = self.api.capture(prepare(bucket), self._pool)
-                self._graphs[bucket] = (graph, output)
+            for shape in sorted(shapes, reverse=True):
+                graph, output, self._pool = self.api.capture(prepare(shape), self._pool)
+                self._graphs[shape] = (graph, output)
         except Exception as exc:  # the model has an op a graph cannot hold: serve eagerly
             self._graphs.clear()
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -105,15 +107,15 @@ class DecodeGraphs:
             )
             return
         log.info(
-            "decode captured as CUDA graphs at %d batch sizes in %.1f s",
+            "decode captured as CUDA graphs at %d shapes in %.1f s",
             len(self._graphs),
             time.perf_counter() - started,
         )
 
-    def replay(self, bucket: int, cache: object) -> torch.Tensor | None:
-        """The bucket's output after a replay over the buffers as they are now; None where
-        no graph was captured for this bucket and cache."""
-        entry = self._graphs.get(bucket) if cache is self._cache else None
+    def replay(self, shape: Shape, cache: object) -> torch.Tensor | None:
+        """The shape's output after a replay over the buffers as they are now; None where
+        no graph was captured for this shape and cache."""
+        entry = self._graphs.get(shape) if cache is self._cache else None
         if entry is None:
             return None
         graph, output = entry

@@ -2,11 +2,14 @@
 
 A step whose sequences each bring exactly one new token (a decode-only step) can run at
 the smallest *bucket* (vLLM's CUDA-graph capture sizes: 1, 2, 4, 8, then every multiple
-of 8 up to ``max_num_seqs``) not below its batch. Its token ids, positions, cache slots,
-context lengths and block tables are written, in place, into device buffers allocated at
-start-up (the largest bucket times the most blocks a sequence may hold); every tensor the
-decode forward reads then has the same shape and the same address at every step of a
-bucket, which is what capturing the step as a CUDA graph needs (``--cuda-graphs``,
+of 8 up to ``max_num_seqs``) not below its batch, with block tables padded to the
+smallest *width* (16, 32, 64, ... blocks, up to ``max_model_len``) that holds its longest
+context: the decode attention gathers every block of the table, so padding short
+contexts to the full length would gather what no row attends to. Its token ids,
+positions, cache slots, context lengths and block tables are written, in place, into
+device buffers allocated at start-up (the largest bucket times the most blocks a
+sequence may hold); every tensor the decode forward reads then has the same shape and
+the same address at every step of a shape, which is what capturing the step as a CUDA graph needs (``--cuda-graphs``,
 :mod:`dstp.worker.cuda_graphs`), and what ``torch.compile(fullgraph=True, dynamic=False)``
 proves on a CPU (``--compile-decode``; every bucket is compiled at start-up, after the
 start-up probe).
@@ -56,33 +59,54 @@ def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
     return (*small, *range(8, max_num_seqs, 8), max_num_seqs)
 
 
+# The narrowest block table a decode step is padded to: its rows' attention gathers every
+# block of the table, so a step of short contexts in the full width (max_model_len) gathered
+# up to 16x more K/V than it attends to (64 rows on an H200: graphs 0.84x eager, FINDINGS).
+MIN_WIDTH_BLOCKS = 16
+
+
+def width_sizes(width: int) -> tuple[int, ...]:
+    """Block-table widths a step is padded to: 16, 32, 64, ... blocks below ``width``,
+    then ``width`` (the most a sequence may hold)."""
+    sizes = []
+    w = MIN_WIDTH_BLOCKS
+    while w < width:
+        sizes.append(w)
+        w *= 2
+    return (*sizes, width)
+
+
 def bucket_for(num_seqs: int, sizes: tuple[int, ...]) -> int | None:
-    """The smallest bucket that holds ``num_seqs`` sequences, or None past the largest."""
+    """The smallest bucket that holds ``num_seqs`` sequences (or blocks), or None past the
+    largest."""
     at = bisect.bisect_left(sizes, num_seqs)
     return sizes[at] if at < len(sizes) else None
 
 
+Shape = tuple[int, int]  # a padded decode step: (rows, block-table width)
+
+
 @dataclass
 class DecodeInputs:
-    """One bucket's views of the preallocated buffers: the same tensors at every step."""
+    """One shape's views of the preallocated buffers: the same tensors at every step."""
 
     input_ids: torch.Tensor  # [b]
     positions: torch.Tensor  # [b]
     slot_mapping: torch.Tensor  # [b] padding rows: the scratch block's first slot
     context_lens: torch.Tensor  # [b] padding rows: 1
-    block_tables: torch.Tensor  # [b, width] padding rows and columns: the scratch block
+    block_tables: torch.Tensor  # [b, w] padding rows and columns: the scratch block
     rows: torch.Tensor  # [b] 0..b-1 (constant): the packed rows the decode batch occupies
-    valid: torch.Tensor  # [b, width * block_size] keys each row may see (filled per step)
+    valid: torch.Tensor  # [b, w * block_size] keys each row may see (filled per step)
 
 
 class DecodeBuffers:
-    """Every bucket's inputs in one device buffer of int64, allocated once.
+    """Every shape's inputs in one device buffer of int64, allocated once.
 
-    Bucket ``b`` uses the buffer's first ``b * (5 + width)`` values: ``b`` token ids,
-    ``b`` positions, ``b`` slots, ``b`` context lengths, ``b x width`` block-table
-    entries, then up to ``b`` sampled rows (read after the forward, outside the fixed
-    shapes). The packed host arrays are copied into that prefix in one copy, so a step's
-    upload is still one transfer and lands where the last step's did.
+    Shape ``(b, w)`` uses the buffer's first ``b * (5 + w)`` values: ``b`` token ids,
+    ``b`` positions, ``b`` slots, ``b`` context lengths, ``b x w`` block-table entries,
+    then up to ``b`` sampled rows (read after the forward, outside the fixed shapes). The
+    packed host arrays are copied into that prefix in one copy, so a step's upload is
+    still one transfer and lands where the last step's did.
     """
 
     def __init__(self, max_bucket: int, width: int, block_size: int, device: torch.device):
@@ -93,13 +117,14 @@ class DecodeBuffers:
         self._rows = torch.arange(max_bucket, device=device)
         self._keys = torch.arange(width * block_size, device=device)
         self._valid = torch.zeros((max_bucket, width * block_size), dtype=torch.bool, device=device)
-        self._views: dict[int, DecodeInputs] = {}
+        self._views: dict[Shape, DecodeInputs] = {}
 
-    def inputs(self, bucket: int) -> DecodeInputs:
-        """Bucket ``bucket``'s views (made once, then the same objects every step)."""
-        views = self._views.get(bucket)
+    def inputs(self, shape: Shape) -> DecodeInputs:
+        """Shape ``(b, w)``'s views (made once, then the same objects every step)."""
+        views = self._views.get(shape)
         if views is None:
-            b, w, flat = bucket, self.width, self.flat
+            (b, w), flat = shape, self.flat
+            keys = w * self.block_size
             views = DecodeInputs(
                 input_ids=flat[0:b],
                 positions=flat[b : 2 * b],
@@ -107,37 +132,36 @@ class DecodeBuffers:
                 context_lens=flat[3 * b : 4 * b],
                 block_tables=flat[4 * b : 4 * b + b * w].view(b, w),
                 rows=self._rows[:b],
-                valid=self._valid[:b],
+                valid=self._valid[:b, :keys],
             )
-            self._views[bucket] = views
+            self._views[shape] = views
         return views
 
-    def sample_rows(self, bucket: int, count: int) -> torch.Tensor:
-        """The ``count`` sampled rows packed after bucket ``bucket``'s inputs."""
-        start = bucket * (4 + self.width)
+    def sample_rows(self, shape: Shape, count: int) -> torch.Tensor:
+        """The ``count`` sampled rows packed after shape ``shape``'s inputs."""
+        start = shape[0] * (4 + shape[1])
         return self.flat[start : start + count]
 
     def refresh_valid(self, inputs: DecodeInputs) -> None:
         """``valid[s, j] = j < context_lens[s]``, written in place (fixed shape, on device)."""
-        torch.lt(self._keys, inputs.context_lens.unsqueeze(1), out=inputs.valid)
+        keys = self._keys[: inputs.valid.shape[1]]
+        torch.lt(keys, inputs.context_lens.unsqueeze(1), out=inputs.valid)
 
-    def host_arrays(
-        self, plan: StepPlan, bucket: int, scratch_block: int
-    ) -> list[torch.Tensor] | None:
-        """The plan's arrays padded to ``bucket`` rows, in the buffer's order (host only);
-        None where its contexts need more blocks than the buffers hold."""
-        n, b, bs = plan.num_tokens, bucket, self.block_size
-        lens = plan.context_lens
-        need = -(-int(lens.max()) // bs) if n else 0  # host tensor: no device read
-        if need > self.width:
-            return None
-        tables = torch.full((b, self.width), scratch_block, dtype=torch.long)
+    def blocks_needed(self, plan: StepPlan) -> int:
+        """The most blocks any of the plan's contexts spans (host arrays: no device read)."""
+        return -(-int(plan.context_lens.max()) // self.block_size) if plan.num_tokens else 0
+
+    def host_arrays(self, plan: StepPlan, shape: Shape, scratch_block: int) -> list[torch.Tensor]:
+        """The plan's arrays padded to ``shape``, in the buffer's order (host only)."""
+        n, (b, w) = plan.num_tokens, shape
+        need = self.blocks_needed(plan)
+        tables = torch.full((b, w), scratch_block, dtype=torch.long)
         tables[:n, :need] = plan.block_tables[:, :need]
         return [
             _padded(plan.input_ids, b, 0),
             _padded(plan.positions, b, 0),
-            _padded(plan.slot_mapping, b, scratch_block * bs),
-            _padded(lens, b, 1),
+            _padded(plan.slot_mapping, b, scratch_block * self.block_size),
+            _padded(plan.context_lens, b, 1),
             tables.view(-1),
             plan.sample_rows,
         ]
@@ -168,9 +192,9 @@ def compiled_forward(
     forward: DecodeForward, backend: str | Callable, graphs: int = 64
 ) -> DecodeForward:
     """``forward`` under ``torch.compile(fullgraph=True, dynamic=False)``: one graph per
-    bucket, each compiled on its first step, none after (static shapes, static buffers).
+    shape, each compiled on its first step, none after (static shapes, static buffers).
 
-    Dynamo's per-function recompile limit (8) is raised to ``graphs`` (every bucket, over
+    Dynamo's per-function recompile limit (8) is raised to ``graphs`` (every shape, over
     the probe's cache and the step's), and dstp's CPU kernels are built first, so the
     tracer sees them as ops (:mod:`dstp.cpu.opaque_ops`).
 
@@ -190,13 +214,15 @@ def compiled_forward(
 
 
 class BucketedDecode:
-    """A runner's decode-only steps at bucket sizes, over :class:`DecodeBuffers`.
+    """A runner's decode-only steps at padded shapes, over :class:`DecodeBuffers`.
 
-    ``forward(input_ids [b], positions [b]) -> hidden [b, hidden]`` is the decoder stack
-    (the LM head stays outside, as in vLLM's graphs); with ``compile_backend`` it runs
-    compiled (:func:`compiled_forward`); with ``graphs`` each bucket is captured at
-    start-up and replayed (:mod:`dstp.worker.cuda_graphs`). ``compile_seconds`` holds each
-    bucket's first (compiling) call, per cache it ran over.
+    A step's shape is its batch bucket (:func:`bucket_sizes`) by the width bucket of its
+    longest context (:func:`width_sizes`). ``forward(input_ids [b], positions [b]) ->
+    hidden [b, hidden]`` is the decoder stack (the LM head stays outside, as in vLLM's
+    graphs); with ``compile_backend`` it runs compiled (:func:`compiled_forward`); with
+    ``graphs`` each shape is captured at start-up and replayed
+    (:mod:`dstp.worker.cuda_graphs`). ``compile_seconds`` holds each shape's first
+    (compiling) call, per cache it ran over.
     """
 
     def __init__(
@@ -211,16 +237,23 @@ class BucketedDecode:
         graphs: DecodeGraphs | None = None,
     ) -> None:
         self.sizes = bucket_sizes(max_num_seqs)
-        width = -(-max_model_len // block_size)
-        self.buffers = DecodeBuffers(self.sizes[-1], width, block_size, device)
+        self.widths = width_sizes(-(-max_model_len // block_size))
+        self.shapes: tuple[Shape, ...] = tuple((b, w) for b in self.sizes for w in self.widths)
+        self.buffers = DecodeBuffers(self.sizes[-1], self.widths[-1], block_size, device)
         self.compiled = compile_backend is not None
-        most_graphs = 2 * len(self.sizes) + 8
+        most_graphs = 2 * len(self.shapes) + 8
         self.forward = (
             compiled_forward(forward, compile_backend, most_graphs) if self.compiled else forward
         )
         self.graphs = graphs
-        self.compile_seconds: dict[tuple[int, int], float] = {}
-        self._metadata: dict[int, AttentionMetadata] = {}
+        self.compile_seconds: dict[tuple[Shape, int], float] = {}
+        self._metadata: dict[Shape, AttentionMetadata] = {}
+
+    def shape_for(self, plan: StepPlan) -> Shape | None:
+        """The smallest shape that holds a decode-only ``plan``, or None past the largest."""
+        bucket = bucket_for(plan.num_tokens, self.sizes)
+        width = bucket_for(max(1, self.buffers.blocks_needed(plan)), self.widths)
+        return None if bucket is None or width is None else (bucket, width)
 
     def run(
         self,
@@ -230,55 +263,54 @@ class BucketedDecode:
         uploader: StepUploader,
     ) -> torch.Tensor | None:
         """The sampled rows' hidden states ``[R, hidden]`` of a decode-only ``plan`` run at
-        its bucket; None (nothing run) for any other step, which takes the packed path."""
+        its shape; None (nothing run) for any other step, which takes the packed path."""
         if cache.scratch_block is None or not is_decode_only(plan):
             return None
-        bucket = bucket_for(plan.num_tokens, self.sizes)
-        if bucket is None:
+        shape = self.shape_for(plan)
+        if shape is None:
             return None
-        arrays = self.buffers.host_arrays(plan, bucket, cache.scratch_block)
-        if arrays is None:
-            return None
-        hidden = self._step(arrays, bucket, cache, backend, uploader)
-        return hidden.index_select(0, self.buffers.sample_rows(bucket, plan.sample_rows.numel()))
+        arrays = self.buffers.host_arrays(plan, shape, cache.scratch_block)
+        hidden = self._step(arrays, shape, cache, backend, uploader)
+        return hidden.index_select(0, self.buffers.sample_rows(shape, plan.sample_rows.numel()))
 
     @torch.inference_mode()
     def warm_up(
         self, cache: PagedKVCache, backend: AttentionBackend, uploader: StepUploader
     ) -> None:
-        """Compile every bucket now, and capture its graph, before the first request (as
+        """Compile every shape now, and capture its graph, before the first request (as
         vLLM captures its graphs at start-up): steps of padding rows alone, which write the
         scratch block and nothing else. Nothing to do uncompiled and without graphs."""
         if cache.scratch_block is None:
             return
         if self.compiled:
             start = time.perf_counter()
-            for bucket in self.sizes:
-                self._step(self._padding(bucket, cache), bucket, cache, backend, uploader)
+            for shape in self.shapes:
+                self._step(self._padding(shape, cache), shape, cache, backend, uploader)
             log.info(
-                "decode compiled at %d batch sizes (%s) in %.1f s",
-                len(self.sizes),
+                "decode compiled at %d shapes (batch %s by table width %s blocks) in %.1f s",
+                len(self.shapes),
                 ", ".join(map(str, self.sizes)),
+                ", ".join(map(str, self.widths)),
                 time.perf_counter() - start,
             )
         if self.graphs is not None:
             self.graphs.capture_all(
-                self.sizes,
+                self.shapes,
                 cache,
-                lambda bucket: self._padded_forward(bucket, cache, backend, uploader),
+                lambda shape: self._padded_forward(shape, cache, backend, uploader),
             )
 
     def _padded_forward(
         self,
-        bucket: int,
+        shape: Shape,
         cache: PagedKVCache,
         backend: AttentionBackend,
         uploader: StepUploader,
     ) -> Callable[[], torch.Tensor]:
-        """The bucket's forward over its buffers, filled now with padding rows alone: what
+        """The shape's forward over its buffers, filled now with padding rows alone: what
         a graph captures (and later replays over whatever the buffers then hold)."""
-        inputs = self._fill(self._padding(bucket, cache), bucket, uploader)
-        metadata = self._metadata_for(bucket, inputs, cache, backend)
+        inputs = self._fill(self._padding(shape, cache), shape, uploader)
+        metadata = self._metadata_for(shape, inputs, cache, backend)
 
         def forward() -> torch.Tensor:
             with step_context(metadata):
@@ -286,57 +318,57 @@ class BucketedDecode:
 
         return forward
 
-    def _padding(self, bucket: int, cache: PagedKVCache) -> list[torch.Tensor]:
-        """A step of padding rows alone at ``bucket``: it writes the scratch block only."""
-        return self.buffers.host_arrays(_NO_ROWS, bucket, cache.scratch_block)
+    def _padding(self, shape: Shape, cache: PagedKVCache) -> list[torch.Tensor]:
+        """A step of padding rows alone at ``shape``: it writes the scratch block only."""
+        return self.buffers.host_arrays(_NO_ROWS, shape, cache.scratch_block)
 
     def _fill(
-        self, arrays: list[torch.Tensor], bucket: int, uploader: StepUploader
+        self, arrays: list[torch.Tensor], shape: Shape, uploader: StepUploader
     ) -> DecodeInputs:
-        """``arrays`` uploaded into the buffers: the bucket's inputs, ready for its forward."""
+        """``arrays`` uploaded into the buffers: the shape's inputs, ready for its forward."""
         uploader.upload_into(arrays, self.buffers.flat)
-        inputs = self.buffers.inputs(bucket)
+        inputs = self.buffers.inputs(shape)
         self.buffers.refresh_valid(inputs)
         return inputs
 
     def _step(
         self,
         arrays: list[torch.Tensor],
-        bucket: int,
+        shape: Shape,
         cache: PagedKVCache,
         backend: AttentionBackend,
         uploader: StepUploader,
     ) -> torch.Tensor:
-        """The bucket's forward over ``arrays`` (uploaded into the buffers): ``[b, hidden]``."""
-        inputs = self._fill(arrays, bucket, uploader)
+        """The shape's forward over ``arrays`` (uploaded into the buffers): ``[b, hidden]``."""
+        inputs = self._fill(arrays, shape, uploader)
         if self.graphs is not None:
-            hidden = self.graphs.replay(bucket, cache)
+            hidden = self.graphs.replay(shape, cache)
             if hidden is not None:
                 return hidden
-        with step_context(self._metadata_for(bucket, inputs, cache, backend)):
-            return self._forward(bucket, inputs, cache)
+        with step_context(self._metadata_for(shape, inputs, cache, backend)):
+            return self._forward(shape, inputs, cache)
 
-    def _forward(self, bucket: int, inputs: DecodeInputs, cache: PagedKVCache) -> torch.Tensor:
-        key = (bucket, cache.num_blocks)
+    def _forward(self, shape: Shape, inputs: DecodeInputs, cache: PagedKVCache) -> torch.Tensor:
+        key = (shape, cache.num_blocks)
         if not self.compiled or key in self.compile_seconds:
             return self.forward(inputs.input_ids, inputs.positions)
         start = time.perf_counter()
         hidden = self.forward(inputs.input_ids, inputs.positions)
         self.compile_seconds[key] = time.perf_counter() - start
         log.info(
-            "decode bucket %d compiled in %.1f s (a cache of %d blocks)",
-            bucket,
+            "decode shape %s compiled in %.1f s (a cache of %d blocks)",
+            shape,
             self.compile_seconds[key],
             cache.num_blocks,
         )
         return hidden
 
     def _metadata_for(
-        self, bucket: int, inputs: DecodeInputs, cache: PagedKVCache, backend: AttentionBackend
+        self, shape: Shape, inputs: DecodeInputs, cache: PagedKVCache, backend: AttentionBackend
     ) -> AttentionMetadata:
-        """The bucket's metadata object, the same one at every step over the same cache."""
-        metadata = self._metadata.get(bucket)
+        """The shape's metadata object, the same one at every step over the same cache."""
+        metadata = self._metadata.get(shape)
         if metadata is None or metadata.cache is not cache or metadata.backend is not backend:
             metadata = AttentionMetadata.for_decode_bucket(inputs, cache, backend)
-            self._metadata[bucket] = metadata
+            self._metadata[shape] = metadata
         return metadata

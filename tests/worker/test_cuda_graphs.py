@@ -137,7 +137,7 @@ def test_replayed_graphs_serve_the_eager_buckets_tokens(llama, monkeypatch):
     _with_api(monkeypatch, api)
     engine = _engine(llama, cuda_graphs=True)
     graphs = engine.runner.decode.graphs
-    assert api.captured == [4, 2, 1] and graphs.buckets == (1, 2, 4)
+    assert api.captured == [4, 2, 1] and graphs.shapes == ((1, 16), (2, 16), (4, 16))
     assert graphs.failure is None and api.replays == 0  # the probe ran over its own cache
     _same(_serve(engine), want)
     assert api.replays == 19  # every decode-only step of this pattern
@@ -150,7 +150,7 @@ def test_a_failed_capture_leaves_every_bucket_eager(llama, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="dstp"):
         engine = _engine(llama, cuda_graphs=True)
     graphs = engine.runner.decode.graphs
-    assert graphs.buckets == () and "not permitted when stream is capturing" in graphs.failure
+    assert graphs.shapes == () and "not permitted when stream is capturing" in graphs.failure
     assert "CUDA graph capture failed, decode runs eagerly" in caplog.text
     _same(_serve(engine), want)
     assert api.replays == 0

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from dstp.engine.llm_engine import Engine, EngineConfig
-from dstp.worker.decode_buckets import bucket_for, bucket_sizes, compiled_forward
+from dstp.worker.decode_buckets import bucket_for, bucket_sizes, compiled_forward, width_sizes
 from dstp.worker.step_plan import StepPlan
 from tests.helpers.policy_models import build_architectures
 from tests.helpers.tiny_models import llama_config, save_random_model
 
 BLOCK = 4
 MAX_LEN = 64
+WIDTH = MAX_LEN // BLOCK  # the one table width at this length (width_sizes)
 LT = torch.long
 
 
@@ -165,7 +166,7 @@ def test_padding_never_changes_a_real_row(models, model, dtype):
             before = _cache_state(runner)
             padded = runner.execute(plan)
             after = _cache_state(runner)
-            padding = bucketed.buffers.inputs(bucket).slot_mapping[n:]
+            padding = bucketed.buffers.inputs((bucket, WIDTH)).slot_mapping[n:]
             assert padding.numel() == bucket - n and padding.eq(scratch * BLOCK).all()
             beside_others = runner.execute(full)  # bucket real rows: no padding
             assert torch.equal(padded, beside_others[:n]), (model, dtype, n)
@@ -193,7 +194,7 @@ def test_buffers_are_allocated_once(models):
     runner.execute(seqs.prefill())
     for _ in range(4):
         runner.execute(seqs.decode())
-        inputs = buffers.inputs(8)
+        inputs = buffers.inputs((8, WIDTH))
         now = {
             name: getattr(inputs, name).data_ptr()
             for name in ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables")
@@ -202,7 +203,7 @@ def test_buffers_are_allocated_once(models):
         assert seen in ({}, now)
         seen = now
         assert buffers.flat.data_ptr() == flat
-        assert runner.decode._metadata[8].decode_blocks is inputs.block_tables
+        assert runner.decode._metadata[8, WIDTH].decode_blocks is inputs.block_tables
     assert buffers.width == MAX_LEN // BLOCK
     assert buffers.flat.numel() == 8 * (5 + MAX_LEN // BLOCK)
 
@@ -312,7 +313,7 @@ def test_compile_decode_serves_the_eager_tokens(models):
         if extra:  # every bucket compiled at start-up, by steps that wrote the scratch block only
             cache, decode = engine.runner.cache, engine.runner.decode
             assert {key[0] for key in decode.compile_seconds if key[1] == cache.num_blocks} == {
-                1, 2, 4,
+                (1, WIDTH), (2, WIDTH), (4, WIDTH),
             }  # fmt: skip
             for data in (cache.keys, cache.values):
                 assert not data[:, :, : cache.scratch_block * BLOCK].any()
@@ -358,7 +359,7 @@ def test_a_bucketed_decode_step_on_the_fake_card_uploads_once_and_reads_nothing(
             assert counts["download"] == counts["sync"] == 0, sites
             assert logits.shape == (5, runner.vocab_size)
             assert runner.decode.buffers.flat is flat
-        inputs = runner.decode.buffers.inputs(8)
+        inputs = runner.decode.buffers.inputs((8, WIDTH))
         assert shadow(inputs.slot_mapping)[5:].eq(runner.cache.scratch_block * BLOCK).all()
 
 
@@ -403,3 +404,46 @@ def test_buckets_at_tp2_give_the_packed_tokens(models, tmp_path):
             ):
                 assert gid == wid and abs(glp - wlp) < 1e-4, name
         assert results[name]["all_blocks_free"]
+
+
+def test_width_sizes_double_from_16_blocks_to_the_full_table():
+    assert width_sizes(5) == (5,)
+    assert width_sizes(16) == (16,)
+    assert width_sizes(40) == (16, 32, 40)
+    assert width_sizes(256) == (16, 32, 64, 128, 256)
+
+
+def test_a_step_is_padded_to_the_width_of_its_longest_context(models, monkeypatch):
+    """At a 256-token limit (64 blocks of 4) a step of short contexts gathers 16 blocks a
+    row, not 64; once a context passes 64 tokens its step moves to 32. Tokens and
+    logprobs are the packed path's, at every width."""
+    from dstp.engine.sampling_params import SamplingParams
+    from dstp.worker.decode_buckets import BucketedDecode
+
+    shapes = []
+    shape_for = BucketedDecode.shape_for
+
+    def spy(self, plan):
+        shapes.append(shape_for(self, plan))
+        return shapes[-1]
+
+    monkeypatch.setattr(BucketedDecode, "shape_for", spy)
+    prompts = [[5 + i] * (10 + 25 * i) for i in range(3)]  # 10, 35 and 60 tokens
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True)
+    runs = []
+    for bucketed in (False, True):
+        config = EngineConfig(
+            model=str(models["llama"]),
+            dtype="float32",
+            max_model_len=256,
+            block_size=BLOCK,
+            num_blocks=64,
+            bucket_decode=bucketed,
+        )
+        runs.append([r.outputs[0] for r in Engine(config).generate(prompts, params)])
+    assert {w for _, w in filter(None, shapes)} == {16, 32}
+    for packed, padded in zip(*runs, strict=True):
+        assert padded.token_ids == packed.token_ids
+        torch.testing.assert_close(
+            [lp.logprob for lp in padded.logprobs], [lp.logprob for lp in packed.logprobs]
+        )
