@@ -251,6 +251,10 @@ def check_server(ctx: Context, rec: Record) -> None:
         if "dstp:num_requests_running" not in metrics:
             raise AssertionError("/metrics lacks dstp:num_requests_running")
         rec.detail = repr(text[:40])
+    except Exception as exc:  # the server's own words, before the temporary folder goes
+        log.flush()
+        tail = (ctx.workdir / "server.log").read_text(errors="replace")[-3000:]
+        raise AssertionError(f"{exc}\n--- the server's log, its end:\n{tail}") from exc
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -375,6 +379,7 @@ def _hf_speed(ctx: Context, path: Path, vocab: int, rec: Record) -> None:
         rec.figures["hf_prefill_1k_s"] = _synced_clock(ctx) - start
     for batch in (1, 64):
         prompts = torch.randint(3, vocab, (batch, 32), device=ctx.device)
+        model.generate(prompts, max_new_tokens=2, do_sample=False)  # warm, as dstp's is
         start = _synced_clock(ctx)
         model.generate(prompts, max_new_tokens=32, min_new_tokens=32, do_sample=False)
         rec.figures[f"hf_decode_b{batch}_tok_s"] = batch * 32 / (_synced_clock(ctx) - start)
