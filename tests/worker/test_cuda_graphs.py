@@ -17,9 +17,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dstp.engine.llm_engine import Engine, EngineConfig
+from dstp.engine.outputs import CompletionOutput
 from dstp.engine.sampling_params import SamplingParams
 from dstp.worker import model_runner
 from dstp.worker.cuda_graphs import DecodeGraphs
+from tests.helpers.decode_steps import Sequences, serve_staggered
 from tests.helpers.tiny_models import llama_config, save_random_model
 
 BLOCK = 4
@@ -96,32 +98,17 @@ def _with_api(monkeypatch, api: ReplayingApi) -> None:
     )
 
 
-def _serve(engine: Engine) -> dict[str, list[int]]:
-    """Requests arriving while others decode: decode-only steps of 1-4 rows between
-    prefills; also ``logprobs`` so the sampled rows' logits are compared, not only ids."""
-    params = SamplingParams(max_tokens=10, temperature=0, logprobs=2)
-    done: dict[str, list] = {}
-    for i in range(6):
-        engine.add_request(str(i), [5 + i, 6, 7, 8][: 2 + i % 3], params)
-        for _ in range(3):
-            _collect(engine, done)
-    while engine.has_unfinished():
-        _collect(engine, done)
-    return done
+def _serve(engine: Engine) -> dict[str, CompletionOutput]:
+    """The staggered requests of the bucket tests, with ``logprobs`` so the sampled rows'
+    logits are compared, not only their ids."""
+    return serve_staggered(engine, SamplingParams(max_tokens=10, temperature=0, logprobs=2))
 
 
-def _collect(engine: Engine, done: dict) -> None:
-    for out in engine.step():
-        if out.finished:
-            first = out.outputs[0]
-            done[out.request_id] = (first.token_ids, first.logprobs)
-
-
-def _same(got: dict, want: dict) -> None:
+def _same(got: dict[str, CompletionOutput], want: dict[str, CompletionOutput]) -> None:
     assert got.keys() == want.keys()
     for key in want:
-        assert got[key][0] == want[key][0], key
-        for mine, theirs in zip(got[key][1], want[key][1], strict=True):
+        assert got[key].token_ids == want[key].token_ids, key
+        for mine, theirs in zip(got[key].logprobs, want[key].logprobs, strict=True):
             assert mine.top.keys() == theirs.top.keys()
             torch.testing.assert_close(
                 [mine.logprob, *mine.top.values()], [theirs.logprob, *theirs.top.values()]
@@ -167,7 +154,6 @@ def test_a_replayed_step_on_the_fake_card_uploads_once_and_reads_nothing(llama, 
     """On tests/helpers/fake_cuda.py's card: a decode step that replays a graph still
     makes one upload (into the captured buffers) and no read back in the runner."""
     from tests.helpers.fake_cuda import fake_cuda_rank
-    from tests.worker.test_decode_buckets import Sequences
 
     api = ReplayingApi()
     _with_api(monkeypatch, api)

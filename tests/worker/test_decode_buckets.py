@@ -15,6 +15,7 @@ import torch
 from dstp.engine.llm_engine import Engine, EngineConfig
 from dstp.worker.decode_buckets import bucket_for, bucket_sizes, compiled_forward, width_sizes
 from dstp.worker.step_plan import StepPlan
+from tests.helpers.decode_steps import Sequences, serve_staggered
 from tests.helpers.policy_models import build_architectures
 from tests.helpers.tiny_models import llama_config, save_random_model
 
@@ -65,54 +66,6 @@ def _engine(path, dtype: str, max_num_seqs: int = 8, **kwargs) -> Engine:
             **kwargs,
         )
     )
-
-
-class Sequences:
-    """``n`` sequences with shuffled blocks, prefilled to different lengths, then decoded."""
-
-    def __init__(self, n: int, num_blocks: int, vocab: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        per_seq = 6  # blocks each may fill (24 tokens)
-        assert n * per_seq <= num_blocks
-        self.tables = torch.randperm(num_blocks, generator=gen)[: n * per_seq].view(n, per_seq)
-        self.lens = torch.randint(1, 14, (n,), generator=gen)
-        self.ids = torch.randint(3, vocab, (n, per_seq * BLOCK), generator=gen)
-
-    def _slots(self, seqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.tables[seqs, positions // BLOCK] * BLOCK + positions % BLOCK
-
-    def prefill(self) -> StepPlan:
-        n = len(self.lens)
-        positions = torch.cat([torch.arange(int(k)) for k in self.lens])
-        seq_of = torch.repeat_interleave(torch.arange(n), self.lens)
-        starts = torch.cat([torch.zeros(1, dtype=LT), self.lens.cumsum(0)])
-        return StepPlan(
-            input_ids=self.ids[seq_of, positions],
-            positions=positions,
-            slot_mapping=self._slots(seq_of, positions),
-            query_starts=starts,
-            context_lens=self.lens.clone(),
-            block_tables=self.tables.clone(),
-            sample_rows=starts[1:] - 1,
-            copies=torch.zeros((0, 2), dtype=LT),
-        )
-
-    def decode(self) -> StepPlan:
-        """One new token per sequence (at position ``lens``); advances ``lens``."""
-        n = len(self.lens)
-        positions = self.lens.clone()
-        self.lens = self.lens + 1
-        width = -(-int(self.lens.max()) // BLOCK)
-        return StepPlan(
-            input_ids=self.ids[torch.arange(n), positions],
-            positions=positions,
-            slot_mapping=self._slots(torch.arange(n), positions),
-            query_starts=torch.arange(n + 1),
-            context_lens=self.lens.clone(),
-            block_tables=self.tables[:, :width].clone(),
-            sample_rows=torch.arange(n),
-            copies=torch.zeros((0, 2), dtype=LT),
-        )
 
 
 def _cache_state(runner) -> list[torch.Tensor]:
@@ -288,12 +241,6 @@ def test_aot_eager_decode_equals_eager(models):
         assert torch.equal(got, runner.execute(plan)), n
 
 
-def _step_into(engine: Engine, done: dict[str, list[int]]) -> None:
-    for out in engine.step():
-        if out.finished:
-            done[out.request_id] = out.outputs[0].token_ids
-
-
 def test_compile_decode_serves_the_eager_tokens(models):
     """``compile_decode`` end to end: every bucket compiled at start-up (padding rows
     alone, writing the scratch block only), the start-up probe's decode batch compiled
@@ -319,13 +266,7 @@ def test_compile_decode_serves_the_eager_tokens(models):
                 assert not data[:, :, : cache.scratch_block * BLOCK].any()
                 assert data[:, :, cache.scratch_block * BLOCK :].any()
             at_start = dict(decode.compile_seconds)
-        done: dict[str, list[int]] = {}
-        for i in range(6):
-            engine.add_request(str(i), [5 + i, 6, 7, 8][: 2 + i % 3], params)
-            for _ in range(3):
-                _step_into(engine, done)
-        while engine.has_unfinished():
-            _step_into(engine, done)
+        done = {key: out.token_ids for key, out in serve_staggered(engine, params).items()}
         assert len(done) == 6 and all(len(ids) == 12 for ids in done.values())
         runs.append(done)
         if extra:
