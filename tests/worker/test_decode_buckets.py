@@ -22,7 +22,6 @@ from tests.helpers.tiny_models import llama_config, save_random_model
 BLOCK = 4
 MAX_LEN = 64
 WIDTH = MAX_LEN // BLOCK  # the one table width at this length (width_sizes)
-LT = torch.long
 
 
 def test_bucket_sizes_are_vllms_capture_sizes():
