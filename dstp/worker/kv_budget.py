@@ -140,17 +140,22 @@ def device_budget(
     activation_peak: int,
     utilization: float,
     worst: WorstStep | None = None,
+    graph_pool: int = 0,
 ) -> KVBudget:
     """What ``utilization`` of the device leaves after what is in use, the profiled step's
-    peak and the worst step's transients beyond it (:class:`WorstStep`)."""
+    peak, the worst step's transients beyond it (:class:`WorstStep`) and ``graph_pool``,
+    what CUDA graphs keep for good (their pool holds the largest decode shape's
+    intermediates between replays, beside what eager steps allocate)."""
     extra = worst.nbytes if worst is not None else 0
-    nbytes = max(0, int(total * utilization) - in_use - activation_peak - extra)
+    nbytes = max(0, int(total * utilization) - in_use - activation_peak - extra - graph_pool)
     reason = (
         f"--gpu-memory-utilization {utilization:g} of {total / 2**30:.1f} GiB, less "
         f"{in_use / 2**30:.2f} GiB in use and a {activation_peak / 2**30:.2f} GiB activation peak"
     )
     if worst is not None:
         reason += f" and the worst step's {worst.describe()}"
+    if graph_pool:
+        reason += f", and {_gib(graph_pool)} kept by --cuda-graphs (the largest decode shape)"
     return KVBudget(nbytes, reason, "--gpu-memory-utilization (or --kv-cache-memory)")
 
 

@@ -148,15 +148,22 @@ class ModelRunner:
         """CUDA graphs for the decode buckets (``--cuda-graphs``) where they can run."""
         if not config.cuda_graphs:
             return None
-        why_not = None
-        if self.tp.device.type != "cuda":
-            why_not = f"the device is {self.tp.device.type}, not CUDA"
-        elif self.tp.size > 1:  # not yet run with NCCL inside a graph: no multi-GPU lent
-            why_not = "they are captured at TP=1 only for now"
+        why_not = self._graphs_why_not(config)
         if why_not is None:
             return DecodeGraphs.for_device(self.tp.device)
         if self.tp.is_driver:
             log.warning("--cuda-graphs: %s; decode steps run at padded buckets, eagerly", why_not)
+        return None
+
+    def _graphs_why_not(self, config: EngineConfig) -> str | None:
+        """Why decode will not be captured here (not asked for, no CUDA, TP>1); None where
+        it will."""
+        if not config.cuda_graphs:
+            return "not asked for"
+        if self.tp.device.type != "cuda":
+            return f"the device is {self.tp.device.type}, not CUDA"
+        if self.tp.size > 1:  # not yet run with NCCL inside a graph: no multi-GPU lent
+            return "they are captured at TP=1 only for now"
         return None
 
     def _kv_budget(self, config: EngineConfig, shape: CacheShape) -> KVBudget:
@@ -176,8 +183,11 @@ class ModelRunner:
                     config.max_num_batched_tokens,
                     worst.describe(),
                 )
+            # The graphs' pool keeps one forward of the largest decode shape for good; its
+            # largest term is that shape's attention gather.
+            graphs = worst.decode_gather if self._graphs_why_not(config) is None else 0
             return kv_budget.device_budget(
-                total, total - free, peak, config.gpu_memory_utilization, worst
+                total, total - free, peak, config.gpu_memory_utilization, worst, graphs
             )
         wanted = config.max_num_seqs * self._wanted_len(config)
         return kv_budget.host_budget(

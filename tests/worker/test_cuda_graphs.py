@@ -169,3 +169,34 @@ def test_a_replayed_step_on_the_fake_card_uploads_once_and_reads_nothing(llama, 
             assert api.replays == before + 1 and logits.shape == (3, runner.vocab_size)
             assert counts["upload"] == 1 and "step_inputs.py" in sites["upload"][0], sites
             assert counts["download"] == counts["sync"] == 0, sites
+
+
+def test_the_kv_budget_leaves_the_graphs_their_pool(monkeypatch):
+    """On the fake card: with ``cuda_graphs`` the KV cache gets the largest decode shape's
+    attention gather less (the graphs' pool keeps one forward of that shape for good)."""
+    import gc
+
+    from tests.helpers.fake_cuda import fake_cuda_rank
+    from tests.helpers.tiny_models import STORIES
+
+    _with_api(monkeypatch, ReplayingApi())
+    budgets = {}
+    with fake_cuda_rank(total_gib=0.05):
+        for graphs in (False, True):
+            config = EngineConfig(
+                model=str(STORIES),
+                dtype="float32",
+                max_model_len=512,
+                max_num_seqs=64,
+                max_num_batched_tokens=32,
+                cuda_graphs=graphs,
+            )
+            runner = Engine(config).runner
+            budgets[graphs] = runner.kv_budget
+            worst = runner._worst_step(config, runner._cache_shape(config))
+            del runner
+            gc.collect()
+    assert "kept by --cuda-graphs" in budgets[True].reason
+    assert "cuda-graphs" not in budgets[False].reason
+    kept = budgets[False].nbytes - budgets[True].nbytes
+    assert abs(kept - worst.decode_gather) < 2**20, (kept, worst.decode_gather)

@@ -155,3 +155,10 @@ def test_device_budget_leaves_room_for_the_worst_step_and_names_its_terms():
     for term in ("3.00 GiB batched decode (d)", "5.00 GiB continued-prefill mask (m)"):
         assert term in budget.reason
     assert "1.00 GiB sampler (s)" in budget.reason
+
+
+def test_device_budget_keeps_the_cuda_graphs_pool_and_names_it():
+    budget = kv_budget.device_budget(80 * GIB, 20 * GIB, 2 * GIB, 0.9, None, GIB // 2)
+    assert budget.nbytes == 72 * GIB - 22 * GIB - GIB // 2
+    assert "512.0 MiB kept by --cuda-graphs" in budget.reason
+    assert "cuda-graphs" not in kv_budget.device_budget(80 * GIB, 20 * GIB, GIB, 0.9).reason
