@@ -9,10 +9,10 @@ contexts to the full length would gather what no row attends to. Its token ids,
 positions, cache slots, context lengths and block tables are written, in place, into
 device buffers allocated at start-up (the largest bucket times the most blocks a
 sequence may hold); every tensor the decode forward reads then has the same shape and
-the same address at every step of a shape, which is what capturing the step as a CUDA graph needs (``--cuda-graphs``,
-:mod:`dstp.worker.cuda_graphs`), and what ``torch.compile(fullgraph=True, dynamic=False)``
-proves on a CPU (``--compile-decode``; every bucket is compiled at start-up, after the
-start-up probe).
+the same address at every step of a shape (bucket x width), which is what capturing the
+step as a CUDA graph needs (``--cuda-graphs``, :mod:`dstp.worker.cuda_graphs`), and what
+``torch.compile(fullgraph=True, dynamic=False)`` proves on a CPU (``--compile-decode``;
+every shape is compiled at start-up, after the start-up probe).
 
 Padding rows are invisible to results: each writes its new K/V to the cache's scratch
 block (one block past those the allocator hands out, :class:`PagedKVCache`), attends to
@@ -23,7 +23,7 @@ a step of the same size (tests/worker/test_decode_buckets.py). Against the unpad
 of fewer rows it agrees to rounding only: a BLAS GEMM rounds a row differently with the
 call's row count (benchmarks/FINDINGS.md).
 
-What stays on the host, outside the fixed-shape forward: choosing the bucket and packing
+What stays on the host, outside the fixed-shape forward: choosing the shape and packing
 the one upload. After it, the sampled rows' hidden states (never a padding row's) are
 picked for the LM head, whose logits are gathered and sampled per real row as before.
 """

@@ -113,7 +113,8 @@ class ModelRunner:
         return PagedKVCache(shape, num_blocks, self.tp.device, self.scratch_block)
 
     def _bucketed_decode(self, config: EngineConfig) -> BucketedDecode | None:
-        """Fixed-shape decode steps (``--compile-decode``), or None: the packed path."""
+        """Fixed-shape decode steps (``--compile-decode``, ``--cuda-graphs``), or None: the
+        packed path."""
         if not self.scratch_block:
             return None
         backend = config.compile_decode
