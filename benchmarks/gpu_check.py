@@ -48,6 +48,7 @@ class Context:
     device: torch.device
     quick: bool
     workdir: Path
+    out: Path  # what a check writes for the run's reader (profiles), beside results.md
 
     def tiny_model(self) -> Path:
         """A small random Llama (GQA), written once per run."""
@@ -432,6 +433,55 @@ def _read_bandwidth(device: torch.device) -> float:
     return data.numel() * data.element_size() / best
 
 
+def check_step_profile(ctx: Context, rec: Record) -> None:
+    """Where a batch-1 decode step's time goes with CUDA graphs: 32 steps under
+    ``torch.profiler`` (host ops and device kernels) and ``cProfile`` (dstp's Python),
+    written to ``step_profile.txt``; the figure is the mean step time. The 1B shape on a
+    GPU, the tiny Llama with ``--quick``."""
+    import cProfile
+    import io
+    import pstats
+
+    from benchmarks.checkpoint import LLAMA_1B, ensure_checkpoint
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
+
+    if ctx.quick:
+        path, vocab = ctx.tiny_model(), 512
+    else:
+        path = ensure_checkpoint(REPO / "runs" / "bench" / "models", LLAMA_1B)
+        vocab = LLAMA_1B.vocab_size
+    dtype = "float32" if ctx.quick else "bfloat16"
+    engine = Engine(EngineConfig(str(path), dtype=dtype, max_num_seqs=8, cuda_graphs=True))
+    prompt = _prompt(vocab, n=32)
+    engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    engine.add_request("profiled", prompt, SamplingParams(max_tokens=80, temperature=0))
+    engine.step()  # the prefill
+    for _ in range(4):  # warm decode steps
+        engine.step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if ctx.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    python = cProfile.Profile()
+    start = _synced_clock(ctx)
+    with torch.profiler.profile(activities=activities) as prof:
+        python.enable()
+        for _ in range(32):
+            engine.step()
+        python.disable()
+    rec.figures["step_ms"] = (_synced_clock(ctx) - start) / 32 * 1e3
+    engine.shutdown()
+    averages = prof.key_averages()
+    text = io.StringIO()
+    text.write(f"{rec.figures['step_ms']:.2f} ms a step (batch 1, 32 steps, profilers on)\n\n")
+    text.write(averages.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+    if ctx.device.type == "cuda":
+        text.write(averages.table(sort_by="self_cuda_time_total", row_limit=20) + "\n")
+    pstats.Stats(python, stream=text).sort_stats("cumulative").print_stats(40)
+    (ctx.out / "step_profile.txt").write_text(text.getvalue())
+    rec.detail = "step_profile.txt"
+
+
 CHECKS: dict[str, Callable[[Context, Record], None]] = {
     "tp1_logits": check_tp1_logits,
     "engine": check_engine,
@@ -440,6 +490,7 @@ CHECKS: dict[str, Callable[[Context, Record], None]] = {
     "speed": check_speed,
     "sync_debug": check_sync_debug,
     "cuda_graphs": check_cuda_graphs,
+    "step_profile": check_step_profile,
 }
 
 
@@ -450,7 +501,8 @@ def run(names: list[str], device: str, quick: bool, out: Path) -> list[Record]:
     records = []
     have_device = device == "cpu" or torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(torch.device(device), quick, Path(tmp))
+        out.mkdir(parents=True, exist_ok=True)
+        ctx = Context(torch.device(device), quick, Path(tmp), out)
         for name in names:
             rec = Record(name)
             started = time.perf_counter()

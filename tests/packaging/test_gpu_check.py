@@ -30,7 +30,7 @@ def test_without_cuda_every_check_is_skipped(tmp_path):
     proc, results = _run(tmp_path)
     assert proc.returncode == 0
     assert {c["status"] for c in results["checks"]} == {"skipped"}
-    assert len(results["checks"]) == 7
+    assert len(results["checks"]) == 8
 
 
 def test_the_correctness_checks_pass_on_cpu(tmp_path):
@@ -41,3 +41,15 @@ def test_the_correctness_checks_pass_on_cpu(tmp_path):
     )
     engine = next(c for c in results["checks"] if c["name"] == "engine")
     assert engine["figures"]["preemptions"] >= 1 and engine["figures"]["prefix_cache_hits"] >= 1
+
+
+def test_the_step_profile_is_written(tmp_path):
+    """The profile a lent GPU's run leaves for its reader (on CPU: the tiny model, host
+    ops and dstp's Python, no kernels)."""
+    proc, results = _run(tmp_path, "--device", "cpu", "--quick", "--only", "step_profile")
+    (check,) = results["checks"]
+    assert proc.returncode == 0 and check["status"] == "passed", proc.stdout[-3000:]
+    assert check["figures"]["step_ms"] > 0
+    profile = (tmp_path / "out" / "step_profile.txt").read_text()
+    assert "ms a step (batch 1" in profile and "Self CPU" in profile
+    assert "llm_engine.py" in profile  # cProfile's part: dstp's own functions
