@@ -34,6 +34,12 @@ def has_avx2_fma() -> bool:
     return {"avx2", "fma"} <= flags()
 
 
+def has_amx_bf16() -> bool:
+    """AMX tiles with bf16: oneDNN's bf16 GEMM runs on them (the OS lists the flag only where
+    it lets programs use the tiles)."""
+    return "amx_bf16" in flags()
+
+
 def has_native_bf16_dot() -> bool:
     """Whether oneDNN's bf16 GEMM has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
     return bool({"avx512_bf16", "amx_bf16"} & flags())

@@ -247,6 +247,11 @@ FEW_FMA_ROW_LIMIT = 112
 # 1.04-1.19x the GEMM at 32-40 rows, about even at 48-56, 0.86-0.97x from 64 (1B shapes at
 # TP=2, one thread, 2026-12-04; benchmarks/FINDINGS.md)
 DSTP_GEMM_ROW_LIMIT = 64
+# rows from which oneDNN's bf16 GEMM on AMX tiles beats the few-row kernels, weights streaming
+# from DRAM: the FMA variant ran 1.1-1.3x it at 2-4 rows, even at 8, 0.55x at 16, 0.37x at 32,
+# 0.29x at 64 (Sapphire Rapids with AMX under KVM, 1B shapes at TP=2, one thread,
+# 2026-12-04; benchmarks/FINDINGS.md)
+AMX_ROW_LIMIT = 8
 
 
 def settle_few_rows(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
@@ -290,11 +295,14 @@ def few_row_variant() -> str:
 def few_row_limit() -> int:
     """The fewest rows the few-row kernel leaves to the GEMMs: ``DSTP_GEMM_ROW_LIMIT`` where it
     computes in fp32 FMAs (the FMA variant, the AVX2 build) and dstp's widening GEMM takes the
-    rest; else ``FEW_FMA_ROW_LIMIT`` for the FMA variant (MKL's widened blocks need more rows
-    to pay for their widening pass), ``cpu_gemm.MIN_ROWS`` for the others."""
+    rest; ``AMX_ROW_LIMIT`` where oneDNN's bf16 GEMM takes it on AMX tiles; else
+    ``FEW_FMA_ROW_LIMIT`` for the FMA variant (MKL's widened blocks need more rows to pay for
+    their widening pass), ``cpu_gemm.MIN_ROWS`` for the others."""
     avx2 = getattr(_ops(), "dstp_kernel", None) == "avx2"
     if (_few_rows_fma or avx2) and cpu_gemm.widens_in_dstp_gemm():
         return DSTP_GEMM_ROW_LIMIT
+    if cpu_features.has_amx_bf16() and not cpu_gemm.computes_in_fp32():
+        return AMX_ROW_LIMIT
     return FEW_FMA_ROW_LIMIT if _few_rows_fma else cpu_gemm.MIN_ROWS
 
 
@@ -308,7 +316,8 @@ def few_row_kernel_applies(rows: int) -> bool:
     weight once: it takes them whatever ``--cpu-compute-dtype`` says, but for "bfloat16"
     (oneDNN's bf16 GEMM everywhere). On a KVM Xeon without AMX it ran 1.35-1.75x oneDNN's
     bf16 GEMM at 2-4 rows (memory-bound), 1.04-1.29x at 8-32, a tie at 48-55 (both
-    compute-bound): benchmarks/FINDINGS.md, 2026-12-03.
+    compute-bound): benchmarks/FINDINGS.md, 2026-12-03. With AMX, oneDNN's GEMM wins from 8
+    rows (``AMX_ROW_LIMIT``).
     """
     if not 2 <= rows < few_row_limit():
         return False

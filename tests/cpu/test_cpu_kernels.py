@@ -136,10 +136,13 @@ def avx2(monkeypatch, fresh_dispatch):
 
 @pytest.fixture
 def avx512_bf16(monkeypatch, fresh_dispatch):
-    """The AVX512-BF16 build in use, multi-row linears as "auto" has them."""
+    """The AVX512-BF16 build in use, multi-row linears as "auto" has them, AMX hidden (its
+    hand-over is its own test's) so the hand-overs do not depend on the host."""
     monkeypatch.delenv(cpu_kernels.ENV_KERNEL, raising=False)
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
     monkeypatch.setattr(cpu_gemm, "_setting", "auto")
+    flags = cpu_features.flags() - {"amx_bf16"}
+    monkeypatch.setattr(cpu_features, "flags", lambda: flags)
     assert cpu_kernels.kernel() == "avx512_bf16"
 
 
@@ -644,3 +647,29 @@ def test_layer_ops_fall_back_where_the_build_lacks_them(monkeypatch):
     assert not cpu_kernels.write_kv_cache_bf16(x[0], x[0], x[0], x[0], torch.arange(3))
     assert torch.equal(rotate_heads(x, cos, cos), _plain_rotary(x, cos, cos))
     assert torch.equal(silu_mul(x.flatten(2), 8), F.silu(x.flatten(2)[..., :8]) * x[..., 1, :])
+
+
+@needs_kernel
+def test_with_amx_onednn_takes_rows_from_8(avx512_bf16, monkeypatch):
+    """Where oneDNN's bf16 GEMM runs on AMX tiles (and settle kept it), it beat the few-row
+    kernels from 8 rows with the weights from DRAM (0.55x at 16, 0.29x at 64): they keep
+    2-7 rows, oneDNN the rest. Where linears widen to fp32 the AMX flag changes nothing."""
+    calls = []
+    real_few = cpu_kernels.gemm_few_bf16
+    monkeypatch.setattr(
+        cpu_kernels, "gemm_few_bf16", lambda x, *a: calls.append(x.shape[0]) or real_few(x, *a)
+    )
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr(cpu_gemm, "_measured_fp32", False)  # settle kept oneDNN's bf16 GEMM
+    limit = cpu_kernels.AMX_ROW_LIMIT
+    assert cpu_kernels.few_row_limit() == limit
+    w = torch.randn(64, 128).bfloat16()
+    for rows in (2, limit - 1, limit, 32):
+        x = torch.randn(rows, 128).bfloat16()
+        got = linear_2d(x, w)
+        if rows >= limit:
+            assert torch.equal(got, F.linear(x, w))  # oneDNN's own
+    assert calls == [2, limit - 1]
+    assert cpu_kernels.describe_paths()[f"{limit}+ rows"].startswith("oneDNN")
+    monkeypatch.setattr(cpu_gemm, "_setting", "float32")  # widening: the fp32 hand-overs
+    assert cpu_kernels.few_row_limit() > limit
