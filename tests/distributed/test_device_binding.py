@@ -4,6 +4,7 @@ cap, and every thread that runs CUDA work on its rank's device."""
 
 from __future__ import annotations
 
+import os
 import threading
 from types import SimpleNamespace
 
@@ -117,6 +118,10 @@ def test_ranks_sharing_a_gpu_join_without_binding_one(monkeypatch, gpus, binds_i
 
     monkeypatch.setattr(tdist, "init_process_group", joined)
     monkeypatch.setattr(deepspeed, "init_distributed", deepspeed_joined)
+    # _join_world sets MASTER_PORT and LOCAL_SIZE defaults: kept out of this process's env,
+    # where every later rank would inherit them (a TP=4 rank told LOCAL_SIZE=2 by it crashed
+    # in DeepSpeed's shared-memory all-reduce)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     with pytest.raises(_Joined) as first:
         distributed._join_world(_Accelerator(gpus), "gloo", 1, 2, timeout_s=30)
     who, args, kwargs = first.value.args[0]
