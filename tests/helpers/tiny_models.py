@@ -39,6 +39,15 @@ LLAMA_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def stories_decode_heavy(**overrides: Any):
+    """stories260K at 512 tokens with 64 sequences and 32-token steps: on a small (fake)
+    card the batched decode's gather is the budget's largest worst-step term."""
+    from dstp.engine.llm_engine import EngineConfig
+
+    settings = dict(max_model_len=512, max_num_seqs=64, max_num_batched_tokens=32)
+    return EngineConfig(model=str(STORIES), dtype="float32", **{**settings, **overrides})
+
+
 def llama_config(**overrides: Any):
     from transformers import LlamaConfig
 

@@ -177,20 +177,13 @@ def test_the_kv_budget_leaves_the_graphs_their_pool(monkeypatch):
     import gc
 
     from tests.helpers.fake_cuda import fake_cuda_rank
-    from tests.helpers.tiny_models import STORIES
+    from tests.helpers.tiny_models import stories_decode_heavy
 
     _with_api(monkeypatch, ReplayingApi())
     budgets = {}
     with fake_cuda_rank(total_gib=0.05):
         for graphs in (False, True):
-            config = EngineConfig(
-                model=str(STORIES),
-                dtype="float32",
-                max_model_len=512,
-                max_num_seqs=64,
-                max_num_batched_tokens=32,
-                cuda_graphs=graphs,
-            )
+            config = stories_decode_heavy(cuda_graphs=graphs)
             runner = Engine(config).runner
             budgets[graphs] = runner.kv_budget
             worst = runner._worst_step(config, runner._cache_shape(config))

@@ -18,7 +18,7 @@ from dstp.engine.sampling_params import SamplingParams
 from dstp.worker import kv_budget
 from dstp.worker.step_plan import StepPlan
 from tests.helpers.fake_cuda import DeviceMixError, fake_cuda, fake_cuda_rank, shadow
-from tests.helpers.tiny_models import STORIES
+from tests.helpers.tiny_models import STORIES, stories_decode_heavy
 
 CARD_GIB = 0.02  # a small card: the fake tensors' shadows are real host memory
 WORST_CARD_GIB = 0.05
@@ -121,14 +121,7 @@ def test_the_worst_steps_fit_on_a_card_the_budget_filled():
     KV cache took what the budget left: each step's peak stays inside the utilization.
     Without the worst-step terms in the budget the decode step overflows it."""
     with fake_cuda_rank(total_gib=WORST_CARD_GIB) as device:
-        config = EngineConfig(
-            model=str(STORIES),
-            dtype="float32",
-            max_model_len=512,
-            max_num_seqs=64,
-            max_num_batched_tokens=32,
-            gpu_memory_utilization=UTILIZATION,
-        )
+        config = stories_decode_heavy(gpu_memory_utilization=UTILIZATION)
         runner = Engine(config).runner
         assert runner.max_model_len == 512  # the cache holds one whole context
         limit = UTILIZATION * device.total_bytes
