@@ -53,3 +53,28 @@ def test_the_step_profile_is_written(tmp_path):
     profile = (tmp_path / "out" / "step_profile.txt").read_text()
     assert "ms a step (batch 1" in profile and "Self CPU" in profile
     assert "llm_engine.py" in profile  # cProfile's part: dstp's own functions
+
+
+def test_the_graph_figure_reads_what_the_engine_captured():
+    """The checks that read an engine's CUDA graphs run on CUDA only; what they read of
+    ``DecodeGraphs`` is checked here (a rename once broke them unseen)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.gpu_check import Record, _captured_shapes
+    from dstp.worker.cuda_graphs import DecodeGraphs
+
+    class Recording:
+        def capture(self, forward, pool):
+            return None, forward(), pool
+
+        def replay(self, graph):
+            pass
+
+    graphs = DecodeGraphs(Recording())
+    engine = SimpleNamespace(runner=SimpleNamespace(decode=SimpleNamespace(graphs=graphs)))
+    rec = Record("speed")
+    assert _captured_shapes(engine, rec) == 0 and rec.figures == {"graph_shapes": 0}
+    graphs.capture_all(((1, 16), (2, 16)), object(), lambda shape: lambda: torch.zeros(shape))
+    assert _captured_shapes(engine, rec) == 2 and rec.figures == {"graph_shapes": 2}
