@@ -248,8 +248,9 @@ def _scheduler_flags(e: argparse._ArgumentGroup) -> None:
     _switch(
         e,
         "--cuda-graphs",
-        "capture each padded decode batch size (as --compile-decode lists them) as a CUDA "
-        "graph at start-up and replay it at every decode-only step: one launch per step "
+        "capture each padded decode shape (the batch sizes --compile-decode lists, by "
+        "block-table widths of 16, 32, 64, ... blocks) as a CUDA graph at start-up and "
+        "replay it at every decode-only step: one launch per step "
         "instead of one per kernel. CUDA, TP=1 for now; elsewhere the padded steps run "
         "eagerly",
     )

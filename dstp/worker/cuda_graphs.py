@@ -24,14 +24,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from dstp.worker.decode_buckets import Shape
 
 log = logging.getLogger("dstp")
 
 Forward = Callable[[], torch.Tensor]
-Shape = tuple[int, int]  # (rows, block-table width): dstp.worker.decode_buckets.Shape
 
 
 class GraphApi(Protocol):

@@ -147,12 +147,10 @@ class ModelRunner:
 
     def _decode_graphs(self, config: EngineConfig) -> DecodeGraphs | None:
         """CUDA graphs for the decode buckets (``--cuda-graphs``) where they can run."""
-        if not config.cuda_graphs:
-            return None
         why_not = self._graphs_why_not(config)
         if why_not is None:
             return DecodeGraphs.for_device(self.tp.device)
-        if self.tp.is_driver:
+        if config.cuda_graphs and self.tp.is_driver:
             log.warning("--cuda-graphs: %s; decode steps run at padded buckets, eagerly", why_not)
         return None
 
