@@ -9,8 +9,12 @@ later steps of the same bucket.
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from dstp.engine.llm_engine import Engine, EngineConfig
 from dstp.worker.decode_buckets import bucket_for, bucket_sizes, compiled_forward, width_sizes
@@ -226,6 +230,27 @@ def test_compiled_decode_at_each_bucket_equals_eager_and_compiles_once(models, d
         if round_ == 0:
             assert counter.graphs == 3  # one per bucket: 1, 2, 4
     assert counter.graphs == 3  # later steps at the same buckets: no recompilation
+
+
+def test_inductor_writes_the_cache_in_place(models):
+    """The compiled step allocates no buffer a layer of the cache would fill: written as
+    ``index_copy_`` on a layer's view, inductor copied that layer's whole cache every step
+    (on an H200 the first 3.8 GiB copy ran out of memory). Bucket 1, the eager logits."""
+    engine = _engine(models["llama"], "float32", max_num_seqs=1)
+    runner = engine.runner
+    bucketed = runner.decode
+    eager = bucketed.forward
+    seqs = Sequences(1, runner.num_blocks, runner.vocab_size, 30)
+    runner.execute(seqs.prefill())
+    plan = seqs.decode()
+    bucketed.forward = compiled_forward(eager, "inductor")
+    got, codes = run_and_get_code(runner.execute, plan)
+    bucketed.forward = eager
+    assert torch.allclose(got, runner.execute(plan), atol=1e-5, rtol=0)
+    layer = runner.cache.keys[0].numel()
+    shapes = [s for code in codes for s in re.findall(r"empty_strided_\w+\(\(([\d, ]+)\)", code)]
+    sizes = [math.prod(int(d) for d in s.split(",") if d.strip()) for s in shapes]
+    assert sizes and max(sizes) < layer, (max(sizes), layer)
 
 
 def test_aot_eager_decode_equals_eager(models):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dstp.worker.attention.backends import LayerAttention
+from dstp.worker.attention.cache_write import write_kv_cache
 from dstp.worker.attention.metadata import AttentionMetadata
 
 
@@ -191,8 +192,7 @@ class SdpaBackend:
         step: AttentionMetadata,
     ) -> None:
         """The step's new K/V into the paged cache, at each token's slot."""
-        k_cache.index_copy_(1, step.slot_mapping, key.to(k_cache.dtype))
-        v_cache.index_copy_(1, step.slot_mapping, value.to(v_cache.dtype))
+        write_kv_cache(key, value, k_cache, v_cache, step.slot_mapping)
 
     def _decode_output(
         self,
