@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -324,6 +326,7 @@ def _captured_shapes(engine, rec: Record) -> int:
     """How many decode shapes the engine captured as CUDA graphs (0 where capture failed),
     recorded as a figure."""
     rec.figures["graph_shapes"] = len(engine.runner.decode.graphs.shapes)
+    rec.figures["graph_capture_s"] = engine.runner.decode.graphs.capture_seconds
     return rec.figures["graph_shapes"]
 
 
@@ -443,23 +446,22 @@ def check_step_profile(ctx: Context, rec: Record) -> None:
     import io
     import pstats
 
-    from benchmarks.checkpoint import LLAMA_1B, ensure_checkpoint
     from dstp.engine.llm_engine import Engine, EngineConfig
     from dstp.engine.sampling_params import SamplingParams
 
-    if ctx.quick:
-        path, vocab = ctx.tiny_model(), 512
-    else:
-        path = ensure_checkpoint(REPO / "runs" / "bench" / "models", LLAMA_1B)
-        vocab = LLAMA_1B.vocab_size
-    dtype = "float32" if ctx.quick else "bfloat16"
+    path, vocab, dtype = _step_model(ctx)
     engine = Engine(EngineConfig(str(path), dtype=dtype, max_num_seqs=8, cuda_graphs=True))
     prompt = _prompt(vocab, n=32)
     engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    engine.add_request("profiled", prompt, SamplingParams(max_tokens=80, temperature=0))
+    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    engine.add_request("profiled", prompt, params)
     engine.step()  # the prefill
     for _ in range(4):  # warm decode steps
         engine.step()
+    start = _synced_clock(ctx)
+    for _ in range(32):
+        engine.step()
+    rec.figures["step_ms_unprofiled"] = (_synced_clock(ctx) - start) / 32 * 1e3
     activities = [torch.profiler.ProfilerActivity.CPU]
     if ctx.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -474,13 +476,81 @@ def check_step_profile(ctx: Context, rec: Record) -> None:
     engine.shutdown()
     averages = prof.key_averages()
     text = io.StringIO()
-    text.write(f"{rec.figures['step_ms']:.2f} ms a step (batch 1, 32 steps, profilers on)\n\n")
+    text.write(
+        f"{rec.figures['step_ms']:.2f} ms a step (batch 1, 32 steps, profilers on; "
+        f"{rec.figures['step_ms_unprofiled']:.2f} ms off)\n\n"
+    )
     text.write(averages.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
     if ctx.device.type == "cuda":
         text.write(averages.table(sort_by="self_cuda_time_total", row_limit=20) + "\n")
     pstats.Stats(python, stream=text).sort_stats("cumulative").print_stats(40)
     (ctx.out / "step_profile.txt").write_text(text.getvalue())
     rec.detail = "step_profile.txt"
+
+
+def check_compiled_step(ctx: Context, rec: Record) -> None:
+    """``--compile-decode inductor`` under ``--cuda-graphs`` against graphs alone, batch 1:
+    start-up seconds, step time, device kernels a step, and the greedy logprobs' largest
+    difference. One decode shape (max_num_seqs 1, max_model_len 256) bounds the compile.
+    The 1B shape on a GPU, the tiny Llama with ``--quick``."""
+    from dstp.engine.llm_engine import Engine, EngineConfig
+    from dstp.engine.sampling_params import SamplingParams
+
+    path, vocab, dtype = _step_model(ctx)
+    prompt = _prompt(vocab, n=32)
+    greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, logprobs=0)
+    runs = {}
+    for label, extra in (("graphs", {}), ("compiled_graphs", {"compile_decode": "inductor"})):
+        start = time.perf_counter()
+        config = EngineConfig(
+            str(path), dtype=dtype, max_num_seqs=1, max_model_len=256, cuda_graphs=True
+        )
+        engine = Engine(dataclasses.replace(config, **extra))
+        rec.figures[f"{label}_start_s"] = time.perf_counter() - start
+        out = engine.generate([prompt], greedy)[0].outputs[0]
+        runs[label] = [(t, p.logprob) for t, p in zip(out.token_ids, out.logprobs, strict=True)]
+        engine.add_request("timed", prompt, dataclasses.replace(greedy, max_tokens=120))
+        for _ in range(5):  # the prefill and warm decode steps
+            engine.step()
+        start = _synced_clock(ctx)
+        for _ in range(64):
+            engine.step()
+        rec.figures[f"{label}_step_ms"] = (_synced_clock(ctx) - start) / 64 * 1e3
+        rec.figures[f"{label}_kernels_a_step"] = _kernels_a_step(ctx, engine, steps=8)
+        engine.shutdown()
+        del engine
+        _release_device_memory(ctx)
+    # bf16 roundings differ once inductor fuses ops, and a near-tie then picks another
+    # token: the logprobs compare while the tokens agree
+    pairs = zip(runs["graphs"], runs["compiled_graphs"], strict=True)
+    agreed = list(itertools.takewhile(lambda pair: pair[0][0] == pair[1][0], pairs))
+    rec.figures["same_tokens"] = len(agreed)
+    rec.figures["max_logprob_diff"] = max((abs(a[1] - b[1]) for a, b in agreed), default=0.0)
+
+
+def _step_model(ctx: Context) -> tuple[Path, int, str]:
+    """The model, vocabulary size and dtype a step-time check runs: the 1B shape in bf16
+    on a GPU, the tiny Llama in fp32 with ``--quick``."""
+    if ctx.quick:
+        return ctx.tiny_model(), 512, "float32"
+    from benchmarks.checkpoint import LLAMA_1B, ensure_checkpoint
+
+    path = ensure_checkpoint(REPO / "runs" / "bench" / "models", LLAMA_1B)
+    return path, LLAMA_1B.vocab_size, "bfloat16"
+
+
+def _kernels_a_step(ctx: Context, engine, steps: int) -> float:
+    """Device kernels launched a step (graph replays counted by the kernels inside them),
+    over ``steps`` engine steps; 0 off CUDA."""
+    if ctx.device.type != "cuda":
+        return 0.0
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels) / steps
 
 
 CHECKS: dict[str, Callable[[Context, Record], None]] = {
@@ -492,6 +562,7 @@ CHECKS: dict[str, Callable[[Context, Record], None]] = {
     "sync_debug": check_sync_debug,
     "cuda_graphs": check_cuda_graphs,
     "step_profile": check_step_profile,
+    "compiled_step": check_compiled_step,
 }
 
 
@@ -516,7 +587,8 @@ def run(names: list[str], device: str, quick: bool, out: Path) -> list[Record]:
                     rec.status, rec.detail = "skipped", str(why)
                 except Exception as exc:  # a check's failure is its record, not the run's end
                     why = f"{type(exc).__name__}: {exc}"
-                    print(f"{name} failed:\n{why}", flush=True)  # whole, with any rank logs
+                    # whole, with any rank logs, and where it was raised
+                    print(f"{name} failed:\n{traceback.format_exc()}", flush=True)
                     rec.status, rec.detail = "failed", why[:500]
             # The check's engines go: the next check (or the server) sizes its KV cache from
             # what is free, and a cache left cached in this process would leave it none.

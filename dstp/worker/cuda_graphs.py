@@ -76,6 +76,7 @@ class DecodeGraphs:
     def __init__(self, api: GraphApi) -> None:
         self.api = api
         self.failure: str | None = None  # why capture was given up, if it was
+        self.capture_seconds = 0.0  # the last capture_all's, failed or not
         self._graphs: dict[Shape, tuple[Any, torch.Tensor]] = {}
         self._cache: object | None = None
         self._pool: Any = None
@@ -108,10 +109,12 @@ class DecodeGraphs:
                 "CUDA graph capture failed, decode runs eagerly: %s", self.failure, exc_info=True
             )
             return
+        finally:
+            self.capture_seconds = time.perf_counter() - started
         log.info(
             "decode captured as CUDA graphs at %d shapes in %.1f s",
             len(self._graphs),
-            time.perf_counter() - started,
+            self.capture_seconds,
         )
 
     def replay(self, shape: Shape, cache: object) -> torch.Tensor | None:
