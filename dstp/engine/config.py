@@ -84,15 +84,19 @@ class EngineConfig:
     # decode-only steps at padded batch buckets over preallocated inputs (fixed shapes,
     # dstp.worker.decode_buckets); compile_decode ("inductor", "aot_eager", "eager") also
     # runs each bucket's forward under torch.compile(fullgraph=True, dynamic=False);
-    # cuda_graphs captures each bucket's forward as a CUDA graph (dstp.worker.cuda_graphs)
+    # cuda_graphs captures each bucket's forward as a CUDA graph (dstp.worker.cuda_graphs):
+    # None (the default) where graphs run (CUDA, TP=1), True also warns where they do not,
+    # False never (--enforce-eager)
     bucket_decode: bool = False
     compile_decode: str | None = None
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
 
     @property
     def fixed_shape_decode(self) -> bool:
-        """Decode-only steps run at padded buckets (any of the three options asks for it)."""
-        return self.bucket_decode or self.cuda_graphs or self.compile_decode is not None
+        """Decode-only steps run at padded buckets, asked for by any of the three options
+        (graphs left to their default pad them too, where they run: the model runner's
+        call)."""
+        return self.bucket_decode or self.cuda_graphs is True or self.compile_decode is not None
 
     @property
     def torch_dtype(self) -> torch.dtype:

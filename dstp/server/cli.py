@@ -245,14 +245,24 @@ def _scheduler_flags(e: argparse._ArgumentGroup) -> None:
         "captures. Every size compiles at start-up. TP=1; at TP>1 the padded steps "
         "run uncompiled",
     )
-    _switch(
-        e,
+    graphs = e.add_mutually_exclusive_group()
+    graphs.add_argument(
         "--cuda-graphs",
-        "capture each padded decode shape (the batch sizes --compile-decode lists, by "
+        dest="cuda_graphs",
+        action="store_const",
+        const=True,
+        default=None,
+        help="capture each padded decode shape (the batch sizes --compile-decode lists, by "
         "block-table widths of 16, 32, 64, ... blocks) as a CUDA graph at start-up and "
-        "replay it at every decode-only step: one launch per step "
-        "instead of one per kernel. CUDA, TP=1 for now; elsewhere the padded steps run "
-        "eagerly",
+        "replay it at every decode-only step: one launch per step instead of one per kernel. "
+        "On by default where graphs run (CUDA, TP=1); this flag also warns where they do not",
+    )
+    graphs.add_argument(
+        "--enforce-eager",
+        dest="cuda_graphs",
+        action="store_const",
+        const=False,
+        help="no CUDA graphs: every step launches its kernels one by one (vLLM's flag)",
     )
 
 

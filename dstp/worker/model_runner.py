@@ -74,7 +74,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.attention_backend = attention.backend_for(tp.device)
         self.uploader = StepUploader(tp.device)
-        self.scratch_block = config.fixed_shape_decode
+        self.scratch_block = config.fixed_shape_decode or self._graphs_why_not(config) is None
         self.decode: BucketedDecode | None = None  # made once the context is known
         self.num_blocks, self.cache = self._make_cache(config)
         self.max_model_len = self._context_limit(config)
@@ -150,15 +150,15 @@ class ModelRunner:
         why_not = self._graphs_why_not(config)
         if why_not is None:
             return DecodeGraphs.for_device(self.tp.device)
-        if config.cuda_graphs and self.tp.is_driver:
+        if config.cuda_graphs is True and self.tp.is_driver:
             log.warning("--cuda-graphs: %s; decode steps run at padded buckets, eagerly", why_not)
         return None
 
     def _graphs_why_not(self, config: EngineConfig) -> str | None:
-        """Why decode will not be captured here (not asked for, no CUDA, TP>1); None where
-        it will."""
-        if not config.cuda_graphs:
-            return "not asked for"
+        """Why decode will not be captured here (--enforce-eager, no CUDA, TP>1); None
+        where it will."""
+        if config.cuda_graphs is False:
+            return "--enforce-eager"
         if self.tp.device.type != "cuda":
             return f"the device is {self.tp.device.type}, not CUDA"
         if self.tp.size > 1:  # not yet run with NCCL inside a graph: no multi-GPU lent

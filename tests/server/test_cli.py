@@ -448,9 +448,19 @@ def test_compile_decode_reaches_the_engine_config(argv, backend, tmp_path):
     assert EngineConfig(model="m").compile_decode is None  # off by default
 
 
-@pytest.mark.parametrize("argv, graphs", [([], False), (["--cuda-graphs"], True)])
+@pytest.mark.parametrize(
+    "argv, graphs", [([], None), (["--cuda-graphs"], True), (["--enforce-eager"], False)]
+)
 def test_cuda_graphs_reaches_the_engine_config(argv, graphs, tmp_path):
+    """None: graphs where they run (the runner's call), True: asked for, False: never."""
     from dstp.server.serve import _engine_config
 
     config = _engine_config(parse("--dtype", "float32", *argv), str(tmp_path))
-    assert config.cuda_graphs is graphs and config.fixed_shape_decode is graphs
+    assert config.cuda_graphs is graphs
+    assert config.fixed_shape_decode is (graphs is True)
+
+
+def test_cuda_graphs_and_enforce_eager_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        parse("--cuda-graphs", "--enforce-eager")
+    assert "not allowed with argument" in capsys.readouterr().err

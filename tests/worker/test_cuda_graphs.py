@@ -150,6 +150,33 @@ def test_off_cuda_the_flag_runs_the_buckets_eagerly_and_says_so(llama, caplog):
     assert "--cuda-graphs: the device is cpu, not CUDA" in caplog.text
 
 
+@pytest.mark.parametrize("graphs", [None, False])
+def test_on_cuda_graphs_are_the_default_and_enforce_eager_turns_them_off(
+    llama, monkeypatch, graphs
+):
+    """On tests/helpers/fake_cuda.py's card, left to its default the runner pads decode
+    steps and captures them; ``--enforce-eager`` (False) keeps the packed eager steps."""
+    from tests.helpers.fake_cuda import fake_cuda_rank
+
+    api = ReplayingApi()
+    monkeypatch.setattr(DecodeGraphs, "for_device", classmethod(lambda cls, device: cls(api)))
+    with fake_cuda_rank(total_gib=0.05):
+        runner = _engine(llama, cuda_graphs=graphs).runner
+    if graphs is None:
+        assert runner.decode.graphs.shapes == ((1, 16), (2, 16), (4, 16))
+        assert runner.cache.scratch_block is not None
+    else:
+        assert runner.decode is None and runner.cache.scratch_block is None
+        assert api.captured == []
+
+
+def test_off_cuda_the_default_keeps_packed_steps_silently(llama, caplog):
+    with caplog.at_level(logging.WARNING, logger="dstp"):
+        runner = _engine(llama).runner
+    assert runner.decode is None and runner.cache.scratch_block is None
+    assert "cuda-graphs" not in caplog.text
+
+
 def test_a_replayed_step_on_the_fake_card_uploads_once_and_reads_nothing(llama, monkeypatch):
     """On tests/helpers/fake_cuda.py's card: a decode step that replays a graph still
     makes one upload (into the captured buffers) and no read back in the runner."""
