@@ -60,6 +60,7 @@ def backend_for(device: torch.device) -> AttentionBackend:
         if exc.name != name:
             raise
         module = importlib.import_module(f"{__name__}.sdpa")
-    backend = module.BACKEND
+    # a module may choose per device (cuda: its kernel where a start-up check passed)
+    backend = module.backend(device) if hasattr(module, "backend") else module.BACKEND
     log.debug("attention backend for %s: %s", device, backend.name)
     return backend
