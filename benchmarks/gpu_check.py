@@ -14,6 +14,7 @@ itself is tested where no GPU is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -24,7 +25,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -294,10 +295,13 @@ def check_speed(ctx: Context, rec: Record) -> None:
     vocab = LLAMA_1B.vocab_size
     prompt = _prompt(vocab, n=1024)
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    for label, graphs in (("dstp", False), ("dstp_graphs", True)):
-        engine = Engine(EngineConfig(str(path), dtype="bfloat16", cuda_graphs=graphs))
+    runs = (("dstp", False, "1"), ("dstp_graphs", True, "1"), ("dstp_graphs_sdpa", True, "0"))
+    for label, graphs, triton in runs:
+        with _triton_decode(triton):
+            engine = Engine(EngineConfig(str(path), dtype="bfloat16", cuda_graphs=graphs))
+        rec.detail += f"{label}: {engine.runner.attention_backend.name}; "
         if graphs and not _captured_shapes(engine, rec):
-            rec.detail = f"capture failed: {engine.runner.decode.graphs.failure}"[:300]
+            rec.detail += f"capture failed: {engine.runner.decode.graphs.failure}"[:300]
         engine.generate([prompt], one)
         start = _synced_clock(ctx)
         engine.generate([prompt[::-1]], one)
@@ -315,11 +319,66 @@ def check_speed(ctx: Context, rec: Record) -> None:
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     bandwidth = _read_bandwidth(ctx.device)
     rec.figures["hbm_read_gb_s"] = bandwidth / 1e9
-    for label in ("dstp", "dstp_graphs"):
+    for label, _, _ in runs:
         rec.figures[f"{label}_decode_b1_roofline_fraction"] = (
             rec.figures[f"{label}_decode_b1_tok_s"] * weights / bandwidth
         )
     _hf_speed(ctx, path, vocab, rec)
+
+
+@contextlib.contextmanager
+def _triton_decode(on: str) -> Iterator[None]:
+    """Engines made inside take the Triton decode kernel (``"1"``, where its start-up
+    check passes) or SDPA's gathers (``"0"``)."""
+    from dstp.worker.attention.backends import cuda
+
+    kept = os.environ.get("DSTP_TRITON_DECODE")
+    os.environ["DSTP_TRITON_DECODE"] = on
+    cuda._kernel_problem.cache_clear()
+    try:
+        yield
+    finally:
+        os.environ.pop("DSTP_TRITON_DECODE")
+        if kept is not None:
+            os.environ["DSTP_TRITON_DECODE"] = kept
+        cuda._kernel_problem.cache_clear()
+
+
+def check_triton_decode(ctx: Context, rec: Record) -> None:
+    """The Triton paged decode kernel on the device: chosen by the CUDA backend (its
+    start-up check passed), and equal to SDPA's decode (the reference) over bf16 and fp32
+    caches, GQA 4, contexts 1 to 4,096 across the key tiles, soft-cap and window."""
+    from dstp.worker.attention.backends import backend_for, cuda, triton_paged
+
+    if ctx.device.type != "cuda":
+        raise SkipCheck("CUDA only")
+    cuda._kernel_problem.cache_clear()
+    if backend_for(ctx.device) is not cuda.BACKEND:
+        raise AssertionError(
+            f"the kernel failed its start-up check: {cuda._kernel_problem(str(ctx.device))}"
+        )
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for dtype, softcap, window in (
+        (torch.bfloat16, 0.0, 0),
+        (torch.float32, 0.0, 0),
+        (torch.bfloat16, 30.0, 512),
+    ):
+        lens = torch.tensor([1, 63, 64, 65, 1000, 4096])
+        block, width = 16, 256
+        k_cache, v_cache = (torch.randn(8, 2048 * block, 64, generator=gen).to(dtype) for _ in "kv")
+        tables = torch.stack([torch.randperm(2048, generator=gen)[:width] for _ in lens])
+        q = torch.randn(32, len(lens), 64, generator=gen).to(dtype)
+        args = [
+            t.to(ctx.device) for t in (q, k_cache, v_cache, torch.arange(len(lens)), tables, lens)
+        ]
+        args += [block, 0.125, softcap, window]
+        got = triton_paged.paged_decode_attention(*args).float()
+        want = triton_paged.reference(*args).float()
+        worst = max(worst, (got - want).abs().max().item())
+    rec.figures["max_abs_diff_vs_sdpa"] = worst
+    if worst > 2e-2:
+        raise AssertionError(f"the kernel differs from SDPA's decode by {worst:.3g}")
 
 
 def _captured_shapes(engine, rec: Record) -> int:
@@ -565,6 +624,7 @@ CHECKS: dict[str, Callable[[Context, Record], None]] = {
     "cuda_graphs": check_cuda_graphs,
     "step_profile": check_step_profile,
     "compiled_step": check_compiled_step,
+    "triton_decode": check_triton_decode,
 }
 
 

@@ -30,7 +30,7 @@ def test_without_cuda_every_check_is_skipped(tmp_path):
     proc, results = _run(tmp_path)
     assert proc.returncode == 0
     assert {c["status"] for c in results["checks"]} == {"skipped"}
-    assert len(results["checks"]) == 8
+    assert len(results["checks"]) == 10
 
 
 def test_the_correctness_checks_pass_on_cpu(tmp_path):
@@ -75,6 +75,26 @@ def test_the_graph_figure_reads_what_the_engine_captured():
     graphs = DecodeGraphs(Recording())
     engine = SimpleNamespace(runner=SimpleNamespace(decode=SimpleNamespace(graphs=graphs)))
     rec = Record("speed")
-    assert _captured_shapes(engine, rec) == 0 and rec.figures == {"graph_shapes": 0}
+    assert _captured_shapes(engine, rec) == 0 and rec.figures["graph_shapes"] == 0
     graphs.capture_all(((1, 16), (2, 16)), object(), lambda shape: lambda: torch.zeros(shape))
-    assert _captured_shapes(engine, rec) == 2 and rec.figures == {"graph_shapes": 2}
+    assert _captured_shapes(engine, rec) == 2 and rec.figures["graph_shapes"] == 2
+    assert rec.figures["graph_capture_s"] == graphs.capture_seconds > 0
+
+
+def test_the_triton_decode_check_runs_on_the_fake_card(tmp_path):
+    """``triton_decode`` is CUDA-only: on the fake card (the op's values are the
+    reference's) its whole body runs, and ``_triton_decode`` switches the backend."""
+    import torch
+
+    from benchmarks.gpu_check import Context, Record, _triton_decode, check_triton_decode
+    from dstp.worker.attention.backends import backend_for, cuda, sdpa
+    from tests.helpers.fake_cuda import fake_cuda_rank
+
+    rec = Record("triton_decode")
+    with fake_cuda_rank(total_gib=0.5):
+        device = torch.device("cuda:0")
+        check_triton_decode(Context(device, True, tmp_path, tmp_path), rec)
+        with _triton_decode("0"):
+            assert backend_for(device) is sdpa.BACKEND
+        assert backend_for(device) is cuda.BACKEND
+    assert rec.figures == {"max_abs_diff_vs_sdpa": 0.0}
