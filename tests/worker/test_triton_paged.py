@@ -70,7 +70,7 @@ def test_the_kernel_equals_a_loop_over_each_sequence(
     assert triton_paged.interpreting()
     q, k_cache, v_cache, rows, tables, lens_t = _case(dtype, heads, kv, dk, dv, bs, lens)
     args = (q, k_cache, v_cache, rows, tables, lens_t, bs, 0.3, softcap, window)
-    got = triton_paged._launch(*args)
+    got = triton_paged.run_kernel(*args)
     want = _oracle(*args)
     tol = 2e-6 if dtype == torch.float32 else 1e-2  # one rounding of the output
     assert got.dtype == dtype and got.shape == want.shape
@@ -84,7 +84,7 @@ def test_a_padding_row_of_no_keys_gives_zeros_not_nans():
     """A decode bucket's padding rows: context length 0 leaves the row all zeros."""
     q, k_cache, v_cache, rows, tables, lens = _case(torch.float32, 8, 2, 16, 16, 4, [9, 9])
     lens[1] = 0
-    got = triton_paged._launch(q, k_cache, v_cache, rows, tables, lens, 4, 0.3, 0.0, 0)
+    got = triton_paged.run_kernel(q, k_cache, v_cache, rows, tables, lens, 4, 0.3, 0.0, 0)
     assert torch.isfinite(got[rows]).all() and not got[rows[1]].any()
 
 

@@ -131,25 +131,6 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
-@torch.library.custom_op("dstp::paged_decode_attention", mutates_args=(), device_types="cuda")
-def paged_decode_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    rows: torch.Tensor,
-    tables: torch.Tensor,
-    lens: torch.Tensor,
-    block_size: int,
-    scaling: float,
-    softcap: float,
-    window: int,
-) -> torch.Tensor:
-    """``[T, H, dv]``: each decoding row's attention over its cached keys (``softcap`` 0:
-    none; ``window`` 0: every key)."""
-    return _launch(query, k_cache, v_cache, rows, tables, lens, block_size, scaling, softcap,
-                   window)  # fmt: skip
-
-
 def reference(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -178,20 +159,12 @@ def reference(
     return out
 
 
-paged_decode_attention.register_kernel("cpu")(reference)
-
-
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``)."""
     return not isinstance(_paged_decode, triton.runtime.JITFunction)
 
 
-@paged_decode_attention.register_fake
-def _(query, k_cache, v_cache, rows, tables, lens, block_size, scaling, softcap, window):
-    return query.new_empty((query.shape[1], query.shape[0], v_cache.shape[-1]))
-
-
-def _launch(
+def run_kernel(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -203,6 +176,8 @@ def _launch(
     softcap: float,
     window: int,
 ) -> torch.Tensor:
+    """``[T, H, dv]``: each decoding row's attention over its cached keys (``softcap`` 0:
+    none; ``window`` 0: every key), by the kernel."""
     heads, tokens, dk = query.shape
     kv, dv = k_cache.shape[0], v_cache.shape[-1]
     group = heads // kv
@@ -219,3 +194,15 @@ def _launch(
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, SOFTCAP=bool(softcap), WINDOW=bool(window),
     )  # fmt: skip
     return out
+
+
+# the op: the kernel on CUDA, the reference on a CPU, shapes alone for the compiler
+paged_decode_attention = torch.library.custom_op(
+    "dstp::paged_decode_attention", run_kernel, mutates_args=(), device_types="cuda"
+)
+paged_decode_attention.register_kernel("cpu")(reference)
+
+
+@paged_decode_attention.register_fake
+def _(query, k_cache, v_cache, rows, tables, lens, block_size, scaling, softcap, window):
+    return query.new_empty((query.shape[1], query.shape[0], v_cache.shape[-1]))
