@@ -346,8 +346,9 @@ def _triton_decode(on: str) -> Iterator[None]:
 
 def check_triton_decode(ctx: Context, rec: Record) -> None:
     """The Triton paged decode kernel on the device: chosen by the CUDA backend (its
-    start-up check passed), and equal to SDPA's decode (the reference) over bf16 and fp32
-    caches, GQA 4, contexts 1 to 4,096 across the key tiles, soft-cap and window."""
+    start-up check passed), and equal to SDPA's decode in fp32 (the reference) over bf16
+    and fp32 caches, GQA 4, contexts 1 to 4,096 across the key tiles and the key splits
+    (batch 6 x 8 KV heads: 6 splits of 704 keys), soft-cap and window."""
     from dstp.worker.attention.backends import backend_for, cuda, triton_paged
 
     if ctx.device.type != "cuda":
@@ -374,7 +375,8 @@ def check_triton_decode(ctx: Context, rec: Record) -> None:
         ]
         args += [block, 0.125, softcap, window]
         got = triton_paged.paged_decode_attention(*args).float()
-        want = triton_paged.reference(*args).float()
+        widened = [a.float() if a.is_floating_point() else a for a in args[:6]]
+        want = triton_paged.reference(*widened, *args[6:])  # fp32, as the kernel sums
         worst = max(worst, (got - want).abs().max().item())
     rec.figures["max_abs_diff_vs_sdpa"] = worst
     if worst > 2e-2:

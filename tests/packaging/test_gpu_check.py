@@ -97,4 +97,6 @@ def test_the_triton_decode_check_runs_on_the_fake_card(tmp_path):
         with _triton_decode("0"):
             assert backend_for(device) is sdpa.BACKEND
         assert backend_for(device) is cuda.BACKEND
-    assert rec.figures == {"max_abs_diff_vs_sdpa": 0.0}
+    # on the fake card the op computes SDPA's decode in the caches' dtype; the check's
+    # yardstick is the same in fp32
+    assert 0 <= rec.figures["max_abs_diff_vs_sdpa"] < 2e-2

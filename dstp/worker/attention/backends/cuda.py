@@ -75,13 +75,14 @@ def backend(device: torch.device) -> SdpaBackend:
 @functools.cache
 def _kernel_problem(device: str) -> str | None:
     """Why the Triton kernel will not serve on ``device``; None where, on a seeded case
-    (GQA, two sequences across key tiles, bf16), it gives SDPA's decode."""
+    (GQA, two sequences across key tiles and key splits, bf16), it gives SDPA's decode
+    (computed in fp32, as the kernel sums)."""
     if os.environ.get("DSTP_TRITON_DECODE", "1") == "0":
         return "DSTP_TRITON_DECODE=0"
     if triton_paged is None:
         return "Triton is not installed"
     gen = torch.Generator().manual_seed(0)
-    block_size, blocks = 16, 16
+    block_size, blocks = 16, 64
     k_cache, v_cache = (
         torch.randn(2, blocks * block_size, 64, generator=gen).to(torch.bfloat16) for _ in "kv"
     )
@@ -90,8 +91,8 @@ def _kernel_problem(device: str) -> str | None:
         k_cache,
         v_cache,
         torch.tensor([0, 2]),  # the decoding rows
-        torch.randperm(blocks, generator=gen).view(2, 8),  # their block tables
-        torch.tensor([37, 128]),  # their contexts
+        torch.randperm(blocks, generator=gen).view(2, 32),  # their block tables
+        torch.tensor([37, 500]),  # their contexts: the keys in two splits (key_splits)
     ]
     args = [a.to(device) for a in args] + [block_size, 0.125, 0.0, 0]
     rows = args[3]
@@ -99,7 +100,8 @@ def _kernel_problem(device: str) -> str | None:
         got = triton_paged.paged_decode_attention(*args)[rows].float()
     except Exception as exc:  # a Triton or driver that cannot build or run it
         return f"it raised {type(exc).__name__}: {exc}"
-    want = triton_paged.reference(*args)[rows].float()
+    widened = [a.float() if a.is_floating_point() else a for a in args[:6]]
+    want = triton_paged.reference(*widened, *args[6:])[rows]  # in fp32: the kernel's sums
     error = (got - want).abs().max().item()  # once, at start-up
     if not error <= 2e-2:  # bf16 outputs near 1: a rounding or two
         return f"it differs from SDPA's decode by {error:.3g} on a seeded case"

@@ -8,7 +8,9 @@ program per (sequence, KV head) streams the sequence's keys ``BLOCK_N`` at a tim
 online softmax, all in fp32 (as dstp's CPU kernel: exact products of 16-bit inputs; fp32
 ``tl.dot`` also keeps the CPU interpreter exact, whose 16-bit dot is wrong), for the
 ``GROUP`` query heads that share the KV
-head: the same visible keys, soft-cap and sliding window as :mod:`.sdpa`'s decode.
+head: the same visible keys, soft-cap and sliding window as :mod:`.sdpa`'s decode. Where
+sequences x KV heads are too few programs to fill a GPU (batch 1), each one's keys are
+split across programs and a second kernel combines their softmax parts (flash-decoding).
 
 The op (``dstp::paged_decode_attention``) has the signature of dstp's CPU decode kernel
 (:func:`dstp.cpu.kernels.decode_attention_bf16`): ``query [H, T, dk]``, caches
@@ -27,6 +29,11 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64  # keys a program reads per iteration
+# flash-decoding: at batch 1 an 8-KV-head model would run 8 programs on a 132-SM GPU, each
+# streaming its whole context; the keys are split across programs instead (key_splits)
+TARGET_PROGRAMS = 256
+MIN_SPLIT_KEYS = 256
+MAX_SPLITS = 32
 MAX_HEAD_DIM = 256
 MAX_GROUP = 64  # query heads per KV head
 
@@ -40,6 +47,8 @@ def _paged_decode(
     tables_ptr,
     lens_ptr,
     out_ptr,
+    part_ptr,
+    stats_ptr,
     stride_qh,
     stride_qt,
     stride_kh,
@@ -52,6 +61,7 @@ def _paged_decode(
     scaling,
     softcap,
     window,
+    split_keys,
     GROUP: tl.constexpr,
     GROUP_P: tl.constexpr,
     DK: tl.constexpr,
@@ -62,9 +72,11 @@ def _paged_decode(
     BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     row = tl.load(rows_ptr + seq)
     ctx = tl.load(lens_ptr + seq)
     g = tl.arange(0, GROUP_P)
@@ -77,12 +89,13 @@ def _paged_decode(
     best = tl.full([GROUP_P], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, DV_P], tl.float32)
-    first = 0
+    first = split * split_keys  # this program's keys: [first, last)
+    last = tl.minimum(ctx, first + split_keys)
     if WINDOW:
-        first = tl.maximum(ctx - window, 0)
-    for start in range(first, ctx, BLOCK_N):
+        first = tl.maximum(first, ctx - window)
+    for start in range(first, last, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        visible = pos < ctx
+        visible = pos < last
         block = tl.load(tables_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=visible)
         slot = block * BLOCK_SIZE + pos % BLOCK_SIZE
         k = tl.load(
@@ -106,10 +119,54 @@ def _paged_decode(
         update = tl.dot(probs, v.to(tl.float32), input_precision="ieee")
         acc = acc * rescale[:, None] + update
         best = new_best
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]  # no keys (a padding row): zeros
     o_mask = (g[:, None] < GROUP) & (dv[None, :] < DV)
-    o_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + dv[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    if SPLIT:  # this split's running max, sum and unnormalised values, for _combine_splits
+        num_heads = tl.num_programs(1) * GROUP
+        at = (split * tl.num_programs(0) + seq) * num_heads + heads
+        tl.store(part_ptr + at[:, None] * DV + dv[None, :], acc, mask=o_mask)
+        tl.store(stats_ptr + 2 * at, best, mask=g < GROUP)
+        tl.store(stats_ptr + 2 * at + 1, total, mask=g < GROUP)
+    else:
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]  # no keys (padding): zeros
+        o_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + dv[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _combine_splits(
+    part_ptr,
+    stats_ptr,
+    rows_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    SPLITS: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+    DV: tl.constexpr,
+    DV_P: tl.constexpr,
+):
+    """One (sequence, query head): the splits' softmax parts rescaled to their common max."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    num_seqs = tl.num_programs(0)
+    num_heads = tl.num_programs(1)
+    sp = tl.arange(0, SPLITS_P)
+    dv = tl.arange(0, DV_P)
+    at = (sp * num_seqs + seq) * num_heads + head
+    best = tl.load(stats_ptr + 2 * at, mask=sp < SPLITS, other=float("-inf"))
+    total = tl.load(stats_ptr + 2 * at + 1, mask=sp < SPLITS, other=0.0)
+    top = tl.max(best, 0)
+    weight = tl.where(best > float("-inf"), tl.exp(best - top), 0.0)  # empty splits: 0
+    parts = tl.load(
+        part_ptr + at[:, None] * DV + dv[None, :],
+        mask=(sp[:, None] < SPLITS) & (dv[None, :] < DV),
+        other=0.0,
+    )
+    summed = tl.sum(weight * total, 0)
+    out = tl.sum(weight[:, None] * parts, 0) / tl.where(summed > 0, summed, 1.0)
+    row = tl.load(rows_ptr + seq)
+    o_ptrs = out_ptr + row * stride_ot + head * stride_oh + dv
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
 def fits(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -180,20 +237,40 @@ def run_kernel(
     none; ``window`` 0: every key), by the kernel."""
     heads, tokens, dk = query.shape
     kv, dv = k_cache.shape[0], v_cache.shape[-1]
-    group = heads // kv
+    group, seqs = heads // kv, rows.shape[0]
     out = query.new_empty((tokens, heads, dv))  # every decoding row is written
-    _paged_decode[(rows.shape[0], kv)](
-        query, k_cache, v_cache, rows, tables, lens, out,
+    splits = key_splits(seqs * kv, tables.shape[1] * block_size)
+    split_keys = -(-tables.shape[1] * block_size // splits)
+    split_keys = -(-split_keys // BLOCK_N) * BLOCK_N  # whole key tiles per split
+    part = query.new_empty((splits, seqs, heads, dv), dtype=torch.float32) if splits > 1 else out
+    stats = query.new_empty((splits, seqs, heads, 2), dtype=torch.float32) if splits > 1 else out
+    _paged_decode[(seqs, kv, splits)](
+        query, k_cache, v_cache, rows, tables, lens, out, part, stats,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1),
         tables.stride(0),
         out.stride(0), out.stride(1),
-        scaling, softcap or 1.0, window,
+        scaling, softcap or 1.0, window, split_keys,
         GROUP=group, GROUP_P=_pow2(group), DK=dk, DK_P=_pow2(dk), DV=dv, DV_P=_pow2(dv),
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, SOFTCAP=bool(softcap), WINDOW=bool(window),
+        SPLIT=splits > 1,
     )  # fmt: skip
+    if splits > 1:
+        _combine_splits[(seqs, heads)](
+            part, stats, rows, out, out.stride(0), out.stride(1),
+            SPLITS=splits, SPLITS_P=_pow2(splits, least=2), DV=dv, DV_P=_pow2(dv),
+        )  # fmt: skip
     return out
+
+
+def key_splits(programs: int, table_keys: int) -> int:
+    """How many programs share each (sequence, KV head)'s keys (flash-decoding): enough
+    programs to fill a GPU (:data:`TARGET_PROGRAMS`), none with fewer than
+    :data:`MIN_SPLIT_KEYS` keys of the table. From shapes alone, so a decode bucket's
+    graph keeps its launch."""
+    wanted = -(-TARGET_PROGRAMS // programs)
+    return max(1, min(wanted, table_keys // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
 # the op: the kernel on CUDA, the reference on a CPU, shapes alone for the compiler
