@@ -255,7 +255,8 @@ def _scheduler_flags(e: argparse._ArgumentGroup) -> None:
         help="capture each padded decode shape (the batch sizes --compile-decode lists, by "
         "block-table widths of 16, 32, 64, ... blocks) as a CUDA graph at start-up and "
         "replay it at every decode-only step: one launch per step instead of one per kernel. "
-        "On by default where graphs run (CUDA, TP=1); this flag also warns where they do not",
+        "On by default where graphs run (CUDA, TP=1); this flag also captures at TP>1 over "
+        "NCCL (not yet run on a multi-GPU machine) and warns where graphs cannot run",
     )
     graphs.add_argument(
         "--enforce-eager",

@@ -149,20 +149,30 @@ class ModelRunner:
         """CUDA graphs for the decode buckets (``--cuda-graphs``) where they can run."""
         why_not = self._graphs_why_not(config)
         if why_not is None:
+            if self.tp.size > 1 and self.tp.is_driver:
+                log.warning(
+                    "--cuda-graphs at TP=%d: each rank captures its NCCL all-reduces inside the "
+                    "graphs, which no machine dstp was tested on has run yet (a capture that "
+                    "fails leaves that rank's decode eager)",
+                    self.tp.size,
+                )
             return DecodeGraphs.for_device(self.tp.device)
         if config.cuda_graphs is True and self.tp.is_driver:
             log.warning("--cuda-graphs: %s; decode steps run at padded buckets, eagerly", why_not)
         return None
 
     def _graphs_why_not(self, config: EngineConfig) -> str | None:
-        """Why decode will not be captured here (--enforce-eager, no CUDA, TP>1); None
-        where it will."""
+        """Why decode will not be captured here (--enforce-eager, no CUDA, TP>1 unless
+        asked for, an all-reduce that is not NCCL); None where it will."""
         if config.cuda_graphs is False:
             return "--enforce-eager"
         if self.tp.device.type != "cuda":
             return f"the device is {self.tp.device.type}, not CUDA"
-        if self.tp.size > 1:  # not yet run with NCCL inside a graph: no multi-GPU lent
-            return "they are captured at TP=1 only for now"
+        if self.tp.size > 1 and self.tp.comm_device.type != "cuda":
+            return "the ranks all-reduce over gloo (sharing a GPU), which a graph cannot hold"
+        if self.tp.size > 1 and config.cuda_graphs is not True:
+            # NCCL inside a graph is untried: no multi-GPU machine has been lent
+            return "at TP>1 they are captured only when asked for (--cuda-graphs)"
         return None
 
     def _kv_budget(self, config: EngineConfig, shape: CacheShape) -> KVBudget:

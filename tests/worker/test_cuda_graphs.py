@@ -220,3 +220,24 @@ def test_the_kv_budget_leaves_the_graphs_their_pool(monkeypatch):
     assert "cuda-graphs" not in budgets[False].reason
     kept = budgets[False].nbytes - budgets[True].nbytes
     assert abs(kept - worst.decode_gather) < 2**20, (kept, worst.decode_gather)
+
+
+@pytest.mark.parametrize(
+    "asked, device, size, comm, why_not",
+    [
+        (None, "cuda:0", 1, "cuda:0", None),  # the default where graphs run
+        (False, "cuda:0", 1, "cuda:0", "--enforce-eager"),
+        (None, "cpu", 1, "cpu", "the device is cpu, not CUDA"),
+        (None, "cuda:0", 2, "cuda:0", "at TP>1 they are captured only when asked for"),
+        (True, "cuda:0", 2, "cuda:0", None),  # asked for: NCCL inside the graphs
+        (True, "cuda:0", 2, "cpu", "the ranks all-reduce over gloo (sharing a GPU)"),
+    ],
+)
+def test_where_decode_is_captured(asked, device, size, comm, why_not):
+    from types import SimpleNamespace
+
+    tp = SimpleNamespace(size=size, device=torch.device(device), comm_device=torch.device(comm))
+    got = model_runner.ModelRunner._graphs_why_not(
+        SimpleNamespace(tp=tp), EngineConfig(model="m", cuda_graphs=asked)
+    )
+    assert got == why_not or (why_not is not None and got.startswith(why_not)), got
