@@ -132,11 +132,16 @@ def decode_group_size(num_seqs: int, seq_bytes: int) -> int:
 
 def decode_keys_visible(step: AttentionMetadata, sliding_window: int | None) -> torch.Tensor:
     """``[D, B * block_size]``: the keys each decoding sequence attends to (its window's)."""
-    valid = step.decode_valid
-    if sliding_window is not None:
-        keys = torch.arange(valid.shape[-1], device=valid.device)
-        valid = valid & (keys >= step.decode_lens.unsqueeze(1) - sliding_window)
-    return valid
+    return in_window(step.decode_valid, step.decode_lens, sliding_window)
+
+
+def in_window(valid: torch.Tensor, lens: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """``valid [D, keys]`` less the keys before each sequence's last ``sliding_window``
+    (its context length in ``lens [D]``; None: every key)."""
+    if sliding_window is None:
+        return valid
+    keys = torch.arange(valid.shape[-1], device=valid.device)
+    return valid & (keys >= lens.unsqueeze(1) - sliding_window)
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dstp.worker.attention.backends.sdpa import _decode, _gather_blocks, in_window
+
 BLOCK_N = 64  # keys a program reads per iteration
 # flash-decoding: at batch 1 an 8-KV-head model would run 8 programs on a 132-SM GPU, each
 # streaming its whole context; the keys are split across programs instead (key_splits)
@@ -202,12 +204,8 @@ def reference(
 ) -> torch.Tensor:
     """What the kernel computes, by :mod:`.sdpa`'s decode over gathered blocks: the op on
     a CPU (the fake CUDA card's values), and the start-up check's yardstick on a GPU."""
-    from dstp.worker.attention.backends.sdpa import _decode, _gather_blocks
-
     keys = torch.arange(tables.shape[1] * block_size, device=lens.device)
-    visible = keys < lens[:, None]
-    if window:
-        visible &= keys >= lens[:, None] - window
+    visible = in_window(keys < lens[:, None], lens, window or None)
     k = _gather_blocks(k_cache, tables, block_size)
     v = _gather_blocks(v_cache, tables, block_size)
     attended = _decode(query[:, rows], k, v, visible, scaling, softcap or None)
