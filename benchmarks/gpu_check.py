@@ -521,10 +521,7 @@ def check_step_profile(ctx: Context, rec: Record) -> None:
     engine.step()  # the prefill
     for _ in range(4):  # warm decode steps
         engine.step()
-    start = _synced_clock(ctx)
-    for _ in range(32):
-        engine.step()
-    rec.figures["step_ms_unprofiled"] = (_synced_clock(ctx) - start) / 32 * 1e3
+    rec.figures["step_ms_unprofiled"] = _mean_step_ms(ctx, engine, 32)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if ctx.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -575,10 +572,7 @@ def check_compiled_step(ctx: Context, rec: Record) -> None:
         engine.add_request("timed", prompt, dataclasses.replace(greedy, max_tokens=120))
         for _ in range(5):  # the prefill and warm decode steps
             engine.step()
-        start = _synced_clock(ctx)
-        for _ in range(64):
-            engine.step()
-        rec.figures[f"{label}_step_ms"] = (_synced_clock(ctx) - start) / 64 * 1e3
+        rec.figures[f"{label}_step_ms"] = _mean_step_ms(ctx, engine, 64)
         rec.figures[f"{label}_kernels_a_step"] = _kernels_a_step(ctx, engine, steps=8)
         engine.shutdown()
         del engine
@@ -600,6 +594,14 @@ def _step_model(ctx: Context) -> tuple[Path, int, str]:
 
     path = ensure_checkpoint(REPO / "runs" / "bench" / "models", LLAMA_1B)
     return path, LLAMA_1B.vocab_size, "bfloat16"
+
+
+def _mean_step_ms(ctx: Context, engine, steps: int) -> float:
+    """The mean wall time of ``steps`` engine steps, the device's work included."""
+    start = _synced_clock(ctx)
+    for _ in range(steps):
+        engine.step()
+    return (_synced_clock(ctx) - start) / steps * 1e3
 
 
 def _kernels_a_step(ctx: Context, engine, steps: int) -> float:
