@@ -374,10 +374,7 @@ def check_triton_decode(ctx: Context, rec: Record) -> None:
             t.to(ctx.device) for t in (q, k_cache, v_cache, torch.arange(len(lens)), tables, lens)
         ]
         args += [block, 0.125, softcap, window]
-        got = triton_paged.paged_decode_attention(*args).float()
-        widened = [a.float() if a.is_floating_point() else a for a in args[:6]]
-        want = triton_paged.reference(*widened, *args[6:])  # fp32, as the kernel sums
-        worst = max(worst, (got - want).abs().max().item())
+        worst = max(worst, triton_paged.error_vs_reference(*args))
     rec.figures["max_abs_diff_vs_sdpa"] = worst
     if worst > 2e-2:
         raise AssertionError(f"the kernel differs from SDPA's decode by {worst:.3g}")

@@ -95,14 +95,10 @@ def _kernel_problem(device: str) -> str | None:
         torch.tensor([37, 500]),  # their contexts: the keys in two splits (key_splits)
     ]
     args = [a.to(device) for a in args] + [block_size, 0.125, 0.0, 0]
-    rows = args[3]
     try:
-        got = triton_paged.paged_decode_attention(*args)[rows].float()
+        error = triton_paged.error_vs_reference(*args)  # once, at start-up
     except Exception as exc:  # a Triton or driver that cannot build or run it
         return f"it raised {type(exc).__name__}: {exc}"
-    widened = [a.float() if a.is_floating_point() else a for a in args[:6]]
-    want = triton_paged.reference(*widened, *args[6:])[rows]  # in fp32: the kernel's sums
-    error = (got - want).abs().max().item()  # once, at start-up
     if not error <= 2e-2:  # bf16 outputs near 1: a rounding or two
         return f"it differs from SDPA's decode by {error:.3g} on a seeded case"
     return None

@@ -214,6 +214,17 @@ def reference(
     return out
 
 
+def error_vs_reference(*args: object) -> float:
+    """The largest difference, over the decoding rows, between the op and the reference
+    computed in fp32 (as the kernel sums), for the op's arguments: how the kernel is judged
+    on a device (the start-up check, gpu_check). Reads one number back to the host."""
+    rows = args[3]
+    got = paged_decode_attention(*args)[rows].float()
+    widened = [a.float() if a.is_floating_point() else a for a in args[:6]]
+    want = reference(*widened, *args[6:])[rows]
+    return (got - want).abs().max().item()
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``)."""
     return not isinstance(_paged_decode, triton.runtime.JITFunction)
