@@ -1,7 +1,8 @@
 """dstp's own CPU kernels, compiled on first use (the way DeepSpeed builds its CPU ops).
 
-Only where they beat PyTorch's: a single-row bf16 GEMV (batch-1 decode) and a
-few-row bf16 GEMM (batched decode, :func:`few_row_kernel_applies`), in two builds
+Only where they beat PyTorch's: a single-row bf16 GEMV (batch-1 decode), a
+few-row bf16 GEMM (batched decode, :func:`few_row_kernel_applies`) and, with AMX, a
+GEMM on AMX tiles over the plain weights (:func:`amx_gemm_applies`), in two builds
 chosen at run time by the CPU's flags in ``/proc/cpuinfo``:
 ``avx512_bf16`` gets ``csrc/gemv_bf16.cpp`` (native bf16 dot products), else
 ``avx2`` + ``fma`` gets ``csrc/gemv_bf16_avx2.cpp`` (bf16 widened to fp32 in
@@ -113,6 +114,8 @@ def _build(name: str) -> ModuleType | None:
                 build_directory=str(build_dir),
             )
         ops.dstp_kernel = name
+        # asked once a build: the OS hands a process the AMX tiles on request (csrc/gemm_amx.cpp)
+        ops.amx_ready = cpu_features.has_amx_bf16() and ops.amx_tiles_ready()
         log.info(
             "dstp's %s GEMV (%s) is ready for batch-1 decode (%.1f s; built once, then cached)",
             needs,
@@ -250,8 +253,14 @@ DSTP_GEMM_ROW_LIMIT = 64
 # rows from which oneDNN's bf16 GEMM on AMX tiles beats the few-row kernels, weights streaming
 # from DRAM: the FMA variant ran 1.1-1.3x it at 2-4 rows, even at 8, 0.55x at 16, 0.37x at 32,
 # 0.29x at 64 (Sapphire Rapids with AMX under KVM, 1B shapes at TP=2, one thread,
-# 2026-12-04; benchmarks/FINDINGS.md)
-AMX_ROW_LIMIT = 8
+# 2026-12-04; benchmarks/FINDINGS.md). Where dstp's AMX GEMM is built it takes over sooner.
+ONEDNN_AMX_ROW_LIMIT = 8
+# rows dstp's AMX GEMM on the plain weights (csrc/gemm_amx.cpp) takes, [AMX_ROW_LIMIT,
+# AMX_GEMM_ROW_LIMIT): it ran 1.5-1.7x oneDNN's bf16 GEMM at 4-64 rows, 1.1-1.4x at 96 and even
+# at 128 (weights in cache), and read the weights from DRAM 5-15 % faster than the few-row
+# kernel at 4 rows, slower at 2 (the same host, one thread, 2026-12-04; FINDINGS.md)
+AMX_ROW_LIMIT = 4
+AMX_GEMM_ROW_LIMIT = 128
 
 
 def settle_few_rows(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
@@ -295,14 +304,15 @@ def few_row_variant() -> str:
 def few_row_limit() -> int:
     """The fewest rows the few-row kernel leaves to the GEMMs: ``DSTP_GEMM_ROW_LIMIT`` where it
     computes in fp32 FMAs (the FMA variant, the AVX2 build) and dstp's widening GEMM takes the
-    rest; ``AMX_ROW_LIMIT`` where oneDNN's bf16 GEMM takes it on AMX tiles; else
+    rest; on AMX tiles ``AMX_ROW_LIMIT`` where dstp's AMX GEMM takes it, else
+    ``ONEDNN_AMX_ROW_LIMIT`` (oneDNN's bf16 GEMM); else
     ``FEW_FMA_ROW_LIMIT`` for the FMA variant (MKL's widened blocks need more rows to pay for
     their widening pass), ``cpu_gemm.MIN_ROWS`` for the others."""
     avx2 = getattr(_ops(), "dstp_kernel", None) == "avx2"
     if (_few_rows_fma or avx2) and cpu_gemm.widens_in_dstp_gemm():
         return DSTP_GEMM_ROW_LIMIT
     if cpu_features.has_amx_bf16() and not cpu_gemm.computes_in_fp32():
-        return AMX_ROW_LIMIT
+        return AMX_ROW_LIMIT if amx_gemm_ready() else ONEDNN_AMX_ROW_LIMIT
     return FEW_FMA_ROW_LIMIT if _few_rows_fma else cpu_gemm.MIN_ROWS
 
 
@@ -327,6 +337,34 @@ def few_row_kernel_applies(rows: int) -> bool:
     if ops.dstp_kernel == "avx512_bf16":
         return cpu_gemm.setting() != "bfloat16"
     return cpu_gemm.computes_in_fp32()
+
+
+def amx_gemm_ready() -> bool:
+    """Whether dstp's AMX GEMM runs here: the CPU lists AMX-BF16, the build has the kernel and
+    the OS lets this process use the tiles."""
+    return cpu_features.has_amx_bf16() and getattr(_ops(), "amx_ready", False)
+
+
+def amx_gemm_applies(rows: int, weight: torch.Tensor) -> bool:
+    """Whether a bf16 linear of ``rows`` rows on CPU takes dstp's AMX GEMM: ``AMX_ROW_LIMIT``
+    to ``AMX_GEMM_ROW_LIMIT - 1`` rows where multi-row linears run oneDNN's bf16 GEMM (not
+    where they widen to fp32), a weight of a multiple of 16 rows and 32 columns (the tiles')."""
+    n, k = weight.shape
+    return (
+        AMX_ROW_LIMIT <= rows < AMX_GEMM_ROW_LIMIT
+        and n % 16 == 0
+        and k % 32 == 0
+        and not cpu_gemm.computes_in_fp32()
+        and amx_gemm_ready()
+    )
+
+
+def gemm_amx_bf16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear`` for contiguous bf16 rows on AMX tiles, the weight read in its plain layout
+    (see csrc/gemm_amx.cpp); only where :func:`amx_gemm_applies`."""
+    return _ops().gemm_amx_bf16(x, weight, bias)
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -427,10 +465,16 @@ def describe_paths() -> dict[str, str]:
     # the few-row kernel takes all of 2 to few_row_limit() - 1 rows or none
     few_path = f"dstp {gemv} {few_row_variant()}" if few_row_kernel_applies(2) else "oneDNN"
     limit = few_row_limit()
+    many = {f"{limit}+ rows": cpu_gemm.describe()}
+    if amx_gemm_ready() and not cpu_gemm.computes_in_fp32():
+        many = {
+            f"{limit}-{AMX_GEMM_ROW_LIMIT - 1} rows": "dstp AMX GEMM (plain weights)",
+            f"{AMX_GEMM_ROW_LIMIT}+ rows": cpu_gemm.describe(),
+        }
     return {
         "one_row": f"dstp {gemv} GEMV" if gemv else "ATen GEMV",
         f"2-{limit - 1} rows": few_path,
-        f"{limit}+ rows": cpu_gemm.describe(),
+        **many,
         "decode attention": "dstp paged kernel (bf16 cache)"
         if hasattr(_ops(), "decode_attention_bf16")
         else "PyTorch matmuls",
@@ -454,7 +498,8 @@ def linear_2d(
     - From 2 rows dstp's few-row kernel, weights read once, wherever
       :func:`few_row_kernel_applies` (AVX512-BF16 build: bf16 dot products or, where
       measured faster, fp32 FMAs on weights widened in registers; AVX2 build, on a CPU
-      without them: the latter); past it fp32 GEMMs on widened weight blocks where those
+      without them: the latter); with AMX, dstp's AMX GEMM from 4 rows to 127
+      (:func:`amx_gemm_applies`); past them fp32 GEMMs on widened weight blocks where those
       compute (:mod:`dstp.cpu.gemm`), else oneDNN's bf16 GEMM.
     """
     flat = x.reshape(-1, x.shape[-1])
@@ -466,6 +511,8 @@ def linear_2d(
         out = opaque_ops.linear_bf16_cpu(flat, weight, bias)
     elif bf16_on_cpu and rows == 1:
         out = _single_row_bf16(flat, weight, bias)
+    elif bf16_on_cpu and amx_gemm_applies(rows, weight) and _kernel_takes(weight, bias):
+        out = gemm_amx_bf16(flat.contiguous(), weight, bias)
     elif bf16_on_cpu and few_row_kernel_applies(rows) and _kernel_takes(weight, bias):
         out = gemm_few_bf16(flat.contiguous(), weight, bias)
         if out is None:

@@ -650,10 +650,11 @@ def test_layer_ops_fall_back_where_the_build_lacks_them(monkeypatch):
 
 
 @needs_kernel
-def test_with_amx_onednn_takes_rows_from_8(avx512_bf16, monkeypatch):
-    """Where oneDNN's bf16 GEMM runs on AMX tiles (and settle kept it), it beat the few-row
-    kernels from 8 rows with the weights from DRAM (0.55x at 16, 0.29x at 64): they keep
-    2-7 rows, oneDNN the rest. Where linears widen to fp32 the AMX flag changes nothing."""
+def test_with_amx_onednn_takes_rows_from_8_without_dstp_amx_gemm(avx512_bf16, monkeypatch):
+    """Where oneDNN's bf16 GEMM runs on AMX tiles (and settle kept it) but dstp's AMX GEMM
+    cannot run (a build or OS without it), oneDNN beat the few-row kernels from 8 rows with
+    the weights from DRAM (0.55x at 16, 0.29x at 64): they keep 2-7 rows, oneDNN the rest.
+    Where linears widen to fp32 the AMX flag changes nothing."""
     calls = []
     real_few = cpu_kernels.gemm_few_bf16
     monkeypatch.setattr(
@@ -661,7 +662,8 @@ def test_with_amx_onednn_takes_rows_from_8(avx512_bf16, monkeypatch):
     )
     monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
     monkeypatch.setattr(cpu_gemm, "_measured_fp32", False)  # settle kept oneDNN's bf16 GEMM
-    limit = cpu_kernels.AMX_ROW_LIMIT
+    monkeypatch.setattr(cpu_kernels._ops(), "amx_ready", False)
+    limit = cpu_kernels.ONEDNN_AMX_ROW_LIMIT
     assert cpu_kernels.few_row_limit() == limit
     w = torch.randn(64, 128).bfloat16()
     for rows in (2, limit - 1, limit, 32):
@@ -673,3 +675,88 @@ def test_with_amx_onednn_takes_rows_from_8(avx512_bf16, monkeypatch):
     assert cpu_kernels.describe_paths()[f"{limit}+ rows"].startswith("oneDNN")
     monkeypatch.setattr(cpu_gemm, "_setting", "float32")  # widening: the fp32 hand-overs
     assert cpu_kernels.few_row_limit() > limit
+
+
+@needs_kernel
+def test_with_amx_dstp_amx_gemm_takes_4_to_127_rows(avx512_bf16, monkeypatch):
+    """With AMX and dstp's AMX GEMM ready: the few-row kernel keeps 2-3 rows, the AMX GEMM
+    4-127 of weights its tiles cover (rows a multiple of 16, columns of 32), oneDNN the rest;
+    where linears widen to fp32 it takes none. (Runs on any AVX512-BF16 host: the AMX call is
+    recorded, and answered by oneDNN.)"""
+    few, amx = [], []
+    real_few = cpu_kernels.gemm_few_bf16
+    monkeypatch.setattr(
+        cpu_kernels, "gemm_few_bf16", lambda x, *a: few.append(x.shape[0]) or real_few(x, *a)
+    )
+    monkeypatch.setattr(
+        cpu_kernels, "gemm_amx_bf16", lambda x, w, b: amx.append(x.shape) or F.linear(x, w, b)
+    )
+    monkeypatch.setattr(cpu_features, "flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr(cpu_gemm, "_measured_fp32", False)
+    monkeypatch.setattr(cpu_kernels._ops(), "amx_ready", True)
+    low, high = cpu_kernels.AMX_ROW_LIMIT, cpu_kernels.AMX_GEMM_ROW_LIMIT
+    assert cpu_kernels.few_row_limit() == low
+    for rows in (2, low - 1, low, 64, high - 1, high):
+        linear_2d(torch.randn(rows, 128).bfloat16(), torch.randn(48, 128).bfloat16())
+    assert few == [2, low - 1]
+    assert amx == [(low, 128), (64, 128), (high - 1, 128)]
+    for n, k in ((40, 128), (48, 80)):  # not whole tiles: oneDNN
+        linear_2d(torch.randn(8, k).bfloat16(), torch.randn(n, k).bfloat16())
+    assert len(amx) == 3
+    paths = cpu_kernels.describe_paths()
+    assert paths[f"{low}-{high - 1} rows"] == "dstp AMX GEMM (plain weights)"
+    assert paths[f"{high}+ rows"].startswith("oneDNN")
+    monkeypatch.setattr(cpu_gemm, "_setting", "float32")
+    linear_2d(torch.randn(8, 128).bfloat16(), torch.randn(48, 128).bfloat16())
+    assert len(amx) == 3
+
+
+needs_amx = pytest.mark.skipif(
+    not (cpu_features.has_amx_bf16() and cpu_kernels.amx_gemm_ready()),
+    reason="CPU, build or OS without AMX tiles",
+)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "m,n,k,bias",
+    [
+        (4, 16, 32, False),  # one tile each way, x padded from 4 rows to 16
+        (17, 48, 64, True),  # an x block of one row; three weight blocks (a pair and one)
+        (33, 1536, 2048, True),  # three x blocks: a pair and one alone
+        (127, 80, 2080, False),  # two K passes (2,048 + 32 columns); 8 x blocks
+        (200, 32, 96, True),  # more rows than one chunk of 128 (called directly)
+    ],
+)
+def test_amx_gemm_matches_fp32_math_rounded_once(m, n, k, bias):
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    got = cpu_kernels.gemm_amx_bf16(x, w, b)
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    tol = exact.abs() * 2**-8 + 1e-4 * exact.abs().max()  # half a bf16 step, plus fp32 sums
+    assert ((got.double() - exact).abs() <= tol).all()
+    assert (got == exact.bfloat16()).double().mean() >= 0.95
+
+
+@needs_amx
+def test_amx_gemm_rows_do_not_depend_on_their_batch():
+    """A row's sums run over K in the same order whatever rows share its call: a sequence's
+    logits in the AMX GEMM's range do not change with the decode batch around it."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(100, 256, generator=gen).bfloat16()
+    w = torch.randn(64, 256, generator=gen).bfloat16()
+    whole = cpu_kernels.gemm_amx_bf16(x, w, None)
+    for rows in (4, 17, 63):
+        assert torch.equal(cpu_kernels.gemm_amx_bf16(x[:rows], w, None), whole[:rows])
+
+
+@needs_amx
+def test_amx_gemm_refuses_what_its_tiles_do_not_cover():
+    x = torch.randn(8, 48).bfloat16()
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_kernels.gemm_amx_bf16(x, torch.randn(16, 48).bfloat16(), None)
+    with pytest.raises(RuntimeError, match="bf16 inputs only"):
+        cpu_kernels.gemm_amx_bf16(x.float(), torch.randn(16, 48), None)

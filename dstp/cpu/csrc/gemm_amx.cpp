@@ -1,0 +1,214 @@
+// bf16 GEMM on AMX tiles that reads the weight in its plain [N, K] layout: y = x W^T (+ b).
+//
+// oneDNN's bf16 GEMM on AMX lays each weight out for its tiles on every call (a copy of W in
+// the VNNI pair order its B operand wants); packing W once would need a second copy of every
+// weight beside the plain one dstp's GEMV reads. Here the product is computed transposed,
+// y^T = W x^T: W is the tiles' A operand, which AMX loads straight from W's rows (16 rows x
+// 32 columns a tile, row stride K), and x^T the B operand, packed once per call into pairs of
+// columns ([16-row block][K/2][16][2]; x is a few rows, so that copy is small). Each pass
+// keeps 2 x 2 accumulator tiles (32 weight rows x 32 x rows) over a K block; the sums go to y
+// transposed, bias added, rounded to bf16 once (as oneDNN's bf16 GEMM and dstp's other
+// kernels round). Threads split the weight rows. Measurements: benchmarks/FINDINGS.md, "An
+// AMX GEMM on the plain weights".
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "gemv_call.h"
+
+#if defined(__x86_64__) && !defined(DSTP_AVX2_ONLY) && __has_include(<amxtileintrin.h>)
+#define DSTP_HAS_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 16;   // rows of a tile (weight rows, or x rows in B's columns)
+constexpr int64_t kStep = 32;    // bf16 columns of K a tile holds
+constexpr int64_t kKC = 2048;    // K columns per pass: 32 weight rows + 32 x rows x 4 KB in L2
+constexpr int64_t kMC = 128;     // x rows whose sums a thread keeps while it reads a weight slab
+
+#ifdef DSTP_HAS_AMX
+#define DSTP_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
+
+// Linux hands out the tiles' 8 KB of register state only to a process that asks for it
+// (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); oneDNN asks the same way.
+bool tiles_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return permitted;
+}
+
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-7, each 16 rows of 64 bytes: A (0, 1: weight), B (2, 3: x), C (4-7: sums).
+DSTP_AMX void configure_tiles() {
+  TileConfig config;
+  std::memset(&config, 0, sizeof(config));
+  config.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = kBlock;
+    config.bytes_per_row[t] = 64;
+  }
+  // gcc 12 does not see ldtilecfg read the struct and drops the stores above without this
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+DSTP_AMX void release_tiles() { _tile_release(); }
+
+// The sums of NB blocks of 16 weight rows (w, row stride k_size) by MB blocks of 16 x rows
+// (xt, blocks x_stride apart) over `steps` x 32 columns, into c [NB][MB][16 n][16 m] fp32,
+// added to what c holds unless `first`. Tile 4 + 2 i + j holds weight block i x x block j.
+template <int NB, int MB>
+DSTP_AMX void pass(const uint16_t* w, int64_t k_size, const uint16_t* xt, int64_t x_stride,
+                   int64_t steps, float* c, bool first) {
+  constexpr int64_t kTile = kBlock * kBlock;
+  if (first) {
+    _tile_zero(4);
+    if (MB == 2) _tile_zero(5);
+    if (NB == 2) _tile_zero(6);
+    if (NB == 2 && MB == 2) _tile_zero(7);
+  } else {
+    _tile_loadd(4, c, 64);
+    if (MB == 2) _tile_loadd(5, c + kTile, 64);
+    if (NB == 2) _tile_loadd(6, c + 2 * kTile, 64);
+    if (NB == 2 && MB == 2) _tile_loadd(7, c + 3 * kTile, 64);
+  }
+  const int64_t w_bytes = k_size * 2;
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(0, w + s * kStep, w_bytes);
+    _tile_loadd(2, xt + s * kStep * kBlock, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    if (MB == 2) {
+      _tile_loadd(3, xt + x_stride + s * kStep * kBlock, 64);
+      _tile_dpbf16ps(5, 0, 3);
+    }
+    if (NB == 2) {
+      _tile_loadd(1, w + kBlock * k_size + s * kStep, w_bytes);
+      _tile_dpbf16ps(6, 1, 2);
+      if (MB == 2) _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  _tile_stored(4, c, 64);
+  if (MB == 2) _tile_stored(5, c + kTile, 64);
+  if (NB == 2) _tile_stored(6, c + 2 * kTile, 64);
+  if (NB == 2 && MB == 2) _tile_stored(7, c + 3 * kTile, 64);
+}
+
+template <int NB>
+DSTP_AMX void pass_x_blocks(int mb, const uint16_t* w, int64_t k_size, const uint16_t* xt,
+                            int64_t x_stride, int64_t steps, float* c, bool first) {
+  if (mb == 2)
+    pass<NB, 2>(w, k_size, xt, x_stride, steps, c, first);
+  else
+    pass<NB, 1>(w, k_size, xt, x_stride, steps, c, first);
+}
+#endif  // DSTP_HAS_AMX
+
+// x [M, K] -> xt [blocks][K/2][16][2]: each 16-row block of x as AMX's B operand (its columns
+// in pairs of K), zero past M.
+void pack_x(const uint16_t* x, int64_t m_size, int64_t k_size, uint16_t* xt, int64_t blocks) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      uint32_t* dst = reinterpret_cast<uint32_t*>(xt + b * kBlock * k_size);
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const int64_t row = b * kBlock + i;
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(x + row * k_size);
+        for (int64_t pair = 0; pair < k_size / 2; ++pair)
+          dst[pair * kBlock + i] = row < m_size ? src[pair] : 0;
+      }
+    }
+  });
+}
+
+// Sums c [16 n][16 m] of weight rows n0.. and x rows m0.. -> y, bias added, rounded to bf16.
+void store_tile(const dstp::FewCall& call, const float* c, int64_t n0, int64_t m0) {
+  const int64_t rows = std::min(kBlock, call.m_size - m0);
+  for (int64_t i = 0; i < rows; ++i) {
+    uint16_t* out = call.out + (m0 + i) * call.n_size + n0;
+    for (int64_t n = 0; n < kBlock; ++n) {
+      const float v = c[n * kBlock + i];
+      out[n] = dstp::float_to_bf16(call.bias ? v + dstp::bf16_to_float(call.bias[n0 + n]) : v);
+    }
+  }
+}
+
+#ifdef DSTP_HAS_AMX
+void gemm_amx(const dstp::FewCall& call) {
+  const int64_t k_size = call.k_size;
+  const int64_t x_blocks = (call.m_size + kBlock - 1) / kBlock;
+  const std::unique_ptr<uint16_t[]> xt(new uint16_t[x_blocks * kBlock * k_size]);
+  pack_x(call.x, call.m_size, k_size, xt.get(), x_blocks);
+  const int64_t x_stride = kBlock * k_size;  // between packed x blocks
+  const int64_t w_blocks = call.n_size / kBlock;
+  const int64_t w_pairs = (w_blocks + 1) / 2;
+  at::parallel_for(0, w_pairs, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    std::vector<float> sums(kMC * 2 * kBlock);  // [x pair][2][2][16][16] of one m chunk
+    for (int64_t m0 = 0; m0 < x_blocks; m0 += kMC / kBlock) {
+      const int64_t m1 = std::min(x_blocks, m0 + kMC / kBlock);
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int nb = std::min<int64_t>(2, w_blocks - 2 * pair);
+        const uint16_t* w = call.w + pair * 2 * kBlock * k_size;
+        for (int64_t k0 = 0; k0 < k_size; k0 += kKC) {
+          const int64_t steps = (std::min(k_size, k0 + kKC) - k0) / kStep;
+          for (int64_t b = m0; b < m1; b += 2) {
+            const int mb = static_cast<int>(std::min<int64_t>(2, m1 - b));
+            float* c = sums.data() + (b - m0) / 2 * 4 * kBlock * kBlock;
+            const uint16_t* xt_b = xt.get() + b * x_stride + k0 * kBlock;
+            if (nb == 2)
+              pass_x_blocks<2>(mb, w + k0, k_size, xt_b, x_stride, steps, c, k0 == 0);
+            else
+              pass_x_blocks<1>(mb, w + k0, k_size, xt_b, x_stride, steps, c, k0 == 0);
+          }
+        }
+        for (int64_t b = m0; b < m1; ++b)
+          for (int64_t i = 0; i < nb; ++i) {
+            const float* c = sums.data() + ((b - m0) / 2 * 4 + 2 * i + (b - m0) % 2) * 256;
+            store_tile(call, c, (2 * pair + i) * kBlock, b * kBlock);
+          }
+      }
+    }
+    release_tiles();
+  });
+}
+#endif  // DSTP_HAS_AMX
+
+}  // namespace
+
+// Whether this build has the AMX kernel and the OS lets this process use the tiles.
+bool amx_tiles_ready() {
+#ifdef DSTP_HAS_AMX
+  return tiles_permitted();
+#else
+  return false;
+#endif
+}
+
+// y = x W^T (+ b) for bf16 x [M, K] and W [N, K] (K a multiple of 32, N of 16) on AMX tiles.
+torch::Tensor gemm_amx_bf16(const torch::Tensor& x, const torch::Tensor& weight,
+                            const c10::optional<torch::Tensor>& bias) {
+  RECORD_FUNCTION("dstp::gemm_amx_bf16", std::vector<c10::IValue>({x, weight}));
+  const dstp::FewCall call(x, weight, bias, "gemm_amx_bf16");
+  TORCH_CHECK(amx_tiles_ready(), "gemm_amx_bf16: no AMX tiles on this CPU, build or process");
+  TORCH_CHECK(call.k_size % kStep == 0 && call.n_size % kBlock == 0, "gemm_amx_bf16: K (",
+              call.k_size, ") must be a multiple of 32 and N (", call.n_size, ") of 16");
+#ifdef DSTP_HAS_AMX
+  if (call.m_size > 0) gemm_amx(call);
+#endif
+  return call.y;
+}
