@@ -37,6 +37,7 @@ log = logging.getLogger("dstp")
 CSRC = Path(__file__).with_name("csrc")
 ENV_SWITCH = "DSTP_CPU_KERNELS"  # "0": no dstp kernels at all
 ENV_KERNEL = "DSTP_CPU_KERNEL"  # "avx2": the AVX2 build even where AVX512-BF16 is there
+ENV_AMX_GEMM = "DSTP_AMX_GEMM"  # "0": oneDNN's bf16 GEMM where dstp's AMX GEMM would run
 
 # -fopenmp: without it at::parallel_for compiles to a serial loop and every kernel runs
 # on one thread however many a rank has. Not linked: the GOMP symbols resolve to the
@@ -115,7 +116,11 @@ def _build(name: str) -> ModuleType | None:
             )
         ops.dstp_kernel = name
         # asked once a build: the OS hands a process the AMX tiles on request (csrc/gemm_amx.cpp)
-        ops.amx_ready = cpu_features.has_amx_bf16() and ops.amx_tiles_ready()
+        ops.amx_ready = (
+            os.environ.get(ENV_AMX_GEMM, "1") != "0"
+            and cpu_features.has_amx_bf16()
+            and ops.amx_tiles_ready()
+        )
         log.info(
             "dstp's %s GEMV (%s) is ready for batch-1 decode (%.1f s; built once, then cached)",
             needs,
