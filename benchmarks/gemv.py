@@ -26,7 +26,8 @@ AVX512-BF16 build its two variants instead, ``dpbf16``: vdpbf16ps, and ``fma``:
 build's beside it on an AVX512-BF16 CPU (``--no-avx2`` leaves it out), ``gemm`` dstp's
 widening GEMM (``gemm_widened_bf16``, what takes over from the few-row kernels), ``blocks``
 MKL's sgemm on widened weight blocks (its fallback), ``onednn`` plain ``F.linear`` (oneDNN's
-bf16 GEMM), ``aten`` ``F.linear`` with oneDNN off; GB/s of weight read and GFLOP/s.
+bf16 GEMM), ``amx`` dstp's AMX GEMM on the plain weights (``gemm_amx_bf16``, where the CPU, build
+and OS have AMX tiles), ``aten`` ``F.linear`` with oneDNN off; GB/s of weight read and GFLOP/s.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ def few_row_rates(
             paths["avx2"] = avx2.gemm_few_bf16
     if getattr(ops, "gemm_widened_bf16", None) is not None:
         paths["gemm"] = ops.gemm_widened_bf16
+    if getattr(ops, "amx_ready", False) and n % 16 == 0 and k % 32 == 0:
+        paths["amx"] = ops.gemm_amx_bf16
     paths.update(blocks=cpu_gemm._widened_blocks, onednn=F.linear, aten=aten)
     out: dict[int, dict[str, tuple[float, float]]] = {}
     for m in rows:
@@ -156,7 +159,7 @@ def main_few_rows(args) -> None:
         f"CPU: {cpu_model()}; {args.threads} thread(s); dstp kernel: {kernel}; "
         f"median of {args.repeats} passes of >= {args.pass_mib} MiB"
     )
-    names = ("dstp", "dpbf16", "fma", "avx2", "gemm", "blocks", "onednn", "aten")
+    names = ("dstp", "dpbf16", "fma", "avx2", "gemm", "amx", "blocks", "onednn", "aten")
     if kernel == "avx512_bf16":
         names = names[1:]  # its two variants, not the one settle_few_rows chose
     if args.no_avx2:

@@ -110,7 +110,7 @@ def test_padding_never_changes_a_real_row(models, model, dtype, monkeypatch):
     scratch block the padding rows write to); the unbucketed step agrees to rounding.
 
     AMX is hidden: the LM head runs on the sampled rows alone (n, not the bucket), and with
-    AMX bf16 linears change kernel at 8 rows (kernels.AMX_ROW_LIMIT), so n and ``bucket``
+    AMX bf16 linears change kernel at 4 rows (kernels.AMX_ROW_LIMIT), so n and ``bucket``
     rows of it would round differently for a reason that is not the padding's."""
     from dstp.cpu import features as cpu_features
 
