@@ -760,3 +760,17 @@ def test_amx_gemm_refuses_what_its_tiles_do_not_cover():
         cpu_kernels.gemm_amx_bf16(x, torch.randn(16, 48).bfloat16(), None)
     with pytest.raises(RuntimeError, match="bf16 inputs only"):
         cpu_kernels.gemm_amx_bf16(x.float(), torch.randn(16, 48), None)
+
+
+@needs_amx
+def test_amx_gemm_and_onednn_take_turns_on_the_tiles():
+    """oneDNN's bf16 GEMM configures the same AMX tiles its own way: calls alternating on one
+    thread each load their own configuration, and both stay right."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 512, generator=gen).bfloat16()
+    w = torch.randn(96, 512, generator=gen).bfloat16()
+    exact = F.linear(x.double(), w.double())
+    tol = exact.abs() * 2**-8 + 1e-4 * exact.abs().max()
+    for _ in range(3):
+        for got in (cpu_kernels.gemm_amx_bf16(x, w, None), F.linear(x, w)):
+            assert ((got.double() - exact).abs() <= tol).all()
