@@ -317,7 +317,7 @@ def few_row_limit() -> int:
     if (_few_rows_fma or avx2) and cpu_gemm.widens_in_dstp_gemm():
         return DSTP_GEMM_ROW_LIMIT
     if cpu_features.has_amx_bf16() and not cpu_gemm.computes_in_fp32():
-        return AMX_ROW_LIMIT if amx_gemm_ready() else ONEDNN_AMX_ROW_LIMIT
+        return AMX_ROW_LIMIT if amx_gemm_in_use() else ONEDNN_AMX_ROW_LIMIT
     return FEW_FMA_ROW_LIMIT if _few_rows_fma else cpu_gemm.MIN_ROWS
 
 
@@ -350,17 +350,23 @@ def amx_gemm_ready() -> bool:
     return cpu_features.has_amx_bf16() and getattr(_ops(), "amx_ready", False)
 
 
+def amx_gemm_in_use() -> bool:
+    """Whether dstp's AMX GEMM takes its rows: it is ready and multi-row linears compute in
+    bf16 by "auto"'s choice (``--cpu-compute-dtype bfloat16`` asks for oneDNN's GEMM
+    everywhere, as it does of the few-row kernels; widened linears compute in fp32)."""
+    return cpu_gemm.setting() == "auto" and not cpu_gemm.computes_in_fp32() and amx_gemm_ready()
+
+
 def amx_gemm_applies(rows: int, weight: torch.Tensor) -> bool:
     """Whether a bf16 linear of ``rows`` rows on CPU takes dstp's AMX GEMM: ``AMX_ROW_LIMIT``
-    to ``AMX_GEMM_ROW_LIMIT - 1`` rows where multi-row linears run oneDNN's bf16 GEMM (not
-    where they widen to fp32), a weight of a multiple of 16 rows and 32 columns (the tiles')."""
+    to ``AMX_GEMM_ROW_LIMIT - 1`` rows where :func:`amx_gemm_in_use`, a weight of a multiple
+    of 16 rows and 32 columns (the tiles')."""
     n, k = weight.shape
     return (
         AMX_ROW_LIMIT <= rows < AMX_GEMM_ROW_LIMIT
         and n % 16 == 0
         and k % 32 == 0
-        and not cpu_gemm.computes_in_fp32()
-        and amx_gemm_ready()
+        and amx_gemm_in_use()
     )
 
 
@@ -471,7 +477,7 @@ def describe_paths() -> dict[str, str]:
     few_path = f"dstp {gemv} {few_row_variant()}" if few_row_kernel_applies(2) else "oneDNN"
     limit = few_row_limit()
     many = {f"{limit}+ rows": cpu_gemm.describe()}
-    if amx_gemm_ready() and not cpu_gemm.computes_in_fp32():
+    if amx_gemm_in_use():
         many = {
             f"{limit}-{AMX_GEMM_ROW_LIMIT - 1} rows": "dstp AMX GEMM (plain weights)",
             f"{AMX_GEMM_ROW_LIMIT}+ rows": cpu_gemm.describe(),

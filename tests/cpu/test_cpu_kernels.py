@@ -681,7 +681,7 @@ def test_with_amx_onednn_takes_rows_from_8_without_dstp_amx_gemm(avx512_bf16, mo
 def test_with_amx_dstp_amx_gemm_takes_4_to_127_rows(avx512_bf16, monkeypatch):
     """With AMX and dstp's AMX GEMM ready: the few-row kernel keeps 2-3 rows, the AMX GEMM
     4-127 of weights its tiles cover (rows a multiple of 16, columns of 32), oneDNN the rest;
-    where linears widen to fp32 it takes none. (Runs on any AVX512-BF16 host: the AMX call is
+    where linears widen to fp32, or ``--cpu-compute-dtype bfloat16`` asks for oneDNN, none. (Runs on any AVX512-BF16 host: the AMX call is
     recorded, and answered by oneDNN.)"""
     few, amx = [], []
     real_few = cpu_kernels.gemm_few_bf16
@@ -706,9 +706,11 @@ def test_with_amx_dstp_amx_gemm_takes_4_to_127_rows(avx512_bf16, monkeypatch):
     paths = cpu_kernels.describe_paths()
     assert paths[f"{low}-{high - 1} rows"] == "dstp AMX GEMM (plain weights)"
     assert paths[f"{high}+ rows"].startswith("oneDNN")
-    monkeypatch.setattr(cpu_gemm, "_setting", "float32")
-    linear_2d(torch.randn(8, 128).bfloat16(), torch.randn(48, 128).bfloat16())
-    assert len(amx) == 3
+    for setting in ("float32", "bfloat16"):  # widened, or oneDNN's GEMM asked for everywhere
+        monkeypatch.setattr(cpu_gemm, "_setting", setting)
+        linear_2d(torch.randn(8, 128).bfloat16(), torch.randn(48, 128).bfloat16())
+        assert len(amx) == 3
+        assert f"{low}-{high - 1} rows" not in cpu_kernels.describe_paths()
 
 
 needs_amx = pytest.mark.skipif(
