@@ -262,8 +262,8 @@ DSTP_GEMM_ROW_LIMIT = 64
 ONEDNN_AMX_ROW_LIMIT = 8
 # rows dstp's AMX GEMM on the plain weights (csrc/gemm_amx.cpp) takes, [AMX_ROW_LIMIT,
 # AMX_GEMM_ROW_LIMIT): it ran 1.5-1.7x oneDNN's bf16 GEMM at 4-64 rows, 1.1-1.4x at 96 and even
-# at 128 (weights in cache), and read the weights from DRAM 5-15 % faster than the few-row
-# kernel at 4 rows, slower at 2 (the same host, one thread, 2026-12-04; FINDINGS.md)
+# at 128 (weights in cache), and read the weights from DRAM 6-19 % faster than the few-row
+# kernel at 4 rows, even or slower at 2 (the same host, one thread, 2026-12-04; FINDINGS.md)
 AMX_ROW_LIMIT = 4
 AMX_GEMM_ROW_LIMIT = 128
 
