@@ -7,8 +7,8 @@
 // 32 columns a tile, row stride K), and x^T the B operand, packed once per call into pairs of
 // columns ([16-row block][K/2][16][2]; x is a few rows, so that copy is small). Each pass
 // keeps 2 x 2 accumulator tiles (32 weight rows x 32 x rows) over a K block; the sums go to y
-// transposed, bias added, rounded to bf16 once (as oneDNN's bf16 GEMM and dstp's other
-// kernels round). Threads split the weight rows. Measurements: benchmarks/FINDINGS.md, "An
+// as dstp's widening GEMM stores its own (transposed_store.h: bias added, rounded to bf16
+// once, as oneDNN's bf16 GEMM rounds). Threads split the weight rows. Measurements: benchmarks/FINDINGS.md, "An
 // AMX GEMM on the plain weights".
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "gemv_call.h"
+#include "transposed_store.h"
 
 #if defined(__x86_64__) && !defined(DSTP_AVX2_ONLY) && __has_include(<amxtileintrin.h>)
 #define DSTP_HAS_AMX 1
@@ -33,6 +34,7 @@ namespace {
 
 constexpr int64_t kBlock = 16;   // rows of a tile (weight rows, or x rows in B's columns)
 constexpr int64_t kStep = 32;    // bf16 columns of K a tile holds
+constexpr int64_t kTile = kBlock * kBlock;  // fp32 sums a C tile holds
 constexpr int64_t kKC = 2048;    // K columns per pass: 32 weight rows + 32 x rows x 4 KB in L2
 constexpr int64_t kMC = 128;     // x rows whose sums a thread keeps while it reads a weight slab
 
@@ -76,7 +78,6 @@ DSTP_AMX void release_tiles() { _tile_release(); }
 template <int NB, int MB>
 DSTP_AMX void pass(const uint16_t* w, int64_t k_size, const uint16_t* xt, int64_t x_stride,
                    int64_t steps, float* c, bool first) {
-  constexpr int64_t kTile = kBlock * kBlock;
   if (first) {
     _tile_zero(4);
     if (MB == 2) _tile_zero(5);
@@ -117,8 +118,6 @@ DSTP_AMX void pass_x_blocks(int mb, const uint16_t* w, int64_t k_size, const uin
   else
     pass<NB, 1>(w, k_size, xt, x_stride, steps, c, first);
 }
-#endif  // DSTP_HAS_AMX
-
 // x [M, K] -> xt [blocks][K/2][16][2]: each 16-row block of x as AMX's B operand (its columns
 // in pairs of K), zero past M.
 void pack_x(const uint16_t* x, int64_t m_size, int64_t k_size, uint16_t* xt, int64_t blocks) {
@@ -135,19 +134,12 @@ void pack_x(const uint16_t* x, int64_t m_size, int64_t k_size, uint16_t* xt, int
   });
 }
 
-// Sums c [16 n][16 m] of weight rows n0.. and x rows m0.. -> y, bias added, rounded to bf16.
-void store_tile(const dstp::FewCall& call, const float* c, int64_t n0, int64_t m0) {
-  const int64_t rows = std::min(kBlock, call.m_size - m0);
-  for (int64_t i = 0; i < rows; ++i) {
-    uint16_t* out = call.out + (m0 + i) * call.n_size + n0;
-    for (int64_t n = 0; n < kBlock; ++n) {
-      const float v = c[n * kBlock + i];
-      out[n] = dstp::float_to_bf16(call.bias ? v + dstp::bf16_to_float(call.bias[n0 + n]) : v);
-    }
-  }
+// Where c's tile for weight block i (0, 1) of a pair and x block b of a chunk starting at
+// block m0 lies in the chunk's sums: [x pair][weight block][x block of the pair][16 n][16 m]
+float* tile_sums(std::vector<float>& sums, int64_t b, int64_t m0, int64_t i) {
+  return sums.data() + ((b - m0) / 2 * 4 + 2 * i + (b - m0) % 2) * kTile;
 }
 
-#ifdef DSTP_HAS_AMX
 void gemm_amx(const dstp::FewCall& call) {
   const int64_t k_size = call.k_size;
   const int64_t x_blocks = (call.m_size + kBlock - 1) / kBlock;
@@ -158,7 +150,7 @@ void gemm_amx(const dstp::FewCall& call) {
   const int64_t w_pairs = (w_blocks + 1) / 2;
   at::parallel_for(0, w_pairs, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
-    std::vector<float> sums(kMC * 2 * kBlock);  // [x pair][2][2][16][16] of one m chunk
+    std::vector<float> sums(kMC / kBlock * 2 * kTile);  // one chunk's, as tile_sums lays them
     for (int64_t m0 = 0; m0 < x_blocks; m0 += kMC / kBlock) {
       const int64_t m1 = std::min(x_blocks, m0 + kMC / kBlock);
       for (int64_t pair = begin; pair < end; ++pair) {
@@ -168,7 +160,7 @@ void gemm_amx(const dstp::FewCall& call) {
           const int64_t steps = (std::min(k_size, k0 + kKC) - k0) / kStep;
           for (int64_t b = m0; b < m1; b += 2) {
             const int mb = static_cast<int>(std::min<int64_t>(2, m1 - b));
-            float* c = sums.data() + (b - m0) / 2 * 4 * kBlock * kBlock;
+            float* c = tile_sums(sums, b, m0, 0);
             const uint16_t* xt_b = xt.get() + b * x_stride + k0 * kBlock;
             if (nb == 2)
               pass_x_blocks<2>(mb, w + k0, k_size, xt_b, x_stride, steps, c, k0 == 0);
@@ -178,8 +170,11 @@ void gemm_amx(const dstp::FewCall& call) {
         }
         for (int64_t b = m0; b < m1; ++b)
           for (int64_t i = 0; i < nb; ++i) {
-            const float* c = sums.data() + ((b - m0) / 2 * 4 + 2 * i + (b - m0) % 2) * 256;
-            store_tile(call, c, (2 * pair + i) * kBlock, b * kBlock);
+            const int64_t n0 = (2 * pair + i) * kBlock;
+            const int64_t rows = std::min(kBlock, call.m_size - b * kBlock);
+            dstp::store_transposed_avx512(tile_sums(sums, b, m0, i), kBlock, rows, kBlock,
+                                          call.bias ? call.bias + n0 : nullptr,
+                                          call.out + b * kBlock * call.n_size + n0, call.n_size);
           }
       }
     }

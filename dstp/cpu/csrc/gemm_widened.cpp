@@ -28,11 +28,9 @@
 
 #include "bf16.h"
 #include "gemv_call.h"
+#include "transposed_store.h"
 
 namespace {
-
-using dstp::bf16_to_float;
-using dstp::float_to_bf16;
 
 constexpr int64_t kKC = 512;  // columns per K block (the panel: kNR x 512 x 4 B in L1)
 constexpr int64_t kNC = 192;  // weight rows whose sums stay in L2 across the K blocks
@@ -51,25 +49,11 @@ struct Scalar {
     }
   }
 
-  // sums c [count][ldc] of rows [0, rows) -> out [rows][count] (row stride n_size), plus the
-  // bias, rounded to bf16 once
-  static void store(const float* c, int64_t ldc, int64_t rows, int64_t count,
-                    const uint16_t* bias, uint16_t* out, int64_t n_size) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t n = 0; n < count; ++n) {
-        const float v = c[n * ldc + i];
-        out[i * n_size + n] = float_to_bf16(bias ? v + bf16_to_float(bias[n]) : v);
-      }
-  }
+  static constexpr auto store = dstp::store_transposed;
 };
 
 // One instruction set's micro-kernel: kMR x rows (vector lanes) by NR weight rows (broadcasts).
 struct Avx512 {
-  // the 16 lanes' offsets for a gather of one element a row, rows `stride` elements apart
-  __attribute__((target("avx512f"))) static __m512i lane_offsets(int64_t stride) {
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(stride)));
-  }
 
   static constexpr int kMR = 32;  // two zmm
   static constexpr int kNR = 12;  // 24 accumulators + 2 x vectors + a broadcast of 32 zmm
@@ -105,7 +89,7 @@ struct Avx512 {
                                                            int64_t k_size, int64_t mr,
                                                            float* xt) {
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    const __m512i index = lane_offsets(k_size);
+    const __m512i index = dstp::lane_offsets(k_size);
     for (int64_t r0 = 0; r0 < mr; r0 += 16) {
       const int64_t live = std::clamp<int64_t>(rows - r0, 0, 16);
       const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1);
@@ -126,30 +110,7 @@ struct Avx512 {
     }
   }
 
-  // Scalar::store, 16 outputs of a row at a time: a gather down c's column, the bias, bf16
-  // rounding (to nearest even, NaN kept a quiet NaN, as float_to_bf16)
-  __attribute__((target("avx512f,avx512bw,avx512vl"))) static void store(
-      const float* c, int64_t ldc, int64_t rows, int64_t count, const uint16_t* bias,
-      uint16_t* out, int64_t n_size) {
-    const __m512i index = lane_offsets(ldc);
-    const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-    const __m512i quiet_nan = _mm512_set1_epi32(0x7FC0);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t n = 0; n < count; n += 16) {
-        const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, count - n)) - 1);
-        __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, c + n * ldc + i, 4);
-        if (bias) {
-          const __m256i b = _mm256_maskz_loadu_epi16(mask, bias + n);
-          const __m512i widened = _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16);
-          v = _mm512_add_ps(v, _mm512_castsi512_ps(widened));
-        }
-        const __m512i bits = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(round, lsb)), 16);
-        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
-        _mm256_mask_storeu_epi16(out + i * n_size + n, mask, _mm512_cvtepi32_epi16(r));
-      }
-  }
+  static constexpr auto store = dstp::store_transposed_avx512;
 };
 
 struct Avx2 : Scalar {
