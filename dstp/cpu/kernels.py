@@ -261,11 +261,12 @@ DSTP_GEMM_ROW_LIMIT = 64
 # 2026-12-04; benchmarks/FINDINGS.md). Where dstp's AMX GEMM is built it takes over sooner.
 ONEDNN_AMX_ROW_LIMIT = 8
 # rows dstp's AMX GEMM on the plain weights (csrc/gemm_amx.cpp) takes, [AMX_ROW_LIMIT,
-# AMX_GEMM_ROW_LIMIT): it ran 1.5-1.7x oneDNN's bf16 GEMM at 4-64 rows, 1.1-1.4x at 96 and even
-# at 128 (weights in cache), and read the weights from DRAM 6-19 % faster than the few-row
-# kernel at 4 rows, even or slower at 2 (the same host, one thread, 2026-12-04; FINDINGS.md)
+# AMX_GEMM_ROW_LIMIT): it ran 1.5-1.7x oneDNN's bf16 GEMM at 4-64 rows, 1.2-1.4x at 96,
+# 1.1-1.3x at 128, 1.0-1.1x at 160, 0.9-1.1x from 192 (weights in cache), and read the weights
+# from DRAM 6-19 % faster than the few-row kernel at 4 rows, even or slower at 2 (the same
+# host, one thread, 2026-12-04; FINDINGS.md)
 AMX_ROW_LIMIT = 4
-AMX_GEMM_ROW_LIMIT = 128
+AMX_GEMM_ROW_LIMIT = 192
 
 
 def settle_few_rows(min_over_ranks: Callable[[int], int] = lambda vote: vote) -> None:
@@ -509,7 +510,7 @@ def linear_2d(
     - From 2 rows dstp's few-row kernel, weights read once, wherever
       :func:`few_row_kernel_applies` (AVX512-BF16 build: bf16 dot products or, where
       measured faster, fp32 FMAs on weights widened in registers; AVX2 build, on a CPU
-      without them: the latter); with AMX, dstp's AMX GEMM from 4 rows to 127
+      without them: the latter); with AMX, dstp's AMX GEMM from 4 rows to 191
       (:func:`amx_gemm_applies`); past them fp32 GEMMs on widened weight blocks where those
       compute (:mod:`dstp.cpu.gemm`), else oneDNN's bf16 GEMM.
     """

@@ -678,9 +678,9 @@ def test_with_amx_onednn_takes_rows_from_8_without_dstp_amx_gemm(avx512_bf16, mo
 
 
 @needs_kernel
-def test_with_amx_dstp_amx_gemm_takes_4_to_127_rows(avx512_bf16, monkeypatch):
+def test_with_amx_dstp_amx_gemm_takes_4_to_191_rows(avx512_bf16, monkeypatch):
     """With AMX and dstp's AMX GEMM ready: the few-row kernel keeps 2-3 rows, the AMX GEMM
-    4-127 of weights its tiles cover (rows a multiple of 16, columns of 32), oneDNN the rest;
+    4-191 of weights its tiles cover (rows a multiple of 16, columns of 32), oneDNN the rest;
     where linears widen to fp32, or ``--cpu-compute-dtype bfloat16`` asks for oneDNN, none. (Runs on any AVX512-BF16 host: the AMX call is
     recorded, and answered by oneDNN.)"""
     few, amx = [], []
@@ -727,7 +727,8 @@ needs_amx = pytest.mark.skipif(
         (17, 48, 64, True),  # an x block of one row; three weight blocks (a pair and one)
         (33, 1536, 2048, True),  # three x blocks: a pair and one alone
         (127, 80, 2080, False),  # two K passes (2,048 + 32 columns); 8 x blocks
-        (200, 32, 96, True),  # more rows than one chunk of 128 (called directly)
+        (200, 32, 96, True),  # 13 x blocks, the last of 8 rows (called directly)
+        (150, 48, 8192, True),  # chunks of 64 rows at this K: 64, 64 and 22 (called directly)
     ],
 )
 def test_amx_gemm_matches_fp32_math_rounded_once(m, n, k, bias):
@@ -741,6 +742,29 @@ def test_amx_gemm_matches_fp32_math_rounded_once(m, n, k, bias):
     tol = exact.abs() * 2**-8 + 1e-4 * exact.abs().max()  # half a bf16 step, plus fp32 sums
     assert ((got.double() - exact).abs() <= tol).all()
     assert (got == exact.bfloat16()).double().mean() >= 0.95
+
+
+@needs_amx
+def test_amx_gemm_rounds_to_nearest_even_and_keeps_specials():
+    """Exact sums (small integers times powers of two), so the only error is the one rounding
+    to bf16 in the tiles' transposed store: ties go to even both ways, 0 * inf is NaN, the bias
+    is added before rounding; in every row of a partial x block and both weight blocks."""
+    k, rows = 64, 5
+    x = torch.zeros(rows, k).bfloat16()
+    x[:, 0], x[:, 40] = 1.0, 2.0**-8
+    w = torch.zeros(32, k).bfloat16()
+    w[:, 0] = torch.tensor([1.0, 1.0, 1.0 + 2**-7, 3.0] * 8)
+    w[:, 40] = torch.tensor([1.0, 3.0, 1.0, 1.0] * 8)
+    w[21, 5] = float("inf")
+    bias = torch.zeros(32).bfloat16()
+    bias[16:20] = 2.0**-7  # moves the second block's sums off the ties
+    exact = F.linear(x.float(), w.float(), bias.float())
+    got = cpu_kernels.gemm_amx_bf16(x, w, bias)
+    finite = torch.ones(32, dtype=torch.bool)
+    finite[21] = False
+    assert torch.equal(got[:, finite], exact[:, finite].bfloat16())
+    assert torch.isnan(got[:, 21]).all()
+    assert got[0, 0].item() == 1.0 and got[0, 1].item() == 1.0 + 2**-6  # ties: down, up
 
 
 @needs_amx

@@ -5,11 +5,13 @@
 // weight beside the plain one dstp's GEMV reads. Here the product is computed transposed,
 // y^T = W x^T: W is the tiles' A operand, which AMX loads straight from W's rows (16 rows x
 // 32 columns a tile, row stride K), and x^T the B operand, packed once per call into pairs of
-// columns ([16-row block][K/2][16][2]; x is a few rows, so that copy is small). Each pass
-// keeps 2 x 2 accumulator tiles (32 weight rows x 32 x rows) over a K block; the sums go to y
-// as dstp's widening GEMM stores its own (transposed_store.h: bias added, rounded to bf16
-// once, as oneDNN's bf16 GEMM rounds). Threads split the weight rows. Measurements: benchmarks/FINDINGS.md, "An
-// AMX GEMM on the plain weights".
+// columns ([16-row block][K/2][16][2]; x is at most a few hundred rows, a small copy). Rows of
+// x go in chunks that stay in L2 while each pair of 16-row weight blocks streams past them
+// once; each pass keeps 2 x 2 accumulator tiles (32 weight rows x 32 x rows) over a K block,
+// and while a chunk's passes run the next weight block is pulled into L2. The sums go to y
+// through an in-register transpose (transposed_store.h: bias added, rounded to bf16 once, as
+// oneDNN's bf16 GEMM rounds). Threads split the weight rows. Measurements:
+// benchmarks/FINDINGS.md, "An AMX GEMM on the plain weights" and "The AMX GEMM past 128 rows".
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <torch/extension.h>
@@ -17,7 +19,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "gemv_call.h"
@@ -36,7 +37,16 @@ constexpr int64_t kBlock = 16;   // rows of a tile (weight rows, or x rows in B'
 constexpr int64_t kStep = 32;    // bf16 columns of K a tile holds
 constexpr int64_t kTile = kBlock * kBlock;  // fp32 sums a C tile holds
 constexpr int64_t kKC = 2048;    // K columns per pass: 32 weight rows + 32 x rows x 4 KB in L2
-constexpr int64_t kMC = 128;     // x rows whose sums a thread keeps while it reads a weight slab
+constexpr int64_t kChunkBytes = 1 << 20;  // packed x rows a thread keeps in L2 over a weight slab
+constexpr int64_t kMaxChunk = 256;        // x rows of a chunk at most (their sums stay small)
+constexpr int64_t kPullPasses = 2;        // passes of a chunk from which it pulls the next block
+
+// x rows a chunk holds: as many as fit kChunkBytes at this K, in pairs of 16-row blocks. Each
+// weight pair is read from memory once a chunk, so a larger chunk reads the weights fewer
+// times; past L2 the x operand's tile loads would miss it.
+int64_t chunk_rows(int64_t k_size) {
+  return std::clamp<int64_t>(kChunkBytes / (2 * k_size) / 32 * 32, 32, kMaxChunk);
+}
 
 #ifdef DSTP_HAS_AMX
 #define DSTP_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
@@ -75,9 +85,31 @@ DSTP_AMX void release_tiles() { _tile_release(); }
 // The sums of NB blocks of 16 weight rows (w, row stride k_size) by MB blocks of 16 x rows
 // (xt, blocks x_stride apart) over `steps` x 32 columns, into c [NB][MB][16 n][16 m] fp32,
 // added to what c holds unless `first`. Tile 4 + 2 i + j holds weight block i x x block j.
+// Pulls the next weight block into L2 while this one's passes compute, a few lines a step, in
+// the order the next block's tile loads read them: its first pass would otherwise wait on 32
+// strided rows from memory. Only where a chunk has kPullPasses passes or more: with one pass
+// the pulls compete with that pass's own loads (FINDINGS.md).
+struct NextPair {
+  const char* rows = nullptr;  // the next pair's K block (nullptr: nothing to pull)
+  int64_t row_bytes = 0;       // between weight rows
+  int64_t row_lines = 0;       // cache lines of a row's K block
+  int64_t row = 0, line = 0;   // the next line to pull: down the rows, then the next column
+  int64_t per_step = 0;
+
+  DSTP_AMX void pull() {
+    for (int64_t i = 0; i < per_step && line < row_lines; ++i) {
+      _mm_prefetch(rows + row * row_bytes + line * 64, _MM_HINT_T1);
+      if (++row == 2 * kBlock) {
+        row = 0;
+        ++line;
+      }
+    }
+  }
+};
+
 template <int NB, int MB>
 DSTP_AMX void pass(const uint16_t* w, int64_t k_size, const uint16_t* xt, int64_t x_stride,
-                   int64_t steps, float* c, bool first) {
+                   int64_t steps, float* c, bool first, NextPair& next) {
   if (first) {
     _tile_zero(4);
     if (MB == 2) _tile_zero(5);
@@ -103,6 +135,7 @@ DSTP_AMX void pass(const uint16_t* w, int64_t k_size, const uint16_t* xt, int64_
       _tile_dpbf16ps(6, 1, 2);
       if (MB == 2) _tile_dpbf16ps(7, 1, 3);
     }
+    next.pull();
   }
   _tile_stored(4, c, 64);
   if (MB == 2) _tile_stored(5, c + kTile, 64);
@@ -112,11 +145,12 @@ DSTP_AMX void pass(const uint16_t* w, int64_t k_size, const uint16_t* xt, int64_
 
 template <int NB>
 DSTP_AMX void pass_x_blocks(int mb, const uint16_t* w, int64_t k_size, const uint16_t* xt,
-                            int64_t x_stride, int64_t steps, float* c, bool first) {
+                            int64_t x_stride, int64_t steps, float* c, bool first,
+                            NextPair& next) {
   if (mb == 2)
-    pass<NB, 2>(w, k_size, xt, x_stride, steps, c, first);
+    pass<NB, 2>(w, k_size, xt, x_stride, steps, c, first, next);
   else
-    pass<NB, 1>(w, k_size, xt, x_stride, steps, c, first);
+    pass<NB, 1>(w, k_size, xt, x_stride, steps, c, first, next);
 }
 // x [M, K] -> xt [blocks][K/2][16][2]: each 16-row block of x as AMX's B operand (its columns
 // in pairs of K), zero past M.
@@ -136,45 +170,77 @@ void pack_x(const uint16_t* x, int64_t m_size, int64_t k_size, uint16_t* xt, int
 
 // Where c's tile for weight block i (0, 1) of a pair and x block b of a chunk starting at
 // block m0 lies in the chunk's sums: [x pair][weight block][x block of the pair][16 n][16 m]
-float* tile_sums(std::vector<float>& sums, int64_t b, int64_t m0, int64_t i) {
-  return sums.data() + ((b - m0) / 2 * 4 + 2 * i + (b - m0) % 2) * kTile;
+float* tile_sums(float* sums, int64_t b, int64_t m0, int64_t i) {
+  return sums + ((b - m0) / 2 * 4 + 2 * i + (b - m0) % 2) * kTile;
+}
+
+// A tile row that straddles two cache lines costs both lines' loads: the tiles' operands and
+// sums live in 64-byte aligned buffers (torch's CPU allocator aligns to 64), which halved the
+// time of a 128-row call against a malloc'd buffer (FINDINGS.md).
+uint16_t* aligned_bf16(at::Tensor& buffer, int64_t count) {
+  buffer = at::empty({count}, at::kBFloat16);
+  return reinterpret_cast<uint16_t*>(buffer.data_ptr());
+}
+
+// The block the passes of pair `pair`'s K block from k0 pull: the pair's next K block, else
+// the next pair's first (a whole pair of this thread's, up to `end`), spread over the chunk's
+// `passes` so that the last pass ends it.
+NextPair next_block(const dstp::FewCall& call, int64_t pair, int64_t end, int64_t k0,
+                    int64_t passes) {
+  NextPair next;
+  int64_t next_k0 = k0 + kKC;
+  if (next_k0 >= call.k_size) {
+    ++pair;
+    next_k0 = 0;
+  }
+  if (passes < kPullPasses || pair >= end || 2 * pair + 2 > call.n_size / kBlock) return next;
+  next.rows = reinterpret_cast<const char*>(call.w + pair * 2 * kBlock * call.k_size + next_k0);
+  next.row_bytes = call.k_size * 2;
+  next.row_lines = (std::min(call.k_size, next_k0 + kKC) - next_k0) * 2 / 64;
+  next.per_step = (2 * kBlock + passes - 1) / passes;
+  return next;
 }
 
 void gemm_amx(const dstp::FewCall& call) {
   const int64_t k_size = call.k_size;
   const int64_t x_blocks = (call.m_size + kBlock - 1) / kBlock;
-  const std::unique_ptr<uint16_t[]> xt(new uint16_t[x_blocks * kBlock * k_size]);
-  pack_x(call.x, call.m_size, k_size, xt.get(), x_blocks);
+  at::Tensor xt_buffer;
+  uint16_t* const xt = aligned_bf16(xt_buffer, x_blocks * kBlock * k_size);
+  pack_x(call.x, call.m_size, k_size, xt, x_blocks);
   const int64_t x_stride = kBlock * k_size;  // between packed x blocks
   const int64_t w_blocks = call.n_size / kBlock;
   const int64_t w_pairs = (w_blocks + 1) / 2;
   at::parallel_for(0, w_pairs, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
-    std::vector<float> sums(kMC / kBlock * 2 * kTile);  // one chunk's, as tile_sums lays them
-    for (int64_t m0 = 0; m0 < x_blocks; m0 += kMC / kBlock) {
-      const int64_t m1 = std::min(x_blocks, m0 + kMC / kBlock);
+    const int64_t chunk_blocks = chunk_rows(k_size) / kBlock;
+    at::Tensor sums_buffer = at::empty({chunk_blocks * 2 * kTile}, at::kFloat);
+    float* const sums = sums_buffer.data_ptr<float>();  // one chunk's, as tile_sums lays them
+    for (int64_t m0 = 0; m0 < x_blocks; m0 += chunk_blocks) {
+      const int64_t m1 = std::min(x_blocks, m0 + chunk_blocks);
       for (int64_t pair = begin; pair < end; ++pair) {
         const int nb = std::min<int64_t>(2, w_blocks - 2 * pair);
         const uint16_t* w = call.w + pair * 2 * kBlock * k_size;
         for (int64_t k0 = 0; k0 < k_size; k0 += kKC) {
           const int64_t steps = (std::min(k_size, k0 + kKC) - k0) / kStep;
+          NextPair next = next_block(call, pair, end, k0, (m1 - m0 + 1) / 2);
           for (int64_t b = m0; b < m1; b += 2) {
             const int mb = static_cast<int>(std::min<int64_t>(2, m1 - b));
             float* c = tile_sums(sums, b, m0, 0);
-            const uint16_t* xt_b = xt.get() + b * x_stride + k0 * kBlock;
+            const uint16_t* xt_b = xt + b * x_stride + k0 * kBlock;
             if (nb == 2)
-              pass_x_blocks<2>(mb, w + k0, k_size, xt_b, x_stride, steps, c, k0 == 0);
+              pass_x_blocks<2>(mb, w + k0, k_size, xt_b, x_stride, steps, c, k0 == 0, next);
             else
-              pass_x_blocks<1>(mb, w + k0, k_size, xt_b, x_stride, steps, c, k0 == 0);
+              pass_x_blocks<1>(mb, w + k0, k_size, xt_b, x_stride, steps, c, k0 == 0, next);
           }
         }
         for (int64_t b = m0; b < m1; ++b)
           for (int64_t i = 0; i < nb; ++i) {
             const int64_t n0 = (2 * pair + i) * kBlock;
             const int64_t rows = std::min(kBlock, call.m_size - b * kBlock);
-            dstp::store_transposed_avx512(tile_sums(sums, b, m0, i), kBlock, rows, kBlock,
-                                          call.bias ? call.bias + n0 : nullptr,
-                                          call.out + b * kBlock * call.n_size + n0, call.n_size);
+            dstp::store_tile_transposed_avx512(tile_sums(sums, b, m0, i), rows,
+                                               call.bias ? call.bias + n0 : nullptr,
+                                               call.out + b * kBlock * call.n_size + n0,
+                                               call.n_size);
           }
       }
     }
