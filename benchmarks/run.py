@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm = sysinfo.gemm_peaks(args.tp)
     print(
         f"GEMM peak ({args.tp} pinned processes): "
-        + ", ".join(f"{k} {gemm[k]:.1f}" for k in (*sysinfo.COMPUTE_TYPES, "best"))
+        + ", ".join(f"{k} {gemm[k]:.1f}" for k in (*sysinfo.COMPUTE_TYPES, "best") if k in gemm)
         + " GFLOP/s"
     )
     print(

@@ -174,9 +174,9 @@ float* tile_sums(float* sums, int64_t b, int64_t m0, int64_t i) {
   return sums + ((b - m0) / 2 * 4 + 2 * i + (b - m0) % 2) * kTile;
 }
 
-// A tile row that straddles two cache lines costs both lines' loads: the tiles' operands and
-// sums live in 64-byte aligned buffers (torch's CPU allocator aligns to 64), which halved the
-// time of a 128-row call against a malloc'd buffer (FINDINGS.md).
+// A tile row that straddles two cache lines costs both lines' loads: packed x and the sums
+// live in 64-byte aligned buffers (torch's CPU allocator aligns to 64; malloc's are 16 bytes
+// off a line), 15 % on a 128-row product in a standalone test (FINDINGS.md).
 uint16_t* aligned_bf16(at::Tensor& buffer, int64_t count) {
   buffer = at::empty({count}, at::kBFloat16);
   return reinterpret_cast<uint16_t*>(buffer.data_ptr());
