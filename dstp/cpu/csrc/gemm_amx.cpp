@@ -41,13 +41,6 @@ constexpr int64_t kChunkBytes = 1 << 20;  // packed x rows a thread keeps in L2 
 constexpr int64_t kMaxChunk = 256;        // x rows of a chunk at most (their sums stay small)
 constexpr int64_t kPullPasses = 2;        // passes of a chunk from which it pulls the next block
 
-// x rows a chunk holds: as many as fit kChunkBytes at this K, in pairs of 16-row blocks. Each
-// weight pair is read from memory once a chunk, so a larger chunk reads the weights fewer
-// times; past L2 the x operand's tile loads would miss it.
-int64_t chunk_rows(int64_t k_size) {
-  return std::clamp<int64_t>(kChunkBytes / (2 * k_size) / 32 * 32, 32, kMaxChunk);
-}
-
 #ifdef DSTP_HAS_AMX
 #define DSTP_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
 
@@ -82,9 +75,6 @@ DSTP_AMX void configure_tiles() {
 
 DSTP_AMX void release_tiles() { _tile_release(); }
 
-// The sums of NB blocks of 16 weight rows (w, row stride k_size) by MB blocks of 16 x rows
-// (xt, blocks x_stride apart) over `steps` x 32 columns, into c [NB][MB][16 n][16 m] fp32,
-// added to what c holds unless `first`. Tile 4 + 2 i + j holds weight block i x x block j.
 // Pulls the next weight block into L2 while this one's passes compute, a few lines a step, in
 // the order the next block's tile loads read them: its first pass would otherwise wait on 32
 // strided rows from memory. Only where a chunk has kPullPasses passes or more: with one pass
@@ -107,6 +97,10 @@ struct NextPair {
   }
 };
 
+// The sums of NB blocks of 16 weight rows (w, row stride k_size) by MB blocks of 16 x rows
+// (xt, blocks x_stride apart) over `steps` x 32 columns, into c [NB][MB][16 n][16 m] fp32,
+// added to what c holds unless `first`; each step pulls its share of `next`. Tile 4 + 2 i + j
+// holds weight block i x x block j.
 template <int NB, int MB>
 DSTP_AMX void pass(const uint16_t* w, int64_t k_size, const uint16_t* xt, int64_t x_stride,
                    int64_t steps, float* c, bool first, NextPair& next) {
@@ -199,6 +193,13 @@ NextPair next_block(const dstp::FewCall& call, int64_t pair, int64_t end, int64_
   next.row_lines = (std::min(call.k_size, next_k0 + kKC) - next_k0) * 2 / 64;
   next.per_step = (2 * kBlock + passes - 1) / passes;
   return next;
+}
+
+// x rows a chunk holds: as many as fit kChunkBytes at this K, in pairs of 16-row blocks. Each
+// weight pair is read from memory once a chunk, so a larger chunk reads the weights fewer
+// times; past L2 the x operand's tile loads would miss it.
+int64_t chunk_rows(int64_t k_size) {
+  return std::clamp<int64_t>(kChunkBytes / (2 * k_size) / 32 * 32, 32, kMaxChunk);
 }
 
 void gemm_amx(const dstp::FewCall& call) {

@@ -30,13 +30,18 @@ inline void store_transposed(const float* c, int64_t ldc, int64_t rows, int64_t 
     }
 }
 
+// 16 bf16 values (a bias's) widened to fp32, exactly
+__attribute__((target("avx512f"))) inline __m512 widen_bf16_avx512(__m256i bf16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
 // 16 fp32 values rounded to bf16 once (to nearest even, NaN a quiet NaN), as float_to_bf16
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i round_to_bf16_avx512(
     __m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  const __m512i half = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb);
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, half), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
 }
@@ -51,11 +56,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_transpose
     for (int64_t n = 0; n < count; n += 16) {
       const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, count - n)) - 1);
       __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, c + n * ldc + i, 4);
-      if (bias) {
-        const __m256i b = _mm256_maskz_loadu_epi16(mask, bias + n);
-        const __m512i widened = _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16);
-        v = _mm512_add_ps(v, _mm512_castsi512_ps(widened));
-      }
+      if (bias) v = _mm512_add_ps(v, widen_bf16_avx512(_mm256_maskz_loadu_epi16(mask, bias + n)));
       _mm256_mask_storeu_epi16(out + i * n_size + n, mask, round_to_bf16_avx512(v));
     }
 }
@@ -87,19 +88,18 @@ __attribute__((target("avx512f"), always_inline)) inline void swap_blocks(__m512
 // [0, rows) x 16 columns, the bias added, rounded as store_transposed_avx512 rounds. The tile
 // is transposed in registers (four rounds of block swaps, 64 two-source permutes) rather
 // than gathered a column at a time: the gathers took 13 % of a 1024-row AMX GEMM (FINDINGS.md).
-__attribute__((target("avx512f,avx512bw,avx512vl"), flatten)) inline void store_tile_transposed_avx512(
-    const float* c, int64_t rows, const uint16_t* bias, uint16_t* out, int64_t n_size) {
+__attribute__((target("avx512f,avx512bw,avx512vl"), flatten)) inline void
+store_tile_transposed_avx512(const float* c, int64_t rows, const uint16_t* bias, uint16_t* out,
+                             int64_t n_size) {
   __m512 r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(c + i * 16);
   swap_blocks<8>(r);
   swap_blocks<4>(r);
   swap_blocks<2>(r);
   swap_blocks<1>(r);
-  const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                              _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                  reinterpret_cast<const __m256i*>(bias))),
-                              16))
-                        : _mm512_setzero_ps();
+  const __m512 b =
+      bias ? widen_bf16_avx512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias)))
+           : _mm512_setzero_ps();
   for (int64_t m = 0; m < rows; ++m)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * n_size),
                         round_to_bf16_avx512(bias ? _mm512_add_ps(r[m], b) : r[m]));
