@@ -583,6 +583,23 @@ def test_rotary_takes_fused_layers_tables(layer_ops):
     assert torch.allclose(got.float(), hf.float(), rtol=2**-7, atol=2**-7)
 
 
+@needs_kernel
+def test_silu_mul_16_lanes_equal_the_avx2_builds_8_bit_for_bit():
+    """The AVX512-BF16 build runs SiLU-mul 16 lanes at a time with the AVX2 build's operations
+    in the same order: the same bits for every value, specials and exp's clamps included, so a
+    model's outputs do not depend on which build a CPU takes."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 2 * 1000, generator=gen) * 30).bfloat16()  # 1000: 62 x 16 + a tail
+    flat = x.view(-1)
+    for step, value in ((97, float("nan")), (89, float("inf")), (83, -float("inf"))):
+        flat[::step] = value
+    flat[::79], flat[::71], flat[::67] = -100.0, 89.0, -0.0
+    wide = cpu_kernels._build("avx512_bf16").silu_mul_bf16(x)
+    narrow = cpu_kernels._build("avx2").silu_mul_bf16(x)
+    assert torch.equal(wide.view(torch.int16), narrow.view(torch.int16))
+    assert torch.isnan(wide).any() and (wide == 0).any()  # the specials reached the output
+
+
 @pytest.mark.parametrize("rows,inner", [(8, 768), (1, 203), (3, 7), (2, 4096)])
 def test_silu_mul_is_the_two_plain_ops(layer_ops, rows, inner):
     gen = torch.Generator().manual_seed(inner)

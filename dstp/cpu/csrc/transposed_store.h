@@ -30,22 +30,6 @@ inline void store_transposed(const float* c, int64_t ldc, int64_t rows, int64_t 
     }
 }
 
-// 16 bf16 values (a bias's) widened to fp32, exactly
-__attribute__((target("avx512f"))) inline __m512 widen_bf16_avx512(__m256i bf16) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
-}
-
-// 16 fp32 values rounded to bf16 once (to nearest even, NaN a quiet NaN), as float_to_bf16
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i round_to_bf16_avx512(
-    __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i half = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb);
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, half), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
-}
-
 // store_transposed, 16 outputs of a row at a time: a gather down c's column, the bias, bf16
 // rounding
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_transposed_avx512(
