@@ -62,23 +62,31 @@ inline __m256 round_to_bf16(__m256 v) {
 
 // exp(x) in fp32, Cephes' expf (2^n * a degree-5 polynomial on |r| <= ln2/2): within ~2 ulp
 // of the true value, as ATen's vectorised exp is; inf past fp32's range (so silu(x) of a very
-// negative x is -0, as ATen's), 0 below its normal range (where exp is < 2^-126).
+// negative x is -0, as ATen's), 0 below its normal range (where exp is < 2^-126). exp8 and
+// exp16 apply these constants in the same order, so their lanes agree bit for bit.
+namespace expf_consts {
+constexpr float kOver = 88.72283935546875f;   // exp overflows fp32 past this
+constexpr float kLow = -87.33654022216797f;   // exp(kLow) = 2^-126
+constexpr float kClamp = 88.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;  // ln 2 in two parts
+constexpr float kPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                           4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+}  // namespace expf_consts
+
 inline __m256 exp8(__m256 x) {
-  const __m256 over = _mm256_cmp_ps(x, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ);
-  const __m256 low = _mm256_set1_ps(-87.33654022216797f);  // exp(low) = 2^-126
+  using namespace expf_consts;
+  const __m256 over = _mm256_cmp_ps(x, _mm256_set1_ps(kOver), _CMP_GT_OQ);
+  const __m256 low = _mm256_set1_ps(kLow);
   const __m256 under = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
   // operands in this order, a NaN x passes (max/min return their second operand on NaN)
-  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(low, x));
-  const __m256 n = _mm256_floor_ps(
-      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  x = _mm256_min_ps(_mm256_set1_ps(kClamp), _mm256_max_ps(low, x));
+  const __m256 n =
+      _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), x);
+  __m256 y = _mm256_set1_ps(kPoly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kPoly[i]));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
@@ -90,29 +98,25 @@ inline __m256 exp8(__m256 x) {
 #ifndef DSTP_AVX2_ONLY
 #define DSTP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-// exp8 on 16 lanes: the same operations in the same order, so each lane's result is exp8's
-DSTP_AVX512 inline __m512 exp16(__m512 x) {
-  const __mmask16 over = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72283935546875f), _CMP_GT_OQ);
-  const __m512 low = _mm512_set1_ps(-87.33654022216797f);
+DSTP_AVX512 inline __m512 exp16(__m512 x) {  // exp8 on 16 lanes
+  using namespace expf_consts;
+  const __mmask16 over = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kOver), _CMP_GT_OQ);
+  const __m512 low = _mm512_set1_ps(kLow);
   const __mmask16 under = _mm512_cmp_ps_mask(x, low, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(low, x));
-  const __m512 n = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_min_ps(_mm512_set1_ps(kClamp), _mm512_max_ps(low, x));
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
+                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), x);
+  __m512 y = _mm512_set1_ps(kPoly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kPoly[i]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
   const __m512i e = _mm512_slli_epi32(
       _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
   y = _mm512_mask_blend_ps(over, y, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), y);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), y);  // as exp8's andnot
 }
 
 // round_to_bf16 on 16 lanes
@@ -120,7 +124,8 @@ DSTP_AVX512 inline __m512 round_to_bf16_16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb);
-  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, high));
 }
 
 // silu_mul_bf16's vector loop 16 lanes at a time, each lane as the 8-lane loop computes it
