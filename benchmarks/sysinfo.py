@@ -148,7 +148,8 @@ def _run_pinned(processes: int, call: str) -> list[float]:
 GEMM_SHAPE = (512, 4096, 2048)  # tokens, output features, input features
 # oneDNN's GEMMs, dstp's widening GEMM, and dstp's AMX GEMM where the CPU, build and OS have
 # it (0 elsewhere, and left out): the limit is the fastest, whoever's it is
-COMPUTE_TYPES = ("bf16", "fp32", "bf16 widened to fp32", "bf16 dstp AMX")
+AMX_TYPE = "bf16 dstp AMX"
+COMPUTE_TYPES = ("bf16", "fp32", "bf16 widened to fp32", AMX_TYPE)
 
 
 def _gemm(core: int, kind: str, seconds: float) -> float:
@@ -160,16 +161,16 @@ def _gemm(core: int, kind: str, seconds: float) -> float:
     from dstp.cpu import gemm as cpu_gemm
     from dstp.cpu import kernels as cpu_kernels
 
+    if kind == AMX_TYPE and not cpu_kernels.amx_gemm_ready():
+        return 0.0
     _pin(core)
     m, n, k = GEMM_SHAPE
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     run = {
         "bf16 widened to fp32": lambda: cpu_gemm.widened_linear(x, w),
-        "bf16 dstp AMX": lambda: cpu_kernels.gemm_amx_bf16(x, w),
+        AMX_TYPE: lambda: cpu_kernels.gemm_amx_bf16(x, w),
     }.get(kind, lambda: F.linear(x, w))
-    if kind == "bf16 dstp AMX" and not cpu_kernels.amx_gemm_ready():
-        return 0.0
     run()
     calls, end = [], time.time() + seconds
     while time.time() < end:

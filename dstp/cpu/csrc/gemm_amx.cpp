@@ -146,6 +146,7 @@ DSTP_AMX void pass_x_blocks(int mb, const uint16_t* w, int64_t k_size, const uin
   else
     pass<NB, 1>(w, k_size, xt, x_stride, steps, c, first, next);
 }
+
 // x [M, K] -> xt [blocks][K/2][16][2]: each 16-row block of x as AMX's B operand (its columns
 // in pairs of K), zero past M.
 void pack_x(const uint16_t* x, int64_t m_size, int64_t k_size, uint16_t* xt, int64_t blocks) {

@@ -54,7 +54,6 @@ struct Scalar {
 
 // One instruction set's micro-kernel: kMR x rows (vector lanes) by NR weight rows (broadcasts).
 struct Avx512 {
-
   static constexpr int kMR = 32;  // two zmm
   static constexpr int kNR = 12;  // 24 accumulators + 2 x vectors + a broadcast of 32 zmm
 
