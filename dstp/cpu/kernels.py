@@ -460,7 +460,7 @@ def decode_attention_bf16(
 ) -> torch.Tensor | None:
     """Paged decode attention in one call: ``[T, H, dv]`` bf16 with the decoding sequences' rows
     ``rows`` attended over their blocks (scores, softmax and values in fp32), the other rows
-    unset; or None without the kernel. See csrc/layer_ops.cpp."""
+    unset; or None without the kernel. See csrc/decode_attention.cpp."""
     args = (query, k_cache, v_cache, rows, tables, lens, block_size, scaling)
     args += (softcap or 0.0, window or 0)
     if torch.compiler.is_compiling():

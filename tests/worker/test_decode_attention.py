@@ -3,7 +3,8 @@
 Oracle for the kernel: the sdpa backend's decode on the same cache widened to fp32
 (blocks gathered, two matmuls, softmax), rounded to bf16, for shuffled block tables,
 every length from 1 to a full table, 1-16 query heads per KV head, softcap and sliding
-windows.
+windows. Each test runs each build this CPU can run: the AVX2 build's fp32 path and the
+AVX512-BF16 build's (vdpbf16ps scores 16 keys at a time, 16-lane softmax and values).
 Oracle for the engine: HF unsharded at fp32 on the same bf16-rounded weights.
 """
 
@@ -26,9 +27,14 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def ops():
-    ops = cpu_kernels._ops()
+BUILDS = {"avx2": cpu_features.has_avx2_fma, "avx512_bf16": cpu_features.has_avx512_bf16}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDS))
+def ops(request):
+    if not BUILDS[request.param]():
+        pytest.skip(f"this CPU cannot run the {request.param} build")
+    ops = cpu_kernels._build(request.param)
     assert hasattr(ops, "decode_attention_bf16"), "both builds carry the decode kernel"
     return ops
 
@@ -66,11 +72,11 @@ CASES = [  # kv heads, query heads per kv head, head dim, block size, lengths
 ]
 
 
-def _kernel(query, k, v, step, scaling, softcap=None, window=None):
-    """The kernel's bf16 rows of the decoding sequences, as ``[H, D, dv]`` fp32."""
-    out = cpu_kernels.decode_attention_bf16(
+def _kernel(ops, query, k, v, step, scaling, softcap=None, window=None):
+    """One build's bf16 rows of the decoding sequences, as ``[H, D, dv]`` fp32."""
+    out = ops.decode_attention_bf16(
         query, k, v, step.decode_rows, step.decode_blocks, step.decode_lens,
-        step.cache.shape.block_size, scaling, softcap, window,
+        step.cache.shape.block_size, scaling, softcap or 0.0, window or 0,
     )  # fmt: skip
     assert out.shape == (query.shape[1], query.shape[0], v.shape[-1]) and out.dtype == k.dtype
     return out[step.decode_rows].transpose(0, 1).float()
@@ -88,7 +94,7 @@ def test_matches_fp32_attention_on_the_paged_cache(ops, kv, group, dim, block_si
     k, v, step = _step(kv, dim, block_size, lens, seed=dim + group)
     query = torch.randn(kv * group, len(lens) + 2, dim).bfloat16()
     want = _fp32_reference(query, k, v, step, 0.3)
-    _assert_rounded_from(_kernel(query, k, v, step, 0.3), want)
+    _assert_rounded_from(_kernel(ops, query, k, v, step, 0.3), want)
 
 
 @needs_kernel
@@ -97,7 +103,7 @@ def test_softcap_and_sliding_window_as_the_sdpa_backend(ops, softcap, window):
     k, v, step = _step(2, 64, 16, [1, 9, 50, 33], seed=3)
     query = torch.randn(8, 6, 64).bfloat16() * 4
     want = _fp32_reference(query, k, v, step, 0.125, softcap, window)
-    _assert_rounded_from(_kernel(query, k, v, step, 0.125, softcap, window), want)
+    _assert_rounded_from(_kernel(ops, query, k, v, step, 0.125, softcap, window), want)
 
 
 @needs_kernel
@@ -108,9 +114,9 @@ def test_a_strided_query_and_a_wrong_scaling(ops):
     qkv = torch.randn(5, (8 + 2 * 2) * 32).bfloat16()
     query = qkv[:, : 8 * 32].view(5, 8, 32).transpose(0, 1)
     want = _fp32_reference(query, k, v, step, 0.2)
-    _assert_rounded_from(_kernel(query, k, v, step, 0.2), want)
+    _assert_rounded_from(_kernel(ops, query, k, v, step, 0.2), want)
     with pytest.raises(AssertionError):
-        _assert_rounded_from(_kernel(query, k, v, step, 0.21), want)
+        _assert_rounded_from(_kernel(ops, query, k, v, step, 0.21), want)
 
 
 @needs_kernel
@@ -120,7 +126,7 @@ def test_lengths_outside_the_tables_are_refused_not_read(ops):
     for bad in ([0, 8], [3, 9]):
         step.decode_lens = torch.tensor(bad)
         with pytest.raises(RuntimeError, match="keys, outside"):
-            _kernel(q, k, v, step, 1.0)
+            _kernel(ops, q, k, v, step, 1.0)
 
 
 @needs_kernel
@@ -130,7 +136,7 @@ def test_group_sizes_outside_1_to_16_are_refused(ops):
     for heads in (0, 3, 34):  # no heads, not a multiple of the KV heads, 17 per KV head
         q = torch.randn(heads, 4, 8).bfloat16()
         with pytest.raises(RuntimeError, match="query heads per KV head"):
-            _kernel(q, k, v, step, 1.0)
+            _kernel(ops, q, k, v, step, 1.0)
 
 
 def test_the_cpu_backend_takes_only_what_the_kernel_takes():

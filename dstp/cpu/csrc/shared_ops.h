@@ -2,8 +2,9 @@
 // that is not a GEMV, dstp/cpu/kernels.py's SHARED_SOURCES): RMSNorm and add+RMSNorm
 // (rms_norm.cpp), the many-row GEMM on weights widened as they are packed (gemm_widened.cpp),
 // the GEMM on AMX tiles over the plain weights (gemm_amx.cpp),
-// the decoder layer's other fused ops and paged decode attention (layer_ops.cpp,
-// bound by bind_layer_ops) and the sampler's (sampler_ops.cpp, bound by bind_sampler_ops).
+// the decoder layer's other fused ops (layer_ops.cpp, bound by bind_layer_ops), paged decode
+// attention (decode_attention.cpp, bind_decode_attention) and the sampler's (sampler_ops.cpp,
+// bound by bind_sampler_ops).
 #pragma once
 
 #include <torch/extension.h>
@@ -22,6 +23,7 @@ torch::Tensor gemm_amx_bf16(const torch::Tensor& x, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias);
 
 void bind_layer_ops(pybind11::module& m);
+void bind_decode_attention(pybind11::module& m);
 void bind_sampler_ops(pybind11::module& m);
 
 // Binds the shared ops into an extension module.
@@ -36,5 +38,6 @@ inline void bind_shared_ops(pybind11::module& m) {
   m.def("gemm_amx_bf16", &gemm_amx_bf16,
         "y = x W^T (+ b) for bf16 rows on AMX tiles, reading W in its plain layout");
   bind_layer_ops(m);
+  bind_decode_attention(m);
   bind_sampler_ops(m);
 }

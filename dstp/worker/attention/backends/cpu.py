@@ -3,7 +3,7 @@
 A decode step attends G query heads per KV head to each sequence's keys: tiny matmuls
 that PyTorch runs one by one, after copying every sequence's blocks out of the cache
 (benchmarks/FINDINGS.md), around a softmax and two casts. dstp's
-``decode_attention_bf16`` (``dstp/cpu/csrc/layer_ops.cpp``) reads each sequence's keys
+``decode_attention_bf16`` (``dstp/cpu/csrc/decode_attention.cpp``) reads each sequence's keys
 and values in place through its block table and computes scores, softmax (softcap and
 sliding window as in :mod:`.sdpa`) and values in one call, in fp32, writing each
 decoding token's bf16 output row; ``write_kv_cache_bf16`` writes the step's new K and V
