@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dstp.cpu import gemm as cpu_gemm
-from dstp.cpu import huge_pages
+from dstp.cpu import heap, huge_pages
 from dstp.cpu import kernels as cpu_kernels
 from dstp.distributed import TPGroup
 from dstp.model.fused_layers import fuse_decoder_layers
@@ -438,6 +438,7 @@ def shard_model(
     release_free_heap()
     if tp.device.type == "cpu":
         huge_pages.collapse(model.parameters())  # decode streams them: fewer TLB misses
+        heap.keep_freed_memory()  # from here on, activations reuse the heap: no page faults
     sharded = ShardedModel(model, policy, heads, config, ckpt.nbytes(), fused)
     if tp.is_driver:
         log.info(
