@@ -15,7 +15,9 @@ caching allocator would keep its blocks: a rank keeps its activation memory
 resident between steps instead of faulting it in again. Blocks over 32 MiB
 are still mapped afresh: serving those from the heap too (``M_MMAP_MAX`` = 0)
 was measured to let glibc's heap grow by whole blocks when small allocations
-land in the freed space. ``DSTP_KEEP_HEAP=0`` leaves malloc as it was.
+land in the freed space. The largest activation, the fused layers' gate/up
+output, is kept under it instead: a long prefill's MLP runs in row pieces
+(:func:`rows_per_block`). ``DSTP_KEEP_HEAP=0`` leaves malloc as it was.
 Elsewhere than glibc, nothing changes.
 """
 
@@ -35,6 +37,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 LARGEST_HEAP_BLOCK = 32 << 20  # glibc refuses a higher mmap threshold on 64-bit
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the largest it can say
+ALIGNMENT_ROOM = 4096  # a block's header and posix_memalign's padding count against the threshold
 
 
 def keep_freed_memory() -> bool:
@@ -51,3 +54,12 @@ def keep_freed_memory() -> bool:
     )
     log.debug("freed activation memory %s", "stays in the heap" if kept else "goes back (mallopt)")
     return kept
+
+
+def rows_per_block(rows: int, row_bytes: int) -> int:
+    """Rows per piece when ``rows`` rows of ``row_bytes`` each are split into equal pieces that
+    each fit one heap block (at most 32 MiB, with room for malloc's alignment); ``rows`` if
+    they fit whole."""
+    fit = max(1, (LARGEST_HEAP_BLOCK - ALIGNMENT_ROOM) // row_bytes)
+    pieces = -(-rows // fit)
+    return -(-rows // pieces)

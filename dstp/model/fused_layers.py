@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dstp.cpu import heap
 from dstp.cpu import kernels as cpu_kernels
 from dstp.distributed import TPGroup
 from dstp.model.layers import ColumnParallelLinear, RowParallelLinear
@@ -398,8 +399,25 @@ class FusedLlamaLayer(nn.Module):
         normed, hidden_states = add_rms_norm(
             self.post_attention_layernorm, hidden_states, attn, self.residual_scale
         )
-        mlp = self.down_proj(silu_mul(self.gate_up_proj(normed), self.inner))
-        return add_residual(hidden_states, mlp, self.residual_scale)
+        return add_residual(hidden_states, self._mlp(normed), self.residual_scale)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``down(silu(gate) * up)``, one all-reduce. On CPU a long prefill runs it in row
+        pieces whose gate/up output fits a heap block (dstp.cpu.heap): a larger one would be
+        mapped and faulted in afresh on every layer (FINDINGS.md)."""
+        width = self.gate_up_proj.weight.shape[0]
+        rows = x.numel() // x.shape[-1]
+        piece = (
+            rows if x.device.type != "cpu" else heap.rows_per_block(rows, width * x.element_size())
+        )
+        if piece == rows:
+            return self.down_proj(silu_mul(self.gate_up_proj(x), self.inner))
+        flat = x.reshape(rows, x.shape[-1])
+        partial = flat.new_empty(rows, self.down_proj.out_features)
+        for first in range(0, rows, piece):
+            up = silu_mul(self.gate_up_proj(flat[first : first + piece]), self.inner)
+            partial[first : first + piece] = self.down_proj.partial(up)
+        return self.down_proj.reduce(partial).view(*x.shape[:-1], -1)
 
     def _attention(
         self,

@@ -213,7 +213,15 @@ class RowParallelLinear(_ShardedLinear):
         super().__init__(partition, in_features, out_features, bias, tp, transposed, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(linear_2d(x, self.weight))
+        return self.reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``y``: its input columns' product, before the all-reduce."""
+        return linear_2d(x, self.weight)
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """``y`` from this rank's :meth:`partial`: the all-reduce, then the bias."""
+        y = self.tp.all_reduce(partial)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

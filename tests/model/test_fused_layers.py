@@ -322,3 +322,36 @@ def test_output_hidden_states_still_records_every_layer(models, arch):
         theirs = hf(ids, output_hidden_states=True).hidden_states
     assert len(ours) == len(theirs) == 3
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_a_long_prefills_mlp_runs_in_pieces_that_fit_a_heap_block(models, monkeypatch):
+    """On CPU a gate/up output past glibc's largest heap block would be mapped and faulted in
+    afresh every layer (dstp.cpu.heap); the MLP then runs in equal row pieces, each under it,
+    with its one all-reduce, and the outputs do not change. Here the block is shrunk so the
+    16-token prefill takes pieces of 6, 6 and 4 rows."""
+    from dstp.cpu import heap
+    from dstp.distributed import TPGroup
+
+    model = _load(models["llama"])
+    layer = _layers(model)[0]
+    whole = _logprobs(model)
+    row_bytes = layer.gate_up_proj.weight.shape[0] * 4  # fp32
+    monkeypatch.setattr(heap, "LARGEST_HEAP_BLOCK", heap.ALIGNMENT_ROOM + 6 * row_bytes)
+    assert heap.rows_per_block(16, row_bytes) == 6
+    gate_ups = {id(each.gate_up_proj) for each in _layers(model)}
+    pieces, reduces = [], []
+    real_forward, real_reduce = type(layer.gate_up_proj).forward, TPGroup.all_reduce
+
+    def forward(linear, x):
+        if id(linear) in gate_ups:  # the packed q/k/v projection is the same class
+            pieces.append(x.shape[0])
+        return real_forward(linear, x)
+
+    monkeypatch.setattr(type(layer.gate_up_proj), "forward", forward)
+    monkeypatch.setattr(
+        TPGroup, "all_reduce", lambda tp, t: reduces.append(1) or real_reduce(tp, t)
+    )
+    pieced = _logprobs(model)
+    assert pieces == [6, 6, 4] * 2 and len(reduces) == 2 * 2  # two layers
+    assert torch.allclose(pieced, whole, atol=1e-6)
+    assert (pieced - _logprobs(load_reference(models["llama"]))).abs().max().item() <= 1e-4
