@@ -61,5 +61,7 @@ def rows_per_block(rows: int, row_bytes: int) -> int:
     each fit one heap block (at most 32 MiB, with room for malloc's alignment); ``rows`` if
     they fit whole."""
     fit = max(1, (LARGEST_HEAP_BLOCK - ALIGNMENT_ROOM) // row_bytes)
+    if rows <= fit:  # no rows at all included
+        return rows
     pieces = -(-rows // fit)
     return -(-rows // pieces)

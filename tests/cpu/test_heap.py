@@ -64,3 +64,13 @@ def test_the_switch_leaves_malloc_alone_and_every_round_faults_again():
     kept, faults = _later_rounds("0")
     assert not kept
     assert faults > 2000, faults
+
+
+def test_rows_per_block_splits_evenly_under_the_block():
+    from dstp.cpu.heap import ALIGNMENT_ROOM, LARGEST_HEAP_BLOCK, rows_per_block
+
+    row = 16 << 10  # the 1B shape's gate/up row at TP=2, bf16
+    fit = (LARGEST_HEAP_BLOCK - ALIGNMENT_ROOM) // row
+    assert rows_per_block(0, row) == 0 and rows_per_block(fit, row) == fit
+    assert rows_per_block(2048, row) == 1024  # two equal pieces, not 2,047 and 1
+    assert rows_per_block(3 * fit + 1, row) * row <= LARGEST_HEAP_BLOCK - ALIGNMENT_ROOM
