@@ -5,7 +5,7 @@ PyTorch's CPU allocator is malloc. glibc serves a block over its mmap threshold
 ``mmap`` and unmaps it on free, and trims the heap's free top past twice that
 threshold. A prefill's activations are such blocks, so every forward faults its
 memory in again, 4 KiB at a time, each page zeroed by the kernel: at TP=2 a
-1,024-token prefill of a 1B model took 8,000-49,000 faults and up to ~0.1 s of
+1,024-token prefill of a 1B model took 8,000-70,000 faults and up to ~0.1 s of
 system time a rank, and any block over 32 MiB (the gate/up output of a
 2,048-token step) is mapped afresh on every layer (benchmarks/FINDINGS.md).
 

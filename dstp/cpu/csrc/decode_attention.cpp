@@ -2,10 +2,10 @@
 // heads against its keys and values where they lie in the paged cache, through its block
 // table; scores, softmax and values in one call, nothing gathered or padded.
 //
-// Two paths, one result up to fp32 rounding: the AVX2 + FMA path (both builds; fp32 FMAs over
-// widened bf16) and, in the AVX512-BF16 build, scores by vdpbf16ps (bf16 pairs multiplied
-// exactly, summed in fp32) for 16 keys at a time and values 16 lanes wide. The output is
-// rounded to bf16 once, as the PyTorch path's fp32 attention then `.to(bf16)`.
+// One path a build, one result up to fp32 rounding: the AVX2 build's (fp32 FMAs over widened
+// bf16, 8 lanes) and the AVX512-BF16 build's (scores by vdpbf16ps, bf16 pairs multiplied
+// exactly and summed in fp32, for 16 keys at a time; softmax and values 16 lanes wide). The
+// output is rounded to bf16 once, as the PyTorch path's fp32 attention then `.to(bf16)`.
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <immintrin.h>
@@ -58,6 +58,25 @@ inline void prefetch_run(const Paged& p, int64_t j, int64_t len) {
   const int64_t bytes = (r.end - j) * p.dim * static_cast<int64_t>(sizeof(uint16_t));
   for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(first + at, _MM_HINT_T0);
 }
+
+// One (KV head, sequence) pair's work: its G query heads (bf16, each `dk` contiguous values,
+// head g at query + g * query_head), its keys and values, and where its G output rows go.
+struct Job {
+  const uint16_t* query;
+  int64_t query_head, dk, dv;
+  Paged keys, values;
+  int64_t from, len;
+  float scaling, softcap;
+  uint16_t* out;
+  int64_t out_head;
+};
+
+struct Scratch {  // per thread, reused across jobs
+  std::vector<float> query, scores;  // the AVX2 path's query is widened to fp32
+  std::vector<uint16_t> query_bf16;  // the AVX512-BF16 path's, zero-padded
+};
+
+#ifdef DSTP_AVX2_ONLY  // the AVX2 build's path; the AVX512-BF16 build's is below
 
 // The group size G is a template argument: with a run-time count GCC keeps the accumulator
 // array on the stack (a load and a store around every FMA); with G known, in registers.
@@ -127,26 +146,9 @@ void softmax_rows(float* scores, int rows, int64_t n, float softcap) {
   }
 }
 
-// One (KV head, sequence) pair's work: its G query heads (bf16, each `dk` contiguous values,
-// head g at query + g * query_head), its keys and values, and where its G output rows go.
-struct Job {
-  const uint16_t* query;
-  int64_t query_head, dk, dv;
-  Paged keys, values;
-  int64_t from, len;
-  float scaling, softcap;
-  uint16_t* out;
-  int64_t out_head;
-};
-
-struct Scratch {  // per thread, reused across jobs
-  std::vector<float> query, scores;
-  std::vector<uint16_t> query_bf16;
-};
-
 // The AVX2 path: the query widened to fp32, then scores, softmax and values.
 template <int G>
-void attend_avx2(const Job& job, Scratch& scratch) {
+void attend(const Job& job, Scratch& scratch) {
   scratch.query.resize(static_cast<size_t>(G * job.dk));
   for (int g = 0; g < G; ++g)
     for (int64_t c = 0; c < job.dk; ++c)
@@ -159,7 +161,7 @@ void attend_avx2(const Job& job, Scratch& scratch) {
   values_one<G>(scores, job.dv, job.values, job.from, job.len, job.out, job.out_head);
 }
 
-#ifndef DSTP_AVX2_ONLY
+#else  // the AVX512-BF16 build, which runs on AVX512-BF16 CPUs only
 #define DSTP_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // Lane i of the result = the sum of v[i]'s 16 lanes: pairs, then quads, then halves of the
@@ -201,12 +203,13 @@ DSTP_AVX512_BF16 void scores_of_16(const uint16_t* q, int64_t chunks, __mmask32 
         acc[k] = _mm512_dpbf16_ps(
             acc[k], (__m512bh)_mm512_maskz_loadu_epi16(lanes, rows[k] + c * 32), qv);
     }
-    _mm512_mask_storeu_ps(scores + g * n, static_cast<__mmask16>((1u << count) - 1),
+    _mm512_mask_storeu_ps(scores + g * n, first_lanes(count),
                           _mm512_mul_ps(sum_each_16(acc), _mm512_set1_ps(scaling)));
   }
 }
 
-// scores_one 16 keys at a time (scores_of_16)
+// The scores of keys from <= j < len as the AVX2 path's scores_one, 16 keys at a time
+// (scores_of_16)
 template <int G>
 DSTP_AVX512_BF16 void scores_16(const uint16_t* q, int64_t chunks, __mmask32 tail,
                                 const Paged& keys, const Paged& values, int64_t from,
@@ -216,8 +219,8 @@ DSTP_AVX512_BF16 void scores_16(const uint16_t* q, int64_t chunks, __mmask32 tai
   int count = 0;
   for (int64_t j = from; j < len;) {
     Run r = run_at(keys, j, len);
-    prefetch_run(keys, r.end, len);  // as scores_one
-    prefetch_run(values, j, len);
+    prefetch_run(keys, r.end, len);  // the next block's keys
+    prefetch_run(values, j, len);    // this block's values, for values_16
     for (; j < r.end; ++j, r.row += keys.dim) {
       rows[count++] = r.row;
       if (count == 16 || j + 1 == len) {
@@ -229,9 +232,9 @@ DSTP_AVX512_BF16 void scores_16(const uint16_t* q, int64_t chunks, __mmask32 tai
   }
 }
 
-// values_one 16 lanes wide: out[g, :] = sum_j probs[g, j - from] * v[j] in fp32, each lane
-// summed in the AVX2 path's order; W vectors of every head per pass (G * W <= 16 accumulators),
-// the row's last columns loaded and stored under a mask.
+// The AVX2 path's values_one 16 lanes wide: out[g, :] = sum_j probs[g, j - from] * v[j] in
+// fp32, each lane summed in the same order; W vectors of every head per pass (G * W <= 16
+// accumulators), the row's last columns loaded and stored under a mask.
 template <int G>
 DSTP_AVX512 void values_16(const float* probs, int64_t dim, const Paged& values, int64_t from,
                            int64_t len, uint16_t* out, int64_t out_head) {
@@ -239,10 +242,7 @@ DSTP_AVX512 void values_16(const float* probs, int64_t dim, const Paged& values,
   const int64_t n = len - from;
   for (int64_t c = 0; c < dim; c += 16 * W) {
     __mmask16 lanes[W];
-    for (int w = 0; w < W; ++w) {
-      const int64_t left = std::clamp<int64_t>(dim - c - 16 * w, 0, 16);
-      lanes[w] = static_cast<__mmask16>((1u << left) - 1);
-    }
+    for (int w = 0; w < W; ++w) lanes[w] = first_lanes(std::max<int64_t>(0, dim - c - 16 * w));
     __m512 acc[G][W];
     for (int g = 0; g < G; ++g)
       for (int w = 0; w < W; ++w) acc[g][w] = _mm512_setzero_ps();
@@ -263,8 +263,8 @@ DSTP_AVX512 void values_16(const float* probs, int64_t dim, const Paged& values,
   }
 }
 
-// softmax_rows 16 lanes wide: the same max, the same exp (exp16, lane for lane exp8's), the
-// sum in another order, the same scaling by 1 / sum.
+// The AVX2 path's softmax_rows 16 lanes wide: the same max, the same exp (exp16, lane for
+// lane exp8's), the sum in another order, the same scaling by 1 / sum.
 DSTP_AVX512 void softmax_rows_16(float* scores, int rows, int64_t n, float softcap) {
   const float inf = std::numeric_limits<float>::infinity();
   for (int g = 0; g < rows; ++g) {
@@ -273,29 +273,30 @@ DSTP_AVX512 void softmax_rows_16(float* scores, int rows, int64_t n, float softc
       for (int64_t j = 0; j < n; ++j) s[j] = std::tanh(s[j] / softcap) * softcap;
     __m512 top = _mm512_set1_ps(-inf);
     for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - j)) - 1);
+      const __mmask16 lanes = first_lanes(n - j);
       top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-inf), lanes, s + j));
     }
     const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - j)) - 1);
+      const __mmask16 lanes = first_lanes(n - j);
       const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, s + j), shift));
       _mm512_mask_storeu_ps(s + j, lanes, e);
       total = _mm512_mask_add_ps(total, lanes, total, e);
     }
     const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
     for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, n - j)) - 1);
+      const __mmask16 lanes = first_lanes(n - j);
       const __m512 e = _mm512_maskz_loadu_ps(lanes, s + j);
       _mm512_mask_storeu_ps(s + j, lanes, _mm512_mul_ps(e, inverse));
     }
   }
 }
 
-// The AVX512-BF16 path: the query kept bf16 (zero-padded per head), then as attend_avx2.
+// The AVX512-BF16 path: the query kept bf16 (zero-padded per head), then scores, softmax
+// and values as the AVX2 path's.
 template <int G>
-DSTP_AVX512_BF16 void attend_avx512(const Job& job, Scratch& scratch) {
+DSTP_AVX512_BF16 void attend(const Job& job, Scratch& scratch) {
   const int64_t chunks = (job.dk + 31) / 32, rest = job.dk - (chunks - 1) * 32;
   scratch.query_bf16.assign(static_cast<size_t>(G * chunks * 32), 0);
   for (int g = 0; g < G; ++g)
@@ -313,15 +314,10 @@ DSTP_AVX512_BF16 void attend_avx512(const Job& job, Scratch& scratch) {
 
 using AttendFn = void (*)(const Job&, Scratch&);
 
-// kAttend[G - 1]: this build's kernel for G query heads per KV head, 1..kMaxGroup (the
-// AVX512-BF16 build runs on AVX512-BF16 CPUs only, so it takes the wide path).
+// kAttend[G - 1]: this build's kernel for G query heads per KV head, 1..kMaxGroup.
 template <int... I>
 constexpr std::array<AttendFn, sizeof...(I)> attend_kernels(std::integer_sequence<int, I...>) {
-#ifdef DSTP_AVX2_ONLY
-  return {{attend_avx2<I + 1>...}};
-#else
-  return {{attend_avx512<I + 1>...}};
-#endif
+  return {{attend<I + 1>...}};
 }
 constexpr auto kAttend = attend_kernels(std::make_integer_sequence<int, kMaxGroup>{});
 
@@ -375,8 +371,8 @@ void check_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
 // over keys max(0, len - window) <= j < len (window > 0: a sliding window), cap(x) =
 // softcap * tanh(x / softcap) when softcap > 0. fp32 arithmetic on exact bf16 values (the
 // products of bf16 pairs are exact in fp32, so the two paths differ only in the order of
-// their sums, and in vdpbf16ps flushing denormals to zero), the output rounded to bf16 once: the PyTorch path's fp32 attention then
-// `.to(bf16)`.
+// their sums, and in vdpbf16ps flushing denormals to zero), the output rounded to bf16 once:
+// the PyTorch path's fp32 attention then `.to(bf16)`.
 torch::Tensor decode_attention_bf16(const torch::Tensor& query, const torch::Tensor& k_cache,
                                     const torch::Tensor& v_cache, const torch::Tensor& rows,
                                     const torch::Tensor& tables, const torch::Tensor& lens,

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -111,6 +112,10 @@ DSTP_AVX512 inline __m512 round_to_bf16_16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_and_si512(r, high));
 }
 
+// The first min(k, 16) lanes of 16 (k >= 0): a row's tail under a mask
+inline __mmask16 first_lanes(int64_t k) {
+  return static_cast<__mmask16>((1u << std::min<int64_t>(k, 16)) - 1);
+}
 #endif  // DSTP_AVX2_ONLY
 
 inline float exp1(float x) {  // exp8 of one value (the same rounding as the vector lanes)
