@@ -1,4 +1,4 @@
-"""Weights on 2 MiB pages: batch-1 decode streams every weight once per token.
+"""Weights and the KV cache on 2 MiB pages: fewer TLB misses where memory streams.
 
 With 4 KiB pages a 1B model's rank walks ~300,000 pages a token, and under a
 hypervisor each TLB miss is a two-level (guest and host) page walk. Linux backs
@@ -6,9 +6,9 @@ anonymous memory with transparent huge pages only where a region asks
 (``madvise`` mode, the common default), so after loading each large CPU
 parameter's pages are advised and collapsed in place (``MADV_COLLAPSE``, Linux
 6.1+; ~0.4 s for 1.2 GB). Measured on a KVM Xeon: the GEMV read 2-6 % faster
-(benchmarks/FINDINGS.md). Where the kernel or libc refuses, nothing changes.
-``DSTP_HUGE_PAGES=0`` turns it off.
-"""
+(benchmarks/FINDINGS.md). The KV cache is advised before its zeros first touch
+it (:func:`zeros`), so it faults in on huge pages at no cost. Where the kernel or
+libc refuses, nothing changes. ``DSTP_HUGE_PAGES=0`` turns both off."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from dstp.cpu import libc
 
 log = logging.getLogger("dstp")
 
-ENV_SWITCH = "DSTP_HUGE_PAGES"  # "0": leave the weights on the pages malloc gave them
+ENV_SWITCH = "DSTP_HUGE_PAGES"  # "0": the weights and the KV cache stay on the pages malloc gave
 HUGE = 2 << 20
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
@@ -46,6 +46,22 @@ def huge_page_span(tensor: torch.Tensor) -> tuple[int, int] | None:
     first = (storage.data_ptr() + HUGE - 1) // HUGE * HUGE
     last = (storage.data_ptr() + storage.nbytes()) // HUGE * HUGE
     return (first, last - first) if last > first else None
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros whose whole 2 MiB pages are advised onto huge pages before the
+    zeros first touch them, so they fault in as huge pages: no collapse, no copy.
+
+    For buffers read in scattered pieces, as the paged KV cache is once its block tables have
+    churned: with 4 KiB pages a 2 KiB block of one head's keys is a TLB miss of its own
+    (FINDINGS.md, "Decode attention in the engine").
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    span, madvise = huge_page_span(tensor), _madvise()
+    wanted = span is not None and madvise is not None and os.environ.get(ENV_SWITCH, "1") != "0"
+    if wanted and madvise(span[0], span[1], MADV_HUGEPAGE):
+        log.debug("a buffer stays on 4 KiB pages: madvise said %s", os.strerror(ctypes.get_errno()))
+    return tensor.zero_()
 
 
 def collapse(tensors: Iterable[torch.Tensor]) -> int:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dstp.cpu import huge_pages
+
 log = logging.getLogger("dstp")
 
 
@@ -51,6 +53,12 @@ def v_head_dim(policy: object, config: object, k_head_dim: int) -> int:
     return value
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return huge_pages.zeros(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class PagedKVCache:
     """``num_blocks`` blocks of ``block_size`` token slots per layer, for K and V.
 
@@ -78,13 +86,10 @@ class PagedKVCache:
         # [layer, local kv head, slot, head dim] for K and for V, each with its own head
         # dim; a slot is block * block_size + offset. Head-major, so a head's block is one
         # contiguous run of block_size * head dim values: decode gathers whole blocks
-        # straight into [head, seq, ctx, dim].
+        # straight into [head, seq, ctx, dim]. On CPU on 2 MiB pages: once block tables scatter,
+        # each block is a page walk of its own on 4 KiB pages.
         self.keys, self.values = (
-            torch.zeros(
-                (shape.num_layers, shape.local_kv_heads, slots, dim),
-                dtype=shape.dtype,
-                device=device,
-            )
+            _zeros((shape.num_layers, shape.local_kv_heads, slots, dim), shape.dtype, device)
             for dim in (shape.k_head_dim, shape.v_head_dim)
         )
 

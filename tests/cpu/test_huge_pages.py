@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +75,34 @@ def test_loading_collapses_every_parameter(monkeypatch, tmp_path):
     path = save_random_model(llama_config(), tmp_path / "model")
     model = dstp.load(str(path), torch.bfloat16)
     assert {p.data_ptr() for p in seen} == {p.data_ptr() for p in model.parameters()}
+
+
+def test_zeros_fault_in_on_huge_pages_unless_switched_off(monkeypatch):
+    """The KV cache's allocation: advised before its zeros touch it (no collapse, no copy)."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this host")
+    buffer = huge_pages.zeros((4 * huge_pages.HUGE // 2,), torch.bfloat16)
+    start, length = huge_pages.huge_page_span(buffer)
+    assert not buffer.any() and buffer.dtype == torch.bfloat16
+    assert _huge_kib_at(start) >= length // 1024
+    monkeypatch.setenv(huge_pages.ENV_SWITCH, "0")
+    plain = huge_pages.zeros((4 * huge_pages.HUGE // 2,), torch.bfloat16)
+    assert not plain.any() and _huge_kib_at(huge_pages.huge_page_span(plain)[0]) == 0
+
+
+def test_the_cpu_kv_cache_is_allocated_on_huge_pages(monkeypatch):
+    from dstp.worker import kv_cache
+
+    seen = []
+    monkeypatch.setattr(
+        huge_pages,
+        "zeros",
+        lambda shape, dtype: seen.append(shape) or torch.zeros(shape, dtype=dtype),
+    )
+    shape = kv_cache.CacheShape(
+        num_layers=2, local_kv_heads=2, k_head_dim=8, v_head_dim=8, block_size=4,
+        dtype=torch.bfloat16,
+    )  # fmt: skip
+    cache = kv_cache.PagedKVCache(shape, num_blocks=3, device=torch.device("cpu"))
+    assert seen == [(2, 2, 12, 8), (2, 2, 12, 8)] and not cache.keys.any()
