@@ -7,8 +7,10 @@ anonymous memory with transparent huge pages only where a region asks
 parameter's pages are advised and collapsed in place (``MADV_COLLAPSE``, Linux
 6.1+; ~0.4 s for 1.2 GB). Measured on a KVM Xeon: the GEMV read 2-6 % faster
 (benchmarks/FINDINGS.md). The KV cache is advised before its zeros first touch
-it (:func:`zeros`), so it faults in on huge pages at no cost. Where the kernel or
-libc refuses, nothing changes. ``DSTP_HUGE_PAGES=0`` turns both off."""
+it (:func:`zeros`), so it faults in on huge pages with nothing copied (where free
+memory is fragmented the kernel compacts it first: seconds a GiB at start-up on a
+VM). Where the kernel or libc refuses, nothing changes. ``DSTP_HUGE_PAGES=0``
+turns both off."""
 
 from __future__ import annotations
 

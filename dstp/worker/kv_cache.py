@@ -54,6 +54,7 @@ def v_head_dim(policy: object, config: object, k_head_dim: int) -> int:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cache tensor; on CPU on 2 MiB pages (huge_pages.zeros)."""
     if device.type == "cpu":
         return huge_pages.zeros(shape, dtype)
     return torch.zeros(shape, dtype=dtype, device=device)
