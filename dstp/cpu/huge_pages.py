@@ -42,6 +42,11 @@ def _madvise():
     return madvise
 
 
+def _advice():
+    """``madvise`` where huge pages are wanted here, else None (no libc's, or switched off)."""
+    return None if os.environ.get(ENV_SWITCH, "1") == "0" else _madvise()
+
+
 def huge_page_span(tensor: torch.Tensor) -> tuple[int, int] | None:
     """The whole 2 MiB pages inside ``tensor``'s storage as (start address, length), if any."""
     storage = tensor.untyped_storage()
@@ -59,17 +64,16 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     (FINDINGS.md, "Decode attention in the engine").
     """
     tensor = torch.empty(shape, dtype=dtype)
-    span, madvise = huge_page_span(tensor), _madvise()
-    wanted = span is not None and madvise is not None and os.environ.get(ENV_SWITCH, "1") != "0"
-    if wanted and madvise(span[0], span[1], MADV_HUGEPAGE):
+    span, madvise = huge_page_span(tensor), _advice()
+    if span is not None and madvise is not None and madvise(span[0], span[1], MADV_HUGEPAGE):
         log.debug("a buffer stays on 4 KiB pages: madvise said %s", os.strerror(ctypes.get_errno()))
     return tensor.zero_()
 
 
 def collapse(tensors: Iterable[torch.Tensor]) -> int:
     """Backs each CPU tensor's whole 2 MiB pages with huge pages; returns the bytes collapsed."""
-    madvise = _madvise()
-    if madvise is None or os.environ.get(ENV_SWITCH, "1") == "0":
+    madvise = _advice()
+    if madvise is None:
         return 0
     started, done, refused, seen = time.perf_counter(), 0, None, set()
     for tensor in tensors:
